@@ -1,0 +1,35 @@
+"""``python -m hmn <command> ...``: the project's command line.
+
+Each command lives in its own module and receives the remaining arguments; ``python -m hmn`` alone
+lists them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> ("module:function", one-line help). The function takes argv (list[str]) and returns an exit code.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("hmn.networks.demo:main", "build HybridMedNet and run one forward/backward pass on random input"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatches ``argv[0]`` to its command module."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m hmn <command> [args...]\n\ncommands:")
+        for name, (_, help_text) in COMMANDS.items():
+            print(f"  {name:<12} {help_text}")
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module, _, fn = COMMANDS[name][0].partition(":")
+    return int(getattr(importlib.import_module(module), fn)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

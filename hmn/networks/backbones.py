@@ -1,0 +1,248 @@
+"""Backbone registry: one table row per backbone name, the single source of truth.
+
+Every backbone is an ``nn.Module`` whose ``forward`` returns a list of channel-first feature maps
+(``N, C, H, W``), finest first, with the channels and strides it promises in ``.channels`` and
+``.strides``. The registry, the bundles, their docs and the parametrized tests all read
+:data:`BACKBONES`, so adding a backbone is one row.
+
+``pretrained`` is ``False``, ``True`` (timm's own download, which works where the weights are cached or
+a model hub is reachable) or the path of a local checkpoint file (a timm/torchvision ``state_dict``, a
+``.pth``/``.bin``/``.safetensors``; the classifier is dropped and the stem adapted to ``in_channels``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "BackboneSpec",
+    "BACKBONES",
+    "Backbone",
+    "TimmBackbone",
+    "PretrainedWeightsError",
+    "backbone_names",
+    "get_backbone_spec",
+    "build_backbone",
+    "register_backbone",
+]
+
+logger = logging.getLogger(__name__)
+
+Pretrained = Union[bool, str, os.PathLike]
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Raised when pretrained weights were asked for but cannot be had (no hub, missing file)."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One row of the backbone table.
+
+    Attributes:
+        name: the name users write in configs (``convnext_base``).
+        family: ``convnext``, ``swin``, ``efficientnetv2``, ``resnet``, ``vim``.
+        builder: ``"module:function"`` building the module; called as
+            ``fn(spec, in_channels=..., img_size=..., pretrained=...)``.
+        params_m: the published parameter count, in millions, of the ImageNet-1k classifier of this
+            name (what users of the original project know).
+        head_in_features: width of that classifier's final linear layer (1000 classes), so that the
+            bare backbone's expected size is ``params_m - (head_in_features * 1000 + 1000) / 1e6``.
+        timm_name: the timm architecture, for timm-built backbones.
+        out_indices: which timm feature levels to return (strides 4, 8, 16, 32 for every 2D entry).
+        fixed_size: whether the model is built for one input size (Swin, ViT-like), so ``img_size``
+            must be passed at construction.
+        description: one line for the bundle docs.
+    """
+
+    name: str
+    family: str
+    builder: str
+    params_m: float
+    head_in_features: int
+    timm_name: str | None = None
+    out_indices: tuple[int, ...] = (0, 1, 2, 3)
+    fixed_size: bool = False
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def bare_params_m(self) -> float:
+        """Expected parameter count (millions) of the backbone without its ImageNet classifier."""
+        return self.params_m - (self.head_in_features * 1000 + 1000) / 1e6
+
+
+_TIMM = "hmn.networks.backbones:build_timm_backbone"
+
+# Published ImageNet-1k parameter counts: ConvNeXt (Liu et al., 2022), Swin (Liu et al., 2021),
+# EfficientNetV2 (Tan & Le, 2021), ResNet (He et al., 2016; torchvision figures).
+_ROWS: list[BackboneSpec] = [
+    BackboneSpec("convnext_tiny", "convnext", _TIMM, 28.6, 768, "convnext_tiny", description="ConvNeXt-T"),
+    BackboneSpec("convnext_small", "convnext", _TIMM, 50.2, 768, "convnext_small", description="ConvNeXt-S"),
+    BackboneSpec("convnext_base", "convnext", _TIMM, 88.6, 1024, "convnext_base", description="ConvNeXt-B"),
+    BackboneSpec("convnext_large", "convnext", _TIMM, 197.8, 1536, "convnext_large", description="ConvNeXt-L"),
+    BackboneSpec("swin_tiny", "swin", _TIMM, 28.3, 768, "swin_tiny_patch4_window7_224", fixed_size=True,
+                 description="Swin-T, patch 4, window 7"),
+    BackboneSpec("swin_small", "swin", _TIMM, 49.6, 768, "swin_small_patch4_window7_224", fixed_size=True,
+                 description="Swin-S, patch 4, window 7"),
+    BackboneSpec("swin_base", "swin", _TIMM, 87.8, 1024, "swin_base_patch4_window7_224", fixed_size=True,
+                 description="Swin-B, patch 4, window 7"),
+    BackboneSpec("efficientnetv2_s", "efficientnetv2", _TIMM, 21.5, 1280, "tf_efficientnetv2_s",
+                 out_indices=(1, 2, 3, 4), description="EfficientNetV2-S"),
+    BackboneSpec("efficientnetv2_m", "efficientnetv2", _TIMM, 54.1, 1280, "tf_efficientnetv2_m",
+                 out_indices=(1, 2, 3, 4), description="EfficientNetV2-M"),
+    BackboneSpec("efficientnetv2_l", "efficientnetv2", _TIMM, 118.5, 1280, "tf_efficientnetv2_l",
+                 out_indices=(1, 2, 3, 4), description="EfficientNetV2-L"),
+    BackboneSpec("resnet34", "resnet", _TIMM, 21.8, 512, "resnet34", out_indices=(1, 2, 3, 4),
+                 description="ResNet-34"),
+    BackboneSpec("resnet50", "resnet", _TIMM, 25.6, 2048, "resnet50", out_indices=(1, 2, 3, 4),
+                 description="ResNet-50"),
+    BackboneSpec("resnet101", "resnet", _TIMM, 44.5, 2048, "resnet101", out_indices=(1, 2, 3, 4),
+                 description="ResNet-101"),
+]
+
+BACKBONES: dict[str, BackboneSpec] = {}
+
+
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Adds one row to :data:`BACKBONES`; a name can be registered once."""
+    if spec.name in BACKBONES:
+        raise ValueError(f"backbone {spec.name!r} is already registered")
+    BACKBONES[spec.name] = spec
+    return spec
+
+
+for _row in _ROWS:
+    register_backbone(_row)
+
+
+def backbone_names(family: str | None = None) -> list[str]:
+    """Registered backbone names, in table order, optionally of one family."""
+    return [n for n, s in BACKBONES.items() if family is None or s.family == family]
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    """The table row for ``name``; an unknown name raises ``ValueError`` listing the valid ones."""
+    try:
+        return BACKBONES[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown backbone {name!r}; valid names: {', '.join(backbone_names())}"
+        ) from None
+
+
+class Backbone(nn.Module):
+    """Base class: ``forward(x)`` returns a list of ``N, C, H, W`` maps with ``channels`` and ``strides``."""
+
+    channels: list[int]
+    strides: list[int]
+
+
+class TimmBackbone(Backbone):
+    """A timm model built with ``features_only``, returning channel-first maps at strides 4 to 32.
+
+    timm's Swin returns ``N, H, W, C`` maps; they are permuted here so every backbone speaks NCHW.
+    """
+
+    def __init__(self, model: nn.Module, channels_last_output: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.channels = list(model.feature_info.channels())
+        self.strides = list(model.feature_info.reduction())
+        self._nhwc = channels_last_output
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = self.model(x)
+        if self._nhwc:
+            feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]
+        return list(feats)
+
+
+def _as_size(img_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(img_size, int):
+        return (img_size, img_size)
+    size = tuple(int(s) for s in img_size)
+    if len(size) != 2:
+        raise ValueError(f"img_size must be an int or (height, width) for a 2D backbone, got {img_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def build_timm_backbone(
+    spec: BackboneSpec,
+    in_channels: int = 1,
+    img_size: int | Sequence[int] = 224,
+    pretrained: Pretrained = False,
+) -> TimmBackbone:
+    """Builds a timm ``features_only`` model for ``spec``; see the module docstring for ``pretrained``."""
+    import timm
+
+    kwargs: dict = dict(features_only=True, in_chans=in_channels, out_indices=spec.out_indices)
+    if spec.fixed_size:
+        kwargs["img_size"] = _as_size(img_size)
+    use_pretrained = False
+    if isinstance(pretrained, (str, os.PathLike)):
+        path = os.fspath(pretrained)
+        if not os.path.isfile(path):
+            raise PretrainedWeightsError(
+                f"pretrained checkpoint {path!r} for backbone {spec.name!r} does not exist; "
+                "give the path of a timm/torchvision state_dict file, or pretrained=False"
+            )
+        kwargs["pretrained_cfg_overlay"] = dict(file=path)
+        use_pretrained = True
+    elif pretrained:
+        use_pretrained = True
+    elif pretrained is not False and pretrained is not None:
+        raise ValueError(f"pretrained must be True, False or a checkpoint path, got {pretrained!r}")
+
+    if not use_pretrained:
+        model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+    else:
+        try:
+            model = timm.create_model(spec.timm_name, pretrained=True, **kwargs)
+        except PretrainedWeightsError:
+            raise
+        except Exception as err:  # hub errors come in many types (OSError, HTTP, LocalEntryNotFound, ...)
+            if isinstance(pretrained, (str, os.PathLike)):
+                raise PretrainedWeightsError(
+                    f"could not load pretrained checkpoint {os.fspath(pretrained)!r} into backbone "
+                    f"{spec.name!r} (timm {spec.timm_name}): {err}"
+                ) from err
+            raise PretrainedWeightsError(
+                f"pretrained weights for backbone {spec.name!r} (timm {spec.timm_name}) are not cached "
+                "and the model hub cannot be reached: download them where the hub is reachable and pass "
+                "pretrained='/path/to/checkpoint', or use pretrained=False."
+            ) from err
+    nhwc = str(getattr(model, "output_fmt", "NCHW")).upper().endswith("NHWC")
+    return TimmBackbone(model, channels_last_output=nhwc)
+
+
+def _resolve(target: str) -> Callable[..., Backbone]:
+    module, _, fn = target.partition(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def build_backbone(
+    name: str,
+    in_channels: int = 1,
+    img_size: int | Sequence[int] = 224,
+    pretrained: Pretrained = False,
+) -> Backbone:
+    """Builds the backbone registered as ``name``.
+
+    Args:
+        name: a name from :func:`backbone_names`.
+        in_channels: 1 for radiographs (the stem is adapted, pretrained weights summed over RGB), or 3.
+        img_size: the input size the model will see; fixed-size models (Swin) are built for it.
+        pretrained: ``False``, ``True`` or the path of a local checkpoint file.
+    """
+    spec = get_backbone_spec(name)
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    return _resolve(spec.builder)(spec, in_channels=in_channels, img_size=img_size, pretrained=pretrained)
