@@ -1,3 +1,48 @@
-"""MONAI dictionary transforms for medical image loading and intensity normalization (installed as ``hmn.transforms``)."""
+"""MONAI dictionary transforms for medical image loading and intensity normalization (installed as ``hmn.transforms``).
+
+Loading: :class:`LoadXray` / :class:`LoadXrayd` (DICOM, PNG/JPEG/TIFF, NIfTI, DICOM series folders).
+Intensity: :class:`PercentileRescale`, :class:`WindowIntensity`, :class:`ZScoreNormalize`,
+:class:`ImageNetNormalize`, :class:`XRVScale`, each with a ``...d`` dictionary wrapper usable from a
+bundle config as ``{"_target_": "hmn.transforms.<Name>d", "keys": ["image"], ...}``.
+"""
 
 from __future__ import annotations
+
+from .intensity import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    WINDOW_PRESETS,
+    ImageNetNormalize,
+    ImageNetNormalized,
+    PercentileRescale,
+    PercentileRescaled,
+    WindowIntensity,
+    WindowIntensityd,
+    XRVScale,
+    XRVScaled,
+    ZScoreNormalize,
+    ZScoreNormalized,
+)
+from .loading import COLOR_MODES, VOI_MODES, ImageReadError, LoadXray, LoadXrayd, sniff_format
+
+__all__ = [
+    "COLOR_MODES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "VOI_MODES",
+    "WINDOW_PRESETS",
+    "ImageNetNormalize",
+    "ImageNetNormalized",
+    "ImageReadError",
+    "LoadXray",
+    "LoadXrayd",
+    "PercentileRescale",
+    "PercentileRescaled",
+    "WindowIntensity",
+    "WindowIntensityd",
+    "XRVScale",
+    "XRVScaled",
+    "ZScoreNormalize",
+    "ZScoreNormalized",
+    "sniff_format",
+]
