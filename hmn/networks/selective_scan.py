@@ -1,0 +1,476 @@
+"""The selective scan of Mamba (Gu & Dao, 2023, "Mamba: Linear-Time Sequence Modeling with Selective State
+Spaces", arXiv:2312.00752), in plain PyTorch, with the ``mamba_ssm`` CUDA kernel where it exists.
+
+For every batch element ``b`` and channel ``d`` the scan runs the discretized state space model
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t          (state h_t of size N, h_{-1} = 0)
+    y_t = <C_t, h_t> + D * u_t,     out_t = y_t * silu(z_t)          (when z is given)
+
+with a per-token step size ``delta`` (optionally ``softplus(delta + delta_bias)``), a fixed diagonal
+``A < 0`` and input-dependent ``B`` and ``C`` (Mamba's zero-order hold for ``A``, Euler for ``B``).
+
+Three implementations with one signature, that of ``mamba_ssm``'s ``selective_scan_fn`` so the CUDA path
+is a direct call:
+
+* :func:`selective_scan_ref`: the sequential recurrence, one token at a time; the reference for tests.
+* :func:`selective_scan_chunked`: the fast pure-PyTorch scan. The recurrence is linear, so it is computed
+  blockwise: the sequence is cut into ``~sqrt(L)`` chunks, all chunks run their local recurrence at the
+  same time (``sqrt(L)`` vectorized steps), the chunk-end states are carried across chunks by the same
+  scan applied recursively, and a final vectorized pass adds each chunk's carried-in state times the
+  cumulative decay inside the chunk. Every factor is a product of decays ``exp(delta * A) <= 1``, so
+  nothing is ever divided by a decay or exponentiated from a positive number: it is as stable as the
+  sequential recurrence for any step size. A custom autograd function keeps only its inputs and
+  recomputes the states in the backward pass (itself a reverse linear scan), so memory stays linear in
+  the sequence length, with no ``L x L`` (or chunk x chunk) tensor anywhere.
+* ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (``impl="cuda"``).
+
+:func:`selective_scan` dispatches: ``impl="auto"`` uses the CUDA kernel when ``mamba_ssm`` imports with its
+compiled extension and the tensors are on a CUDA device, otherwise the chunked scan, and logs once which
+path it took. Asking for ``impl="cuda"`` where it is unavailable raises :class:`SelectiveScanUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "SelectiveScanUnavailableError",
+    "SCAN_IMPLS",
+    "mamba_ssm_available",
+    "selective_scan",
+    "selective_scan_chunked",
+    "selective_scan_ref",
+]
+
+logger = logging.getLogger(__name__)
+
+SCAN_IMPLS = ("auto", "ref", "chunked", "cuda")
+
+# Sequences up to this length are scanned step by step (the blocked scheme has nothing to gain).
+_SEQUENTIAL_MAX = 8
+
+
+class SelectiveScanUnavailableError(RuntimeError):
+    """Raised when a scan implementation was asked for but cannot run here (no ``mamba_ssm``, no GPU)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Argument checking and the common layout.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_args(u, delta, A, B, C, D, z, delta_bias) -> int:
+    """Validates shapes and returns the number of groups of ``B``/``C`` (1 when not grouped)."""
+    if u.dim() != 3:
+        raise ValueError(f"u must be (batch, channels, length), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"delta must have the shape of u {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.is_complex() or B.is_complex() or C.is_complex():
+        raise ValueError("complex A, B or C are not supported by the PyTorch scans; use real tensors (Mamba)")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"A must be (channels={dim}, state), got shape {tuple(A.shape)}")
+    state = A.shape[1]
+    groups = 1
+    for name, m in (("B", B), ("C", C)):
+        if m.dim() == 2:
+            if tuple(m.shape) != (dim, state):
+                raise ValueError(f"a fixed {name} must be (channels={dim}, state={state}), got {tuple(m.shape)}")
+        elif m.dim() == 3:
+            if tuple(m.shape) != (batch, state, length):
+                raise ValueError(
+                    f"an input-dependent {name} must be (batch={batch}, state={state}, length={length}), "
+                    f"got {tuple(m.shape)}"
+                )
+        elif m.dim() == 4:
+            if m.shape[0] != batch or m.shape[2] != state or m.shape[3] != length:
+                raise ValueError(
+                    f"a grouped {name} must be (batch={batch}, groups, state={state}, length={length}), "
+                    f"got {tuple(m.shape)}"
+                )
+            g = m.shape[1]
+            if g < 1 or dim % g:
+                raise ValueError(f"the {g} groups of {name} must divide the {dim} channels")
+            if groups not in (1, g):
+                raise ValueError(f"B and C have different numbers of groups ({groups} and {g})")
+            groups = g
+        else:
+            raise ValueError(
+                f"{name} must be (channels, state), (batch, state, length) or (batch, groups, state, length), "
+                f"got shape {tuple(m.shape)}"
+            )
+    if D is not None and tuple(D.shape) != (dim,):
+        raise ValueError(f"D must be (channels={dim},), got shape {tuple(D.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have the shape of u {tuple(u.shape)}, got {tuple(z.shape)}")
+    if delta_bias is not None and tuple(delta_bias.shape) != (dim,):
+        raise ValueError(f"delta_bias must be (channels={dim},), got shape {tuple(delta_bias.shape)}")
+    return groups
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Like the CUDA kernel, half-precision inputs are scanned in float32; float64 stays float64.
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _prepare_delta(delta, delta_bias, delta_softplus, dtype):
+    delta = delta.to(dtype)
+    if delta_bias is not None:
+        delta = delta + delta_bias.to(dtype)[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    return delta
+
+
+def _grouped_bc(m: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """``B`` or ``C`` as a tensor broadcastable to ``(batch, groups, channels/groups, length, state)``."""
+    m = m.to(dtype)
+    if m.dim() == 2:  # fixed (channels, state)
+        return m.reshape(1, groups, m.shape[0] // groups, 1, m.shape[1])
+    if m.dim() == 3:  # (batch, state, length)
+        return m.transpose(1, 2).unsqueeze(1).unsqueeze(1)
+    return m.transpose(2, 3).unsqueeze(2)  # (batch, groups, state, length)
+
+
+def _finish(y, u, D, z, out_dtype):
+    """Adds the skip ``D * u`` and the gate ``silu(z)`` to the scan output ``y`` (batch, channels, length)."""
+    if D is not None:
+        y = y + u.to(y.dtype) * D.to(y.dtype)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(y.dtype))
+    return y.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sequential reference.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The selective scan, one token after the other, exactly as the recurrence is written.
+
+    Slow (a Python loop over the sequence) and meant as the reference the fast scans are tested against.
+
+    Args:
+        u: input, ``(batch, channels, length)``.
+        delta: step size before bias/softplus, ``(batch, channels, length)``.
+        A: state matrix diagonal, ``(channels, state)``; negative for a stable model.
+        B: input matrix, ``(batch, state, length)``, grouped ``(batch, groups, state, length)`` or fixed
+            ``(channels, state)``.
+        C: output matrix, shaped like ``B``.
+        D: skip connection, ``(channels,)``.
+        z: gate, ``(batch, channels, length)``; the output is multiplied by ``silu(z)``.
+        delta_bias: added to ``delta``, ``(channels,)``.
+        delta_softplus: apply ``softplus`` to ``delta + delta_bias``.
+        return_last_state: also return the final state ``(batch, channels, state)``.
+
+    Returns:
+        ``out`` of shape ``(batch, channels, length)`` in the dtype of ``u`` (and the last state, in the
+        compute dtype: float32, or float64 for float64 inputs).
+    """
+    groups = _check_args(u, delta, A, B, C, D, z, delta_bias)
+    dtype = _compute_dtype(u.dtype)
+    batch, dim, length = u.shape
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
+    uu = u.to(dtype).reshape(batch, groups, dim // groups, length)
+    dl = delta.reshape(batch, groups, dim // groups, length)
+    Ag = A.to(dtype).reshape(groups, dim // groups, A.shape[1])
+    Bg = _grouped_bc(B, groups, dtype)
+    Cg = _grouped_bc(C, groups, dtype)
+    h = u.new_zeros((batch, groups, dim // groups, A.shape[1]), dtype=dtype)
+    ys = []
+    for t in range(length):
+        decay = torch.exp(dl[..., t, None] * Ag)
+        Bt = Bg[..., min(t, Bg.shape[-2] - 1), :]
+        Ct = Cg[..., min(t, Cg.shape[-2] - 1), :]
+        h = decay * h + (dl[..., t] * uu[..., t])[..., None] * Bt
+        ys.append((h * Ct).sum(-1))
+    y = torch.stack(ys, dim=-1).reshape(batch, dim, length)
+    out = _finish(y, u, D, z, u.dtype)
+    if return_last_state:
+        return out, h.reshape(batch, dim, -1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The blocked linear scan and the chunked selective scan. Tensors are time-major, (L, batch, groups, dg, N),
+# so that one time step of every chunk is a few large contiguous blocks.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _scan_(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, reverse: bool = False) -> torch.Tensor:
+    """Overwrites ``b`` with the states of ``h_t = a_t * h_{t-1} + b_t`` along dim 0 and returns it.
+
+    ``a`` and ``b`` are contiguous, of one shape ``(L, ...)``; ``a`` is left unchanged; the state before
+    the first step is ``h0`` (zero when ``None``). With ``reverse`` the recurrence runs from ``t = L-1``
+    down to 0 (``h_t = a_t * h_{t+1} + b_t``). The sequence is cut into ``n`` chunks of ``~sqrt(L)``
+    steps; all chunks run their local recurrence together, their end states are carried across chunks
+    by a recursive call on the ``n`` chunk summaries (decay product, local end state), and a second pass
+    adds the carried-in state, decayed step by step, to each chunk. Only products of the ``a_t`` appear,
+    never a quotient, so this is as stable as the plain loop.
+    """
+    length = b.shape[0]
+    order = range(length - 1, -1, -1) if reverse else range(length)
+    if length <= _SEQUENTIAL_MAX:
+        prev = h0
+        for t in order:
+            if prev is not None:
+                b[t].addcmul_(a[t], prev)
+            prev = b[t]
+        return b
+    chunk = math.isqrt(length - 1) + 1
+    n = length // chunk
+    rest = length - n * chunk
+    main = slice(rest, length) if reverse else slice(0, n * chunk)
+    am = a[main].view(n, chunk, *a.shape[1:])
+    bm = b[main].view(n, chunk, *b.shape[1:])
+    steps = list(range(chunk - 1, -1, -1)) if reverse else list(range(chunk))
+    # 1. the local recurrence of every chunk, and the decay over each whole chunk
+    prod = am[:, steps[0]].clone()
+    for p, t in zip(steps[:-1], steps[1:]):
+        bm[:, t].addcmul_(am[:, t], bm[:, p])
+        prod.mul_(am[:, t])
+    # 2. the state at the end of each chunk (in scan order): the same recurrence on n chunk summaries
+    ends = _scan_(prod, bm[:, steps[-1]].clone(), h0, reverse)
+    # 3. the state entering each chunk, decayed through it and added step by step
+    if reverse:
+        sel, carry = slice(0, n - 1), ends[1:]
+        if h0 is not None:
+            sel, carry = slice(0, n), torch.cat([ends[1:], h0.unsqueeze(0)])
+    else:
+        sel, carry = slice(1, n), ends[:-1]
+        if h0 is not None:
+            sel, carry = slice(0, n), torch.cat([h0.unsqueeze(0), ends[:-1]])
+    if carry.shape[0]:
+        carry = carry.clone()
+        for t in steps:
+            carry.mul_(am[sel, t])
+            bm[sel, t].add_(carry)
+    # 4. the steps left over after the last whole chunk (before the first one, in reverse)
+    if rest:
+        prev = b[rest] if reverse else b[n * chunk - 1]
+        for t in (range(rest - 1, -1, -1) if reverse else range(n * chunk, length)):
+            b[t].addcmul_(a[t], prev)
+            prev = b[t]
+    return b
+
+
+def _bc_eq(m: torch.Tensor) -> str:
+    """einsum letters of a time-major ``B``/``C``: input-dependent ``(l, b, g|1, n)`` or fixed ``(g, d, n)``."""
+    if m.dim() == 3:
+        return "gdn"
+    return "lbgn" if m.shape[2] != 1 else "lbn"
+
+
+def _bc_operand(m: torch.Tensor) -> torch.Tensor:
+    return m.squeeze(2) if m.dim() == 4 and m.shape[2] == 1 else m
+
+
+class _ChunkedScanFn(torch.autograd.Function):
+    """``y_t = <C_t, h_t>``, ``h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t``, time-major.
+
+    Shapes: ``u, delta``: (L, batch, groups, dg); ``A``: (groups, dg, N); ``B, C``: input-dependent
+    (L, batch, groups or 1, N) or fixed (groups, dg, N). Returns ``y`` (L, batch, groups, dg) and the last
+    state (batch, groups, dg, N). Only the inputs are saved: the backward pass recomputes the states and
+    runs the adjoint recurrence (a reverse linear scan) with the same blocked scan.
+    """
+
+    @staticmethod
+    def _decay(delta, A):
+        return torch.exp(delta.unsqueeze(-1) * A)
+
+    @staticmethod
+    def _drive(u, delta, B):
+        du = (delta * u).unsqueeze(-1)
+        return du * B if B.dim() == 3 else du * B.unsqueeze(3)
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        h = _scan_(_ChunkedScanFn._decay(delta, A), _ChunkedScanFn._drive(u, delta, B))
+        y = torch.einsum(f"lbgdn,{_bc_eq(C)}->lbgd", h, _bc_operand(C))
+        ctx.save_for_backward(u, delta, A, B, C)
+        ctx.set_materialize_grads(False)
+        return y, h[-1].clone()
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(u)
+        decay = _ChunkedScanFn._decay(delta, A)
+        h = _scan_(decay, _ChunkedScanFn._drive(u, delta, B))
+        dB = dC = du = ddelta = dA = None
+        if ctx.needs_input_grad[4]:
+            dC = torch.einsum(f"lbgdn,lbgd->{_bc_eq(C)}", h, dy).reshape(C.shape)
+        # The adjoint g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}, from t = L-1 down to 0.
+        g = dy.unsqueeze(-1) * (C if C.dim() == 3 else C.unsqueeze(3))
+        if g.shape != h.shape:
+            g = g.expand_as(h).contiguous()
+        if dlast is not None:
+            g[-1].add_(dlast)
+        if g.shape[0] > 1:
+            _scan_(decay[1:], g[:-1], h0=g[-1], reverse=True)
+        dv = None  # dL/d(delta * u)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            dv = torch.einsum(f"lbgdn,{_bc_eq(B)}->lbgd", g, _bc_operand(B))
+        if ctx.needs_input_grad[3]:
+            dB = torch.einsum(f"lbgdn,lbgd->{_bc_eq(B)}", g, delta * u).reshape(B.shape)
+        if ctx.needs_input_grad[0]:
+            du = dv * delta
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # dL/d(delta_t A) = g_t * exp(delta_t A) * h_{t-1}, built in place of the decay
+            decay[1:].mul_(h[:-1])
+            decay[0].zero_()
+            del h
+            q = decay.mul_(g)
+            del g
+            if ctx.needs_input_grad[1]:
+                ddelta = torch.einsum("lbgdn,gdn->lbgd", q, A)
+                if dv is not None:
+                    ddelta.addcmul_(dv, u)
+            if ctx.needs_input_grad[2]:
+                dA = torch.einsum("lbgdn,lbgd->gdn", q, delta)
+        return du, ddelta, dA, dB, dC
+
+
+def _time_major_bc(m: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    m = m.to(dtype)
+    if m.dim() == 2:  # fixed (channels, state) -> (groups, dg, state)
+        return m.reshape(groups, m.shape[0] // groups, m.shape[1])
+    if m.dim() == 3:  # (batch, state, length) -> (length, batch, 1, state)
+        return m.permute(2, 0, 1).unsqueeze(2).contiguous()
+    return m.permute(3, 0, 1, 2).contiguous()  # (batch, groups, state, length) -> (length, batch, groups, state)
+
+
+def selective_scan_chunked(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The selective scan by the blocked (chunked) linear scan: same arguments and results as
+    :func:`selective_scan_ref`, much faster, and memory linear in the sequence length.
+    """
+    groups = _check_args(u, delta, A, B, C, D, z, delta_bias)
+    dtype = _compute_dtype(u.dtype)
+    batch, dim, length = u.shape
+    dg = dim // groups
+    delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
+
+    def time_major(x: torch.Tensor) -> torch.Tensor:
+        return x.to(dtype).permute(2, 0, 1).reshape(length, batch, groups, dg).contiguous()
+
+    y, last = _ChunkedScanFn.apply(
+        time_major(u),
+        time_major(delta),
+        A.to(dtype).reshape(groups, dg, A.shape[1]),
+        _time_major_bc(B, groups, dtype),
+        _time_major_bc(C, groups, dtype),
+    )
+    out = _finish(y.reshape(length, batch, dim).permute(1, 2, 0), u, D, z, u.dtype)
+    if return_last_state:
+        return out, last.reshape(batch, dim, -1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The mamba_ssm CUDA kernel and the dispatcher.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def _load_mamba_kernel() -> tuple[Callable | None, str]:
+    """``(selective_scan_fn, "")`` when ``mamba_ssm`` imports with its compiled extension, else ``(None, why)``."""
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn  # type: ignore[import-not-found]
+        import selective_scan_cuda  # type: ignore[import-not-found]  # noqa: F401  the compiled extension
+    except Exception as err:  # ImportError, or OSError/RuntimeError from a broken extension build
+        return None, f"mamba_ssm with its CUDA extension does not import here ({type(err).__name__}: {err})"
+    return selective_scan_fn, ""
+
+
+def mamba_ssm_available() -> bool:
+    """Whether ``mamba_ssm``'s compiled selective-scan kernel can be used (it also needs CUDA tensors)."""
+    return _load_mamba_kernel()[0] is not None
+
+
+_LOGGED_PATHS: set[tuple[str, str]] = set()
+
+
+def _log_path_once(path: str, device: torch.device, why: str) -> None:
+    key = (path, device.type)
+    if key not in _LOGGED_PATHS:
+        _LOGGED_PATHS.add(key)
+        logger.info("selective scan on %s: using the %s implementation (%s)", device.type, path, why)
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    impl: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The selective scan by the implementation ``impl``; arguments as :func:`selective_scan_ref`.
+
+    Args:
+        impl: ``"auto"`` (the ``mamba_ssm`` CUDA kernel for CUDA tensors where it imports, else
+            ``"chunked"``), ``"chunked"``, ``"ref"`` (sequential) or ``"cuda"`` (``mamba_ssm``; raises
+            :class:`SelectiveScanUnavailableError` where it cannot run).
+    """
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if impl == "auto":
+        kernel, why = _load_mamba_kernel()
+        if kernel is not None and u.is_cuda:
+            _log_path_once("mamba_ssm CUDA", u.device, "mamba_ssm imports with its extension")
+            return kernel(*args)
+        reason = "tensors are not on a CUDA device" if kernel is not None else why
+        _log_path_once("chunked PyTorch", u.device, reason)
+        return selective_scan_chunked(*args)
+    if impl == "chunked":
+        return selective_scan_chunked(*args)
+    if impl == "ref":
+        return selective_scan_ref(*args)
+    if impl == "cuda":
+        kernel, why = _load_mamba_kernel()
+        if kernel is None:
+            raise SelectiveScanUnavailableError(
+                f"selective scan impl='cuda' was asked for but {why}; install mamba-ssm on a CUDA machine "
+                "(pip install mamba-ssm --no-build-isolation) or use impl='auto' or 'chunked'"
+            )
+        if not u.is_cuda:
+            raise SelectiveScanUnavailableError(
+                f"selective scan impl='cuda' needs CUDA tensors, got tensors on {u.device}; "
+                "move the model to a GPU or use impl='auto' or 'chunked'"
+            )
+        return kernel(*args)
+    raise ValueError(f"unknown selective scan impl {impl!r}; valid: {', '.join(SCAN_IMPLS)}")
