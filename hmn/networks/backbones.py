@@ -106,6 +106,13 @@ _ROWS: list[BackboneSpec] = [
                  description="ResNet-50"),
     BackboneSpec("resnet101", "resnet", _TIMM, 44.5, 2048, "resnet101", out_indices=(1, 2, 3, 4),
                  description="ResNet-101"),
+    # Vision Mamba (Zhu et al., 2024), published counts with the 1000-class head; no timm weights.
+    BackboneSpec("vim_tiny", "vim", "hmn.networks.vim:build_vim", 7.0, 192, fixed_size=True,
+                 description="Vision Mamba tiny (Vim-Ti), patch 16", extra={"embed_dim": 192, "depth": 24}),
+    BackboneSpec("vim_small", "vim", "hmn.networks.vim:build_vim", 26.0, 384, fixed_size=True,
+                 description="Vision Mamba small (Vim-S), patch 16", extra={"embed_dim": 384, "depth": 24}),
+    BackboneSpec("vim_base", "vim", "hmn.networks.vim:build_vim", 98.0, 768, fixed_size=True,
+                 description="Vision Mamba base (Vim-B), patch 16", extra={"embed_dim": 768, "depth": 24}),
 ]
 
 BACKBONES: dict[str, BackboneSpec] = {}
