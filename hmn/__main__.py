@@ -12,6 +12,8 @@ import sys
 # command -> ("module:function", one-line help). The function takes argv (list[str]) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("hmn.networks.demo:main", "build HybridMedNet and run one forward/backward pass on random input"),
+    "datalist": ("hmn.data.cli:datalist_main", "write a datalist JSON from NIH / CheXpert CSVs, class folders or a MONAI JSON"),
+    "demo-data": ("hmn.data.cli:demo_main", "write (or reuse) the synthetic demo chest-radiograph dataset"),
 }
 
 

@@ -1,0 +1,51 @@
+"""Datalists (NIH ChestX-ray14, CheXpert, folder per class, MONAI JSON), patient-wise splits, the synthetic
+demo dataset, and a dataset wrapper that skips unreadable files.
+
+Every builder returns MONAI's datalist form with the class names beside the splits:
+``{"class_names": [...], "training": [{"image", "label" (multi-hot), "patient_id"}], "validation": [...], "test": [...]}``.
+"""
+
+from __future__ import annotations
+
+from .chexpert import CHEXPERT_CLASSES, UNCERTAIN_POLICIES, chexpert_datalist
+from .datalist import (
+    SPLITS,
+    DatalistError,
+    load_datalist,
+    make_datalist,
+    patient_overlap,
+    patient_split,
+    read_datalist,
+    split_entries,
+    summarize,
+    write_datalist,
+)
+from .dataset import SkipBadFilesDataset, SkippedFilesReport, find_read_error
+from .demo import DEMO_CLASSES, make_demo_dataset
+from .folder import folder_datalist, json_datalist
+from .nih import NIH_CLASSES, nih_datalist
+
+__all__ = [
+    "CHEXPERT_CLASSES",
+    "DEMO_CLASSES",
+    "NIH_CLASSES",
+    "SPLITS",
+    "UNCERTAIN_POLICIES",
+    "DatalistError",
+    "SkipBadFilesDataset",
+    "SkippedFilesReport",
+    "chexpert_datalist",
+    "find_read_error",
+    "folder_datalist",
+    "json_datalist",
+    "load_datalist",
+    "make_datalist",
+    "make_demo_dataset",
+    "nih_datalist",
+    "patient_overlap",
+    "patient_split",
+    "read_datalist",
+    "split_entries",
+    "summarize",
+    "write_datalist",
+]

@@ -1,0 +1,158 @@
+"""CheXpert (Irvin et al., "CheXpert: A Large Chest Radiograph Dataset with Uncertainty Labels", AAAI 2019).
+
+:func:`chexpert_datalist` reads CheXpert-style CSVs (``Path`` plus one column per observation with
+1 positive, 0 negative, -1 uncertain, blank not mentioned) and applies an uncertainty policy per class:
+``"ones"`` (U-Ones), ``"zeros"`` (U-Zeros) or ``"ignore"`` (U-Ignore: label 0 with ``label_mask`` 0,
+so that a masked loss leaves it out). Blank is read as negative, as in the paper.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .datalist import SPLITS, DatalistError, make_datalist, patient_split
+
+__all__ = ["CHEXPERT_CLASSES", "UNCERTAIN_POLICIES", "chexpert_datalist"]
+
+logger = logging.getLogger(__name__)
+
+CHEXPERT_CLASSES = (
+    "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+    "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+    "Fracture", "Support Devices",
+)
+UNCERTAIN_POLICIES = ("ones", "zeros", "ignore")
+_PATIENT = re.compile(r"(patient\d+)")
+
+
+def _read(csv: str | os.PathLike):
+    import pandas as pd
+
+    csv = os.fspath(csv)
+    try:
+        df = pd.read_csv(csv)
+    except FileNotFoundError:
+        raise DatalistError(f"{csv}: label table not found") from None
+    except Exception as e:
+        raise DatalistError(f"{csv}: cannot be read as CSV ({type(e).__name__}: {e})") from None
+    if "Path" not in df.columns:
+        raise DatalistError(f"{csv}: no 'Path' column; a CheXpert table has 'Path' and observation columns, "
+                            f"found {list(df.columns)[:12]}")
+    return df
+
+
+def _default_root(csv: str, first_path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(csv))
+    top = first_path.replace("\\", "/").split("/")[0]
+    return os.path.dirname(folder) if top and os.path.basename(folder) == top else folder
+
+
+def chexpert_datalist(
+    train_csv: str | os.PathLike,
+    valid_csv: str | os.PathLike | None = None,
+    test_csv: str | os.PathLike | None = None,
+    image_root: str | os.PathLike | None = None,
+    classes: Sequence[str] | None = None,
+    uncertain: str | Mapping[str, str] = "ones",
+    split: str | None = None,
+    fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    frontal_only: bool = False,
+    check_files: bool = True,
+) -> dict:
+    """Builds a datalist from CheXpert-style CSVs.
+
+    Args:
+        train_csv: the training table (``train.csv``).
+        valid_csv: ``valid.csv``; with ``split="official"`` it becomes the validation split.
+        test_csv: an optional test table (becomes the test split with ``split="official"``).
+        image_root: folder the ``Path`` values are relative to. Default: the folder above the CSV's
+            when paths start with the CSV's folder name (``CheXpert-v1.0-small/...``), else the CSV's.
+        classes: observation columns to use (default: every CheXpert observation in the CSV except
+            "No Finding", whose all-zero label means no finding).
+        uncertain: policy for -1 values, one of ``"ones"``, ``"zeros"``, ``"ignore"``, or a mapping
+            class -> policy (classes not in it get ``"ones"``).
+        split: ``"official"`` (the given CSVs are the splits) or ``"patient"`` (all CSVs pooled and
+            split patient-wise by `fractions`). Default: official when `valid_csv` is given.
+        fractions: (training, validation, test) fractions for ``split="patient"``.
+        seed: seed of the patient shuffle.
+        frontal_only: keep rows whose "Frontal/Lateral" is "Frontal".
+        check_files: raise if an image file is missing.
+
+    Returns:
+        the datalist dict; with any "ignore" policy every entry also has ``label_mask``.
+    """
+    tables = [("training", train_csv), ("validation", valid_csv), ("test", test_csv)]
+    tables = [(s, os.fspath(c)) for s, c in tables if c is not None]
+    frames = [(s, c, _read(c)) for s, c in tables]
+    if classes is None:
+        classes = [c for c in CHEXPERT_CLASSES if c != "No Finding" and c in frames[0][2].columns]
+        if not classes:
+            raise DatalistError(f"{tables[0][1]}: no CheXpert observation columns found; pass classes=")
+    classes = list(classes)
+    policies = {c: uncertain for c in classes} if isinstance(uncertain, str) else {c: uncertain.get(c, "ones") for c in classes}
+    if isinstance(uncertain, Mapping):
+        extra = [c for c in uncertain if c not in classes]
+        if extra:
+            raise DatalistError(f"uncertain policy given for {extra}, which are not among classes {classes}")
+    bad = {c: p for c, p in policies.items() if p not in UNCERTAIN_POLICIES}
+    if bad:
+        raise DatalistError(f"unknown uncertainty policy {bad}; accepted: {list(UNCERTAIN_POLICIES)}")
+    use_mask = any(p == "ignore" for p in policies.values())
+    split = split or ("official" if valid_csv is not None else "patient")
+    if split not in ("official", "patient"):
+        raise DatalistError(f"split={split!r}; accepted: 'official', 'patient'")
+
+    entries: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    pooled: list[dict] = []
+    for split_name, csv, df in frames:
+        missing = [c for c in classes if c not in df.columns]
+        if missing:
+            raise DatalistError(f"{csv}: missing observation column(s) {missing}; found {list(df.columns)}")
+        if frontal_only:
+            if "Frontal/Lateral" not in df.columns:
+                raise DatalistError(f"{csv}: frontal_only needs a 'Frontal/Lateral' column")
+            df = df[df["Frontal/Lateral"].astype(str).str.lower() == "frontal"]
+        if df.empty:
+            continue
+        values = df[classes].to_numpy(dtype=np.float64)
+        values = np.where(np.isnan(values), 0.0, values)
+        odd = ~np.isin(values, (-1.0, 0.0, 1.0))
+        if odd.any():
+            r, c = np.argwhere(odd)[0]
+            raise DatalistError(
+                f"{csv}: value {values[r, c]} in column {classes[c]!r} (row {r + 2}); accepted: 1, 0, -1 or blank"
+            )
+        labels = values.copy()
+        mask = np.ones_like(values)
+        for j, c in enumerate(classes):
+            unc = values[:, j] == -1
+            p = policies[c]
+            labels[unc, j] = 1.0 if p == "ones" else 0.0
+            if p == "ignore":
+                mask[unc, j] = 0.0
+        root = os.fspath(image_root) if image_root is not None else _default_root(csv, str(df["Path"].iloc[0]))
+        for rel, lab, m in zip(df["Path"].astype(str), labels.astype(int).tolist(), mask.astype(int).tolist()):
+            found = _PATIENT.search(rel)
+            parts = rel.replace("\\", "/").split("/")
+            pid = found.group(1) if found else (parts[-3] if len(parts) >= 3 else parts[0])
+            entry = {"image": os.path.join(root, rel), "label": lab, "patient_id": pid}
+            if use_mask:
+                entry["label_mask"] = m
+            (entries[split_name] if split == "official" else pooled).append(entry)
+    if split == "patient":
+        for entry, s in zip(pooled, patient_split([e["patient_id"] for e in pooled], fractions, seed)):
+            entries[s].append(entry)
+    if check_files:
+        missing_files = [e["image"] for s in SPLITS for e in entries[s] if not os.path.exists(e["image"])]
+        if missing_files:
+            raise DatalistError(
+                f"{len(missing_files)} image(s) listed in the CheXpert tables are missing, e.g. {missing_files[:3]} "
+                "(set image_root, or check_files=False / --no-check-files)"
+            )
+    return make_datalist(entries, classes, source="chexpert", uncertain_policy=policies)

@@ -1,0 +1,175 @@
+"""Command line for datalists and the demo dataset (``python -m hmn datalist ...``, ``python -m hmn demo-data ...``).
+
+    python -m hmn datalist nih --csv Data_Entry_2017.csv --images /data/nih --out nih.json
+    python -m hmn datalist nih --csv Data_Entry_2017.csv --images /data/nih --split official \\
+        --train-val-list train_val_list.txt --test-list test_list.txt --out nih.json
+    python -m hmn datalist chexpert --train-csv CheXpert-v1.0-small/train.csv \\
+        --valid-csv CheXpert-v1.0-small/valid.csv --uncertain ignore --out chexpert.json
+    python -m hmn datalist folder --root /data/by_class --negative-class normal --out folder.json
+    python -m hmn datalist json --input dataset.json --out datalist.json
+    python -m hmn demo-data --root ~/.cache/hmn/demo --n-images 900 --size 256
+
+Each writes the datalist JSON and prints images, patients and positives per class for every split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .datalist import DatalistError, summarize, write_datalist
+
+__all__ = ["datalist_main", "demo_main", "default_demo_root"]
+
+
+def _fractions(text: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(p) for p in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"fractions {text!r}: expected three numbers like 0.7,0.1,0.2") from None
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(f"fractions {text!r}: expected three numbers like 0.7,0.1,0.2")
+    return parts  # type: ignore[return-value]
+
+
+def _common(p: argparse.ArgumentParser, check: bool = True) -> None:
+    p.add_argument("--out", required=True, help="datalist JSON to write")
+    p.add_argument("--fractions", type=_fractions, default=(0.7, 0.1, 0.2),
+                   help="training,validation,test fractions of a patient-wise split (default 0.7,0.1,0.2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the patient shuffle (default 0)")
+    if check:
+        p.add_argument("--no-check-files", dest="check_files", action="store_false",
+                       help="write the datalist even if image files are missing")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hmn datalist", description="Write a MONAI datalist JSON.")
+    sub = parser.add_subparsers(dest="source", required=True)
+
+    nih = sub.add_parser("nih", help="NIH ChestX-ray14 Data_Entry_2017*.csv")
+    nih.add_argument("--csv", required=True, help="Data_Entry_2017.csv or Data_Entry_2017_v2020.csv(.gz)")
+    nih.add_argument("--images", help="folder with the PNGs (flat or images_0xx/images/); default: the CSV's folder")
+    nih.add_argument("--split", choices=("patient", "official"), default="patient")
+    nih.add_argument("--train-val-list", help="train_val_list.txt (for --split official)")
+    nih.add_argument("--test-list", help="test_list.txt (for --split official)")
+    nih.add_argument("--val-fraction", type=float, default=0.1, help="validation share of train_val (official split)")
+    nih.add_argument("--classes", help="comma-separated subset of the 14 findings")
+    nih.add_argument("--views", help="comma-separated View Position values to keep, e.g. PA")
+    _common(nih)
+
+    chx = sub.add_parser("chexpert", help="CheXpert-style CSVs with uncertain (-1) labels")
+    chx.add_argument("--train-csv", required=True)
+    chx.add_argument("--valid-csv")
+    chx.add_argument("--test-csv")
+    chx.add_argument("--images", help="folder the Path column is relative to")
+    chx.add_argument("--classes", help="comma-separated observation columns (default: all but 'No Finding')")
+    chx.add_argument("--uncertain", default="ones",
+                     help="policy for -1: ones, zeros or ignore; or per class as 'Atelectasis=ones,Edema=zeros'")
+    chx.add_argument("--split", choices=("official", "patient"),
+                     help="official: the CSVs are the splits (default with --valid-csv); patient: pool and split")
+    chx.add_argument("--frontal-only", action="store_true")
+    _common(chx)
+
+    fol = sub.add_parser("folder", help="one folder per class (optionally inside train/val/test folders)")
+    fol.add_argument("--root", required=True)
+    fol.add_argument("--negative-class", help="folder whose images have no finding (all-zero label)")
+    fol.add_argument("--patient-regex", help="regex on file names; group 1 is the patient id")
+    _common(fol, check=False)
+
+    js = sub.add_parser("json", help="an existing MONAI datalist JSON")
+    js.add_argument("--input", required=True)
+    js.add_argument("--class-names", help="comma-separated class names (when the JSON has none)")
+    js.add_argument("--base-dir", help="folder relative image paths are resolved against (default: the JSON's)")
+    _common(js)
+    return parser
+
+
+def _split_list(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _policy(text: str):
+    if "=" not in text:
+        return text
+    out = {}
+    for part in text.split(","):
+        name, _, pol = part.partition("=")
+        out[name.strip()] = pol.strip()
+    return out
+
+
+def datalist_main(argv: list[str]) -> int:
+    """``python -m hmn datalist {nih,chexpert,folder,json} ...``: writes a datalist and prints its counts."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        if args.source == "nih":
+            from .nih import NIH_CLASSES, nih_datalist
+
+            data = nih_datalist(
+                args.csv, args.images, split=args.split, train_val_list=args.train_val_list,
+                test_list=args.test_list, fractions=args.fractions, val_fraction=args.val_fraction,
+                seed=args.seed, classes=_split_list(args.classes) or NIH_CLASSES,
+                views=_split_list(args.views), check_files=args.check_files,
+            )
+        elif args.source == "chexpert":
+            from .chexpert import chexpert_datalist
+
+            data = chexpert_datalist(
+                args.train_csv, args.valid_csv, args.test_csv, image_root=args.images,
+                classes=_split_list(args.classes), uncertain=_policy(args.uncertain), split=args.split,
+                fractions=args.fractions, seed=args.seed, frontal_only=args.frontal_only,
+                check_files=args.check_files,
+            )
+        elif args.source == "folder":
+            from .folder import folder_datalist
+
+            data = folder_datalist(args.root, negative_class=args.negative_class,
+                                   patient_regex=args.patient_regex, fractions=args.fractions, seed=args.seed)
+        else:
+            from .folder import json_datalist
+
+            data = json_datalist(args.input, class_names=_split_list(args.class_names), fractions=args.fractions,
+                                 seed=args.seed, check_files=args.check_files, base_dir=args.base_dir)
+    except DatalistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    path = write_datalist(data, args.out)
+    print(f"wrote {path}")
+    print(summarize(data))
+    return 0
+
+
+def default_demo_root() -> str:
+    """``$HMN_CACHE/demo`` or ``~/.cache/hmn/demo``: where the demo dataset goes by default."""
+    base = os.environ.get("HMN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hmn")
+    return os.path.join(base, "demo")
+
+
+def demo_main(argv: list[str]) -> int:
+    """``python -m hmn demo-data``: writes (or reuses) the synthetic demo dataset and prints its counts."""
+    from .datalist import read_datalist
+    from .demo import make_demo_dataset
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(
+        prog="python -m hmn demo-data",
+        description="Write the SYNTHETIC demo chest-radiograph dataset (phantoms, not patients) and its datalist.",
+    )
+    p.add_argument("--root", default=default_demo_root(), help="output folder (default: %(default)s)")
+    p.add_argument("--n-images", type=int, default=900)
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fractions", type=_fractions, default=(0.7, 0.15, 0.15))
+    p.add_argument("--overwrite", action="store_true", help="regenerate even if a matching dataset exists")
+    args = p.parse_args(argv)
+    if args.n_images < 1 or args.size < 64:
+        print("error: --n-images must be >= 1 and --size >= 64", file=sys.stderr)
+        return 2
+    path = make_demo_dataset(args.root, n_images=args.n_images, image_size=args.size, seed=args.seed,
+                             fractions=args.fractions, overwrite=args.overwrite)
+    print(f"datalist: {path}")
+    print(summarize(read_datalist(path)))
+    return 0

@@ -1,0 +1,275 @@
+"""The project's datalist format, patient-wise splits, and reading / writing / summarizing datalists.
+
+A datalist is MONAI's datalist JSON with the class names recorded beside the splits::
+
+    {
+      "class_names": ["Atelectasis", "Cardiomegaly", ...],
+      "training":   [{"image": "images/00000001_000.png", "label": [0, 1, ...], "patient_id": "1"}, ...],
+      "validation": [...],
+      "test":       [...]
+    }
+
+``label`` is a multi-hot list in ``class_names`` order (all zeros: no finding). An entry may carry a
+``label_mask`` of the same length (1: the label counts, 0: the loss must ignore it, e.g. CheXpert's
+uncertain labels under the "ignore" policy). Relative image paths are relative to the JSON file's
+folder, which is also what ``monai.data.load_decathlon_datalist`` assumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "SPLITS",
+    "DatalistError",
+    "patient_split",
+    "split_entries",
+    "make_datalist",
+    "write_datalist",
+    "load_datalist",
+    "read_datalist",
+    "summarize",
+    "patient_overlap",
+    "find_images",
+    "IMAGE_EXTENSIONS",
+]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("training", "validation", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp", ".nii", ".nii.gz", ".j2k", ".jp2")
+
+
+class DatalistError(ValueError):
+    """A label table or datalist is malformed (missing columns, unknown labels, missing files, leakage)."""
+
+
+def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
+    if len(fractions) != 3 or min(fractions) < 0 or not np.isclose(sum(fractions), 1.0, atol=1e-6):
+        raise DatalistError(
+            f"fractions must be three non-negative numbers (training, validation, test) summing to 1, got {fractions}"
+        )
+    return tuple(float(f) for f in fractions)  # type: ignore[return-value]
+
+
+def patient_split(
+    patient_ids: Sequence[str], fractions: Sequence[float] = (0.7, 0.1, 0.2), seed: int = 0
+) -> list[str]:
+    """Assigns each item a split name so that all items of one patient land in the same split.
+
+    Patients are shuffled with ``numpy.random.default_rng(seed)`` (after sorting, so the result does
+    not depend on input order) and cut where the cumulative number of images crosses the fractions.
+
+    Args:
+        patient_ids: one patient id per item.
+        fractions: target fractions of images in training, validation, test.
+        seed: the shuffle's seed.
+
+    Returns:
+        the split name ("training", "validation" or "test") of each item.
+    """
+    fr = _check_fractions(fractions)
+    ids = [str(p) for p in patient_ids]
+    unique, counts = np.unique(np.asarray(ids, dtype=object).astype(str), return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    cum = np.cumsum(counts[order]) - counts[order] / 2.0  # each patient's midpoint in image counts
+    position = cum / max(len(ids), 1)
+    bounds = np.cumsum(fr)[:2]
+    which = np.searchsorted(bounds, position, side="right")
+    assigned = {unique[i]: SPLITS[int(w)] for i, w in zip(order, which)}
+    return [assigned[p] for p in ids]
+
+
+def split_entries(
+    entries: Sequence[dict], fractions: Sequence[float] = (0.7, 0.1, 0.2), seed: int = 0
+) -> dict[str, list[dict]]:
+    """Patient-wise split of datalist entries (each with ``patient_id``) into the three splits."""
+    names = patient_split([e["patient_id"] for e in entries], fractions, seed)
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for entry, name in zip(entries, names):
+        out[name].append(entry)
+    return out
+
+
+def make_datalist(splits: Mapping[str, Sequence[dict]], class_names: Sequence[str], **extra: Any) -> dict:
+    """Assembles a datalist dict: ``class_names``, then every split (missing ones empty), then `extra` keys."""
+    bad = [s for s in splits if s not in SPLITS]
+    if bad:
+        raise DatalistError(f"unknown split names {bad}; accepted: {list(SPLITS)}")
+    d: dict[str, Any] = {"class_names": list(class_names)}
+    for s in SPLITS:
+        d[s] = list(splits.get(s, []))
+    d.update(extra)
+    return d
+
+
+def patient_overlap(datalist: Mapping[str, Any]) -> dict[tuple[str, str], set[str]]:
+    """Patients that appear in two splits: {(split_a, split_b): {patient ids}} (empty when there is no leakage)."""
+    patients = {s: {str(e.get("patient_id")) for e in datalist.get(s, []) if "patient_id" in e} for s in SPLITS}
+    out = {}
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1 :]:
+            both = patients[a] & patients[b]
+            if both:
+                out[(a, b)] = both
+    return out
+
+
+def _relativize(path: str, base: str) -> str:
+    if os.path.isabs(path):
+        try:
+            rel = os.path.relpath(path, base)
+        except ValueError:  # other drive on Windows
+            return path
+        if not rel.startswith(".."):
+            return rel.replace(os.sep, "/")
+    return path
+
+
+def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike, relative: bool = True) -> str:
+    """Writes `datalist` as JSON to `path`; with `relative`, image paths under the JSON's folder are made relative.
+
+    Returns the path written.
+    """
+    path = os.fspath(path)
+    base = os.path.dirname(os.path.abspath(path))
+    os.makedirs(base, exist_ok=True)
+    out = dict(datalist)
+    if relative:
+        for s in SPLITS:
+            if s in out:
+                out[s] = [{**e, "image": _relativize(str(e["image"]), base)} for e in out[s]]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def read_datalist(path: str | os.PathLike) -> dict:
+    """Reads a datalist JSON (no checks, paths as written); raises :class:`DatalistError` for unreadable JSON."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise DatalistError(f"{path}: datalist file not found") from None
+    except json.JSONDecodeError as e:
+        raise DatalistError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise DatalistError(f"{path}: a datalist must be a JSON object with 'training'/'validation'/'test' lists")
+    return data
+
+
+def load_datalist(
+    path: str | os.PathLike,
+    split: str | None = None,
+    check_files: bool = True,
+    base_dir: str | os.PathLike | None = None,
+) -> Any:
+    """Reads a datalist, resolves relative image paths and validates every entry.
+
+    Args:
+        path: the datalist JSON.
+        split: return only this split's list ("training", "validation" or "test"); None returns the dict.
+        check_files: raise :class:`DatalistError` naming the split, index and path of each missing file.
+        base_dir: folder relative image paths are resolved against (default: the JSON's folder).
+
+    A bundle config can use it as ``{"_target_": "hmn.data.load_datalist", "path": "...", "split": "training"}``.
+    """
+    path = os.fspath(path)
+    data = read_datalist(path)
+    base = os.fspath(base_dir) if base_dir is not None else os.path.dirname(os.path.abspath(path))
+    names = data.get("class_names")
+    n_classes = len(names) if isinstance(names, list) else None
+    missing: list[str] = []
+    for s in SPLITS:
+        items = data.get(s, [])
+        if not isinstance(items, list):
+            raise DatalistError(f"{path}: '{s}' must be a list of entries, got {type(items).__name__}")
+        resolved = []
+        for i, e in enumerate(items):
+            if not isinstance(e, dict) or "image" not in e:
+                raise DatalistError(f"{path}: {s}[{i}] has no 'image' key")
+            img = e["image"]
+            full = img if os.path.isabs(img) else os.path.normpath(os.path.join(base, img))
+            label = e.get("label")
+            if n_classes is not None and label is not None and isinstance(label, list) and len(label) != n_classes:
+                raise DatalistError(
+                    f"{path}: {s}[{i}] ({img}) has {len(label)} labels but class_names has {n_classes}"
+                )
+            if check_files and not os.path.exists(full):
+                missing.append(f"{s}[{i}]: {full}")
+            resolved.append({**e, "image": full})
+        data[s] = resolved
+    if missing:
+        shown = "; ".join(missing[:5])
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise DatalistError(f"{path}: {len(missing)} image file(s) listed but missing: {shown}{more}")
+    if split is not None:
+        if split not in SPLITS:
+            raise DatalistError(f"split {split!r} is not one of {list(SPLITS)}")
+        return data[split]
+    return data
+
+
+def summarize(datalist: Mapping[str, Any]) -> str:
+    """A text table of images, patients and positives per class in each split."""
+    names = list(datalist.get("class_names") or [])
+    if not names:
+        for s in SPLITS:
+            for e in datalist.get(s, []):
+                if isinstance(e.get("label"), list):
+                    names = [f"class_{i}" for i in range(len(e["label"]))]
+                    break
+            if names:
+                break
+    width = max([len(n) for n in names] + [14])
+    header = f"{'':<{width}}" + "".join(f"{s:>12}" for s in SPLITS)
+    rows = [header]
+    per_split = {s: list(datalist.get(s, [])) for s in SPLITS}
+    rows.append(f"{'images':<{width}}" + "".join(f"{len(per_split[s]):>12}" for s in SPLITS))
+    rows.append(
+        f"{'patients':<{width}}"
+        + "".join(f"{len({str(e.get('patient_id')) for e in per_split[s]}):>12}" for s in SPLITS)
+    )
+    counts = {}
+    for s in SPLITS:
+        labelled = [e["label"] for e in per_split[s] if isinstance(e.get("label"), list)]
+        arr = np.asarray(labelled, dtype=np.float64).reshape(len(labelled), -1) if labelled else np.zeros((0, len(names)))
+        counts[s] = arr
+    for i, n in enumerate(names):
+        rows.append(
+            f"{n:<{width}}"
+            + "".join(f"{int((counts[s][:, i] > 0).sum()) if counts[s].shape[1] > i else 0:>12}" for s in SPLITS)
+        )
+    rows.append(
+        f"{'(no finding)':<{width}}"
+        + "".join(f"{int((counts[s].sum(axis=1) == 0).sum()) if len(counts[s]) else 0:>12}" for s in SPLITS)
+    )
+    masked = {s: sum(1 for e in per_split[s] if e.get("label_mask") and 0 in e["label_mask"]) for s in SPLITS}
+    if any(masked.values()):
+        rows.append(f"{'(with ignored)':<{width}}" + "".join(f"{masked[s]:>12}" for s in SPLITS))
+    return "\n".join(rows)
+
+
+def find_images(root: str, extensions: Iterable[str] = IMAGE_EXTENSIONS, extensionless: bool = True) -> list[str]:
+    """All image files under `root` (recursively, sorted), by extension; files without one are included
+    when `extensionless` (DICOM files often have none)."""
+    exts = tuple(e.lower() for e in extensions)
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            low = name.lower()
+            if name.startswith("."):
+                continue
+            if low.endswith(exts) or (extensionless and "." not in name):
+                out.append(os.path.join(folder, name))
+    return out

@@ -1,0 +1,159 @@
+"""NIH ChestX-ray14 (Wang et al., "ChestX-ray8: Hospital-scale Chest X-ray Database and Benchmarks", CVPR 2017).
+
+:func:`nih_datalist` turns ``Data_Entry_2017*.csv`` ("Finding Labels" pipe-separated, "No Finding" for
+none) into the project's datalist, with the official ``train_val_list.txt`` / ``test_list.txt`` split
+(validation carved patient-wise out of train_val) or a seeded patient-wise split.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from .datalist import SPLITS, DatalistError, make_datalist, patient_split
+
+__all__ = ["NIH_CLASSES", "nih_datalist", "read_nih_table"]
+
+logger = logging.getLogger(__name__)
+
+# The 14 findings in the order of the paper and of TorchXRayVision's NIH dataset.
+NIH_CLASSES = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)
+_REQUIRED = ("Image Index", "Finding Labels", "Patient ID")
+
+
+def read_nih_table(csv: str | os.PathLike):
+    """Reads the label table (plain or .gz) and checks its columns; returns a pandas DataFrame."""
+    import pandas as pd
+
+    csv = os.fspath(csv)
+    try:
+        df = pd.read_csv(csv, dtype={"Image Index": str, "Finding Labels": str, "Patient ID": str})
+    except FileNotFoundError:
+        raise DatalistError(f"{csv}: label table not found") from None
+    except Exception as e:
+        raise DatalistError(f"{csv}: cannot be read as CSV ({type(e).__name__}: {e})") from None
+    missing = [c for c in _REQUIRED if c not in df.columns]
+    if missing:
+        raise DatalistError(
+            f"{csv}: missing column(s) {missing}; an NIH Data_Entry_2017 table has {list(_REQUIRED)}, "
+            f"found {list(df.columns)[:12]}"
+        )
+    if df["Finding Labels"].isna().any():
+        row = int(np.flatnonzero(df["Finding Labels"].isna().to_numpy())[0])
+        raise DatalistError(f"{csv}: empty 'Finding Labels' in row {row + 2} (use 'No Finding' for none)")
+    return df
+
+
+def _read_list(path: str | os.PathLike) -> set[str]:
+    try:
+        with open(path) as f:
+            return {line.strip() for line in f if line.strip()}
+    except OSError as e:
+        raise DatalistError(f"{os.fspath(path)}: split list cannot be read ({e.strerror or e})") from None
+
+
+def nih_datalist(
+    csv: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    split: str = "patient",
+    train_val_list: str | os.PathLike | None = None,
+    test_list: str | os.PathLike | None = None,
+    fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    classes: Sequence[str] = NIH_CLASSES,
+    views: Sequence[str] | None = None,
+    check_files: bool = True,
+) -> dict:
+    """Builds a datalist from the NIH ChestX-ray14 label table.
+
+    Args:
+        csv: ``Data_Entry_2017.csv`` or ``Data_Entry_2017_v2020.csv`` (optionally gzipped).
+        image_root: folder holding the PNGs, flat or in the distribution's ``images_0xx/images/``
+            sub-folders (found by name). Default: the CSV's folder.
+        split: ``"official"`` (needs `train_val_list` and `test_list`; validation is `val_fraction` of
+            train_val, patient-wise) or ``"patient"`` (a seeded patient-wise split by `fractions`).
+        train_val_list: ``train_val_list.txt`` of the official split.
+        test_list: ``test_list.txt`` of the official split.
+        fractions: (training, validation, test) image fractions for ``split="patient"``.
+        val_fraction: fraction of train_val used for validation with ``split="official"``.
+        seed: seed of the patient shuffle.
+        classes: label columns of the output, a subset of :data:`NIH_CLASSES` in any order.
+        views: keep only these "View Position" values (e.g. ``["PA"]``).
+        check_files: raise if an image is not found under `image_root`.
+
+    Returns:
+        the datalist dict (``class_names`` = `classes`).
+    """
+    df = read_nih_table(csv)
+    unknown_cls = [c for c in classes if c not in NIH_CLASSES]
+    if unknown_cls:
+        raise DatalistError(f"classes {unknown_cls} are not ChestX-ray14 findings; accepted: {list(NIH_CLASSES)}")
+    if views is not None:
+        if "View Position" not in df.columns:
+            raise DatalistError(f"{os.fspath(csv)}: views= needs a 'View Position' column")
+        df = df[df["View Position"].isin(list(views))]
+    names = df["Image Index"].astype(str).str.strip().tolist()
+    patients = [str(int(p)) if str(p).strip().isdigit() else str(p).strip() for p in df["Patient ID"]]
+    findings = [set(s.split("|")) for s in df["Finding Labels"].astype(str).str.strip()]
+    allowed = set(NIH_CLASSES) | {"No Finding"}
+    bad = sorted(set().union(*findings) - allowed) if findings else []
+    if bad:
+        raise DatalistError(f"{os.fspath(csv)}: unknown finding label(s) {bad}; accepted: {sorted(allowed)}")
+    labels = [[int(c in f) for c in classes] for f in findings]
+
+    root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(os.fspath(csv)))
+    paths = _resolve_images(names, root, check_files)
+
+    if split == "official":
+        if train_val_list is None or test_list is None:
+            raise DatalistError("split='official' needs train_val_list and test_list (train_val_list.txt, test_list.txt)")
+        tv, te = _read_list(train_val_list), _read_list(test_list)
+        both = tv & te
+        if both:
+            raise DatalistError(f"{len(both)} image(s) are in both the train_val and the test list, e.g. {sorted(both)[:3]}")
+        in_tv = [n in tv for n in names]
+        tv_idx = [i for i, t in enumerate(in_tv) if t]
+        sub = patient_split([patients[i] for i in tv_idx], (1.0 - val_fraction, val_fraction, 0.0), seed)
+        assign = ["" for _ in names]
+        for i, s in zip(tv_idx, sub):
+            assign[i] = s
+        for i, n in enumerate(names):
+            if n in te:
+                assign[i] = "test"
+        dropped = sum(1 for a in assign if not a)
+        if dropped:
+            logger.warning("%d image(s) of %s are in neither split list and were left out", dropped, os.fspath(csv))
+    elif split == "patient":
+        assign = patient_split(patients, fractions, seed)
+    else:
+        raise DatalistError(f"split={split!r}; accepted: 'official', 'patient'")
+
+    out: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for path, label, pid, s in zip(paths, labels, patients, assign):
+        if s:
+            out[s].append({"image": path, "label": label, "patient_id": pid})
+    return make_datalist(out, classes, source="nih-chestxray14")
+
+
+def _resolve_images(names: Sequence[str], root: str, check_files: bool) -> list[str]:
+    if not check_files:
+        return [os.path.join(root, n) for n in names]
+    index: dict[str, str] = {}
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for f in files:
+            index.setdefault(f, os.path.join(folder, f))
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise DatalistError(
+            f"{len(missing)} of {len(names)} images listed in the table were not found under {root}, "
+            f"e.g. {missing[:3]} (pass check_files=False / --no-check-files to write the datalist anyway)"
+        )
+    return [index[n] for n in names]

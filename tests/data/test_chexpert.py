@@ -1,0 +1,96 @@
+"""CheXpert-style datalists with uncertainty policies, on an excerpt of the real CheXpert training table."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hmn.data import CHEXPERT_CLASSES, DatalistError, chexpert_datalist, patient_overlap
+
+FIVE = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
+
+
+def _entries(d):
+    return {e["image"]: e for s in ("training", "validation", "test") for e in d[s]}
+
+
+@pytest.mark.parametrize("policy", ["ones", "zeros", "ignore"])
+def test_uncertainty_policies(chexpert_csv, policy):
+    d = chexpert_datalist(chexpert_csv, image_root="/cx", classes=FIVE, uncertain=policy, check_files=False)
+    raw = pd.read_csv(chexpert_csv)
+    values = raw[FIVE].to_numpy(dtype=float)
+    assert (values == -1).any()  # the excerpt does have uncertain labels
+    expected = {"ones": (values == 1) | (values == -1), "zeros": values == 1, "ignore": values == 1}[policy]
+    got = _entries(d)
+    for row, path in enumerate(raw["Path"]):
+        e = got[os.path.join("/cx", path)]
+        assert e["label"] == expected[row].astype(int).tolist()
+        if policy == "ignore":
+            assert e["label_mask"] == (values[row] != -1).astype(int).tolist()
+        else:
+            assert "label_mask" not in e
+    assert d["class_names"] == FIVE
+
+
+def test_per_class_policy_and_default_classes(chexpert_csv):
+    d = chexpert_datalist(chexpert_csv, uncertain={"Atelectasis": "ones", "Edema": "ignore"}, check_files=False)
+    assert d["class_names"] == [c for c in CHEXPERT_CLASSES if c != "No Finding"]
+    raw = pd.read_csv(chexpert_csv)
+    idx = d["class_names"].index("Edema")
+    masked = sum(1 - e["label_mask"][idx] for e in _entries(d).values())
+    assert masked == int((raw["Edema"] == -1).sum())
+    at = d["class_names"].index("Atelectasis")
+    assert sum(e["label"][at] for e in _entries(d).values()) == int(raw["Atelectasis"].isin([1, -1]).sum())
+
+
+def test_patient_ids_and_split(chexpert_csv):
+    d = chexpert_datalist(chexpert_csv, fractions=(0.6, 0.2, 0.2), check_files=False)
+    assert patient_overlap(d) == {}
+    e = next(iter(_entries(d).values()))
+    assert e["patient_id"].startswith("patient") and e["patient_id"] in e["image"]
+    assert len({x["patient_id"] for x in _entries(d).values()}) == 114
+
+
+def test_official_split_and_frontal_only(chexpert_csv, tmp_path):
+    raw = pd.read_csv(chexpert_csv)
+    valid = tmp_path / "valid.csv"
+    raw.head(30).to_csv(valid, index=False)
+    d = chexpert_datalist(chexpert_csv, valid_csv=valid, image_root="/cx", check_files=False, frontal_only=True)
+    n_frontal = int((raw["Frontal/Lateral"] == "Frontal").sum())
+    assert len(d["training"]) == n_frontal
+    assert len(d["validation"]) == int((raw.head(30)["Frontal/Lateral"] == "Frontal").sum())
+    assert d["test"] == []
+
+
+def test_default_image_root_and_missing_files(chexpert_csv, tmp_path):
+    folder = tmp_path / "CheXpert-v1.0-small"
+    folder.mkdir()
+    raw = pd.read_csv(chexpert_csv).head(3)
+    raw.to_csv(folder / "train.csv", index=False)
+    for p in raw["Path"]:
+        os.makedirs(tmp_path / os.path.dirname(p), exist_ok=True)
+        (tmp_path / p).write_bytes(b"jpg")
+    d = chexpert_datalist(folder / "train.csv", fractions=(1.0, 0.0, 0.0))
+    assert all(os.path.isfile(e["image"]) for e in d["training"])
+    os.remove(tmp_path / raw["Path"][0])
+    with pytest.raises(DatalistError, match="1 image.* missing"):
+        chexpert_datalist(folder / "train.csv")
+
+
+def test_bad_csvs(tmp_path):
+    no_path = tmp_path / "a.csv"
+    no_path.write_text("Image,Edema\nx.jpg,1\n")
+    with pytest.raises(DatalistError, match="no 'Path' column"):
+        chexpert_datalist(no_path, check_files=False)
+    odd = tmp_path / "b.csv"
+    odd.write_text("Path,Edema\npatient1/study1/view1_frontal.jpg,2\n")
+    with pytest.raises(DatalistError, match="value 2.0 in column 'Edema'"):
+        chexpert_datalist(odd, check_files=False)
+    with pytest.raises(DatalistError, match=r"missing observation column\(s\) \['Fracture'\]"):
+        chexpert_datalist(odd, classes=["Edema", "Fracture"], check_files=False)
+    with pytest.raises(DatalistError, match="unknown uncertainty policy"):
+        chexpert_datalist(odd, uncertain="maybe", check_files=False)
+    assert np.isnan(pd.read_csv(odd).get("Fracture", pd.Series([np.nan]))[0])

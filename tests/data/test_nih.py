@@ -1,0 +1,123 @@
+"""NIH ChestX-ray14 datalists on the real 112,120-row label table."""
+
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hmn.data import NIH_CLASSES, DatalistError, nih_datalist, patient_overlap
+
+# Image counts per finding published with the data set (NIH Clinical Center README / Wang et al. 2017).
+PUBLISHED = {
+    "Atelectasis": 11559, "Cardiomegaly": 2776, "Effusion": 13317, "Infiltration": 19894, "Mass": 5782,
+    "Nodule": 6331, "Pneumonia": 1431, "Pneumothorax": 5302, "Consolidation": 4667, "Edema": 2303,
+    "Emphysema": 2516, "Fibrosis": 1686, "Pleural_Thickening": 3385, "Hernia": 227,
+}
+
+
+@pytest.fixture(scope="module")
+def nih(nih_csv):
+    return nih_datalist(nih_csv, image_root="/data/nih", split="patient", seed=0, check_files=False)
+
+
+def _all(d):
+    return [e for s in ("training", "validation", "test") for e in d[s]]
+
+
+def test_labels_match_published_counts(nih):
+    entries = _all(nih)
+    assert len(entries) == 112120
+    labels = np.array([e["label"] for e in entries])
+    assert nih["class_names"] == list(NIH_CLASSES)
+    assert dict(zip(NIH_CLASSES, labels.sum(0).tolist())) == PUBLISHED
+    assert int((labels.sum(1) == 0).sum()) == 60361  # "No Finding"
+    first = {e["image"]: e for e in entries}[os.path.join("/data/nih", "00000001_001.png")]
+    assert [NIH_CLASSES[i] for i, v in enumerate(first["label"]) if v] == ["Cardiomegaly", "Emphysema"]
+    assert first["patient_id"] == "1"
+
+
+def test_patient_wise_split_has_no_leakage(nih):
+    assert patient_overlap(nih) == {}
+    patients = {e["patient_id"] for e in _all(nih)}
+    assert len(patients) == 30805
+    n = 112120
+    for split, target in zip(("training", "validation", "test"), (0.7, 0.1, 0.2)):
+        assert abs(len(nih[split]) / n - target) < 0.01
+
+
+def test_split_is_seeded(nih_csv, nih):
+    again = nih_datalist(nih_csv, image_root="/data/nih", seed=0, check_files=False)
+    assert [e["image"] for e in again["test"]] == [e["image"] for e in nih["test"]]
+    other = nih_datalist(nih_csv, image_root="/data/nih", seed=1, check_files=False)
+    assert {e["image"] for e in other["test"]} != {e["image"] for e in nih["test"]}
+    assert patient_overlap(other) == {}
+
+
+def test_official_split_lists(nih_csv, tmp_path):
+    df = pd.read_csv(nih_csv)
+    test_names = df.loc[df["Patient ID"] % 5 == 0, "Image Index"].tolist()
+    tv_names = df.loc[df["Patient ID"] % 5 != 0, "Image Index"].tolist()[:-10]  # 10 images in neither list
+    (tmp_path / "test_list.txt").write_text("\n".join(test_names) + "\n")
+    (tmp_path / "train_val_list.txt").write_text("\n".join(tv_names) + "\n")
+    d = nih_datalist(nih_csv, image_root="/x", split="official", train_val_list=tmp_path / "train_val_list.txt",
+                     test_list=tmp_path / "test_list.txt", val_fraction=0.1, check_files=False)
+    assert {os.path.basename(e["image"]) for e in d["test"]} == set(test_names)
+    assert len(d["training"]) + len(d["validation"]) == len(tv_names)
+    assert abs(len(d["validation"]) / len(tv_names) - 0.1) < 0.01
+    assert patient_overlap(d) == {}
+
+
+def test_views_and_class_subset(nih_csv):
+    d = nih_datalist(nih_csv, classes=["Hernia", "Mass"], views=["PA"], check_files=False)
+    df = pd.read_csv(nih_csv)
+    pa = df[df["View Position"] == "PA"]
+    entries = _all(d)
+    assert len(entries) == len(pa)
+    assert sum(e["label"][0] for e in entries) == int(pa["Finding Labels"].str.contains("Hernia").sum())
+    assert d["class_names"] == ["Hernia", "Mass"]
+
+
+def test_images_found_in_subfolders_and_missing_reported(nih_csv, tmp_path):
+    rows = pd.read_csv(nih_csv).head(6)
+    csv = tmp_path / "Data_Entry_2017.csv"
+    rows.to_csv(csv, index=False)
+    for i, name in enumerate(rows["Image Index"]):
+        folder = tmp_path / f"images_00{1 + i % 2}" / "images"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"png")
+    d = nih_datalist(csv, fractions=(0.5, 0.0, 0.5))
+    for e in _all(d):
+        assert os.path.isfile(e["image"]) and "images_00" in e["image"]
+    os.remove(_all(d)[0]["image"])
+    with pytest.raises(DatalistError, match="1 of 6 images .* not found"):
+        nih_datalist(csv)
+
+
+def test_bad_tables(tmp_path):
+    bad = tmp_path / "labels.csv"
+    bad.write_text("Image Index,Finding Labels\na.png,Mass\n")
+    with pytest.raises(DatalistError, match=r"labels.csv: missing column\(s\) \['Patient ID'\]"):
+        nih_datalist(bad, check_files=False)
+    typo = tmp_path / "typo.csv"
+    typo.write_text("Image Index,Finding Labels,Patient ID\na.png,Mass|Nodle,1\n")
+    with pytest.raises(DatalistError, match="unknown finding label.*Nodle"):
+        nih_datalist(typo, check_files=False)
+    with pytest.raises(DatalistError, match="not found"):
+        nih_datalist(tmp_path / "nope.csv")
+    ok = tmp_path / "ok.csv"
+    ok.write_text("Image Index,Finding Labels,Patient ID\na.png,Mass,1\n")
+    with pytest.raises(DatalistError, match="train_val_list and test_list"):
+        nih_datalist(ok, split="official", check_files=False)
+
+
+def test_gz_and_plain_read_alike(nih_csv, tmp_path):
+    plain = tmp_path / "Data_Entry_2017.csv"
+    with gzip.open(nih_csv, "rt") as f:
+        head = "".join(next(f) for _ in range(200))
+    plain.write_text(head)
+    d = nih_datalist(plain, check_files=False)
+    assert sum(len(d[s]) for s in ("training", "validation", "test")) == 199
