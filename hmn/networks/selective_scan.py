@@ -272,15 +272,30 @@ def _scan_(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, rev
     return b
 
 
-def _bc_eq(m: torch.Tensor) -> str:
-    """einsum letters of a time-major ``B``/``C``: input-dependent ``(l, b, g|1, n)`` or fixed ``(g, d, n)``."""
+def _contract(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``sum_n h[..., n] * m[..., n]`` for states ``h`` (L, b, g, dg, N) and a time-major ``C`` (or ``B``):
+    input-dependent ``(L, b, g or 1, N)`` as batched matrix-vector products on ``h``'s own layout (no
+    transposed copy of the big tensor), fixed ``(g, dg, N)`` elementwise."""
+    length, batch, groups, dg, n = h.shape
     if m.dim() == 3:
-        return "gdn"
-    return "lbgn" if m.shape[2] != 1 else "lbn"
+        return (h * m).sum(-1)
+    if m.shape[2] == 1:  # shared by all channels: one (g*dg, N) x (N,) product per (l, b)
+        y = torch.bmm(h.view(length * batch, groups * dg, n), m.reshape(length * batch, n, 1))
+    else:
+        y = torch.bmm(h.view(length * batch * groups, dg, n), m.reshape(length * batch * groups, n, 1))
+    return y.view(length, batch, groups, dg)
 
 
-def _bc_operand(m: torch.Tensor) -> torch.Tensor:
-    return m.squeeze(2) if m.dim() == 4 and m.shape[2] == 1 else m
+def _grad_of_bc(h: torch.Tensor, w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``sum_d w[..., d] * h[..., d, n]`` reduced to the shape of ``m`` (the gradient through ``_contract``)."""
+    length, batch, groups, dg, n = h.shape
+    if m.dim() == 3:
+        return torch.einsum("lbgdn,lbgd->gdn", h, w)
+    if m.shape[2] == 1:
+        out = torch.bmm(w.reshape(length * batch, 1, groups * dg), h.view(length * batch, groups * dg, n))
+    else:
+        out = torch.bmm(w.reshape(length * batch * groups, 1, dg), h.view(length * batch * groups, dg, n))
+    return out.view(m.shape)
 
 
 class _ChunkedScanFn(torch.autograd.Function):
@@ -289,12 +304,14 @@ class _ChunkedScanFn(torch.autograd.Function):
     Shapes: ``u, delta``: (L, batch, groups, dg); ``A``: (groups, dg, N); ``B, C``: input-dependent
     (L, batch, groups or 1, N) or fixed (groups, dg, N). Returns ``y`` (L, batch, groups, dg) and the last
     state (batch, groups, dg, N). Only the inputs are saved: the backward pass recomputes the states and
-    runs the adjoint recurrence (a reverse linear scan) with the same blocked scan.
+    runs the adjoint recurrence (a reverse linear scan) with the same blocked scan. Full-size
+    (L, batch, channels, N) buffers are few and updated in place: allocating them is a large part of the
+    cost on CPUs, where fresh memory is page-faulted in.
     """
 
     @staticmethod
     def _decay(delta, A):
-        return torch.exp(delta.unsqueeze(-1) * A)
+        return (delta.unsqueeze(-1) * A).exp_()
 
     @staticmethod
     def _drive(u, delta, B):
@@ -304,7 +321,7 @@ class _ChunkedScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
         h = _scan_(_ChunkedScanFn._decay(delta, A), _ChunkedScanFn._drive(u, delta, B))
-        y = torch.einsum(f"lbgdn,{_bc_eq(C)}->lbgd", h, _bc_operand(C))
+        y = _contract(h, C)
         ctx.save_for_backward(u, delta, A, B, C)
         ctx.set_materialize_grads(False)
         return y, h[-1].clone()
@@ -318,35 +335,35 @@ class _ChunkedScanFn(torch.autograd.Function):
         h = _scan_(decay, _ChunkedScanFn._drive(u, delta, B))
         dB = dC = du = ddelta = dA = None
         if ctx.needs_input_grad[4]:
-            dC = torch.einsum(f"lbgdn,lbgd->{_bc_eq(C)}", h, dy).reshape(C.shape)
+            dC = _grad_of_bc(h, dy, C)
         # The adjoint g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}, from t = L-1 down to 0.
-        g = dy.unsqueeze(-1) * (C if C.dim() == 3 else C.unsqueeze(3))
-        if g.shape != h.shape:
-            g = g.expand_as(h).contiguous()
+        g = torch.mul(dy.unsqueeze(-1), C if C.dim() == 3 else C.unsqueeze(3), out=torch.empty_like(h))
         if dlast is not None:
             g[-1].add_(dlast)
         if g.shape[0] > 1:
             _scan_(decay[1:], g[:-1], h0=g[-1], reverse=True)
+        du_delta = delta * u
         dv = None  # dL/d(delta * u)
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            dv = torch.einsum(f"lbgdn,{_bc_eq(B)}->lbgd", g, _bc_operand(B))
+            dv = _contract(g, B)
         if ctx.needs_input_grad[3]:
-            dB = torch.einsum(f"lbgdn,lbgd->{_bc_eq(B)}", g, delta * u).reshape(B.shape)
+            dB = _grad_of_bc(g, du_delta, B)
         if ctx.needs_input_grad[0]:
             du = dv * delta
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            # dL/d(delta_t A) = g_t * exp(delta_t A) * h_{t-1}, built in place of the decay
-            decay[1:].mul_(h[:-1])
-            decay[0].zero_()
-            del h
-            q = decay.mul_(g)
+            # q = dL/d(delta_t A) = g_t * exp(delta_t A) * h_{t-1}, built in the decay's buffer
+            q = decay
+            q[1:].mul_(h[:-1])
+            q[0].zero_()
+            q.mul_(g)
             del g
+            if ctx.needs_input_grad[2]:
+                dA = torch.mul(q, delta.unsqueeze(-1), out=h).sum(dim=(0, 1))  # h's buffer is free now
+            del h
             if ctx.needs_input_grad[1]:
-                ddelta = torch.einsum("lbgdn,gdn->lbgd", q, A)
+                ddelta = q.mul_(A).sum(-1)
                 if dv is not None:
                     ddelta.addcmul_(dv, u)
-            if ctx.needs_input_grad[2]:
-                dA = torch.einsum("lbgdn,lbgd->gdn", q, delta)
         return du, ddelta, dA, dB, dC
 
 
