@@ -96,7 +96,7 @@ class PatientAnatomy:
             ctr=rng.uniform(0.52, 0.65) if cardiomegaly else rng.uniform(0.36, 0.48),
             heart_half_height=rng.uniform(0.085, 0.13),
             rib_spacing=rng.uniform(0.062, 0.075),
-            rib_density=rng.uniform(0.10, 0.18),
+            rib_density=rng.uniform(0.08, 0.14),
             breast=rng.uniform(0.06, 0.16) if rng.random() < 0.35 else 0.0,
         )
 
@@ -117,13 +117,25 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return _GRIDS[size]
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Gaussian noise on a coarse grid, bilinearly upsampled: smooth random texture with about `cells` bumps a side."""
-    import torch
-    import torch.nn.functional as F
+_INTERP: dict[tuple[int, int], np.ndarray] = {}
 
-    coarse = torch.from_numpy(rng.standard_normal((1, 1, cells + 1, cells + 1)).astype(np.float32))
-    return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Gaussian noise on a coarse grid, smoothly interpolated: random texture with about `cells` bumps a side.
+
+    The interpolation is a fixed (size x cells) matrix of normalized Gaussian weights applied to both
+    axes, two small matrix products instead of an image resize.
+    """
+    key = (size, cells)
+    if key not in _INTERP:
+        centres = (np.arange(cells + 1) + 0.0) / cells
+        x = (np.arange(size) + 0.5) / size
+        w = np.exp(-(((x[:, None] - centres[None, :]) * cells / 0.75) ** 2))
+        _INTERP[key] = (w / w.sum(1, keepdims=True)).astype(np.float32)
+    m = _INTERP[key]
+    coarse = rng.standard_normal((cells + 1, cells + 1)).astype(np.float32)
+    out = m @ coarse @ m.T
+    return out / max(float(out.std()), 1e-6)
 
 
 def _lung_distance(t, v, a: PatientAnatomy, lat_w: float, top: float, base: float, med: float) -> np.ndarray:
@@ -202,7 +214,7 @@ def render_phantom(
     # vascular markings: ridges of smooth noise, denser towards the hila
     n1 = _smooth_noise(rng, size, 10)
     n2 = _smooth_noise(rng, size, 22)
-    ridges = np.exp(-((n1 / 0.18) ** 2)) * 0.65 + np.exp(-((n2 / 0.22) ** 2)) * 0.35
+    ridges = np.exp(-((n1 / 0.3) ** 2)) * 0.65 + np.exp(-((n2 / 0.3) ** 2)) * 0.35
     hil = np.exp(-np.sqrt((absx - a.med_w - 0.03) ** 2 + ((v - 0.45) * 0.8) ** 2) / 0.22)
     marking_strength = rng.uniform(0.10, 0.16)
     markings = ridges * (0.35 + hil) * marking_strength
@@ -398,9 +410,9 @@ def _write_png(path: str, img: np.ndarray, rng: np.random.Generator, bits16: boo
 
     if bits16:
         scale = rng.uniform(0.25, 1.0) * 65535  # 12-bit data in a 16-bit container is common
-        Image.fromarray(np.rint(img * scale).astype(np.uint16)).save(path)
+        Image.fromarray(np.rint(img * scale).astype(np.uint16)).save(path, compress_level=1)
     else:
-        Image.fromarray(np.rint(img * 255).astype(np.uint8)).save(path)
+        Image.fromarray(np.rint(img * 255).astype(np.uint8)).save(path, compress_level=1)
 
 
 def _config(n_images: int, image_size: int, seed: int, fractions: Sequence[float], images_per_patient) -> dict:
@@ -423,6 +435,7 @@ def make_demo_dataset(
     fractions: Sequence[float] = (0.7, 0.15, 0.15),
     images_per_patient: tuple[int, int] = (1, 5),
     overwrite: bool = False,
+    workers: int | None = None,
 ) -> str:
     """Writes the synthetic demo dataset under `root` and returns the path of its datalist JSON.
 
@@ -438,6 +451,7 @@ def make_demo_dataset(
         fractions: patient-wise (training, validation, test) fractions.
         images_per_patient: inclusive range of images per synthetic patient.
         overwrite: regenerate even when a matching dataset exists.
+        workers: processes rendering in parallel (default: up to 2); the result does not depend on it.
 
     Returns:
         path of ``datalist.json`` (``class_names`` = :data:`DEMO_CLASSES`, relative image paths).
@@ -467,28 +481,19 @@ def make_demo_dataset(
     while sum(counts) < n_images:
         counts.append(int(master.integers(lo_n, hi_n + 1)))
     counts[-1] -= sum(counts) - n_images
-    entries, rows = [], []
-    for p, count in enumerate(counts):
-        pid = f"P{p:05d}"
-        prng = np.random.default_rng([seed, p, 0])
-        cardio = bool(prng.random() < _P_CARDIOMEGALY)
-        anatomy = PatientAnatomy.draw(prng, cardio)
-        for k in range(count):
-            irng = np.random.default_rng([seed, p, k + 1])
-            present = [name for name, prob in _PREVALENCE.items() if irng.random() < prob]
-            img, details = render_phantom(anatomy, irng, image_size, present)
-            fmt = _FORMATS[int(irng.integers(len(_FORMATS)))]
-            stem = f"{pid}_{k:02d}"
-            name = stem + (".dcm" if fmt.startswith("dicom") else ".png")
-            path = os.path.join(img_dir, name)
-            if fmt.startswith("dicom"):
-                _write_dicom(path, img, irng, fmt == "dicom_mono1", pid, stem)
-            else:
-                _write_png(path, img, irng, fmt == "png16")
-            label = [int(c == "Cardiomegaly" and cardio or c in present) for c in DEMO_CLASSES]
-            entries.append({"image": path, "label": label, "patient_id": pid})
-            rows.append({"image": f"images/{name}", "patient_id": pid, "format": fmt,
-                         **{c: lab for c, lab in zip(DEMO_CLASSES, label)}, **details})
+    tasks = [(seed, p, count, int(image_size), img_dir) for p, count in enumerate(counts)]
+    workers = max(1, min(int(workers if workers is not None else min(2, os.cpu_count() or 1)), len(tasks)))
+    if workers > 1:
+        import multiprocessing
+
+        methods = multiprocessing.get_all_start_methods()
+        ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        with ctx.Pool(workers) as pool:
+            results = list(pool.imap(_make_patient, tasks, chunksize=4))
+    else:
+        results = [_make_patient(t) for t in tasks]
+    entries = [e for r in results for e in r[0]]
+    rows = [row for r in results for row in r[1]]
     splits = patient_split([e["patient_id"] for e in entries], fractions, seed)
     out: dict[str, list[dict]] = {"training": [], "validation": [], "test": []}
     for e, s in zip(entries, splits):
@@ -509,6 +514,33 @@ def make_demo_dataset(
     write_datalist(datalist, datalist_path)
     logger.info("wrote %d synthetic demo images to %s", n_images, root)
     return datalist_path
+
+
+def _make_patient(task: tuple) -> tuple[list[dict], list[dict]]:
+    """Renders and writes all images of one synthetic patient (a module-level function, for worker processes)."""
+    seed, p, count, image_size, img_dir = task
+    pid = f"P{p:05d}"
+    prng = np.random.default_rng([seed, p, 0])
+    cardio = bool(prng.random() < _P_CARDIOMEGALY)
+    anatomy = PatientAnatomy.draw(prng, cardio)
+    entries, rows = [], []
+    for k in range(count):
+        irng = np.random.default_rng([seed, p, k + 1])
+        present = [name for name, prob in _PREVALENCE.items() if irng.random() < prob]
+        img, details = render_phantom(anatomy, irng, image_size, present)
+        fmt = _FORMATS[int(irng.integers(len(_FORMATS)))]
+        stem = f"{pid}_{k:02d}"
+        name = stem + (".dcm" if fmt.startswith("dicom") else ".png")
+        path = os.path.join(img_dir, name)
+        if fmt.startswith("dicom"):
+            _write_dicom(path, img, irng, fmt == "dicom_mono1", pid, stem)
+        else:
+            _write_png(path, img, irng, fmt == "png16")
+        label = [int((c == "Cardiomegaly" and cardio) or c in present) for c in DEMO_CLASSES]
+        entries.append({"image": path, "label": label, "patient_id": pid})
+        rows.append({"image": f"images/{name}", "patient_id": pid, "format": fmt,
+                     **dict(zip(DEMO_CLASSES, label)), **details})
+    return entries, rows
 
 
 def _complete(datalist_path: str) -> bool:

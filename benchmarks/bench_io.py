@@ -1,0 +1,153 @@
+"""Images per second for load + percentile normalize + resize to 224, the MONAI path against a plain loop.
+
+    python benchmarks/bench_io.py [--seconds 2] [--write benchmarks/results_io.md]
+
+MONAI path: ``Compose([LoadXrayd, PercentileRescaled, Resized(224, mode="area")])`` on ``{"image": path}``.
+Plain loop: the same work written directly: pydicom ``dcmread`` + ``pixel_array`` + ``apply_modality_lut``
++ ``apply_voi_lut`` + MONOCHROME1 inversion (or PIL ``open`` + ``numpy.asarray`` for PNG), ``numpy.percentile``
+clip/rescale, ``torch.nn.functional.interpolate(mode="area")`` to 224 x 224.
+
+Inputs: a real CR chest radiograph from pydicom-data (RG1_UNCI, 1955 x 1841, MONOCHROME1, 15 bits; and its
+JPEG 2000 lossless twin RG1_J2KR), the same pixels as a 16-bit PNG, and the synthetic demo dataset's
+256 x 256 DICOM and PNG files. Single-threaded (torch.set_num_threads(1)), as in a DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import monai
+    import PIL
+    import pydicom
+
+    return (
+        f"{cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} (1 thread), monai {monai.__version__}, "
+        f"pydicom {pydicom.__version__}, Pillow {PIL.__version__}, numpy {np.__version__}, Python {platform.python_version()}"
+    )
+
+
+def plain_dicom(path: str) -> torch.Tensor:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(path)
+    arr = apply_modality_lut(ds.pixel_array, ds)
+    arr = apply_voi_lut(arr, ds)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        arr = arr.max() + arr.min() - arr
+    return _norm_resize(arr)
+
+
+def plain_png(path: str) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        arr = np.asarray(img)
+    return _norm_resize(arr)
+
+
+def _norm_resize(arr: np.ndarray) -> torch.Tensor:
+    arr = arr.astype(np.float32)
+    lo, hi = np.percentile(arr, [0.5, 99.5])
+    arr = np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1)
+    t = torch.from_numpy(arr)[None, None]
+    return torch.nn.functional.interpolate(t, size=(224, 224), mode="area")[0]
+
+
+def rate(fn, paths: list[str], seconds: float) -> float:
+    fn(paths[0])  # warm up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn(paths[n % len(paths)])
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seconds", type=float, default=2.0, help="time per measurement")
+    p.add_argument("--write", help="also write the table as Markdown to this file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from monai.transforms import Compose, Resized
+    from PIL import Image
+
+    from hmn.data import load_datalist, make_demo_dataset
+    from hmn.transforms import LoadXrayd, PercentileRescaled
+
+    pipeline = Compose(
+        [LoadXrayd(keys="image"), PercentileRescaled(keys="image"), Resized(keys="image", spatial_size=(224, 224), mode="area")]
+    )
+
+    def monai_path(path: str) -> torch.Tensor:
+        return pipeline({"image": path})["image"]
+
+    import data_store  # the pydicom-data wheel
+
+    store = os.path.join(os.path.dirname(data_store.__file__), "data")
+    tmp = tempfile.mkdtemp(prefix="hmn_bench_io_")
+    import pydicom
+
+    cr_png = os.path.join(tmp, "RG1_16bit.png")
+    Image.fromarray(pydicom.dcmread(os.path.join(store, "RG1_UNCI.dcm")).pixel_array.astype(np.uint16)).save(cr_png)
+    t0 = time.perf_counter()
+    demo = load_datalist(make_demo_dataset(os.path.join(tmp, "demo"), n_images=900))
+    demo_seconds = time.perf_counter() - t0
+    demo_files = [e["image"] for e in demo["training"]]
+    cases = [
+        ("CR DICOM 1955x1841 MONO1 uncompressed", [os.path.join(store, "RG1_UNCI.dcm")], plain_dicom),
+        ("CR DICOM 1955x1841 MONO1 JPEG 2000 lossless", [os.path.join(store, "RG1_J2KR.dcm")], plain_dicom),
+        ("CR as 16-bit PNG 1955x1841", [cr_png], plain_png),
+        ("demo DICOM 256x256 (MONO1/MONO2)", [f for f in demo_files if f.endswith(".dcm")][:100], plain_dicom),
+        ("demo PNG 256x256 (8/16-bit)", [f for f in demo_files if f.endswith(".png")][:100], plain_png),
+    ]
+    rows = []
+    for name, paths, plain in cases:
+        a = rate(monai_path, paths, args.seconds)
+        b = rate(plain, paths, args.seconds)
+        rows.append((name, a, b, a / b))
+    lines = [
+        "| input | MONAI path (img/s) | plain loop (img/s) | ratio |",
+        "| --- | ---: | ---: | ---: |",
+        *[f"| {n} | {a:.1f} | {b:.1f} | {r:.2f}x |" for n, a, b, r in rows],
+    ]
+    text = (
+        "Load + percentile normalize + resize to 224 (benchmarks/bench_io.py)\n\n"
+        f"Machine: {machine()}\n\n" + "\n".join(lines) + "\n\n"
+        f"Demo dataset (900 images, 256 x 256, up to 2 worker processes): generated in {demo_seconds:.1f} s\n"
+    )
+    print(text)
+    if args.write:
+        with open(args.write, "w") as f:
+            f.write("# I/O benchmark\n\n" + text)
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""`python -m hmn datalist ...` and `python -m hmn demo-data ...`: files written, counts printed, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from hmn.__main__ import main
+
+
+def test_nih_command(nih_csv, tmp_path, capsys):
+    out = tmp_path / "nih.json"
+    assert main(["datalist", "nih", "--csv", nih_csv, "--no-check-files", "--out", str(out), "--seed", "2"]) == 0
+    data = json.loads(out.read_text())
+    assert sum(len(data[s]) for s in ("training", "validation", "test")) == 112120
+    printed = capsys.readouterr().out
+    table = {line.split()[0]: line.split()[1:] for line in printed.splitlines() if line.startswith(("Hernia", "images"))}
+    assert table["images"] == [str(len(data[s])) for s in ("training", "validation", "test")]
+    hernia = [sum(e["label"][13] for e in data[s]) for s in ("training", "validation", "test")]
+    assert table["Hernia"] == [str(h) for h in hernia] and sum(hernia) == 227
+
+
+def test_chexpert_command_with_ignore_policy(chexpert_csv, tmp_path, capsys):
+    out = tmp_path / "cx.json"
+    code = main(["datalist", "chexpert", "--train-csv", chexpert_csv, "--uncertain", "ignore",
+                 "--classes", "Edema,Atelectasis", "--no-check-files", "--out", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["class_names"] == ["Edema", "Atelectasis"]
+    assert all("label_mask" in e for e in data["training"])
+    assert "(with ignored)" in capsys.readouterr().out
+
+
+def test_folder_and_json_commands(tmp_path, capsys):
+    for cls in ("A", "B"):
+        for i in range(3):
+            p = tmp_path / "root" / cls / f"{cls}{i}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(p)
+    out = tmp_path / "f.json"
+    assert main(["datalist", "folder", "--root", str(tmp_path / "root"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["class_names"] == ["A", "B"]
+    again = tmp_path / "j.json"
+    assert main(["datalist", "json", "--input", str(out), "--out", str(again)]) == 0
+    assert json.loads(again.read_text())["class_names"] == ["A", "B"]
+
+
+def test_bad_csv_is_an_error_message_not_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "x.csv"
+    bad.write_text("a,b\n1,2\n")
+    assert main(["datalist", "nih", "--csv", str(bad), "--out", str(tmp_path / "o.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "x.csv" in err and "Traceback" not in err
+
+
+def test_demo_data_command(tmp_path, capsys):
+    root = tmp_path / "demo"
+    assert main(["demo-data", "--root", str(root), "--n-images", "10", "--size", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert f"datalist: {root / 'datalist.json'}" in printed and "Cardiomegaly" in printed
+    assert len(json.loads((root / "datalist.json").read_text())["class_names"]) == 5
+
+
+def test_module_entry_point_lists_commands():
+    res = subprocess.run([sys.executable, "-m", "hmn"], capture_output=True, text=True, timeout=120)
+    assert "datalist" in res.stdout and "demo-data" in res.stdout
