@@ -203,7 +203,7 @@ def build_timm_backbone(
             )
         kwargs["pretrained_cfg_overlay"] = dict(file=path)
         use_pretrained = True
-    elif pretrained:
+    elif pretrained is True:
         use_pretrained = True
     elif pretrained is not False and pretrained is not None:
         raise ValueError(f"pretrained must be True, False or a checkpoint path, got {pretrained!r}")

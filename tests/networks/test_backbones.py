@@ -1,0 +1,96 @@
+"""Every registered backbone: the model it promises, its maps, strides and channels, and weight loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hmn.networks.backbones import (
+    BACKBONES,
+    PretrainedWeightsError,
+    backbone_names,
+    build_backbone,
+    get_backbone_spec,
+)
+
+IMG = 64  # small inputs: every backbone reaches stride 32 with a 2x2 map
+
+TIMM_NAMES = [n for n in backbone_names() if BACKBONES[n].timm_name]
+
+
+def test_the_2d_names_users_know_are_registered():
+    expected = {
+        "convnext_tiny", "convnext_small", "convnext_base", "convnext_large",
+        "swin_tiny", "swin_small", "swin_base",
+        "efficientnetv2_s", "efficientnetv2_m", "efficientnetv2_l",
+        "resnet34", "resnet50", "resnet101",
+    }  # fmt: skip
+    assert expected <= set(backbone_names())
+
+
+def test_unknown_backbone_lists_the_valid_names():
+    with pytest.raises(ValueError, match=r"unknown backbone 'convnext_tinny'; valid names: .*convnext_tiny.*swin_base"):
+        get_backbone_spec("convnext_tinny")
+    with pytest.raises(ValueError, match="unknown backbone"):
+        build_backbone("resnet18")
+
+
+@pytest.mark.parametrize("name", TIMM_NAMES)
+def test_backbone_maps_and_parameter_count(name, backbone_cache):
+    spec = BACKBONES[name]
+    net = backbone_cache(name)
+    n_params = sum(p.numel() for p in net.parameters()) / 1e6
+    print(f"{name}: {n_params:.2f}M bare, published classifier {spec.params_m}M -> expected {spec.bare_params_m:.2f}M")
+    assert n_params == pytest.approx(spec.bare_params_m, rel=0.05)
+
+    x = torch.randn(2, 1, IMG, IMG)
+    with torch.no_grad():
+        feats = net.eval()(x)
+    assert net.strides == [4, 8, 16, 32]
+    assert len(feats) == len(net.channels) == 4
+    for f, c, s in zip(feats, net.channels, net.strides):
+        assert tuple(f.shape) == (2, c, IMG // s, IMG // s)  # channel-first, Swin included
+
+
+@pytest.mark.parametrize("size", [96, (128, 160)])
+def test_swin_works_at_the_configured_size(size):
+    net = build_backbone("swin_tiny", in_channels=1, img_size=size).eval()
+    h, w = (size, size) if isinstance(size, int) else size
+    with torch.no_grad():
+        feats = net(torch.randn(1, 1, h, w))
+    assert tuple(feats[-1].shape) == (1, 768, h // 32, w // 32)
+
+
+def test_three_channel_input():
+    net = build_backbone("resnet34", in_channels=3).eval()
+    with torch.no_grad():
+        assert net(torch.randn(1, 3, IMG, IMG))[0].shape[1] == net.channels[0]
+
+
+def test_local_checkpoint_adapts_the_stem_to_one_channel(tmp_path):
+    import timm
+
+    full = timm.create_model("resnet34", pretrained=False)  # an RGB ImageNet-layout checkpoint
+    path = tmp_path / "resnet34.pth"
+    torch.save(full.state_dict(), path)
+    net = build_backbone("resnet34", in_channels=1, pretrained=str(path))
+    # timm folds RGB stem weights into one channel by summing them; the rest is copied as is.
+    torch.testing.assert_close(net.model.conv1.weight, full.conv1.weight.sum(1, keepdim=True))
+    torch.testing.assert_close(net.model.layer4[2].conv2.weight, full.layer4[2].conv2.weight)
+
+
+def test_missing_checkpoint_file_is_named(tmp_path):
+    missing = tmp_path / "nope.pth"
+    with pytest.raises(PretrainedWeightsError, match="nope.pth.*does not exist"):
+        build_backbone("resnet34", pretrained=str(missing))
+
+
+def test_unreachable_hub_gives_one_sentence(monkeypatch):
+    # conftest sets HF_HUB_OFFLINE: nothing is cached here, so timm cannot find the weights.
+    with pytest.raises(PretrainedWeightsError, match="cannot be reached.*pretrained='/path/to/checkpoint'"):
+        build_backbone("resnet34", pretrained=True)
+
+
+def test_bad_pretrained_value():
+    with pytest.raises(ValueError, match="pretrained must be True, False or a checkpoint path"):
+        build_backbone("resnet34", pretrained=3)
