@@ -34,7 +34,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from typing import Callable
+import threading
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ __all__ = [
     "SelectiveScanUnavailableError",
     "SCAN_IMPLS",
     "mamba_ssm_available",
+    "release_workspace",
     "selective_scan",
     "selective_scan_chunked",
     "selective_scan_ref",
@@ -272,18 +274,46 @@ def _scan_(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor | None = None, rev
     return b
 
 
+class _Workspace(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+
+_WORKSPACE = _Workspace()
+
+# Largest CPU scratch buffer kept between calls (each of at most three); larger ones are allocated afresh.
+WORKSPACE_MAX_BYTES = 1 << 30
+
+
+def _workspace(slot: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """A scratch tensor of ``shape`` (contents undefined) for the chunked scan's full-size buffers.
+
+    On CPUs a fresh allocation of this size is returned to the OS when freed and page-faulted in again on
+    the next call, which cost more than the arithmetic here (measured: 2/3 of a forward pass). So the
+    buffers of the three slots (decay, state, adjoint) are kept per thread and reused; none of them is
+    ever returned to the caller or alive across calls. CUDA has its own caching allocator.
+    """
+    numel = math.prod(shape)
+    if like.device.type != "cpu" or numel * like.element_size() > WORKSPACE_MAX_BYTES:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    key = (slot, like.dtype)
+    buf = _WORKSPACE.buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        _WORKSPACE.buffers.pop(key, None)  # free the old one first
+        buf = torch.empty(numel, dtype=like.dtype)
+        _WORKSPACE.buffers[key] = buf
+    return buf[:numel].view(shape)
+
+
+def release_workspace() -> None:
+    """Frees this thread's scratch buffers of the chunked scan (they are otherwise kept for reuse)."""
+    _WORKSPACE.buffers.clear()
+
+
 def _contract(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``sum_n h[..., n] * m[..., n]`` for states ``h`` (L, b, g, dg, N) and a time-major ``C`` (or ``B``):
-    input-dependent ``(L, b, g or 1, N)`` as batched matrix-vector products on ``h``'s own layout (no
-    transposed copy of the big tensor), fixed ``(g, dg, N)`` elementwise."""
-    length, batch, groups, dg, n = h.shape
-    if m.dim() == 3:
-        return (h * m).sum(-1)
-    if m.shape[2] == 1:  # shared by all channels: one (g*dg, N) x (N,) product per (l, b)
-        y = torch.bmm(h.view(length * batch, groups * dg, n), m.reshape(length * batch, n, 1))
-    else:
-        y = torch.bmm(h.view(length * batch * groups, dg, n), m.reshape(length * batch * groups, n, 1))
-    return y.view(length, batch, groups, dg)
+    input-dependent ``(L, b, g or 1, N)`` or fixed ``(g, dg, N)``, broadcast without a copy of ``h``."""
+    return torch.linalg.vecdot(h, m if m.dim() == 3 else m.unsqueeze(3))
 
 
 def _grad_of_bc(h: torch.Tensor, w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -311,12 +341,14 @@ class _ChunkedScanFn(torch.autograd.Function):
 
     @staticmethod
     def _decay(delta, A):
-        return (delta.unsqueeze(-1) * A).exp_()
+        shape = (*delta.shape, A.shape[-1])
+        return torch.mul(delta.unsqueeze(-1), A, out=_workspace("decay", shape, delta)).exp_()
 
     @staticmethod
     def _drive(u, delta, B):
         du = (delta * u).unsqueeze(-1)
-        return du * B if B.dim() == 3 else du * B.unsqueeze(3)
+        shape = (*delta.shape, B.shape[-1])
+        return torch.mul(du, B if B.dim() == 3 else B.unsqueeze(3), out=_workspace("state", shape, delta))
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
@@ -337,7 +369,7 @@ class _ChunkedScanFn(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             dC = _grad_of_bc(h, dy, C)
         # The adjoint g_t = dL/dh_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}, from t = L-1 down to 0.
-        g = torch.mul(dy.unsqueeze(-1), C if C.dim() == 3 else C.unsqueeze(3), out=torch.empty_like(h))
+        g = torch.mul(dy.unsqueeze(-1), C if C.dim() == 3 else C.unsqueeze(3), out=_workspace("adjoint", h.shape, h))
         if dlast is not None:
             g[-1].add_(dlast)
         if g.shape[0] > 1:

@@ -248,3 +248,16 @@ def test_mamba_ssm_kernel_agrees_with_the_chunked_scan(length):
     for k in ours[2]:
         s = ours[2][k].abs().max()
         torch.testing.assert_close(kernel[2][k] / s, ours[2][k] / s, rtol=2e-3, atol=2e-3)
+
+
+def test_results_do_not_share_the_reused_scratch_buffers():
+    """The chunked scan reuses its CPU scratch buffers between calls; nothing it returns may alias them."""
+    first = make_inputs(length=40, seed=21)
+    second = make_inputs(length=40, seed=22)
+    out1, last1, grads1 = run(selective_scan_chunked, first)
+    kept = (out1.clone(), last1.clone(), {k: v.clone() for k, v in grads1.items()})
+    leaves = {k: v.clone().requires_grad_() for k, v in second.items()}
+    out2 = selective_scan_chunked(leaves["u"], leaves["delta"], leaves["A"], leaves["B"], leaves["C"])
+    out2.sum().backward()  # another forward and backward in between
+    assert_same((out1, last1, grads1), kept, rtol=0, atol=0)
+    assert_same((out1, last1, grads1), run(selective_scan_ref, first))
