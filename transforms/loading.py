@@ -217,9 +217,9 @@ class _DicomGrey:
         self.mlut = None
         if ds.get("ModalityLUTSequence"):
             self.mlut = _lut_array(ds.ModalityLUTSequence[0], self.little_endian)
-        self.slope = float(ds.get("RescaleSlope", 1.0) or 1.0) if ds.get("RescaleSlope") is not None else 1.0
-        icpt = ds.get("RescaleIntercept")
-        self.intercept = float(icpt) if icpt is not None and icpt != "" else 0.0
+        slope, icpt = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
+        self.slope = float(slope) if slope not in (None, "") and float(slope) != 0.0 else 1.0
+        self.intercept = float(icpt) if icpt not in (None, "") else 0.0
 
     def modality_range(self) -> tuple[float, float]:
         """Nominal output range of the Modality LUT (PS3.3 C.11.2.1.2), as pydicom's windowing uses it."""

@@ -216,7 +216,7 @@ def render_phantom(
     n2 = _smooth_noise(rng, size, 22)
     ridges = np.exp(-((n1 / 0.3) ** 2)) * 0.65 + np.exp(-((n2 / 0.3) ** 2)) * 0.35
     hil = np.exp(-np.sqrt((absx - a.med_w - 0.03) ** 2 + ((v - 0.45) * 0.8) ** 2) / 0.22)
-    marking_strength = rng.uniform(0.10, 0.16)
+    marking_strength = rng.uniform(0.13, 0.19)
     markings = ridges * (0.35 + hil) * marking_strength
     mean_markings = float(ridges.mean()) * (0.35 + hil) * marking_strength
 
@@ -243,7 +243,7 @@ def render_phantom(
     if "Pneumothorax" in findings:
         side = int(rng.choice([-1, 1]))
         t, b, m = per_side[side]
-        frac = rng.uniform(0.22, 0.4)
+        frac = rng.uniform(0.25, 0.45)
         w2 = lung_w - frac * (lung_w - a.med_w)
         top2 = top + frac * 0.35 * (b - top)
         d2 = _lung_distance(t, v, a, w2, top2, b + 0.05, a.med_w)
@@ -251,7 +251,7 @@ def render_phantom(
         upper = _ramp((b - 0.06 - v), 0.03)
         region = m * (1.0 - collapsed) * upper
         no_marks = np.maximum(no_marks, region)
-        denser = np.maximum(denser, m * collapsed * 0.35)  # the collapsed lung holds its vessels closer together
+        denser = np.maximum(denser, m * collapsed * 0.5)  # the collapsed lung holds its vessels closer together
         extra_air = np.maximum(extra_air, region)
         line_w = max(0.7 * px, 0.0022)
         pleural_line = np.maximum(pleural_line, np.exp(-((d2 / line_w) ** 2)) * m * upper)
@@ -262,7 +262,7 @@ def render_phantom(
     # beyond a pneumothorax's pleural line: no markings, but about the same mean density as aerated lung,
     # so that the finding is the texture and the line, not a dark patch
     dens = dens + markings * aerated * (1.0 - no_marks) * (1.0 + denser) + mean_markings * aerated * no_marks
-    dens = dens - 0.02 * extra_air * aerated + 0.22 * pleural_line * aerated
+    dens = dens - 0.02 * extra_air * aerated + 0.3 * pleural_line * aerated
     dens = dens + 0.18 * fluid * lungs
 
     # mediastinum, trachea, spine with vertebrae
@@ -319,7 +319,7 @@ def render_phantom(
     if "Nodule" in findings:
         spots = []
         for _ in range(int(rng.integers(1, 4))):
-            r = rng.uniform(0.019, 0.03)
+            r = rng.uniform(0.016, 0.026)
             where = place(r)
             if where is None:
                 continue
@@ -328,11 +328,12 @@ def render_phantom(
             spots.append(f"{where[0]:.3f}/{where[1]:.3f}/{r:.3f}")
         details["nodules"] = ";".join(spots)
     if "Mass" in findings:
-        r = rng.uniform(0.05, 0.085)
-        where = place(r * 0.8)
+        r = rng.uniform(0.065, 0.1)
+        where = place(r * 0.7)
         if where is not None:
             ang = np.arctan2(v - where[1], u - where[0])
-            lob = 1.0 + sum(rng.uniform(0.04, 0.12) * np.cos(k * ang + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+            lob = 1.0 + sum(rng.uniform(0.05, 0.14) * np.cos(k * ang + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+            lob = lob + 0.06 * np.cos(11 * ang + rng.uniform(0, 2 * np.pi))  # an irregular, spiculated edge
             rr = np.sqrt((u - where[0]) ** 2 + (v - where[1]) ** 2) / (r * lob)
             dens = dens + rng.uniform(0.3, 0.45) * np.sqrt(np.clip(1.0 - rr**2, 0.0, 1.0)) ** 0.6
             details["mass"] = f"{where[0]:.3f}/{where[1]:.3f}/{r:.3f}"
@@ -341,9 +342,9 @@ def render_phantom(
     dens = np.clip(dens, 0.0, None)
     k_exp = rng.uniform(1.2, 2.6)
     img = (1.0 - np.exp(-k_exp * dens)) / (1.0 - np.exp(-k_exp * 1.3))
-    img = np.clip(img, 0.0, 1.0) ** np.exp(rng.uniform(-0.35, 0.35))
+    img = np.clip(img, 0.0, 1.0) ** np.exp(rng.uniform(-0.3, 0.3))
     # a random monotone tone curve (processing differs between detectors and sites)
-    knots = np.sort(np.clip(np.array([0.25, 0.5, 0.75]) + rng.uniform(-0.1, 0.1, 3), 0.02, 0.98))
+    knots = np.sort(np.clip(np.array([0.25, 0.5, 0.75]) + rng.uniform(-0.08, 0.08, 3), 0.02, 0.98))
     img = np.interp(img, [0.0, 0.25, 0.5, 0.75, 1.0], np.concatenate([[0.0], knots, [1.0]])).astype(np.float32)
     img = img * (1.0 + rng.uniform(-0.08, 0.08) * (v - 0.5) + rng.uniform(-0.05, 0.05) * (u - 0.5))
     img = img + rng.uniform(0.0, 0.06)  # detector offset / scatter
