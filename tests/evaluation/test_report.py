@@ -1,0 +1,118 @@
+"""write_report: the four files, their columns and values, atomic writing, thresholds reused from metrics.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+from hmn.evaluation import METRICS_COLUMNS, compute_report, write_report
+from hmn.evaluation.report import _roc_figure
+
+CLASSES = ["Cardiomegaly", "Effusion", "Hernia"]
+
+
+def _data():
+    rng = np.random.default_rng(0)
+    labels = (rng.random((40, 3)) < 0.4).astype(float)
+    probs = 1 / (1 + np.exp(-(2 * labels - 1 + rng.normal(size=(40, 3)))))
+    labels[5, 0] = -1  # unknown
+    labels[7, 1] = np.nan
+    labels[:, 2] = 0  # Hernia: no positives
+    ids = [f"/data/img_{i:03d}.png" for i in range(40)]
+    return probs, labels, ids
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def test_files_and_contents(tmp_path):
+    probs, labels, ids = _data()
+    report = compute_report(probs, labels, CLASSES, n_bootstrap=100, seed=2)
+    paths = write_report(report, probs, labels, ids, CLASSES, tmp_path / "out")
+    assert sorted(paths) == ["metrics_csv", "metrics_json", "predictions_csv", "roc_png"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["metrics.csv", "metrics.json", "predictions.csv", "roc.png"]
+
+    with open(paths["metrics_json"]) as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(report))
+    assert saved["settings"]["n_bootstrap"] == 100 and saved["settings"]["seed"] == 2
+    assert saved["settings"]["ci"] == 0.95 and saved["settings"]["threshold_method"] == "youden"
+
+    rows = _read(paths["metrics_csv"])
+    assert tuple(rows[0]) == METRICS_COLUMNS == (
+        "class", "n", "positives", "auc", "auc_ci_low", "auc_ci_high", "average_precision", "ap_ci_low",
+        "ap_ci_high", "threshold", "sensitivity", "specificity", "ppv", "npv",
+    )
+    assert [r[0] for r in rows[1:]] == CLASSES + ["macro", "micro"]
+    table = {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
+    card = table["Cardiomegaly"]
+    known = labels[:, 0] >= 0
+    assert int(card["n"]) == known.sum() == 39
+    assert int(card["positives"]) == (labels[known, 0] == 1).sum()
+    assert float(card["auc"]) == report["per_class"][0]["auc"]  # full precision
+    assert [float(card["auc_ci_low"]), float(card["auc_ci_high"])] == report["per_class"][0]["auc_ci"]
+    assert float(card["threshold"]) == report["per_class"][0]["threshold"]
+    hernia = table["Hernia"]
+    assert hernia["auc"] == hernia["auc_ci_low"] == hernia["threshold"] == hernia["sensitivity"] == ""
+    assert hernia["specificity"] == ""  # no threshold without both label values under "youden"
+    assert float(table["macro"]["auc"]) == pytest.approx(np.mean([report["per_class"][c]["auc"] for c in (0, 1)]))
+    assert table["macro"]["threshold"] == table["micro"]["threshold"] == ""
+    assert int(table["micro"]["n"]) == 40 * 3 - 2
+
+    pred = _read(paths["predictions_csv"])
+    assert pred[0] == ["image", "Cardiomegaly_prob", "Cardiomegaly_label", "Effusion_prob", "Effusion_label",
+                       "Hernia_prob", "Hernia_label"]
+    assert [r[0] for r in pred[1:]] == ids
+    got = np.array([[float(r[1]), float(r[3]), float(r[5])] for r in pred[1:]])
+    np.testing.assert_array_equal(got, probs)  # lossless
+    assert pred[1 + 5][2] == "" and pred[1 + 7][4] == ""  # unknown labels are empty
+    assert [r[2] for r in pred[1:4]] == [str(int(v)) for v in labels[:3, 0]]
+
+    with open(paths["roc_png"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert os.path.getsize(paths["roc_png"]) > 10_000
+
+
+def test_roc_legend_names_auc(tmp_path):
+    probs, labels, _ = _data()
+    report = compute_report(probs, labels, CLASSES, n_bootstrap=50)
+    fig = _roc_figure(report, probs, labels, CLASSES)
+    texts = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert len(texts) == 3  # two classes with an AUC and the micro average; Hernia has none
+    assert texts[0].startswith(f"Cardiomegaly (AUC {report['per_class'][0]['auc']:.3f}, 95% CI ")
+    assert texts[-1].startswith(f"micro average (AUC {report['micro']['auc']:.3f}")
+
+
+def test_rewrites_atomically_and_thresholds_carry_over(tmp_path):
+    probs, labels, ids = _data()
+    val = compute_report(probs, labels, CLASSES, n_bootstrap=0)
+    paths = write_report(val, probs, labels, ids, CLASSES, tmp_path)
+    again = write_report(val, probs, labels, ids, CLASSES, tmp_path)  # overwrite in place
+    assert again == paths
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+    # thresholds picked on "validation" applied to other data via the metrics.json path
+    rng = np.random.default_rng(1)
+    test_probs = rng.random((30, 3))
+    test_labels = (rng.random((30, 3)) < 0.5).astype(float)
+    test = compute_report(test_probs, test_labels, CLASSES, thresholds=paths["metrics_json"], n_bootstrap=0)
+    assert test["settings"]["threshold_method"] == "given"
+    assert test["settings"]["thresholds_from"] == paths["metrics_json"]
+    assert [e["threshold"] for e in test["per_class"]] == [e["threshold"] for e in val["per_class"]]
+    t = val["per_class"][0]["threshold"]
+    pred, y = test_probs[:, 0] >= t, test_labels[:, 0] == 1
+    assert test["per_class"][0]["sensitivity"] == pytest.approx((pred & y).sum() / y.sum())
+
+
+def test_mismatched_inputs_are_rejected(tmp_path):
+    probs, labels, ids = _data()
+    report = compute_report(probs, labels, CLASSES, n_bootstrap=0)
+    with pytest.raises(ValueError, match="39 image_ids for 40 rows"):
+        write_report(report, probs, labels, ids[:-1], CLASSES, tmp_path)
+    with pytest.raises(ValueError, match="differ from class_names"):
+        write_report(report, probs, labels, ids, ["A", "B", "C"], tmp_path)
