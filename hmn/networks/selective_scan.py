@@ -16,12 +16,13 @@ is a direct call:
 * :func:`selective_scan_chunked`: the fast pure-PyTorch scan. The recurrence is linear, so it is computed
   blockwise: the sequence is cut into ``~sqrt(L)`` chunks, all chunks run their local recurrence at the
   same time (``sqrt(L)`` vectorized steps), the chunk-end states are carried across chunks by the same
-  scan applied recursively, and a final vectorized pass adds each chunk's carried-in state times the
-  cumulative decay inside the chunk. Every factor is a product of decays ``exp(delta * A) <= 1``, so
-  nothing is ever divided by a decay or exponentiated from a positive number: it is as stable as the
-  sequential recurrence for any step size. A custom autograd function keeps only its inputs and
-  recomputes the states in the backward pass (itself a reverse linear scan), so memory stays linear in
-  the sequence length, with no ``L x L`` (or chunk x chunk) tensor anywhere.
+  scan applied recursively, and a second pass over the chunk steps adds each chunk's carried-in state,
+  decayed step by step. Only products of decays ``exp(delta * A) <= 1`` appear: nothing is divided by a
+  decay or exponentiated from a positive number, so it is as stable as the sequential recurrence for any
+  step size, and the work per element is constant (log-space segment sums would need a chunk x chunk
+  decay matrix per channel and state). A custom autograd function keeps only its inputs and recomputes
+  the states in the backward pass (itself a reverse linear scan), so memory stays linear in the sequence
+  length, with no ``L x L`` or chunk x chunk tensor anywhere.
 * ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (``impl="cuda"``).
 
 :func:`selective_scan` dispatches: ``impl="auto"`` uses the CUDA kernel when ``mamba_ssm`` imports with its
@@ -312,8 +313,16 @@ def release_workspace() -> None:
 
 def _contract(h: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """``sum_n h[..., n] * m[..., n]`` for states ``h`` (L, b, g, dg, N) and a time-major ``C`` (or ``B``):
-    input-dependent ``(L, b, g or 1, N)`` or fixed ``(g, dg, N)``, broadcast without a copy of ``h``."""
-    return torch.linalg.vecdot(h, m if m.dim() == 3 else m.unsqueeze(3))
+    input-dependent ``(L, b, g or 1, N)`` as batched matrix-vector products on ``h``'s own layout (no
+    full-size temporary, no transposed copy), fixed ``(g, dg, N)`` elementwise."""
+    length, batch, groups, dg, n = h.shape
+    if m.dim() == 3:
+        return torch.linalg.vecdot(h, m)
+    if m.shape[2] == 1:  # shared by all channels: one (g*dg, N) x (N,) product per (l, b)
+        y = torch.bmm(h.view(length * batch, groups * dg, n), m.reshape(length * batch, n, 1))
+    else:
+        y = torch.bmm(h.view(length * batch * groups, dg, n), m.reshape(length * batch * groups, n, 1))
+    return y.view(length, batch, groups, dg)
 
 
 def _grad_of_bc(h: torch.Tensor, w: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
