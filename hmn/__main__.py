@@ -11,7 +11,7 @@ import sys
 
 # command -> ("module:function", one-line help). The function takes argv (list[str]) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("hmn.networks.demo:main", "build HybridMedNet and run one forward/backward pass on random input"),
+    "bundles": ("hmn.bundles:main", "write (or --check) the MONAI bundles under bundles/ from the template"),
     "datalist": ("hmn.data.cli:datalist_main", "write a datalist JSON from NIH / CheXpert CSVs, class folders or a MONAI JSON"),
     "demo-data": ("hmn.data.cli:demo_main", "write (or reuse) the synthetic demo chest-radiograph dataset"),
 }

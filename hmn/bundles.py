@@ -1,0 +1,604 @@
+"""Writes ``bundles/<name>/`` for every bundle from one template and the per-backbone table below.
+
+    python -m hmn bundles [--out bundles] [--check]
+
+Each bundle is MONAI bundle configuration only (``configs/*.json``, ``docs/README.md``, ``LICENSE``); the
+code it names lives in the installed ``hmn`` package. ``--check`` compares the committed bundles with
+what the generator writes and fails on any difference, so that a fix lands in all bundles at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hmn import __version__
+from hmn.data.demo import DEMO_CLASSES
+from hmn.networks.backbones import get_backbone_spec
+
+__all__ = ["BUNDLES", "BundleRow", "bundle_files", "write_bundles", "check_bundles", "main", "SCHEMA_URL"]
+
+SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
+"""The MONAI bundle metadata schema that ``metadata.json`` names; the project ships its own offline copy
+of the fields it checks in ``bundles/meta_schema.json`` (see the README)."""
+
+SELF_CROSS = ["self", "cross_scale"]
+
+# The versions the bundles were generated and tested with (fixed here, not read from the running
+# environment, so that the generated files do not change from one machine to the next).
+TESTED_WITH = {"monai": "1.6.1", "torch": "2.14.1", "numpy": "2.4.6"}
+
+
+@dataclass(frozen=True)
+class BundleRow:
+    """One bundle: the backbone and the settings that differ between bundles."""
+
+    backbone: str
+    attention: tuple[str, ...]
+    batch_size: int = 16
+    learning_rate: float = 2e-4
+
+
+# ConvNeXt and Swin (and the larger EfficientNetV2s) with self- and cross-scale attention, as users of
+# the original project were advised; the small ConvNeXt and EfficientNetV2, and ResNet, with CBAM.
+BUNDLES: dict[str, BundleRow] = {
+    r.backbone: r
+    for r in [
+        BundleRow("convnext_tiny", ("cbam",)),
+        BundleRow("convnext_small", tuple(SELF_CROSS)),
+        BundleRow("convnext_base", tuple(SELF_CROSS), batch_size=16, learning_rate=1e-4),
+        BundleRow("convnext_large", tuple(SELF_CROSS), batch_size=8, learning_rate=1e-4),
+        BundleRow("swin_tiny", tuple(SELF_CROSS)),
+        BundleRow("swin_small", tuple(SELF_CROSS)),
+        BundleRow("swin_base", tuple(SELF_CROSS), batch_size=16, learning_rate=1e-4),
+        BundleRow("efficientnetv2_s", ("cbam",), learning_rate=5e-4),
+        BundleRow("efficientnetv2_m", tuple(SELF_CROSS), learning_rate=3e-4),
+        BundleRow("efficientnetv2_l", tuple(SELF_CROSS), batch_size=8, learning_rate=2e-4),
+        BundleRow("resnet50", ("cbam",), learning_rate=5e-4),
+    ]
+}
+
+_METRIC = "$monai.handlers.from_engine(['pred', 'label'])"
+_LOSS = "$monai.handlers.from_engine(['loss'], first=True)"
+_RANK0_TRAIN_HANDLERS = 3  # the last entries of train#handlers run on rank 0 only (see multi_gpu_train.json)
+_RANK0_VAL_HANDLERS = 4
+# `python -m monai.bundle run training` runs the id "training"; a plain `run` runs "run".
+_TRAIN_RUN = [
+    "$@validate#early_stop.set_trainer(@train#trainer)",
+    "$@train#resume.attach(@train#trainer)",
+    "$@train#checkpoint.attach(@train#trainer)",
+    "$@train#trainer.run()",
+]
+_DIST_TRAIN_RUN = [
+    "$@validate#early_stop.set_trainer(@train#trainer)",
+    "$@train#resume.attach(@train#trainer)",
+    "$@train#checkpoint.attach(@train#trainer) if dist.get_rank() == 0 else None",
+    "$@train#trainer.run()",
+]
+
+
+def _load_transforms() -> list[dict]:
+    return [
+        {"_target_": "hmn.transforms.LoadXrayd", "keys": "image", "voi": "@voi"},
+        {"_target_": "Resized", "keys": "image", "spatial_size": ["@image_size", "@image_size"], "mode": "area"},
+        {"_target_": "hmn.transforms.PercentileRescaled", "keys": "image", "lower": 0.5, "upper": 99.5},
+    ]
+
+
+def _label_transform() -> dict:
+    return {"_target_": "Lambdad", "keys": "label", "func": "$lambda y: torch.as_tensor(y, dtype=torch.float32)"}
+
+
+def _val_postprocessing() -> dict:
+    # hierarchical heads put the coarse logits after the fine ones: the metrics read the fine ones;
+    # masked (-1, uncertain) labels count as negative for the running ROC AUC only (the evaluation
+    # report excludes them).
+    return {
+        "_target_": "Compose",
+        "transforms": [
+            {"_target_": "Lambdad", "keys": "pred", "func": "$lambda x: x[: @num_classes]"},
+            {"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
+            {"_target_": "Lambdad", "keys": "label", "func": "$lambda y: y.clamp(min=0)"},
+        ],
+    }
+
+
+def train_config(name: str) -> dict:
+    """``configs/train.json`` of bundle ``name``."""
+    row = BUNDLES[name]
+    save_dict = {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "trainer": "@train#trainer"}
+    return {
+        "imports": [
+            "$import os",
+            "$import torch",
+            "$import monai",
+            "$import ignite",
+            "$import hmn",
+            "$import hmn.data",
+            "$import hmn.data.cli",
+            "$import hmn.losses",
+            "$import hmn.networks",
+            "$import hmn.training",
+            "$import hmn.transforms",
+        ],
+        "bundle_root": f"bundles/{name}",
+        "ckpt_dir": "$os.path.join(@bundle_root, 'models')",
+        "output_dir": "$os.path.join(@bundle_root, 'runs')",
+        "dataset_dir": "$hmn.data.cli.default_demo_root()",
+        "demo": {"n_images": 900, "image_size": 256, "seed": 0},
+        "datalist": "$hmn.training.resolve_datalist(@dataset_dir, demo=@demo if @dataset_dir == hmn.data.cli.default_demo_root() else None)",
+        "class_names": "$hmn.training.class_names(@datalist)",
+        "num_classes": "$len(@class_names)",
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
+        "seed": 0,
+        "image_size": 224,
+        "voi": "apply",
+        "batch_size": row.batch_size,
+        "num_workers": 0,
+        "cache": "memory",
+        "skip_bad_files": True,
+        "max_epochs": 30,
+        "val_interval": 1,
+        "early_stop_patience": 10,
+        "learning_rate": row.learning_rate,
+        "weight_decay": 0.05,
+        "warmup_epochs": 1,
+        "accumulation_steps": 1,
+        "amp": "$torch.cuda.is_available()",
+        "compile": False,
+        "use_pos_weight": True,
+        "resume": False,
+        "pretrained": False,
+        "hierarchical": False,
+        "num_coarse_classes": 4,
+        "network_def": {
+            "_target_": "hmn.networks.HybridMedNet",
+            "backbone": name,
+            "num_classes": "@num_classes",
+            "in_channels": 1,
+            "img_size": "@image_size",
+            "pretrained": "@pretrained",
+            "attention": list(row.attention),
+            "fpn_channels": 256,
+            "fusion_channels": 512,
+            "num_heads": 8,
+            "context_size": 7,
+            "dropout": 0.2,
+            "hierarchical": "@hierarchical",
+            "num_coarse_classes": "@num_coarse_classes",
+        },
+        "network": "$@network_def.to(@device)",
+        "loss": "$hmn.losses.MultiLabelBCELoss(pos_weight=hmn.training.pos_weight(@train#dataset#data, @use_pos_weight)).to(@device) if not @hierarchical else hmn.losses.HierarchicalLoss(@num_classes, hmn.losses.fine_to_coarse_indices(@class_names)[0], pos_weight=hmn.training.pos_weight(@train#dataset#data, @use_pos_weight)).to(@device)",
+        "optimizer": {
+            "_target_": "torch.optim.AdamW",
+            "params": "$@network.parameters()",
+            "lr": "@learning_rate",
+            "weight_decay": "@weight_decay",
+        },
+        "lr_scheduler": {
+            "_target_": "monai.optimizers.WarmupCosineSchedule",
+            "optimizer": "@optimizer",
+            "warmup_steps": "$@warmup_epochs * len(@train#dataloader)",
+            "t_total": "$@max_epochs * len(@train#dataloader)",
+            "warmup_multiplier": 0.01,
+        },
+        "train": {
+            "preprocessing": {
+                "_target_": "Compose",
+                "transforms": _load_transforms()
+                + [
+                    _label_transform(),
+                    {
+                        "_target_": "RandAffined",
+                        "keys": "image",
+                        "prob": 0.7,
+                        "rotate_range": [0.15],
+                        "scale_range": [0.1, 0.1],
+                        "translate_range": ["$@image_size * 0.05", "$@image_size * 0.05"],
+                        "padding_mode": "zeros",
+                    },
+                    {"_target_": "RandAdjustContrastd", "keys": "image", "prob": 0.3, "gamma": [0.7, 1.5]},
+                    {"_target_": "EnsureTyped", "keys": ["image", "label"], "track_meta": False},
+                ],
+            },
+            "dataset": {
+                "_target_": "hmn.training.make_dataset",
+                "data": "$hmn.data.load_datalist(@datalist, 'training')",
+                "transform": "@train#preprocessing",
+                "cache": "@cache",
+                "cache_dir": "$os.path.join(@output_dir, 'cache')",
+                "num_workers": "@num_workers",
+                "skip_bad_files": "@skip_bad_files",
+            },
+            "dataloader": {
+                "_target_": "DataLoader",
+                "dataset": "@train#dataset",
+                "batch_size": "@batch_size",
+                "shuffle": True,
+                "num_workers": "@num_workers",
+            },
+            "inferer": {"_target_": "SimpleInferer"},
+            "postprocessing": {"_target_": "Compose", "transforms": []},
+            # These two reference the trainer itself, so they are attached in "run", not listed in its handlers.
+            "resume": {
+                "_target_": "hmn.training.ResumeFromLatest",
+                "ckpt_dir": "@ckpt_dir",
+                "enabled": "@resume",
+                "load_dict": save_dict,
+                "map_location": "@device",
+            },
+            "checkpoint": {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": save_dict, "save_interval": 1, "n_saved": 1},
+            "handlers": [
+                {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "epoch_level": False, "print_lr": False},
+                {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True, "interval": "@val_interval"},
+                {"_target_": "hmn.training.SkippedFilesLog", "dataset": "@train#dataset"},
+                # rank 0 only from here on (multi_gpu_train.json drops the last entries on other ranks)
+                {"_target_": "StatsHandler", "tag_name": "train_loss", "output_transform": _LOSS},
+                {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "tag_name": "train_loss", "output_transform": _LOSS},
+                {"_target_": "ignite.handlers.ProgressBar", "persist": True},
+            ],
+            "trainer": {
+                "_target_": "SupervisedTrainer",
+                "device": "@device",
+                "max_epochs": "@max_epochs",
+                "train_data_loader": "@train#dataloader",
+                "network": "@network",
+                "optimizer": "@optimizer",
+                "loss_function": "@loss",
+                "inferer": "@train#inferer",
+                "postprocessing": "@train#postprocessing",
+                "train_handlers": "@train#handlers",
+                "amp": "@amp",
+                "compile": "@compile",
+                "accumulation_steps": "@accumulation_steps",
+            },
+        },
+        "validate": {
+            "preprocessing": {
+                "_target_": "Compose",
+                "transforms": _load_transforms() + [_label_transform()],
+            },
+            "dataset": {
+                "_target_": "hmn.training.make_dataset",
+                "data": "$hmn.data.load_datalist(@datalist, 'validation')",
+                "transform": "@validate#preprocessing",
+                "cache": "@cache",
+                "cache_dir": "$os.path.join(@output_dir, 'cache')",
+                "num_workers": "@num_workers",
+                "skip_bad_files": "@skip_bad_files",
+            },
+            "dataloader": {
+                "_target_": "DataLoader",
+                "dataset": "@validate#dataset",
+                "batch_size": "@batch_size",
+                "shuffle": False,
+                "num_workers": "@num_workers",
+            },
+            "inferer": {"_target_": "SimpleInferer"},
+            "postprocessing": _val_postprocessing(),
+            "key_metric": {"val_auc": {"_target_": "ROCAUC", "average": "macro", "output_transform": _METRIC}},
+            "early_stop": {
+                "_target_": "EarlyStopHandler",
+                "patience": "@early_stop_patience",
+                "score_function": "$monai.handlers.stopping_fn_from_metric('val_auc')",
+                "epoch_level": True,
+            },
+            "handlers": [
+                "@validate#early_stop",
+                # rank 0 only from here on
+                {"_target_": "StatsHandler", "iteration_log": False},
+                {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
+                {
+                    "_target_": "CheckpointSaver",
+                    "save_dir": "@ckpt_dir",
+                    "save_dict": {"model": "@network"},
+                    "save_key_metric": True,
+                    "key_metric_filename": "model.pt",
+                },
+                {"_target_": "hmn.training.MetricHistory", "filename": "$os.path.join(@output_dir, 'history.csv')"},
+            ],
+            "evaluator": {
+                "_target_": "SupervisedEvaluator",
+                "device": "@device",
+                "val_data_loader": "@validate#dataloader",
+                "network": "@network",
+                "inferer": "@validate#inferer",
+                "postprocessing": "@validate#postprocessing",
+                "key_val_metric": "@validate#key_metric",
+                "val_handlers": "@validate#handlers",
+                "amp": "@amp",
+            },
+        },
+        "initialize": ["$monai.utils.set_determinism(seed=@seed)"],
+        "run": _TRAIN_RUN,
+        "training": _TRAIN_RUN,
+    }
+
+
+def evaluate_config(name: str) -> dict:
+    """``configs/evaluate.json``: overrides ``train.json`` to evaluate ``models/model.pt`` on the test split."""
+    return {
+        "eval_split": "test",
+        "eval_dir": "$os.path.join(@output_dir, 'eval')",
+        "thresholds": "youden",
+        "n_bootstrap": 1000,
+        "validate#dataset#data": "$hmn.data.load_datalist(@datalist, @eval_split)",
+        "validate#postprocessing": {"_target_": "Compose", "transforms": []},
+        "validate#key_metric": {
+            "test_auc": {
+                "_target_": "ROCAUC",
+                "average": "macro",
+                "output_transform": "$lambda out: (torch.stack([o['pred'][: @num_classes].sigmoid() for o in out]), torch.stack([o['label'].clamp(min=0) for o in out]))",
+            }
+        },
+        "validate#handlers": [
+            {"_target_": "CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')", "load_dict": {"model": "@network"}, "map_location": "@device"},
+            {"_target_": "StatsHandler", "iteration_log": False},
+            {
+                "_target_": "hmn.handlers.EvaluationReportHandler",
+                "output_dir": "@eval_dir",
+                "class_names": "@class_names",
+                "thresholds": "@thresholds",
+                "n_bootstrap": "@n_bootstrap",
+                "num_classes": "@num_classes",
+            },
+        ],
+        "initialize": ["$monai.utils.set_determinism(seed=@seed)"],
+        "run": ["$@validate#evaluator.run()"],
+        "evaluating": ["$@validate#evaluator.run()"],
+    }
+
+
+def inference_config(name: str) -> dict:
+    """``configs/inference.json``: a folder or datalist of unlabelled images to a predictions CSV (standalone)."""
+    train = train_config(name)
+    return {
+        "imports": ["$import os", "$import torch", "$import monai", "$import hmn", "$import hmn.data.cli", "$import hmn.inference", "$import hmn.networks", "$import hmn.handlers", "$import hmn.transforms"],
+        "bundle_root": train["bundle_root"],
+        "ckpt_dir": train["ckpt_dir"],
+        "output_dir": train["output_dir"],
+        "dataset_dir": "$hmn.data.cli.default_demo_root()",
+        "input": "@dataset_dir",
+        "output_file": "$os.path.join(@output_dir, 'predictions.csv')",
+        "class_names": list(DEMO_CLASSES),
+        "num_classes": "$len(@class_names)",
+        "device": train["device"],
+        "image_size": train["image_size"],
+        "voi": train["voi"],
+        "batch_size": train["batch_size"],
+        "num_workers": 0,
+        "pretrained": False,
+        "hierarchical": False,
+        "num_coarse_classes": 4,
+        "network_def": train["network_def"],
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {"_target_": "Compose", "transforms": _load_transforms()},
+        "dataset": {
+            "_target_": "hmn.inference.InferenceDataset",
+            "data": "$hmn.inference.inference_items(@input)",
+            "transform": "@preprocessing",
+            "placeholder_shape": [1, "@image_size", "@image_size"],
+        },
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": "@batch_size", "shuffle": False, "num_workers": "@num_workers"},
+        "inferer": {"_target_": "SimpleInferer"},
+        "postprocessing": {"_target_": "Compose", "transforms": []},
+        "handlers": [
+            {"_target_": "CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')", "load_dict": {"model": "@network"}, "map_location": "@device"},
+            {
+                "_target_": "hmn.handlers.PredictionCSVWriter",
+                "output_file": "@output_file",
+                "class_names": "@class_names",
+                "num_classes": "@num_classes",
+            },
+        ],
+        "evaluator": {
+            "_target_": "SupervisedEvaluator",
+            "device": "@device",
+            "val_data_loader": "@dataloader",
+            "network": "@network",
+            "inferer": "@inferer",
+            "postprocessing": "@postprocessing",
+            "val_handlers": "@handlers",
+            "amp": "$torch.cuda.is_available()",
+        },
+        "initialize": [],
+        "run": ["$@evaluator.run()"],
+        "inference": ["$@evaluator.run()"],
+    }
+
+
+def multi_gpu_config(name: str) -> dict:
+    """``configs/multi_gpu_train.json``: overrides ``train.json`` for ``torchrun`` (DDP, DistributedSampler)."""
+    return {
+        "device": "$torch.device('cuda:' + os.environ['LOCAL_RANK']) if torch.cuda.is_available() else torch.device('cpu')",
+        "backend": "$'nccl' if torch.cuda.is_available() else 'gloo'",
+        "network": {
+            "_target_": "torch.nn.parallel.DistributedDataParallel",
+            "module": "$@network_def.to(@device)",
+            "device_ids": "$[@device] if torch.cuda.is_available() else None",
+        },
+        "train#sampler": {"_target_": "DistributedSampler", "dataset": "@train#dataset", "even_divisible": True, "shuffle": True},
+        "train#dataloader#sampler": "@train#sampler",
+        "train#dataloader#shuffle": False,
+        "train#trainer#train_handlers": f"$@train#handlers[: -{_RANK0_TRAIN_HANDLERS} if dist.get_rank() > 0 else None]",
+        "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset", "even_divisible": False, "shuffle": False},
+        "validate#dataloader#sampler": "@validate#sampler",
+        "validate#evaluator#val_handlers": f"$@validate#handlers[: -{_RANK0_VAL_HANDLERS} if dist.get_rank() > 0 else None]",
+        "initialize": [
+            "$import torch.distributed as dist",
+            "$dist.is_initialized() or dist.init_process_group(backend=@backend)",
+            "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+            "$monai.utils.set_determinism(seed=@seed)",
+        ],
+        "run": _DIST_TRAIN_RUN,
+        "training": _DIST_TRAIN_RUN,
+        "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
+    }
+
+
+def metadata(name: str) -> dict:
+    """``configs/metadata.json`` following MONAI's bundle specification."""
+    spec = get_backbone_spec(name)
+    row = BUNDLES[name]
+    return {
+        "schema": SCHEMA_URL,
+        "version": __version__,
+        "changelog": {__version__: f"first HybridMedNet bundle over {spec.description or name}"},
+        "monai_version": TESTED_WITH["monai"],
+        "pytorch_version": TESTED_WITH["torch"],
+        "numpy_version": TESTED_WITH["numpy"],
+        "required_packages_version": {"hybridmednet": __version__},
+        "optional_packages_version": {"pydicom": ">=3.0", "timm": ">=1.0.9", "pytorch-ignite": ">=0.5"},
+        "name": f"HybridMedNet {name}",
+        "task": "Multi-label classification of findings on chest radiographs",
+        "description": (
+            f"HybridMedNet over a {spec.description or name} backbone ({spec.params_m}M parameters as an ImageNet "
+            f"classifier): feature pyramid, {' + '.join(row.attention)} attention, adaptive multi-scale fusion "
+            "and a multi-label head. The default data is the project's SYNTHETIC demo dataset; no accuracy on "
+            "real radiographs is claimed."
+        ),
+        "authors": "HybridMedNet developers",
+        "copyright": "Copyright (c) HybridMedNet developers",
+        "data_source": "Synthetic chest-radiograph phantoms generated by hmn.data.make_demo_dataset (default); "
+        "NIH ChestX-ray14, CheXpert or a folder per class through `python -m hmn datalist`.",
+        "data_type": "dicom, png",
+        "image_classes": "one channel, intensity rescaled to [0, 1] (0.5-99.5 percentiles), resized to image_size",
+        "label_classes": "multi-hot vector, one entry per class in the datalist's class_names",
+        "pred_classes": "one logit per class (sigmoid for probabilities)",
+        "intended_use": "Research only. Not a medical device; not for diagnosis or treatment decisions.",
+        "references": [
+            "Liu Z. et al., A ConvNet for the 2020s, CVPR 2022",
+            "Liu Z. et al., Swin Transformer, ICCV 2021",
+            "Tan M., Le Q., EfficientNetV2, ICML 2021",
+            "Lin T.-Y. et al., Feature Pyramid Networks for Object Detection, CVPR 2017",
+            "Woo S. et al., CBAM: Convolutional Block Attention Module, ECCV 2018",
+            "Wang X. et al., ChestX-ray8, CVPR 2017",
+        ],
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "magnitude",
+                    "modality": "XR",
+                    "num_channels": 1,
+                    "spatial_shape": [224, 224],
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": False,
+                    "channel_def": {"0": "image"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "probabilities",
+                    "format": "classes",
+                    "num_channels": len(DEMO_CLASSES),
+                    "spatial_shape": [1],
+                    "dtype": "float32",
+                    "value_range": [],
+                    "is_onehot": False,
+                    "channel_def": {str(i): c for i, c in enumerate(DEMO_CLASSES)},
+                }
+            },
+        },
+    }
+
+
+def _dump(obj: Any) -> str:
+    return json.dumps(obj, indent=4) + "\n"
+
+
+def bundle_files(name: str) -> dict[str, str]:
+    """Relative path -> content of every generated file of bundle ``name``."""
+    from hmn.bundle_docs import bundle_readme, license_text
+
+    return {
+        "configs/metadata.json": _dump(metadata(name)),
+        "configs/train.json": _dump(train_config(name)),
+        "configs/evaluate.json": _dump(evaluate_config(name)),
+        "configs/inference.json": _dump(inference_config(name)),
+        "configs/multi_gpu_train.json": _dump(multi_gpu_config(name)),
+        "configs/logging.conf": LOGGING_CONF,
+        "docs/README.md": bundle_readme(name, BUNDLES[name], train_config(name)),
+        "LICENSE": license_text(),
+    }
+
+
+LOGGING_CONF = """[loggers]
+keys=root
+
+[handlers]
+keys=consoleHandler
+
+[formatters]
+keys=fullFormatter
+
+[logger_root]
+level=INFO
+handlers=consoleHandler
+
+[handler_consoleHandler]
+class=StreamHandler
+level=INFO
+formatter=fullFormatter
+args=(sys.stdout,)
+
+[formatter_fullFormatter]
+format=%(asctime)s - %(name)s - %(levelname)s - %(message)s
+"""
+
+
+def write_bundles(out: str | os.PathLike = "bundles", names: list[str] | None = None) -> list[str]:
+    """Writes the bundles into ``out``; returns the files written."""
+    written = []
+    for name in names or list(BUNDLES):
+        for rel, text in bundle_files(name).items():
+            path = Path(out) / name / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            written.append(str(path))
+    return written
+
+
+def check_bundles(out: str | os.PathLike = "bundles") -> list[str]:
+    """Differences between the bundles in ``out`` and what the generator writes (empty when identical)."""
+    problems = []
+    for name in BUNDLES:
+        for rel, text in bundle_files(name).items():
+            path = Path(out) / name / rel
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+                continue
+            have = path.read_text()
+            if have != text:
+                diff = "".join(difflib.unified_diff(have.splitlines(True), text.splitlines(True), str(path), "generated", n=1))
+                problems.append(diff[:2000])
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hmn bundles``."""
+    p = argparse.ArgumentParser(prog="python -m hmn bundles", description="Write or check the MONAI bundles.")
+    p.add_argument("--out", default="bundles", help="bundles folder (default: %(default)s)")
+    p.add_argument("--check", action="store_true", help="fail if the committed bundles differ from the generator's")
+    p.add_argument("names", nargs="*", help="bundles to write (default: all)")
+    args = p.parse_args(argv)
+    if args.check:
+        problems = check_bundles(args.out)
+        for line in problems:
+            print(line, file=sys.stderr)
+        print(f"{len(problems)} difference(s)" if problems else "bundles are up to date")
+        return 1 if problems else 0
+    unknown = [n for n in args.names if n not in BUNDLES]
+    if unknown:
+        print(f"unknown bundle(s) {unknown}; known: {', '.join(BUNDLES)}", file=sys.stderr)
+        return 2
+    files = write_bundles(args.out, args.names or None)
+    print(f"wrote {len(files)} files under {args.out}/")
+    return 0

@@ -1,0 +1,229 @@
+"""Pieces the training bundles need that MONAI lacks: datalist resolution with the demo default,
+dataset construction with selectable caching, resuming from the latest full-state checkpoint, and a
+per-epoch metric history file.
+
+Everything here is referenced from the bundle configs (``bundles/<name>/configs/*.json``) by
+``_target_`` or ``$hmn.training...`` expressions, so a downloaded bundle needs only the installed package.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import logging
+import os
+import re
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+__all__ = [
+    "CACHE_MODES",
+    "MetricHistory",
+    "SkippedFilesLog",
+    "ResumeFromLatest",
+    "as_bool",
+    "class_names",
+    "latest_checkpoint",
+    "make_dataset",
+    "pos_weight",
+    "resolve_datalist",
+]
+
+logger = logging.getLogger(__name__)
+
+CACHE_MODES = ("none", "memory", "persistent")
+
+
+def resolve_datalist(dataset_dir: str, datalist: str | None = None, demo: Mapping[str, Any] | None = None) -> str:
+    """The datalist JSON a run uses.
+
+    ``datalist`` given: it must exist. Otherwise ``dataset_dir/datalist.json`` if present; otherwise, when
+    ``demo`` settings are given (the bundles' default), the SYNTHETIC demo dataset is written into
+    ``dataset_dir`` (or reused) by :func:`hmn.data.make_demo_dataset`. Anything else is an error that
+    says how to make a datalist.
+    """
+    if datalist:
+        if not os.path.isfile(datalist):
+            raise FileNotFoundError(f"datalist {datalist!r} does not exist; make one with `python -m hmn datalist ...`")
+        return os.path.abspath(datalist)
+    candidate = os.path.join(dataset_dir, "datalist.json")
+    if os.path.isfile(candidate) and not demo:
+        return os.path.abspath(candidate)
+    if demo:
+        from hmn.data import make_demo_dataset
+
+        logger.info("using the SYNTHETIC demo dataset in %s", dataset_dir)
+        return make_demo_dataset(dataset_dir, **dict(demo))
+    raise FileNotFoundError(
+        f"no datalist.json in dataset_dir {dataset_dir!r}; pass --datalist PATH, or write one with "
+        "`python -m hmn datalist nih|chexpert|folder|json ...`"
+    )
+
+
+def class_names(datalist: str) -> list[str]:
+    """The ``class_names`` recorded in a datalist JSON."""
+    from hmn.data import read_datalist
+
+    names = read_datalist(datalist).get("class_names")
+    if not names:
+        raise ValueError(f"datalist {datalist!r} has no 'class_names' list; write it with `python -m hmn datalist`")
+    return list(names)
+
+
+def pos_weight(items: Sequence[Mapping[str, Any]], enabled: bool = True, max_weight: float = 100.0) -> torch.Tensor | None:
+    """``negatives / positives`` per class over the training items (see :func:`hmn.losses.pos_weight_from_labels`)."""
+    if not enabled:
+        return None
+    from hmn.losses import pos_weight_from_labels
+
+    return pos_weight_from_labels([it["label"] for it in items], max_weight=max_weight)
+
+
+def make_dataset(
+    data: Sequence[Mapping[str, Any]],
+    transform: Callable,
+    cache: str = "memory",
+    cache_dir: str | None = None,
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+    skip_bad_files: bool = False,
+) -> torch.utils.data.Dataset:
+    """A MONAI dataset over ``data`` with the chosen caching.
+
+    Args:
+        data: datalist entries.
+        transform: a ``monai.transforms.Compose``; caching stores the output of its leading
+            deterministic transforms (loading, resizing, normalization), so epochs after the first do
+            not decode images again.
+        cache: ``"none"`` (``Dataset``), ``"memory"`` (``CacheDataset``, ``cache_rate`` of the items) or
+            ``"persistent"`` (``PersistentDataset`` in ``cache_dir``, reused across runs).
+        skip_bad_files: wrap in :class:`hmn.data.SkipBadFilesDataset`, which logs each unreadable file once
+            and carries on with the next item.
+    """
+    import monai.data as md
+
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache={cache!r}; accepted: {', '.join(CACHE_MODES)}")
+    data = list(data)
+    if cache == "none":
+        ds: torch.utils.data.Dataset = md.Dataset(data, transform)
+    elif cache == "memory":
+        # Filled as items are first read (not up front), so that an unreadable file surfaces where
+        # SkipBadFilesDataset can step over it; shared with DataLoader workers when there are any.
+        ds = md.CacheDataset(
+            data, transform, cache_rate=cache_rate, runtime_cache="processes" if num_workers > 0 else True
+        )
+    else:
+        if not cache_dir:
+            raise ValueError("cache='persistent' needs a cache_dir")
+        os.makedirs(cache_dir, exist_ok=True)
+        ds = md.PersistentDataset(data, transform, cache_dir=cache_dir)
+    if skip_bad_files:
+        from hmn.data import SkipBadFilesDataset
+
+        ds = SkipBadFilesDataset(ds)
+    return ds
+
+
+def as_bool(value: Any, name: str = "value") -> bool:
+    """``True``/``False``, or the strings a command line gives (``true``, ``false``, ``1``, ``0``, ``yes``, ``no``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", "none", ""):
+        return False
+    raise ValueError(f"{name}={value!r} is not a boolean; accepted: true/false, 1/0, yes/no")
+
+
+_EPOCH_RE = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
+
+
+def latest_checkpoint(ckpt_dir: str) -> str | None:
+    """The full-state checkpoint of the highest epoch in ``ckpt_dir`` (``checkpoint_epoch=N.pt``), or None."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(ckpt_dir), "checkpoint_epoch=*.pt")):
+        m = _EPOCH_RE.search(os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return max(found)[1] if found else None
+
+
+class ResumeFromLatest:
+    """Ignite handler: when ``enabled``, loads the latest full-state checkpoint in ``ckpt_dir`` before the run.
+
+    The checkpoint holds the network, optimizer, LR scheduler and trainer state (epoch and iteration)
+    written each epoch by the bundle's ``CheckpointSaver``, so a killed run restarted with
+    ``--resume true`` continues with the epoch after the last finished one. ``enabled`` with no
+    checkpoint found starts from scratch and says so.
+    """
+
+    def __init__(self, ckpt_dir: str, load_dict: Mapping[str, Any], enabled: bool = False, map_location: Any = None) -> None:
+        self.ckpt_dir, self.load_dict, self.map_location = ckpt_dir, dict(load_dict), map_location
+        self.enabled = as_bool(enabled, "resume")
+        self.loaded_from: str | None = None
+
+    def attach(self, engine: Any) -> None:
+        if not self.enabled:
+            return
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            logger.warning("resume requested but no checkpoint_epoch=*.pt in %s: starting from scratch", self.ckpt_dir)
+            return
+        from monai.handlers import CheckpointLoader
+
+        logger.info("resuming from %s", path)
+        CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location=self.map_location).attach(engine)
+        self.loaded_from = path
+
+
+class MetricHistory:
+    """Ignite handler for the evaluator: appends one CSV row per validation (epoch, metrics, wall time).
+
+    The file (``history.csv``) is the run's learning curve; each row is flushed as it is written, and a
+    resumed run appends to it. The epoch is the trainer's (MONAI's evaluators run with the trainer's epoch).
+    """
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+        self._start = time.time()
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        row: dict[str, Any] = {"epoch": engine.state.epoch, "elapsed_s": round(time.time() - self._start, 1)}
+        for k, v in engine.state.metrics.items():
+            if isinstance(v, (int, float)):
+                row[k] = v
+        os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)
+        new = not os.path.exists(self.filename)
+        with open(self.filename, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+class SkippedFilesLog:
+    """Ignite handler: at the end of training, reports how many unreadable files the dataset skipped.
+
+    Works with any dataset; only a :class:`hmn.data.SkipBadFilesDataset` has anything to report.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Any = None) -> int:
+        report = getattr(self.dataset, "report", None)
+        return int(report()) if callable(report) else 0
