@@ -1,0 +1,410 @@
+"""Ignite handlers the bundles use that MONAI lacks: the evaluation report and the inference CSV.
+
+Both read what a :class:`monai.engines.SupervisedEvaluator` leaves on its state after each iteration:
+with ``decollate=True`` (the default) ``engine.state.output`` is a list of per-image dicts holding
+``"pred"`` (after the evaluator's postprocessing) and ``"label"``, and ``engine.state.batch`` the list
+of per-image input dicts, whose ``"image"`` MetaTensor carries the source path in
+``meta["filename_or_obj"]``; with ``decollate=False`` both are batched dicts and are split here.
+
+* :class:`EvaluationReportHandler` (evaluate.json) collects predictions, labels and paths and, when
+  the run completes, writes the report of :func:`hmn.evaluation.write_report`.
+* :class:`PredictionCSVWriter` (inference.json) appends one row per image after every iteration.
+
+Under ``torchrun`` the report handler gathers every rank's predictions and rank 0 writes the report
+(use a sampler that does not pad, e.g. ``monai.data.DistributedSampler(even_divisible=False)``, or
+padded images are counted twice); the CSV writer writes one file per rank (``<name>.rank<r>.csv``).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor, decollate_batch
+from scipy.special import expit
+
+from hmn.evaluation import atomic_write, compute_report, write_report
+from hmn.inference import read_prediction_rows
+
+__all__ = ["EvaluationReportHandler", "PredictionCSVWriter"]
+
+logger = logging.getLogger(__name__)
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _iteration_items(engine: Any) -> list[tuple[Mapping | None, Mapping]]:
+    """(input item or None, output item) per image of the engine's current iteration."""
+    output, batch = engine.state.output, engine.state.batch
+    if isinstance(output, Mapping):
+        output = decollate_batch(dict(output), detach=True)
+    if isinstance(batch, Mapping):
+        batch = decollate_batch(dict(batch), detach=True)
+    if not isinstance(output, list) or not all(isinstance(o, Mapping) for o in output):
+        raise TypeError(
+            f"engine.state.output must be a dict or a list of per-image dicts (as SupervisedEvaluator gives), "
+            f"got {type(output).__name__}"
+        )
+    if not isinstance(batch, list) or len(batch) != len(output):
+        batch = [None] * len(output)
+    return list(zip(batch, output))
+
+
+def _image_path(items: Sequence[Mapping | None], key: str, fallback: str) -> str:
+    for item in items:
+        if item is None:
+            continue
+        value = item.get(key)
+        if isinstance(value, MetaTensor):
+            name = value.meta.get("filename_or_obj")
+            if isinstance(name, (list, tuple)) and len(name) == 1:
+                name = name[0]
+            if name:
+                return str(name)
+        elif isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    return fallback
+
+
+def _text(items: Sequence[Mapping | None], key: str) -> str:
+    for item in items:
+        if item is not None and item.get(key):
+            value = item[key]
+            return str(value[0] if isinstance(value, (list, tuple)) and len(value) == 1 else value)
+    return ""
+
+
+def _vector(x: Any) -> np.ndarray:
+    """A tensor, array or (nested) list of numbers as a flat float64 array."""
+    if isinstance(x, MetaTensor):
+        x = x.as_tensor()
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float64).reshape(-1).numpy()
+    if isinstance(x, (list, tuple)):
+        return np.concatenate([_vector(v) for v in x]) if len(x) else np.zeros(0)
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+class _PredictionReader:
+    """Shared pred-to-probability logic: slicing, width check, sigmoid."""
+
+    def __init__(self, class_names: Sequence[str], pred_key: str, apply_sigmoid: bool, num_classes: int | None):
+        self.class_names = [str(c) for c in class_names]
+        if not self.class_names:
+            raise ValueError("class_names is empty; give the names of the classes in the network's output order")
+        if num_classes is not None and int(num_classes) != len(self.class_names):
+            raise ValueError(f"num_classes={num_classes} but {len(self.class_names)} class_names {self.class_names}")
+        self.pred_key, self.apply_sigmoid = pred_key, bool(apply_sigmoid)
+        self.num_classes = None if num_classes is None else int(num_classes)
+
+    def probabilities(self, output: Mapping, image: str) -> np.ndarray:
+        if output.get(self.pred_key) is None:
+            raise KeyError(f"no {self.pred_key!r} in the engine output for {image}; output keys: {list(output)}")
+        pred = _vector(output[self.pred_key])
+        if self.num_classes is not None:
+            pred = pred[: self.num_classes]
+        if pred.size != len(self.class_names):
+            raise ValueError(
+                f"the prediction for {image} has {pred.size} values but there are {len(self.class_names)} "
+                f"class_names; set num_classes={len(self.class_names)} if the network also outputs other "
+                "(e.g. coarse, hierarchical) logits after the class logits"
+            )
+        return expit(pred) if self.apply_sigmoid else pred
+
+
+class EvaluationReportHandler:
+    """Writes the evaluation report (per-class ROC AUC with bootstrap intervals, thresholds, predictions,
+    ROC plot; see :mod:`hmn.evaluation.report`) when a ``SupervisedEvaluator`` run completes.
+
+    Every iteration the handler stores each image's probabilities, labels and source path; items with a
+    non-empty `error_key` (placeholders of :class:`hmn.inference.InferenceDataset`) are left out and
+    listed in the report's ``skipped_images``. On completion it calls
+    :func:`hmn.evaluation.compute_report` and :func:`hmn.evaluation.write_report`, keeps the report on
+    ``self.report`` and the file paths on ``self.paths``, puts ``<metric_prefix>macro_auc`` and
+    ``<metric_prefix>micro_auc`` into ``engine.state.metrics`` (when defined) and logs them.
+
+    Args:
+        output_dir: the report folder.
+        class_names: the class names, in the order of the network's outputs and the labels.
+        pred_key, label_key, image_key: keys of the prediction and label (in the engine output) and of
+            the image (in the input batch, or the output) whose ``meta["filename_or_obj"]`` is the path.
+        mask_key: optional per-image 0/1 mask beside the label (the datalist's ``label_mask``): labels
+            whose mask is 0 count as unknown. Ignored when the items have no such key.
+        error_key: items with a non-empty value under this key are skipped.
+        thresholds, fixed_threshold, n_bootstrap, ci, seed: as in :func:`hmn.evaluation.compute_report`.
+        apply_sigmoid: the predictions are logits (True: a sigmoid is applied here) or already
+            probabilities (False, e.g. after an ``Activationsd(sigmoid=True)`` postprocessing).
+        num_classes: use only the first `num_classes` prediction (and label) values, for networks that
+            output more (the hierarchical head's fine logits followed by coarse logits).
+        metric_prefix: prefix of the names put into ``engine.state.metrics``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        class_names: Sequence[str],
+        pred_key: str = "pred",
+        label_key: str = "label",
+        image_key: str = "image",
+        mask_key: str | None = "label_mask",
+        error_key: str = "error",
+        thresholds: Any = "youden",
+        fixed_threshold: float = 0.5,
+        n_bootstrap: int = 1000,
+        ci: float = 0.95,
+        seed: int = 0,
+        apply_sigmoid: bool = True,
+        num_classes: int | None = None,
+        metric_prefix: str = "",
+    ) -> None:
+        self.reader = _PredictionReader(class_names, pred_key, apply_sigmoid, num_classes)
+        self.class_names = self.reader.class_names
+        self.output_dir = os.fspath(output_dir)
+        self.label_key, self.image_key, self.mask_key, self.error_key = label_key, image_key, mask_key, error_key
+        self.thresholds, self.fixed_threshold = thresholds, fixed_threshold
+        self.n_bootstrap, self.ci, self.seed = int(n_bootstrap), float(ci), int(seed)
+        self.metric_prefix = metric_prefix
+        self.report: dict | None = None
+        self.paths: dict[str, str] | None = None
+        self.reset()
+
+    def attach(self, engine: Any) -> None:
+        """Registers the handler on `engine` (STARTED: reset, ITERATION_COMPLETED: collect, COMPLETED: write)."""
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.COMPLETED, self.finalize)
+
+    def reset(self, engine: Any = None) -> None:
+        """Forgets what was collected (every run of the engine starts afresh)."""
+        self._probs: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._images: list[str] = []
+        self._skipped: list[dict[str, str]] = []
+        self._seen = 0
+
+    def _label(self, items: Sequence[Mapping | None], image: str) -> np.ndarray:
+        label = next((i[self.label_key] for i in items if i is not None and i.get(self.label_key) is not None), None)
+        if label is None:
+            raise ValueError(
+                f"no {self.label_key!r} for {image}: the evaluation report needs labels (is the datalist split labelled?)"
+            )
+        k = len(self.class_names)
+        y = _vector(label)
+        if self.reader.num_classes is not None:
+            y = y[:k]
+        if y.size != k:
+            raise ValueError(f"the label of {image} has {y.size} values but there are {k} class_names {self.class_names}")
+        if self.mask_key:
+            mask = next((i[self.mask_key] for i in items if i is not None and i.get(self.mask_key) is not None), None)
+            if mask is not None:
+                m = _vector(mask)[:k]
+                if m.size != k:
+                    raise ValueError(f"the {self.mask_key!r} of {image} has {m.size} values, expected {k}")
+                y = np.where(m > 0, y, np.nan)
+        return y
+
+    def collect(self, engine: Any) -> None:
+        """Stores the current iteration's probabilities, labels and image paths."""
+        for batch_item, output_item in _iteration_items(engine):
+            items = (batch_item, output_item)
+            image = _image_path(items, self.image_key, f"item_{self._seen}")
+            self._seen += 1
+            error = _text(items, self.error_key)
+            if error:
+                self._skipped.append({"image": image, "error": error})
+                continue
+            self._probs.append(self.reader.probabilities(output_item, image))
+            self._labels.append(self._label(items, image))
+            self._images.append(image)
+
+    def _gathered(self) -> tuple[np.ndarray, np.ndarray, list[str], list[dict[str, str]]] | None:
+        k = len(self.class_names)
+        local = (
+            np.stack(self._probs) if self._probs else np.zeros((0, k)),
+            np.stack(self._labels) if self._labels else np.zeros((0, k)),
+            list(self._images),
+            list(self._skipped),
+        )
+        rank, world = _rank_world()
+        if world == 1:
+            return local
+        parts: list[Any] = [None] * world
+        torch.distributed.all_gather_object(parts, local)
+        if rank != 0:
+            return None
+        return (
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]),
+            [i for p in parts for i in p[2]],
+            [s for p in parts for s in p[3]],
+        )
+
+    def finalize(self, engine: Any = None) -> dict[str, str] | None:
+        """Computes and writes the report (on rank 0); returns the paths written, or None."""
+        gathered = self._gathered()
+        if gathered is None:
+            return None
+        probs, labels, images, skipped = gathered
+        if skipped:
+            logger.warning("%d images were left out of the evaluation report (unreadable): %s",
+                           len(skipped), "; ".join(s["error"] for s in skipped[:5]))
+        if not images:
+            logger.warning("no images were evaluated; no report written to %s", self.output_dir)
+            return None
+        report = compute_report(
+            probs, labels, self.class_names, thresholds=self.thresholds, fixed_threshold=self.fixed_threshold,
+            n_bootstrap=self.n_bootstrap, ci=self.ci, seed=self.seed,
+        )
+        if skipped:
+            report["skipped_images"] = skipped
+        self.paths = write_report(report, probs, labels, images, self.class_names, self.output_dir)
+        self.report = report
+        macro, micro = report["macro"], report["micro"]
+        if engine is not None:
+            for name, entry in (("macro_auc", macro), ("micro_auc", micro)):
+                if entry["auc"] is not None:
+                    engine.state.metrics[self.metric_prefix + name] = entry["auc"]
+
+        def fmt(e: Mapping[str, Any]) -> str:
+            if e["auc"] is None:
+                return "undefined"
+            ci = e.get("auc_ci")
+            return f"{e['auc']:.4f}" + (f" ({self.ci:.0%} CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
+
+        logger.info("evaluated %d images: macro AUC %s, micro AUC %s; report in %s",
+                    len(images), fmt(macro), fmt(micro), self.output_dir)
+        return self.paths
+
+
+class PredictionCSVWriter:
+    """Appends one CSV row per image after every iteration of an inference run, so that a crash loses
+    nothing already written (each iteration's rows are flushed and fsync'ed).
+
+    Columns: ``image`` (the source path), ``error`` (empty, or the one-line reason the file could not be
+    used, from :class:`hmn.inference.InferenceDataset`), then one column per class name holding the
+    predicted probability (empty on an error row). Rows follow the order of the data loader.
+
+    When the run starts, an existing file is rewritten from scratch (header only), unless `resume`:
+    then its complete error-free rows are kept (a row cut off by a crash and error rows are dropped,
+    so failed images are tried again), its header must match, and images that already have a row are
+    not written again. Pair it with ``hmn.inference.inference_items(..., skip_done=<this file>)`` so
+    that those images are not even computed.
+
+    Args:
+        output_file: the CSV path (folders are created). Under torchrun with several ranks each rank
+            writes ``<stem>.rank<r><suffix>``.
+        class_names: the class names, in the network's output order.
+        pred_key, image_key, error_key: keys in the engine output / input batch.
+        apply_sigmoid: the predictions are logits (a sigmoid is applied) or already probabilities.
+        num_classes: write only the first `num_classes` outputs (hierarchical heads add coarse logits).
+        resume: keep the rows of an interrupted run (see above).
+    """
+
+    def __init__(
+        self,
+        output_file: str | os.PathLike,
+        class_names: Sequence[str],
+        pred_key: str = "pred",
+        image_key: str = "image",
+        error_key: str = "error",
+        apply_sigmoid: bool = True,
+        num_classes: int | None = None,
+        resume: bool = False,
+    ) -> None:
+        self.reader = _PredictionReader(class_names, pred_key, apply_sigmoid, num_classes)
+        self.class_names = self.reader.class_names
+        self.output_file = os.fspath(output_file)
+        self.image_key, self.error_key, self.resume = image_key, error_key, bool(resume)
+        self.header = ["image", "error", *self.class_names]
+        self.path: str | None = None
+        self.rows_written = 0
+        self.errors = 0
+        self._done: set[str] = set()
+        self._seen = 0
+
+    def attach(self, engine: Any) -> None:
+        """Registers the handler on `engine` (STARTED: start the file, ITERATION_COMPLETED: append, COMPLETED: log)."""
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.write)
+        engine.add_event_handler(Events.COMPLETED, self.finish)
+
+    def _rank_path(self) -> str:
+        rank, world = _rank_world()
+        if world == 1:
+            return self.output_file
+        stem, suffix = os.path.splitext(self.output_file)
+        return f"{stem}.rank{rank}{suffix}"
+
+    def start(self, engine: Any = None) -> None:
+        """Creates (or, with `resume`, cleans up) the CSV with its header."""
+        path = self._rank_path()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        kept: list[list[str]] = []
+        if self.resume and os.path.exists(path):
+            header, rows = read_prediction_rows(path)
+            if header is not None and header != self.header:
+                raise ValueError(
+                    f"{path} has columns {header}, not {self.header}: it was written for other classes; "
+                    "remove it or write to another file"
+                )
+            kept = [r for r in rows if r[1] == ""]
+            logger.info("resuming %s: %d predictions kept, %d rows dropped (errors or cut off, tried again)",
+                        path, len(kept), len(rows) - len(kept))
+        elif os.path.exists(path):
+            logger.info("overwriting %s", path)
+
+        def write(f: Any) -> None:
+            w = csv.writer(f, lineterminator="\n")
+            w.writerow(self.header)
+            w.writerows(kept)
+
+        atomic_write(path, write)
+        self.path = path
+        self._done = {r[0] for r in kept}
+        self.rows_written, self.errors, self._seen = len(kept), 0, 0
+
+    def write(self, engine: Any) -> None:
+        """Appends the current iteration's rows and syncs them to disk."""
+        if self.path is None:
+            self.start(engine)
+        rows = []
+        for batch_item, output_item in _iteration_items(engine):
+            items = (batch_item, output_item)
+            image = _image_path(items, self.image_key, f"item_{self._seen}")
+            self._seen += 1
+            if self.resume and image in self._done:
+                continue
+            error = _text(items, self.error_key)
+            if error:
+                rows.append([image, " ".join(error.split())] + [""] * len(self.class_names))
+                self.errors += 1
+            else:
+                rows.append([image, ""] + [repr(float(p)) for p in self.reader.probabilities(output_item, image)])
+            if self.resume:
+                self._done.add(image)
+        if not rows:
+            return
+        with open(self.path, "a", newline="", encoding="utf-8") as f:  # type: ignore[arg-type]
+            csv.writer(f, lineterminator="\n").writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        self.rows_written += len(rows)
+
+    def finish(self, engine: Any = None) -> None:
+        """Logs how many rows (and error rows) the file holds."""
+        level = logging.WARNING if self.errors else logging.INFO
+        logger.log(level, "%s: %d rows, %d of this run's images could not be read", self.path, self.rows_written,
+                   self.errors)

@@ -1,0 +1,214 @@
+"""Inference over unlabelled files: the list of items to predict and a dataset that survives bad files.
+
+* :func:`inference_items` turns a folder (searched recursively for DICOM, extensionless DICOM,
+  PNG/JPEG, TIFF, NIfTI), a datalist JSON, one image file or a list of paths into sorted
+  ``[{"image": path}]`` items.
+* :class:`InferenceDataset` applies the preprocessing to each item. When a file cannot be read it
+  returns a placeholder instead of raising: the image is a zero MetaTensor of ``placeholder_shape``
+  whose ``filename_or_obj`` is the path, and the item's ``"error"`` is a one-line message naming the
+  file and the reason (``""`` for good items, so that every item has the same keys and MONAI's
+  collate works). The network still runs on the zeros; :class:`hmn.handlers.PredictionCSVWriter`
+  writes an error row for the item and ignores its output.
+
+In a bundle's inference.json::
+
+    "datalist": {"_target_": "hmn.inference.inference_items", "source": "@input_dir"},
+    "dataset": {"_target_": "hmn.inference.InferenceDataset", "data": "@datalist",
+                "transform": "@preprocessing", "placeholder_shape": [1, 224, 224]}
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+from monai.transforms import apply_transform
+from torch.utils.data import Dataset
+
+from hmn.data.dataset import find_read_error
+from hmn.data.datalist import IMAGE_EXTENSIONS, find_images, load_datalist
+
+__all__ = ["InferenceDataset", "inference_items", "completed_images", "read_prediction_rows", "error_message"]
+
+logger = logging.getLogger(__name__)
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    seen = {id(exc)}
+    while (exc.__cause__ or exc.__context__) is not None and id(exc.__cause__ or exc.__context__) not in seen:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen.add(id(exc))
+    return exc
+
+
+def error_message(exc: BaseException, path: str) -> str:
+    """One line naming the file and why it failed: the :class:`hmn.transforms.ImageReadError` in `exc`'s
+    chain when there is one (``"<path>: <reason>"``), else the innermost exception's type and message."""
+    read_error = find_read_error(exc)
+    if read_error is not None:
+        text = str(read_error)
+        if path and path not in text:
+            text = f"{path}: {text}"
+    else:
+        inner = _innermost(exc)
+        text = f"{path}: {type(inner).__name__}: {inner}"
+    return " ".join(text.split())
+
+
+class InferenceDataset(Dataset):
+    """Map-style dataset for inference that turns an unreadable file into a placeholder item with an
+    ``"error"`` message instead of stopping the run.
+
+    Args:
+        data: a list of item dicts (each with `image_key`) or of paths.
+        transform: the preprocessing (e.g. a MONAI ``Compose`` starting with ``hmn.transforms.LoadXrayd``);
+            applied with ``monai.transforms.apply_transform`` as ``monai.data.Dataset`` does.
+        image_key: the key of the image path / tensor.
+        error_key: the key of the error message (``""`` for good items).
+        placeholder_shape: the shape of the zero image of a failed item; it must be the shape the
+            preprocessing gives good items (e.g. ``(1, 224, 224)``) so that a batch can be stacked.
+        keep_meta: the image meta keys every item keeps (placeholders have no others, and MONAI's collate
+            needs the same keys in a batch); ``None`` keeps the transform's meta untouched.
+        catch_all: also turn other exceptions of the transform into error items. By default only file
+            read errors (an :class:`hmn.transforms.ImageReadError` anywhere in the exception chain) are,
+            and anything else, being a bug or a configuration error, propagates.
+    """
+
+    def __init__(
+        self,
+        data: Sequence[Any],
+        transform: Callable | None = None,
+        image_key: str = "image",
+        error_key: str = "error",
+        placeholder_shape: Sequence[int] = (1, 224, 224),
+        keep_meta: Sequence[str] | None = ("filename_or_obj",),
+        catch_all: bool = False,
+    ) -> None:
+        self.data = [d if isinstance(d, dict) else {image_key: os.fspath(d)} for d in data]
+        missing = [i for i, d in enumerate(self.data) if image_key not in d]
+        if missing:
+            raise ValueError(f"items {missing[:5]} have no {image_key!r} key; items must be dicts with the image path")
+        self.transform = transform
+        self.image_key, self.error_key = image_key, error_key
+        self.placeholder_shape = tuple(int(s) for s in placeholder_shape)
+        self.keep_meta = None if keep_meta is None else list(keep_meta)
+        self.catch_all = bool(catch_all)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def _reduce_meta(self, image: Any) -> Any:
+        if self.keep_meta is not None and isinstance(image, MetaTensor):
+            image.meta = {k: image.meta[k] for k in self.keep_meta if k in image.meta}
+        return image
+
+    def placeholder(self, item: dict, message: str) -> dict:
+        """The stand-in for a failed item: zeros of ``placeholder_shape`` and the error message."""
+        path = str(item.get(self.image_key, ""))
+        image = MetaTensor(torch.zeros(self.placeholder_shape), meta={"filename_or_obj": path})
+        return {**item, self.image_key: self._reduce_meta(image), self.error_key: message}
+
+    def __getitem__(self, index: int) -> dict:
+        item = dict(self.data[index])
+        path = str(item.get(self.image_key, ""))
+        try:
+            out = apply_transform(self.transform, item) if self.transform is not None else item
+        except Exception as e:  # noqa: BLE001 - sorted out below
+            if not self.catch_all and find_read_error(e) is None:
+                raise
+            message = error_message(e, path)
+            logger.warning("item %d cannot be used: %s", index, message)
+            return self.placeholder(item, message)
+        if not isinstance(out, dict):
+            raise TypeError(f"InferenceDataset's transform must return a dict, got {type(out).__name__}")
+        out[self.image_key] = self._reduce_meta(out[self.image_key])
+        out[self.error_key] = ""
+        return out
+
+
+def inference_items(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    split: str | None = "test",
+    skip_done: str | os.PathLike | None = None,
+    image_key: str = "image",
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+) -> list[dict[str, str]]:
+    """The items to predict, as ``[{"image": path}]`` sorted by path.
+
+    Args:
+        source: a folder (searched recursively; files with one of `extensions` and files without an
+            extension, as DICOM files often are), a datalist JSON (the `split`'s images; ``split=None``:
+            all splits), a single image file, or a list of paths.
+        split: the datalist split to take (``"training"``, ``"validation"``, ``"test"`` or None for all).
+        skip_done: a predictions CSV from an interrupted run: images with a row there and no error
+            are left out (see :func:`completed_images`); use with ``PredictionCSVWriter(resume=True)``.
+        image_key: the key of the path in each item.
+        extensions: the file extensions searched for in a folder.
+
+    Raises:
+        FileNotFoundError: `source` does not exist. ValueError: it holds no image files.
+    """
+    if isinstance(source, (list, tuple)):
+        paths = [os.fspath(p) for p in source]
+    else:
+        source = os.fspath(source)
+        if os.path.isdir(source):
+            paths = find_images(source, extensions=extensions)
+            if not paths:
+                raise ValueError(f"no image files under {source} (looked for {', '.join(extensions)} and extensionless)")
+        elif os.path.isfile(source) and source.lower().endswith(".json"):
+            if split is None:
+                data = load_datalist(source, check_files=False)
+                entries = [e for s in ("training", "validation", "test") for e in data.get(s, [])]
+            else:
+                entries = load_datalist(source, split=split, check_files=False)
+            paths = [e["image"] for e in entries]
+            if not paths:
+                raise ValueError(f"datalist {source} has no images in split {split!r}")
+        elif os.path.isfile(source):
+            paths = [source]
+        else:
+            raise FileNotFoundError(
+                f"{source}: no such file or folder; give a folder of images, a datalist JSON or an image file"
+            )
+    paths = sorted(dict.fromkeys(paths))  # deterministic order, duplicates once
+    if skip_done is not None and os.path.exists(skip_done):
+        done = completed_images(skip_done)
+        before = len(paths)
+        paths = [p for p in paths if p not in done]
+        logger.info("%d of %d images already have predictions in %s", before - len(paths), before, skip_done)
+    return [{image_key: p} for p in paths]
+
+
+def read_prediction_rows(csv_path: str | os.PathLike) -> tuple[list[str] | None, list[list[str]]]:
+    """The header and the complete rows of a CSV that may have been cut off by a crash: a last line
+    without its line ending, and rows with the wrong number of fields, are dropped."""
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        text = f.read()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]  # the unterminated last line was cut off mid-write
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows:
+        return None, []
+    header = rows[0]
+    return header, [r for r in rows[1:] if len(r) == len(header)]
+
+
+def completed_images(csv_path: str | os.PathLike, image_column: str = "image", error_column: str = "error") -> set[str]:
+    """Images with a complete, error-free row in a predictions CSV written by
+    :class:`hmn.handlers.PredictionCSVWriter` (an empty set when the file does not exist)."""
+    csv_path = os.fspath(csv_path)
+    if not os.path.exists(csv_path):
+        return set()
+    header, rows = read_prediction_rows(csv_path)
+    if not header or image_column not in header:
+        raise ValueError(f"{csv_path}: no {image_column!r} column in the header {header}")
+    i_img = header.index(image_column)
+    i_err = header.index(error_column) if error_column in header else None
+    return {row[i_img] for row in rows if i_err is None or row[i_err] == ""}

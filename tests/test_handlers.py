@@ -1,0 +1,126 @@
+"""EvaluationReportHandler on real SupervisedEvaluator runs: the written report against an independent computation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader, Dataset, MetaTensor
+from monai.engines import SupervisedEvaluator
+
+from hmn.handlers import EvaluationReportHandler
+
+CLASSES = ["Cardiomegaly", "Effusion", "Nodule"]
+N = 12
+
+
+def pair_auc(scores, positive) -> float:
+    s, y = np.asarray(scores, float), np.asarray(positive, bool)
+    return float(np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a in s[y] for b in s[~y]]))
+
+
+def _network(outputs=3, sigmoid=False):
+    torch.manual_seed(0)
+    layers = [torch.nn.Flatten(), torch.nn.Linear(16, outputs)] + ([torch.nn.Sigmoid()] if sigmoid else [])
+    return torch.nn.Sequential(*layers).eval()
+
+
+def _items(with_error=False, with_mask=False):
+    g = torch.Generator().manual_seed(1)
+    items = []
+    for i in range(N):
+        label = torch.tensor([float((i + c) % 3 == 0) for c in range(3)])
+        item = {
+            "image": MetaTensor(torch.rand(1, 4, 4, generator=g), meta={"filename_or_obj": f"/data/p{i:02d}/img.png"}),
+            "label": label,
+        }
+        if with_error:
+            item["error"] = "/data/p03/img.png: truncated file" if i == 3 else ""
+        if with_mask:
+            item["label_mask"] = torch.tensor([0.0 if (i == 2 and c == 0) else 1.0 for c in range(3)])
+        items.append(item)
+    return items
+
+
+def _run(handler, items, decollate=True, network=None):
+    network = network if network is not None else _network()
+    loader = DataLoader(Dataset(items), batch_size=5, num_workers=0)
+    evaluator = SupervisedEvaluator(
+        device="cpu", val_data_loader=loader, network=network, val_handlers=[handler], decollate=decollate
+    )
+    evaluator.run()
+    return evaluator, network
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], rows[1:]
+
+
+@pytest.mark.parametrize("decollate", [True, False])
+def test_report_from_a_supervised_evaluator(tmp_path, decollate, caplog):
+    items = _items()
+    handler = EvaluationReportHandler(tmp_path / "report", CLASSES, n_bootstrap=100, seed=0)
+    caplog.set_level(logging.INFO, logger="hmn.handlers")
+    evaluator, net = _run(handler, items, decollate=decollate)
+
+    with torch.no_grad():  # independent: the same network on all images at once
+        probs = torch.sigmoid(net(torch.stack([i["image"].as_tensor() for i in items]))).double().numpy()
+    labels = torch.stack([i["label"] for i in items]).numpy()
+
+    header, rows = _read(tmp_path / "report" / "predictions.csv")
+    assert header[:3] == ["image", "Cardiomegaly_prob", "Cardiomegaly_label"] and len(header) == 7
+    assert [r[0] for r in rows] == [f"/data/p{i:02d}/img.png" for i in range(N)]
+    got = np.array([[float(r[1 + 2 * c]) for c in range(3)] for r in rows])
+    np.testing.assert_allclose(got, probs, rtol=1e-6)
+    assert [[int(r[2 + 2 * c]) for c in range(3)] for r in rows] == labels.astype(int).tolist()
+
+    header, rows = _read(tmp_path / "report" / "metrics.csv")
+    table = {r[0]: dict(zip(header, r)) for r in rows}
+    assert list(table) == CLASSES + ["macro", "micro"]
+    expected = [pair_auc(probs[:, c], labels[:, c] == 1) for c in range(3)]
+    for c, name in enumerate(CLASSES):
+        assert float(table[name]["auc"]) == pytest.approx(expected[c])
+        assert int(table[name]["n"]) == N and int(table[name]["positives"]) == labels[:, c].sum()
+        assert float(table[name]["auc_ci_low"]) <= float(table[name]["auc"]) <= float(table[name]["auc_ci_high"])
+    assert float(table["micro"]["auc"]) == pytest.approx(pair_auc(probs.ravel(), labels.ravel() == 1))
+
+    with open(tmp_path / "report" / "metrics.json") as f:
+        saved = json.load(f)
+    assert saved["settings"]["n_bootstrap"] == 100 and saved["n_images"] == N
+    assert (tmp_path / "report" / "roc.png").stat().st_size > 10_000
+    assert evaluator.state.metrics["macro_auc"] == pytest.approx(np.mean(expected))
+    assert handler.report["macro"]["auc"] == pytest.approx(np.mean(expected))
+    assert "macro AUC" in caplog.text
+
+
+def test_probabilities_num_classes_mask_and_skipped_items(tmp_path):
+    items = _items(with_error=True, with_mask=True)
+    net = _network(outputs=5, sigmoid=True)  # 3 fine probabilities, then 2 "coarse" ones
+    handler = EvaluationReportHandler(tmp_path, CLASSES, apply_sigmoid=False, num_classes=3, n_bootstrap=0)
+    _run(handler, items, network=net)
+    with torch.no_grad():
+        probs = net(torch.stack([i["image"].as_tensor() for i in items]))[:, :3].double().numpy()
+    _, rows = _read(tmp_path / "predictions.csv")
+    kept = [i for i in range(N) if i != 3]
+    assert [r[0] for r in rows] == [f"/data/p{i:02d}/img.png" for i in kept]
+    np.testing.assert_allclose([[float(r[1 + 2 * c]) for c in range(3)] for r in rows], probs[kept], rtol=1e-6)
+    assert rows[2][2] == ""  # item 2's Cardiomegaly label is masked: unknown
+    report = handler.report
+    assert report["per_class"][0]["n"] == N - 2 and report["per_class"][1]["n"] == N - 1
+    assert report["skipped_images"] == [{"image": "/data/p03/img.png", "error": "/data/p03/img.png: truncated file"}]
+
+
+def test_clear_errors(tmp_path):
+    items = [{k: v for k, v in i.items() if k != "label"} for i in _items()]
+    with pytest.raises(ValueError, match="needs labels"):
+        _run(EvaluationReportHandler(tmp_path, CLASSES, n_bootstrap=0), items)
+    with pytest.raises(ValueError, match="has 5 values but there are 3 class_names; set num_classes=3"):
+        _run(EvaluationReportHandler(tmp_path, CLASSES, n_bootstrap=0), _items(), network=_network(outputs=5))
+    with pytest.raises(ValueError, match="num_classes=4 but 3 class_names"):
+        EvaluationReportHandler(tmp_path, CLASSES, num_classes=4)
