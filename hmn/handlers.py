@@ -12,7 +12,8 @@ of per-image input dicts, whose ``"image"`` MetaTensor carries the source path i
 
 Under ``torchrun`` the report handler gathers every rank's predictions and rank 0 writes the report
 (use a sampler that does not pad, e.g. ``monai.data.DistributedSampler(even_divisible=False)``, or
-padded images are counted twice); the CSV writer writes one file per rank (``<name>.rank<r>.csv``).
+padded images are counted twice; predictions.csv then lists rank 0's images first, then rank 1's, ...);
+the CSV writer writes one file per rank (``<name>.rank<r>.csv``).
 """
 
 from __future__ import annotations
@@ -197,14 +198,17 @@ class EvaluationReportHandler:
         label = next((i[self.label_key] for i in items if i is not None and i.get(self.label_key) is not None), None)
         if label is None:
             raise ValueError(
-                f"no {self.label_key!r} for {image}: the evaluation report needs labels (is the datalist split labelled?)"
+                f"no {self.label_key!r} for {image}: the evaluation report needs labels "
+                "(is the datalist split labelled?)"
             )
         k = len(self.class_names)
         y = _vector(label)
         if self.reader.num_classes is not None:
             y = y[:k]
         if y.size != k:
-            raise ValueError(f"the label of {image} has {y.size} values but there are {k} class_names {self.class_names}")
+            raise ValueError(
+                f"the label of {image} has {y.size} values but there are {k} class_names {self.class_names}"
+            )
         if self.mask_key:
             mask = next((i[self.mask_key] for i in items if i is not None and i.get(self.mask_key) is not None), None)
             if mask is not None:

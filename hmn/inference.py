@@ -161,7 +161,9 @@ def inference_items(
         if os.path.isdir(source):
             paths = find_images(source, extensions=extensions)
             if not paths:
-                raise ValueError(f"no image files under {source} (looked for {', '.join(extensions)} and extensionless)")
+                raise ValueError(
+                    f"no image files under {source} (looked for {', '.join(extensions)} and extensionless files)"
+                )
         elif os.path.isfile(source) and source.lower().endswith(".json"):
             if split is None:
                 data = load_datalist(source, check_files=False)

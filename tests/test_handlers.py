@@ -1,10 +1,12 @@
-"""EvaluationReportHandler on real SupervisedEvaluator runs: the written report against an independent computation."""
+"""EvaluationReportHandler on real SupervisedEvaluator runs: the written report against an independent computation;
+prediction gathering across torchrun ranks (two gloo processes)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torch
 from monai.data import DataLoader, Dataset, MetaTensor
 from monai.engines import SupervisedEvaluator
 
-from hmn.handlers import EvaluationReportHandler
+from hmn.handlers import EvaluationReportHandler, PredictionCSVWriter
 
 CLASSES = ["Cardiomegaly", "Effusion", "Nodule"]
 N = 12
@@ -124,3 +126,44 @@ def test_clear_errors(tmp_path):
         _run(EvaluationReportHandler(tmp_path, CLASSES, n_bootstrap=0), _items(), network=_network(outputs=5))
     with pytest.raises(ValueError, match="num_classes=4 but 3 class_names"):
         EvaluationReportHandler(tmp_path, CLASSES, num_classes=4)
+
+
+def _distributed_worker(rank, world, init_file, out_dir, result_queue):
+    import types
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        items = _items()[rank::world]  # each rank sees its own share, as under a DistributedSampler
+        handler = EvaluationReportHandler(out_dir, CLASSES, n_bootstrap=0)
+        engine = types.SimpleNamespace(state=types.SimpleNamespace(metrics={}))
+        for start in range(0, len(items), 2):
+            chunk = items[start : start + 2]
+            engine.state.batch = chunk
+            engine.state.output = [{"pred": i["image"].reshape(-1)[:3] * 4 - 2, "label": i["label"]} for i in chunk]
+            handler.collect(engine)
+        writer = PredictionCSVWriter(os.path.join(out_dir, "pred.csv"), CLASSES)
+        writer.write(engine)  # one CSV per rank
+        result_queue.put((rank, handler.finalize(engine) is not None, os.path.basename(writer.path)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_are_gathered_and_rank_0_writes(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_distributed_worker, args=(r, 2, tmp_path / "init", tmp_path / "out", queue))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert sorted(queue.get(timeout=5) for _ in range(2)) == [(0, True, "pred.rank0.csv"), (1, False, "pred.rank1.csv")]
+    _, rows = _read(tmp_path / "out" / "predictions.csv")
+    assert sorted(r[0] for r in rows) == [f"/data/p{i:02d}/img.png" for i in range(N)]
+    logits = torch.stack([i["image"].reshape(-1)[:3] * 4 - 2 for i in _items()]).double()
+    by_image = {r[0]: [float(r[1]), float(r[3]), float(r[5])] for r in rows}
+    got = np.array([by_image[f"/data/p{i:02d}/img.png"] for i in range(N)])
+    np.testing.assert_allclose(got, torch.sigmoid(logits).numpy(), rtol=1e-12)
