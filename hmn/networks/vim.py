@@ -53,6 +53,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 class BiMambaMixer(nn.Module):
     """The bidirectional Mamba mixer of a Vim block (Zhu et al., 2024; Mamba: Gu & Dao, 2023).
 
@@ -532,9 +533,12 @@ def build_vim(
     **kwargs,
 ) -> VimBackbone:
     """Builds the Vim backbone of a registry row (``embed_dim``, ``depth`` and any other
-    :class:`VimBackbone` argument from ``spec.extra``). ``pretrained``: ``False``, or the path of a local checkpoint (see
-    :func:`load_vim_checkpoint`); ``True`` raises, since no model hub serves Vim weights. Extra keyword
-    arguments (``scan_impl``, ``drop_path_rate``, ``out_indices``) go to :class:`VimBackbone`."""
+    :class:`VimBackbone` argument from ``spec.extra``).
+
+    ``pretrained``: ``False``, or the path of a local checkpoint (see :func:`load_vim_checkpoint`); ``True``
+    raises :class:`PretrainedWeightsError`, since no model hub serves Vim weights. Extra keyword arguments
+    (``scan_impl``, ``drop_path_rate``, ``out_indices``) go to :class:`VimBackbone`.
+    """
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 or 3 for a Vim backbone, got {in_channels!r}")
     if pretrained is True:
