@@ -317,6 +317,9 @@ class VisionMamba(nn.Module):
         """Token sequences ``(batch, tokens, dim)`` after the blocks in ``taps`` (0-based; default: the
         last), the last one normalised by ``norm_f``; also the patch grid and the class token's index."""
         taps = [self.depth - 1] if taps is None else list(taps)
+        if type(x) is not torch.Tensor:
+            # A MONAI MetaTensor batch would try to slice its per-image metadata along with the tokens.
+            x = x.as_subclass(torch.Tensor)
         if x.dim() != 4:
             raise ValueError(f"Vim expects images (batch, channels, height, width), got shape {tuple(x.shape)}")
         patches = self.patch_embed.proj(x)

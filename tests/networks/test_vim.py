@@ -172,6 +172,21 @@ def test_pyramid_at_the_configured_size_for_the_neck(size):
     assert [tuple(f.shape) for f in feats] == [(1, c, h // s, w // s) for c, s in zip(net.channels, net.strides)]
 
 
+def test_monai_metatensor_batches_are_accepted():
+    """Evaluators hand the network a collated MetaTensor batch; its tokens are sliced, not its metadata."""
+    from monai.data import MetaTensor, list_data_collate
+
+    items = [{"image": MetaTensor(torch.randn(1, 64, 64), meta={"filename_or_obj": f"x{i}.dcm"})} for i in range(3)]
+    batch = list_data_collate(items)["image"]
+    net = small_backbone().eval()
+    with torch.no_grad():
+        feats = net(batch)
+        expected = net(batch.as_tensor())
+    for f, e in zip(feats, expected):
+        assert type(f) is torch.Tensor
+        torch.testing.assert_close(f, e)
+
+
 def small_backbone(**kw) -> VimBackbone:
     args = dict(embed_dim=16, depth=4, in_channels=1, img_size=64, scan_impl="chunked")
     args.update(kw)
