@@ -12,6 +12,7 @@ import sys
 # command -> ("module:function", one-line help). The function takes argv (list[str]) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bundles": ("hmn.bundles:main", "write (or --check) the MONAI bundles under bundles/ from the template"),
+    "pack-bundle": ("hmn.bundles:pack_main", "zip a bundle with its trained models/model.pt for sharing"),
     "datalist": ("hmn.data.cli:datalist_main", "write a datalist JSON from NIH / CheXpert CSVs, class folders or a MONAI JSON"),
     "demo-data": ("hmn.data.cli:demo_main", "write (or reuse) the synthetic demo chest-radiograph dataset"),
 }

@@ -22,7 +22,7 @@ from hmn import __version__
 from hmn.data.demo import DEMO_CLASSES
 from hmn.networks.backbones import get_backbone_spec
 
-__all__ = ["BUNDLES", "BundleRow", "bundle_files", "write_bundles", "check_bundles", "main", "SCHEMA_URL"]
+__all__ = ["BUNDLES", "BundleRow", "bundle_files", "write_bundles", "check_bundles", "pack_bundle", "download_bundle", "main", "SCHEMA_URL"]
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 """The MONAI bundle metadata schema that ``metadata.json`` names; the project ships its own offline copy
@@ -602,3 +602,61 @@ def main(argv: list[str] | None = None) -> int:
     files = write_bundles(args.out, args.names or None)
     print(f"wrote {len(files)} files under {args.out}/")
     return 0
+
+
+def pack_bundle(name: str, zip_path: str | os.PathLike, models_dir: str | os.PathLike | None = None,
+                bundles_dir: str | os.PathLike = "bundles") -> str:
+    """Zips bundle ``name`` (configs, docs, LICENSE) with ``models/model.pt`` for sharing.
+
+    The archive holds one top-level folder ``<name>/``, the layout ``monai.bundle.download`` extracts.
+    ``models_dir`` is where the trained ``model.pt`` lies (default: the bundle's own ``models/``); the
+    full-state ``checkpoint_epoch=*.pt`` files are left out.
+    """
+    import zipfile
+
+    src = Path(bundles_dir) / name
+    if not (src / "configs" / "train.json").is_file():
+        raise FileNotFoundError(f"{src} is not a bundle (no configs/train.json); known bundles: {', '.join(BUNDLES)}")
+    model = Path(models_dir or src / "models") / "model.pt"
+    if not model.is_file():
+        raise FileNotFoundError(f"no trained weights at {model}: train the bundle first, or pass models_dir")
+    zip_path = Path(zip_path)
+    zip_path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for rel in bundle_files(name):
+            zf.write(src / rel, f"{name}/{rel}")
+        zf.write(model, f"{name}/models/model.pt")
+    return str(zip_path)
+
+
+def pack_main(argv: list[str] | None = None) -> int:
+    """``python -m hmn pack-bundle NAME ZIP [--models-dir DIR]``."""
+    p = argparse.ArgumentParser(prog="python -m hmn pack-bundle", description="Zip a bundle with its trained model.pt.")
+    p.add_argument("name", choices=list(BUNDLES))
+    p.add_argument("zip", help="output .zip")
+    p.add_argument("--models-dir", default=None, help="folder holding model.pt (default: bundles/NAME/models)")
+    p.add_argument("--bundles-dir", default="bundles")
+    args = p.parse_args(argv)
+    path = pack_bundle(args.name, args.zip, args.models_dir, args.bundles_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+def download_bundle(url: str, bundle_dir: str | os.PathLike, name: str, hash_val: str | None = None,
+                    hash_type: str = "md5") -> str:
+    """Fetches a packed bundle zip from ``url`` into ``bundle_dir/<name>``, checking its hash when given.
+
+    ``monai.bundle.download(url=...)`` (MONAI 1.6) takes no hash; this does the same download through
+    ``monai.apps.download_and_extract``, which refuses a file whose ``hash_type`` digest differs from
+    ``hash_val``. Afterwards ``monai.bundle.load(name, bundle_dir=...)`` finds the bundle locally.
+    """
+    from monai.apps import download_and_extract
+
+    bundle_dir = Path(bundle_dir)
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    zip_path = bundle_dir / f"{name}.zip"
+    download_and_extract(url=url, filepath=str(zip_path), output_dir=str(bundle_dir), hash_val=hash_val,
+                         hash_type=hash_type, progress=False)
+    if not (bundle_dir / name / "configs").is_dir():
+        raise ValueError(f"{url} did not contain a bundle folder {name}/ with configs/")
+    return str(bundle_dir / name)

@@ -1,0 +1,270 @@
+"""The MONAI bundles end to end: generation, MONAI's own tooling, training (every bundle), resume after a
+kill, multi-process training, evaluation and inference files checked for content, export, download and load.
+
+Runs use the synthetic demo data at 64x64 with a few iterations, from the repository root, through
+``python -m monai.bundle`` exactly as the README says (with overrides).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hmn.bundles import BUNDLES, check_bundles, download_bundle, pack_bundle
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZE = 64
+SMALL = ["--image_size", str(SIZE), "--batch_size", "8", "--num_workers", "0"]
+
+
+def _configs(name: str, *files: str) -> str:
+    paths = [f"bundles/{name}/configs/{f}.json" for f in files]
+    return paths[0] if len(paths) == 1 else "[" + ",".join(f"'{p}'" for p in paths) + "]"
+
+
+def _bundle_cmd(run_id: str, config: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config, *overrides]
+
+
+def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{out.stdout[-3000:]}\n--- stderr\n{out.stderr[-6000:]}"
+    return out
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="session")
+def demo_datalist(tmp_path_factory):
+    from hmn.data import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_images=80, image_size=SIZE, seed=3)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, demo_datalist):
+    """convnext_tiny trained for 2 epochs with the README's command; its bundle_root."""
+    root = tmp_path_factory.mktemp("convnext_tiny")
+    _run(_bundle_cmd("training", _configs("convnext_tiny", "train"), "--datalist", demo_datalist,
+                     "--bundle_root", str(root), "--max_epochs", "2", *SMALL))
+    return root
+
+
+def test_committed_bundles_match_the_generator():
+    assert check_bundles(ROOT / "bundles") == []
+    assert sorted(p.name for p in (ROOT / "bundles").iterdir() if p.is_dir()) == sorted(BUNDLES)
+
+
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_bundle_is_valid_for_monai_tooling(name, demo_datalist):
+    from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
+
+    for f in (ROOT / "bundles" / name / "configs").glob("*.json"):
+        ConfigParser.load_config_file(f)  # valid JSON that MONAI reads
+    verify_metadata(meta_file=str(ROOT / f"bundles/{name}/configs/metadata.json"),
+                    filepath=str(ROOT / "bundles/meta_schema.json"))
+    for wtype, cfg in (("train", "train"), ("infer", "inference")):
+        overrides = {"datalist": demo_datalist, "image_size": SIZE} if wtype == "train" else {"image_size": SIZE}
+        workflow = ConfigWorkflow(config_file=str(ROOT / f"bundles/{name}/configs/{cfg}.json"), workflow_type=wtype,
+                                  meta_file=str(ROOT / f"bundles/{name}/configs/metadata.json"), **overrides)
+        workflow.initialize()
+        assert workflow.check_properties() == [], f"{name} {cfg}.json"
+
+
+def test_readme_command_trains_and_records_the_curve(trained):
+    models = sorted(p.name for p in (trained / "models").iterdir())
+    assert models == ["checkpoint_epoch=2.pt", "model.pt"]
+    history = _read_csv(trained / "runs" / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    assert all(0.0 <= float(r["val_auc"]) <= 1.0 for r in history)
+    state = torch.load(trained / "models" / "checkpoint_epoch=2.pt", weights_only=True)
+    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert state["trainer"]["epoch_length"] > 0
+    assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]
+
+
+@pytest.mark.parametrize("name", [n for n in BUNDLES if n != "convnext_tiny"])
+def test_every_other_bundle_trains(name, demo_datalist, tmp_path):
+    from monai.bundle import run
+
+    run("training", config_file=str(ROOT / _configs(name, "train")), datalist=demo_datalist,
+        bundle_root=str(tmp_path), max_epochs=1, image_size=SIZE, batch_size=4, cache="none")
+    assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert [r["epoch"] for r in _read_csv(tmp_path / "runs" / "history.csv")] == ["1"]
+
+
+def test_killed_training_resumes_without_losing_an_epoch(demo_datalist, tmp_path):
+    cmd = _bundle_cmd("training", _configs("convnext_tiny", "train"), "--datalist", demo_datalist,
+                      "--bundle_root", str(tmp_path), "--max_epochs", "3", *SMALL)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "models" / "checkpoint_epoch=1.pt"
+    deadline = time.time() + 400
+    while not first.is_file() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(1.0)  # the checkpoint is renamed into place once complete; let the rename land
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.is_file(), "no first checkpoint before the deadline"
+    assert not (tmp_path / "models" / "checkpoint_epoch=3.pt").exists(), "killed too late to test resuming"
+
+    out = _run(cmd + ["--resume", "True"])
+    assert "resuming from" in out.stdout + out.stderr
+    final = torch.load(tmp_path / "models" / "checkpoint_epoch=3.pt", weights_only=True)["trainer"]
+    assert final["iteration"] == 3 * final["epoch_length"]
+    epochs = [int(r["epoch"]) for r in _read_csv(tmp_path / "runs" / "history.csv")]
+    assert epochs.count(1) == 1 and epochs[-1] == 3 and set(epochs) == {1, 2, 3}
+
+
+def test_multi_process_training_on_gloo(demo_datalist, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "monai.bundle", "run", "training", "--config_file", _configs("convnext_tiny", "train", "multi_gpu_train"),
+           "--datalist", demo_datalist, "--bundle_root", str(tmp_path), "--max_epochs", "1", *SMALL]
+    _run(cmd)
+    assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
+    state = torch.load(tmp_path / "models" / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)  # saved unwrapped: loads without DDP
+    # one history row: the handlers that write files ran on rank 0 only
+    assert [r["epoch"] for r in _read_csv(tmp_path / "runs" / "history.csv")] == ["1"]
+
+
+def test_evaluation_report_files(trained, demo_datalist):
+    from sklearn.metrics import roc_auc_score
+
+    from hmn.data import load_datalist
+
+    _run(_bundle_cmd("evaluating", _configs("convnext_tiny", "train", "evaluate"), "--datalist", demo_datalist,
+                     "--bundle_root", str(trained), "--n_bootstrap", "200", *SMALL))
+    out = trained / "runs" / "eval"
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.json", "predictions.csv", "roc.png"]
+    test = load_datalist(demo_datalist, "test")
+    classes = json.load(open(demo_datalist))["class_names"]
+    preds = _read_csv(out / "predictions.csv")
+    assert sorted(r["image"] for r in preds) == sorted(e["image"] for e in test)
+    by_image = {e["image"]: e["label"] for e in test}
+    for r in preds:
+        assert [int(float(r[f"{c}_label"])) for c in classes] == by_image[r["image"]]
+    rows = {r["class"]: r for r in _read_csv(out / "metrics.csv")}
+    assert set(rows) == set(classes) | {"macro", "micro"}
+    aucs = []
+    for c in classes:
+        y = np.array([float(r[f"{c}_label"]) for r in preds])
+        p = np.array([float(r[f"{c}_prob"]) for r in preds])
+        if 0 < y.sum() < len(y):
+            want = roc_auc_score(y, p)
+            aucs.append(want)
+            assert float(rows[c]["auc"]) == pytest.approx(want, abs=1e-9)
+            assert float(rows[c]["auc_ci_low"]) <= want <= float(rows[c]["auc_ci_high"])
+            sens, spec, thr = (float(rows[c][k]) for k in ("sensitivity", "specificity", "threshold"))
+            assert sens == pytest.approx(((p >= thr) & (y == 1)).sum() / (y == 1).sum())
+            assert spec == pytest.approx(((p < thr) & (y == 0)).sum() / (y == 0).sum())
+    assert aucs, "no class with both labels in the test split"
+    assert float(rows["macro"]["auc"]) == pytest.approx(np.mean(aucs), abs=1e-9)
+    assert json.load(open(out / "metrics.json"))["settings"]["n_bootstrap"] == 200
+    assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inference_csv_rows_and_bad_file(trained, demo_datalist, tmp_path):
+    from monai.transforms import Compose, Resized
+
+    from hmn.data import load_datalist
+    from hmn.networks import HybridMedNet
+    from hmn.transforms import LoadXrayd, PercentileRescaled
+
+    folder = tmp_path / "in" / "nested"
+    folder.mkdir(parents=True)
+    images = [e["image"] for e in load_datalist(demo_datalist, "test")[:3]]
+    for img in images:
+        shutil.copy(img, folder / Path(img).name)
+    (folder / "broken.dcm").write_bytes(b"DICM" * 10)
+    out_csv = tmp_path / "pred.csv"
+    _run(_bundle_cmd("inference", _configs("convnext_tiny", "inference"), "--input", str(tmp_path / "in"),
+                     "--output_file", str(out_csv), "--bundle_root", str(trained), *SMALL))
+    rows = _read_csv(out_csv)
+    assert len(rows) == 4
+    broken = [r for r in rows if r["image"].endswith("broken.dcm")]
+    assert len(broken) == 1 and "broken.dcm" in broken[0]["error"] and broken[0]["Mass"] == ""
+
+    # the probabilities equal the trained network's, computed here without the bundle machinery
+    classes = json.load(open(demo_datalist))["class_names"]
+    net = HybridMedNet("convnext_tiny", num_classes=len(classes), img_size=SIZE, attention="cbam").eval()
+    net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
+    pre = Compose([LoadXrayd("image"), Resized("image", (SIZE, SIZE), mode="area"), PercentileRescaled("image")])
+    for r in rows:
+        if r["error"]:
+            continue
+        x = pre({"image": r["image"]})["image"].as_tensor()[None]
+        with torch.no_grad():
+            want = torch.sigmoid(net(x))[0].numpy()
+        np.testing.assert_allclose([float(r[c]) for c in classes], want, rtol=1e-4, atol=1e-5)
+
+
+def test_torchscript_export_matches_eager(trained, demo_datalist):
+    ts = trained / "models" / "model.ts"
+    _run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
+          "--ckpt_file", str(trained / "models" / "model.pt"),
+          "--meta_file", "bundles/convnext_tiny/configs/metadata.json",
+          "--config_file", "bundles/convnext_tiny/configs/train.json", "--bundle_root", str(trained),
+          "--datalist", demo_datalist, "--image_size", str(SIZE), "--use_trace", "True",
+          "--input_shape", f"[1, 1, {SIZE}, {SIZE}]"])
+    from hmn.networks import HybridMedNet
+
+    scripted = torch.jit.load(str(ts))
+    net = HybridMedNet("convnext_tiny", num_classes=5, img_size=SIZE, attention="cbam").eval()
+    net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
+    x = torch.rand(2, 1, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-5)
+
+
+def test_packed_bundle_downloads_and_loads(trained, tmp_path):
+    from monai.bundle import download, load
+
+    served = tmp_path / "served"
+    zip_path = Path(pack_bundle("convnext_tiny", served / "convnext_tiny.zip", models_dir=trained / "models",
+                                bundles_dir=ROOT / "bundles"))
+    md5 = hashlib.md5(zip_path.read_bytes()).hexdigest()
+
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/convnext_tiny.zip"
+        target = tmp_path / "downloaded"
+        download_bundle(url, target, "convnext_tiny", hash_val=md5)
+        with pytest.raises(Exception, match="(?i)md5|hash"):
+            download_bundle(url, tmp_path / "bad", "convnext_tiny", hash_val="0" * 32)
+        plain = tmp_path / "plain"  # MONAI's own download (which takes no hash in MONAI 1.6)
+        download(name="convnext_tiny", url=url, bundle_dir=str(plain))
+        assert (plain / "convnext_tiny" / "models" / "model.pt").is_file()
+    finally:
+        server.shutdown()
+    assert (target / "convnext_tiny" / "configs" / "train.json").is_file()
+    net = load(name="convnext_tiny", bundle_dir=str(target), workflow_type="inference", device="cpu",
+               net_override={"img_size": SIZE})
+    want = torch.load(trained / "models" / "model.pt", weights_only=True)
+    got = net.state_dict()
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
