@@ -31,10 +31,11 @@ def bundle_readme(name: str, row: Any, train: dict) -> str:
     root = f"bundles/{name}"
     cfg = f"{root}/configs"
     attention = " + ".join(row.attention)
+    source = f"timm `{spec.timm_name}`" if spec.timm_name else "the project's own implementation, `hmn.networks.vim`"
     return f"""# HybridMedNet bundle: `{name}`
 
 Multi-label classification of chest radiographs with HybridMedNet over a {spec.description or name}
-backbone (timm `{spec.timm_name}`, {spec.params_m}M parameters as an ImageNet classifier), a feature
+backbone ({source}, {spec.params_m}M parameters as an ImageNet classifier), a feature
 pyramid at strides 8, 16 and 32 ({train['network_def']['fpn_channels']} channels), `{attention}` attention,
 adaptive multi-scale fusion and a multi-label head (one logit per class). Research use only: this is
 not a medical device.

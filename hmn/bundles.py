@@ -46,7 +46,7 @@ class BundleRow:
 
 
 # ConvNeXt and Swin (and the larger EfficientNetV2s) with self- and cross-scale attention, as users of
-# the original project were advised; the small ConvNeXt and EfficientNetV2, and ResNet, with CBAM.
+# the original project were advised; the small ConvNeXt and EfficientNetV2, ResNet and Vim with CBAM.
 BUNDLES: dict[str, BundleRow] = {
     r.backbone: r
     for r in [
@@ -61,6 +61,10 @@ BUNDLES: dict[str, BundleRow] = {
         BundleRow("efficientnetv2_m", tuple(SELF_CROSS), learning_rate=3e-4),
         BundleRow("efficientnetv2_l", tuple(SELF_CROSS), batch_size=8, learning_rate=2e-4),
         BundleRow("resnet50", ("cbam",), learning_rate=5e-4),
+        # Vision Mamba: linear in the number of tokens; the light CBAM keeps the head cheap.
+        BundleRow("vim_tiny", ("cbam",), learning_rate=5e-4),
+        BundleRow("vim_small", ("cbam",), learning_rate=3e-4),
+        BundleRow("vim_base", ("cbam",), batch_size=8, learning_rate=1e-4),
     ]
 }
 
@@ -476,6 +480,7 @@ def metadata(name: str) -> dict:
             "Liu Z. et al., A ConvNet for the 2020s, CVPR 2022",
             "Liu Z. et al., Swin Transformer, ICCV 2021",
             "Tan M., Le Q., EfficientNetV2, ICML 2021",
+            "Zhu L. et al., Vision Mamba, ICML 2024",
             "Lin T.-Y. et al., Feature Pyramid Networks for Object Detection, CVPR 2017",
             "Woo S. et al., CBAM: Convolutional Block Attention Module, ECCV 2018",
             "Wang X. et al., ChestX-ray8, CVPR 2017",

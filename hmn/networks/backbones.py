@@ -151,6 +151,14 @@ class Backbone(nn.Module):
     channels: list[int]
     strides: list[int]
 
+    def keep_levels(self, levels: Sequence[int]) -> None:
+        """Tells the backbone that only the outputs at ``levels`` (indices) are used downstream.
+
+        A backbone whose parameters serve only one output (Vim's pyramid adapters) drops those of the
+        unused outputs, so that no parameter goes without a gradient (which DistributedDataParallel
+        rejects). The default keeps everything: a timm stage also feeds the stages after it.
+        """
+
 
 class TimmBackbone(Backbone):
     """A timm model built with ``features_only``, returning channel-first maps at strides 4 to 32.

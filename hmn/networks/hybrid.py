@@ -99,6 +99,7 @@ class HybridMedNet(nn.Module):
                     f"its strides are {strides} (or pass None for all)"
                 )
             self.levels = sorted(strides.index(s) for s in set(feature_strides))
+        self.backbone.keep_levels(self.levels)
         channels = [self.backbone.channels[i] for i in self.levels]
         num_levels = len(channels)
         self.neck = FeaturePyramid(spatial_dims, channels, fpn_channels)

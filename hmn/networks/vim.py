@@ -409,6 +409,15 @@ class VimBackbone(Backbone):
         self.channels = [d // 4, d // 2, d, d]
         self.strides = [patch_size // 4, patch_size // 2, patch_size, patch_size * 2]
 
+    def keep_levels(self, levels: Sequence[int]) -> None:
+        """Drops the adapters (and tap norms) of unused outputs; those outputs become the bare
+        stride-16 token grid, which nothing downstream reads."""
+        for i in range(len(self.adapters)):
+            if i not in levels:
+                self.adapters[i] = nn.Identity()
+                if i < len(self.tap_norms):
+                    self.tap_norms[i] = nn.Identity()
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         tokens, grid, mid = self.trunk.forward_features(x, self.out_indices)
         feats = []

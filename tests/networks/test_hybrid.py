@@ -7,11 +7,11 @@ import io
 import pytest
 import torch
 
-from hmn.networks import BACKBONES, HybridMedNet, backbone_names
+from hmn.networks import HybridMedNet, backbone_names
 
 IMG = 64
 MODES = ["cbam", "self", "cross_scale", ["self", "cross_scale"]]
-TIMM_NAMES = [n for n in backbone_names() if BACKBONES[n].timm_name]
+ALL_NAMES = backbone_names()  # the timm backbones and Vision Mamba
 
 
 def _mode_id(mode):
@@ -76,7 +76,7 @@ def _training_step_checks(model):
     _round_trip(model, x)
 
 
-@pytest.mark.parametrize("backbone", TIMM_NAMES)
+@pytest.mark.parametrize("backbone", ALL_NAMES)
 def test_every_backbone_with_every_mode_and_head(backbone, shared_backbones):
     """Builds and runs each (attention mode, head) over the backbone, then one full training-step check
     (gradients, state_dict round trip) with the mode and head varying along the table; the mode and
@@ -88,7 +88,7 @@ def test_every_backbone_with_every_mode_and_head(backbone, shared_backbones):
             assert model.modes == ([mode] if isinstance(mode, str) else mode)
             with torch.no_grad():
                 assert model(x).shape == (1, 5 + (2 if hierarchical else 0))
-    i = TIMM_NAMES.index(backbone)
+    i = ALL_NAMES.index(backbone)
     _training_step_checks(_build(backbone, MODES[i % len(MODES)], hierarchical=bool(i % 2)))
 
 
