@@ -22,8 +22,8 @@ Conventions of the output:
 * Meta: ``filename_or_obj``, ``format``, ``spacing``, ``modality``, ``photometric_interpretation``
   (as stored in the file), ``bits_stored``, ``voi`` (what was applied), ``inverted``, ``frame``,
   ``spatial_shape``, ``original_channel_dim`` and the affine. The key set is the same for every
-  format so that a batch mixing DICOM and PNG collates. No patient-identifying DICOM attribute is even
-  parsed unless listed in ``dicom_tags``, whose values are then added under their keywords.
+  format so that a batch mixing DICOM and PNG collates. No patient-identifying DICOM attribute is ever
+  read (decoded) unless listed in ``dicom_tags``, whose values are then added under their keywords.
 
 Bad input raises :class:`ImageReadError`, which names the file and the reason.
 """
@@ -62,27 +62,6 @@ _COLOUR_PI = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420", "YBR_PARTIAL
 _PALETTE = "PALETTE COLOR"
 # ITU-R BT.601 luma weights, the usual RGB -> grey conversion for medical viewers and PIL's "L" mode.
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-# Only these top-level DICOM attributes are parsed (pydicom's specific_tags): everything the pixel
-# pipeline needs and nothing that identifies a patient. Users add their own via ``dicom_tags``.
-_DICOM_TAGS = [
-    "SOPClassUID", "Modality", "BodyPartExamined", "ViewPosition",
-    "SliceThickness", "ImagerPixelSpacing", "EstimatedRadiographicMagnificationFactor",
-    "InstanceNumber", "ImagePositionPatient", "ImageOrientationPatient", "SeriesInstanceUID",
-    "SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames",
-    "Rows", "Columns", "PixelSpacing", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-    "SmallestImagePixelValue", "LargestImagePixelValue", "PixelPaddingValue",
-    "WindowCenter", "WindowWidth", "RescaleIntercept", "RescaleSlope", "RescaleType", "VOILUTFunction",
-    "RedPaletteColorLookupTableDescriptor", "GreenPaletteColorLookupTableDescriptor",
-    "BluePaletteColorLookupTableDescriptor", "AlphaPaletteColorLookupTableDescriptor",
-    "RedPaletteColorLookupTableData", "GreenPaletteColorLookupTableData",
-    "BluePaletteColorLookupTableData", "AlphaPaletteColorLookupTableData",
-    "SegmentedRedPaletteColorLookupTableData", "SegmentedGreenPaletteColorLookupTableData",
-    "SegmentedBluePaletteColorLookupTableData", "SegmentedAlphaPaletteColorLookupTableData",
-    "ModalityLUTSequence", "VOILUTSequence", "PresentationLUTShape",
-    "FloatPixelData", "DoubleFloatPixelData", "PixelData", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
-]
-
 
 class ImageReadError(RuntimeError):
     """A file could not be read as an image; ``path`` names it and ``reason`` says why.
@@ -290,9 +269,11 @@ def _read_dicom_dataset(path: str, extra_tags: Sequence[str], header_only: bool 
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    tags = list(_DICOM_TAGS) + [t for t in extra_tags if t not in _DICOM_TAGS]
+    # A full read is faster than pydicom's specific_tags filter; values are only decoded when accessed,
+    # and only the allow-listed attributes (plus the user's dicom_tags) are ever accessed or copied to meta.
+    del extra_tags
     try:
-        return pydicom.dcmread(path, specific_tags=tags, force=True, stop_before_pixels=header_only)
+        return pydicom.dcmread(path, force=True, stop_before_pixels=header_only)
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
     except InvalidDicomError as e:
@@ -356,7 +337,8 @@ def _decode_dicom(ds: Any, path: str, index: int | None) -> np.ndarray:
 
 
 def _to_grey(rgb: np.ndarray) -> np.ndarray:
-    return np.tensordot(rgb[..., :3].astype(np.float32, copy=False), _LUMA, axes=([-1], [0]))
+    rgb = rgb.astype(np.float32, copy=False)
+    return rgb[..., 0] * _LUMA[0] + rgb[..., 1] * _LUMA[1] + rgb[..., 2] * _LUMA[2]
 
 
 class _Loaded:
