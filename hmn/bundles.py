@@ -96,7 +96,7 @@ def _load_transforms() -> list[dict]:
 
 
 def _label_transform() -> dict:
-    return {"_target_": "Lambdad", "keys": "label", "func": "$lambda y: torch.as_tensor(y, dtype=torch.float32)"}
+    return {"_target_": "Lambda", "func": "$hmn.training.label_tensor"}
 
 
 def _val_postprocessing() -> dict:

@@ -25,6 +25,7 @@ __all__ = [
     "ResumeFromLatest",
     "as_bool",
     "class_names",
+    "label_tensor",
     "latest_checkpoint",
     "make_dataset",
     "pos_weight",
@@ -227,3 +228,19 @@ class SkippedFilesLog:
     def __call__(self, engine: Any = None) -> int:
         report = getattr(self.dataset, "report", None)
         return int(report()) if callable(report) else 0
+
+
+def label_tensor(item: dict) -> dict:
+    """Dictionary transform for the bundles: ``label`` to a float tensor, with entries whose
+    ``label_mask`` is 0 (CheXpert's "ignore" policy) set to -1, which the losses leave out and the
+    evaluation report counts as unknown."""
+    out = dict(item)
+    label = torch.as_tensor(out["label"], dtype=torch.float32)
+    if "label_mask" in out:
+        mask = torch.as_tensor(out["label_mask"], dtype=torch.float32)
+        if mask.shape != label.shape:
+            raise ValueError(f"{out.get('image')}: label_mask shape {tuple(mask.shape)} differs from label {tuple(label.shape)}")
+        label = torch.where(mask > 0, label, torch.full_like(label, -1.0))
+        out["label_mask"] = mask
+    out["label"] = label
+    return out
