@@ -61,6 +61,19 @@ def demo_datalist(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_datalist(demo_datalist, tmp_path_factory):
+    """8 training and 4 validation images of the demo set: two iterations per epoch at batch 4."""
+    from hmn.data import load_datalist
+
+    data = load_datalist(demo_datalist)
+    small = {"class_names": data["class_names"], "training": data["training"][:8],
+             "validation": data["validation"][:4], "test": data["test"][:4]}
+    path = tmp_path_factory.mktemp("tiny") / "datalist.json"
+    path.write_text(json.dumps(small))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def trained(tmp_path_factory, demo_datalist):
     """convnext_tiny trained for 2 epochs with the README's command; its bundle_root."""
     root = tmp_path_factory.mktemp("convnext_tiny")
@@ -103,10 +116,10 @@ def test_readme_command_trains_and_records_the_curve(trained):
 
 
 @pytest.mark.parametrize("name", [n for n in BUNDLES if n != "convnext_tiny"])
-def test_every_other_bundle_trains(name, demo_datalist, tmp_path):
+def test_every_other_bundle_trains(name, tiny_datalist, tmp_path):
     from monai.bundle import run
 
-    run("training", config_file=str(ROOT / _configs(name, "train")), datalist=demo_datalist,
+    run("training", config_file=str(ROOT / _configs(name, "train")), datalist=tiny_datalist,
         bundle_root=str(tmp_path), max_epochs=1, image_size=SIZE, batch_size=4, cache="none")
     assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
     assert (tmp_path / "models" / "model.pt").is_file()
