@@ -99,6 +99,18 @@ def _label_transform() -> dict:
     return {"_target_": "Lambda", "func": "$hmn.training.label_tensor"}
 
 
+def _dataset(split: str, transform: str) -> dict:
+    return {
+        "_target_": "hmn.training.make_dataset",
+        "data": f"$hmn.data.load_datalist(@datalist, '{split}')",
+        "transform": transform,
+        "cache": "@cache",
+        "cache_dir": "$os.path.join(@output_dir, 'cache')",
+        "num_workers": "@num_workers",
+        "skip_bad_files": "@skip_bad_files",
+    }
+
+
 def _val_postprocessing() -> dict:
     # hierarchical heads put the coarse logits after the fine ones: the metrics read the fine ones;
     # masked (-1, uncertain) labels count as negative for the running ROC AUC only (the evaluation
@@ -211,15 +223,7 @@ def train_config(name: str) -> dict:
                     {"_target_": "EnsureTyped", "keys": ["image", "label"], "track_meta": False},
                 ],
             },
-            "dataset": {
-                "_target_": "hmn.training.make_dataset",
-                "data": "$hmn.data.load_datalist(@datalist, 'training')",
-                "transform": "@train#preprocessing",
-                "cache": "@cache",
-                "cache_dir": "$os.path.join(@output_dir, 'cache')",
-                "num_workers": "@num_workers",
-                "skip_bad_files": "@skip_bad_files",
-            },
+            "dataset": _dataset("training", "@train#preprocessing"),
             "dataloader": {
                 "_target_": "DataLoader",
                 "dataset": "@train#dataset",
@@ -268,15 +272,7 @@ def train_config(name: str) -> dict:
                 "_target_": "Compose",
                 "transforms": _load_transforms() + [_label_transform()],
             },
-            "dataset": {
-                "_target_": "hmn.training.make_dataset",
-                "data": "$hmn.data.load_datalist(@datalist, 'validation')",
-                "transform": "@validate#preprocessing",
-                "cache": "@cache",
-                "cache_dir": "$os.path.join(@output_dir, 'cache')",
-                "num_workers": "@num_workers",
-                "skip_bad_files": "@skip_bad_files",
-            },
+            "dataset": _dataset("validation", "@validate#preprocessing"),
             "dataloader": {
                 "_target_": "DataLoader",
                 "dataset": "@validate#dataset",

@@ -181,6 +181,7 @@ class TimmBackbone(Backbone):
 
 
 def _as_size(img_size: int | Sequence[int]) -> tuple[int, int]:
+    """``img_size`` as ``(height, width)``; shared by the 2D backbone builders."""
     if isinstance(img_size, int):
         return (img_size, img_size)
     size = tuple(int(s) for s in img_size)

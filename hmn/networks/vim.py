@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hmn.networks.backbones import Backbone, BackboneSpec, Pretrained, PretrainedWeightsError
+from hmn.networks.backbones import Backbone, BackboneSpec, Pretrained, PretrainedWeightsError, _as_size
 from hmn.networks.selective_scan import SCAN_IMPLS, selective_scan
 
 __all__ = [
@@ -428,15 +428,6 @@ class VimBackbone(Backbone):
             fmap = patches.transpose(1, 2).reshape(t.shape[0], t.shape[2], grid[0], grid[1])
             feats.append(adapter(fmap))
         return feats
-
-
-def _as_size(img_size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(img_size, int):
-        return (img_size, img_size)
-    size = tuple(int(s) for s in img_size)
-    if len(size) != 2:
-        raise ValueError(f"img_size must be an int or (height, width) for a 2D backbone, got {img_size!r}")
-    return size  # type: ignore[return-value]
 
 
 # ----------------------------------------------------------------------------------------------------------
