@@ -80,6 +80,14 @@ Evaluate `models/model.pt` (the best validation checkpoint) on the test split:
     python -m monai.bundle run evaluating \\
         --config_file "['{cfg}/train.json','{cfg}/evaluate.json']"
 
+Operating thresholds are Youden's on the evaluated split by default (`--thresholds youden`), or
+`--thresholds fixed` (0.5). To choose them on the validation split and apply them to the test split:
+
+    python -m monai.bundle run evaluating --config_file "['{cfg}/train.json','{cfg}/evaluate.json']" \
+        --eval_split validation --eval_dir {root}/runs/eval_validation
+    python -m monai.bundle run evaluating --config_file "['{cfg}/train.json','{cfg}/evaluate.json']" \
+        --thresholds {root}/runs/eval_validation/metrics.json
+
 Predict over a folder (searched recursively; DICOM, PNG, JPEG) or a datalist JSON:
 
     python -m monai.bundle run inference --config_file {cfg}/inference.json \\
@@ -93,6 +101,11 @@ Export TorchScript (traced) from the trained weights:
     python -m monai.bundle ckpt_export network_def --filepath {root}/models/model.ts \\
         --ckpt_file {root}/models/model.pt --meta_file {cfg}/metadata.json \\
         --config_file {cfg}/train.json --use_trace True --input_shape "[1, 1, 224, 224]"
+
+Share a trained bundle: `python -m hmn pack-bundle {name} {name}.zip` zips the configs, docs and
+`models/model.pt`; `hmn.bundles.download_bundle(url, bundle_dir, "{name}", hash_val=MD5)` fetches and
+checks it, and `monai.bundle.load("{name}", bundle_dir=bundle_dir, workflow_type="inference")` returns
+the network with the trained weights (the inference config needs no datalist).
 
 ## Output files
 
