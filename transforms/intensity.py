@@ -68,8 +68,8 @@ def _as_tensor(img: Any) -> tuple[torch.Tensor, Any]:
 def _back(out: torch.Tensor, original: Any) -> Any:
     if isinstance(original, np.ndarray):
         return out.detach().cpu().numpy()
-    if isinstance(original, MetaTensor):
-        return MetaTensor(out, meta=dict(original.meta), applied_operations=list(original.applied_operations))
+    if isinstance(original, MetaTensor):  # MONAI's own cheap re-wrap: shallow copies of meta and operations
+        return out.as_subclass(MetaTensor).copy_meta_from(original, copy_attr=True)
     return out
 
 
@@ -122,9 +122,10 @@ class PercentileRescale(Transform):
         if hi <= lo:  # constant image: map everything to out_min
             return torch.full_like(x, self.out_min)
         scale = (self.out_max - self.out_min) / float(hi - lo)
-        out = (x - float(lo)) * scale + self.out_min
+        out = torch.sub(x, float(lo))  # one new tensor, then in place: the input is never modified
+        out.mul_(scale).add_(self.out_min)
         if self.clip:
-            out = out.clamp(min(self.out_min, self.out_max), max(self.out_min, self.out_max))
+            out.clamp_(min(self.out_min, self.out_max), max(self.out_min, self.out_max))
         return out
 
     def __call__(self, img: Any) -> Any:

@@ -344,8 +344,11 @@ def _to_grey(rgb: np.ndarray) -> np.ndarray:
 class _Loaded:
     """What a reader returns before it becomes a MetaTensor."""
 
-    def __init__(self, array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], meta: dict):
+    def __init__(
+        self, array: np.ndarray, affine: np.ndarray, spacing: Sequence[float], meta: dict, from_float: bool = True
+    ):
         self.array, self.affine, self.spacing, self.meta = array, affine, tuple(float(s) for s in spacing), meta
+        self.from_float = from_float  # integer sources cannot hold NaN/inf: no need to scan them
 
 
 def _affine_2d(spacing: Sequence[float]) -> np.ndarray:
@@ -429,7 +432,7 @@ class LoadXray(Transform):
         arr = loaded.array
         if arr.size == 0:
             raise ImageReadError(path, f"image has no pixels (shape {tuple(arr.shape)})")
-        if arr.dtype.kind == "f":
+        if loaded.from_float and arr.dtype.kind == "f":
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
             if bad:
                 raise ImageReadError(path, f"{bad} of {arr.size} pixels are NaN or infinite")
@@ -444,9 +447,10 @@ class LoadXray(Transform):
             "inverted": False,
             "frame": -1,
             "spacing_source": "default",
-            "output_range": (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0),
         }
         meta.update(loaded.meta)
+        if "output_range" not in meta:
+            meta["output_range"] = (float(arr.min()), float(arr.max()))
         meta.update({k: v for k, v in _extra_meta(None, self.dicom_tags).items() if k not in meta})
         affine = torch.as_tensor(loaded.affine, dtype=torch.float64)
         meta["spatial_shape"] = np.asarray(arr.shape[1:])
@@ -533,8 +537,8 @@ class LoadXray(Transform):
             channels = np.transpose(channels, (0, 3, 2, 1))
             thickness = float(ds.get("SliceThickness", 1.0) or 1.0)
             affine = np.diag([spacing[1], spacing[0], thickness, 1.0])
-            return _Loaded(channels, affine, (spacing[1], spacing[0], thickness), meta)
-        return _Loaded(channels, _affine_2d(spacing), spacing, meta)
+            return _Loaded(channels, affine, (spacing[1], spacing[0], thickness), meta, arr.dtype.kind == "f")
+        return _Loaded(channels, _affine_2d(spacing), spacing, meta, arr.dtype.kind == "f")
 
     def _frame_index(self, path: str, n_frames: int) -> tuple[int | None, int]:
         if self.frame == "all":
@@ -676,7 +680,7 @@ class LoadXray(Transform):
                     spacing, meta["spacing_source"] = (25.4 / dy, 25.4 / dx), "dpi"
             except (TypeError, ValueError):
                 pass
-        return _Loaded(channels, _affine_2d(spacing), spacing, meta)
+        return _Loaded(channels, _affine_2d(spacing), spacing, meta, arr.dtype.kind == "f")
 
     # -- NIfTI --------------------------------------------------------------------------------
     def _read_nifti(self, path: str) -> _Loaded:

@@ -129,3 +129,17 @@ def test_imagenet_dict_wrapper():
     assert isinstance(PercentileRescaled(keys="image").transform, PercentileRescale)
     assert isinstance(ZScoreNormalized(keys="image").transform, ZScoreNormalize)
     assert isinstance(XRVScaled(keys="image").transform, XRVScale)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [PercentileRescale(), WindowIntensity(0, 10), ZScoreNormalize(), ImageNetNormalize(), XRVScale()],
+)
+def test_inputs_are_not_modified_and_meta_is_copied(transform):
+    x = MetaTensor(torch.linspace(-5, 5, 16).reshape(1, 4, 4), meta={"filename_or_obj": "a.dcm"})
+    before = x.clone()
+    out = transform(x)
+    assert torch.equal(x.as_tensor(), before.as_tensor())
+    assert isinstance(out, MetaTensor) and out.meta["filename_or_obj"] == "a.dcm"
+    out.meta["filename_or_obj"] = "b.dcm"
+    assert x.meta["filename_or_obj"] == "a.dcm"
