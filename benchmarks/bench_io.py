@@ -158,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     text = (
         "Load + percentile normalize + resize to 224 (benchmarks/bench_io.py)\n\n"
         f"Machine: {machine()}\n\n" + "\n".join(lines) + "\n\n"
-        f"Demo dataset (900 images, 256 x 256, up to 2 worker processes): generated in {demo_seconds:.1f} s\n"
+        f"Demo dataset (900 images, 256 x 256, up to 2 worker processes): generated in {demo_seconds:.1f} s\n\n"
+        "At 256 x 256 a fixed per-call cost dominates the MONAI path: MONAI's Resized on a MetaTensor takes about\n"
+        "0.3 ms more than torch's interpolate (affine and operation tracking), and building the MetaTensor and its\n"
+        "meta about 0.1-0.2 ms; at radiograph sizes decoding dominates and the MONAI path is as fast or faster.\n"
     )
     print(text)
     if args.write:
