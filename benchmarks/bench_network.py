@@ -6,8 +6,9 @@ Each configuration is one training step (forward, BCE loss, backward, AdamW step
 single-channel images. Times: the configurations are interleaved round by round in one process, so
 that a busy neighbour slows them all alike, and the median per configuration is reported with its
 ratio to the bare backbone (a timm model with a linear head). Peak memory: each configuration runs in
-a fresh subprocess and the growth of the process's peak resident set size over the training steps is
-reported (model and optimizer state built before the measurement starts are not counted).
+a fresh subprocess; after one warm-up step the kernel's peak-RSS counter is reset (Linux
+``/proc/self/clear_refs``) and the growth of the peak resident set over one more training step is
+reported: the activations and gradients of a step, not the weights or optimizer state.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -74,11 +74,18 @@ def memory_child(name: str, backbone: str, batch: int, size: int, threads: int) 
     torch.set_num_threads(threads)
     model = build(name, backbone, size).train()
     step = make_step(model, batch, size)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()  # optimizer state and autograd buffers exist from here on
+    base = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+        f.write("5")
     step()
-    step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM")
     print(json.dumps({"peak_delta_mib": (peak - base) / 1024}))
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
 def main() -> None:
