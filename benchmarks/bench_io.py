@@ -27,20 +27,13 @@ import warnings
 
 import numpy as np
 import torch
+from _machine import cpu_name
 
 warnings.filterwarnings("ignore")
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     import monai
     import PIL
     import pydicom

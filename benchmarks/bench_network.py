@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _machine import cpu_name  # noqa: E402
 
 CONFIGS = {
     "bare backbone + linear": None,
@@ -125,12 +125,7 @@ def main() -> None:
             )
             mem[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_delta_mib"]
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     print(f"machine: {cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {args.threads} threads")
     print(f"backbone {args.backbone}, batch {args.batch}, {args.size}x{args.size}, 1 channel, "
           f"median of {args.rounds} interleaved training steps\n")

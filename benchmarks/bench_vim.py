@@ -37,6 +37,7 @@ import time
 from typing import Callable
 
 import torch
+from _machine import cpu_name
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -53,15 +54,7 @@ INNER, STATE = 384, 16  # Vim-tiny: embed 192, expansion 2, state 16
 
 
 def machine(device: torch.device) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     lines = [
         f"- CPU: {cpu}, {os.cpu_count()} logical cores visible, torch threads: {torch.get_num_threads()}",
         f"- torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} {platform.release()}",

@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _machine import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,12 +56,7 @@ def main() -> None:
             proc.wait()
     wall = time.time() - start
 
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     print(f"machine: {cpu}, {os.cpu_count()} logical CPUs, OMP_NUM_THREADS={args.threads}")
     print(f"command: {' '.join(cmd[1:])}")
     print(f"budget {args.budget:.0f} s, process ran {wall:.0f} s (including start-up and model build)\n")
