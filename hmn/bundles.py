@@ -245,7 +245,7 @@ def train_config(name: str) -> dict:
             "handlers": [
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "epoch_level": False, "print_lr": False},
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True, "interval": "@val_interval"},
-                {"_target_": "hmn.training.SkippedFilesLog", "dataset": "@train#dataset"},
+                {"_target_": "hmn.data.SkippedFilesReport", "dataset": "@train#dataset"},
                 # rank 0 only from here on (multi_gpu_train.json drops the last entries on other ranks)
                 {"_target_": "StatsHandler", "tag_name": "train_loss", "output_transform": _LOSS},
                 {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "tag_name": "train_loss", "output_transform": _LOSS},
@@ -453,8 +453,10 @@ def metadata(name: str) -> dict:
         "monai_version": TESTED_WITH["monai"],
         "pytorch_version": TESTED_WITH["torch"],
         "numpy_version": TESTED_WITH["numpy"],
-        "required_packages_version": {"hybridmednet": __version__},
-        "optional_packages_version": {"pydicom": ">=3.0", "timm": ">=1.0.9", "pytorch-ignite": ">=0.5"},
+        # MONAI renames the older "optional_packages_version" to this key (with a warning), so there is one.
+        "required_packages_version": {
+            "hybridmednet": __version__, "pydicom": ">=3.0", "timm": ">=1.0.9", "pytorch-ignite": ">=0.5",
+        },
         "name": f"HybridMedNet {name}",
         "task": "Multi-label classification of findings on chest radiographs",
         "description": (

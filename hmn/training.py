@@ -21,7 +21,6 @@ import torch
 __all__ = [
     "CACHE_MODES",
     "MetricHistory",
-    "SkippedFilesLog",
     "ResumeFromLatest",
     "as_bool",
     "class_names",
@@ -209,25 +208,6 @@ class MetricHistory:
             if new:
                 writer.writeheader()
             writer.writerow(row)
-
-
-class SkippedFilesLog:
-    """Ignite handler: at the end of training, reports how many unreadable files the dataset skipped.
-
-    Works with any dataset; only a :class:`hmn.data.SkipBadFilesDataset` has anything to report.
-    """
-
-    def __init__(self, dataset: Any) -> None:
-        self.dataset = dataset
-
-    def attach(self, engine: Any) -> None:
-        from ignite.engine import Events
-
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def __call__(self, engine: Any = None) -> int:
-        report = getattr(self.dataset, "report", None)
-        return int(report()) if callable(report) else 0
 
 
 def label_tensor(item: dict) -> dict:

@@ -121,7 +121,7 @@ class SkippedFilesReport:
     trainer's handlers.
     """
 
-    def __init__(self, dataset: SkipBadFilesDataset, every_epoch: bool = False) -> None:
+    def __init__(self, dataset: Any, every_epoch: bool = False) -> None:
         self.dataset, self.every_epoch = dataset, every_epoch
 
     def attach(self, engine: Any) -> None:
@@ -132,4 +132,7 @@ class SkippedFilesReport:
             engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Any = None) -> int:
-        return self.dataset.report()
+        # Any dataset may be given (a bundle whose skip_bad_files is off passes a plain one): only a
+        # SkipBadFilesDataset has anything to report.
+        report = getattr(self.dataset, "report", None)
+        return int(report()) if callable(report) else 0
