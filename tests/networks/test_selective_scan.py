@@ -58,8 +58,8 @@ def run(fn, inputs, *, with_z=True, with_d=True, with_bias=True, softplus=True, 
     grads = {}
     if grad:
         g = torch.Generator().manual_seed(seed)
-        w = torch.randn(out.shape, generator=g, dtype=F64).to(out.dtype)  # the same weights in any dtype
-        wl = torch.randn(last.shape, generator=g, dtype=F64).to(last.dtype)
+        w = torch.randn(out.shape, generator=g, dtype=F64).to(out.device, out.dtype)  # the same weights in any dtype
+        wl = torch.randn(last.shape, generator=g, dtype=F64).to(last.device, last.dtype)
         used = [k for k in leaves if kw.get(k, True) is not None]
         ds = torch.autograd.grad((out * w).sum() + (last * wl).sum(), [leaves[k] for k in used])
         grads = dict(zip(used, ds))
