@@ -51,8 +51,9 @@ rendered Cardiomegaly, Effusion, Mass, Nodule and Pneumothorax; no real patient)
 first use into `~/.cache/hmn/demo` (or `$HMN_CACHE/demo`). For real data, make a datalist with
 `python -m hmn datalist nih|chexpert|folder|json ...` and pass `--datalist path/to/datalist.json`
 (its `class_names` set the number of outputs). Images are DICOM (MONOCHROME1 inverted, rescale and
-VOI window applied) or 8/16-bit PNG/JPEG, read by `hmn.transforms.LoadXrayd`, rescaled to [0, 1]
-between the 0.5 and 99.5 percentiles and resized to `image_size` ({train['image_size']}).
+VOI window applied) or 8/16-bit PNG/JPEG, read by `hmn.transforms.LoadXrayd` and resized to
+`image_size` ({train['image_size']}) as they are read (area averaging), then rescaled to [0, 1] between
+the 0.5 and 99.5 percentiles.
 
 ## Commands (from the repository root)
 

@@ -89,8 +89,13 @@ _DIST_TRAIN_RUN = [
 
 def _load_transforms() -> list[dict]:
     return [
-        {"_target_": "hmn.transforms.LoadXrayd", "keys": "image", "voi": "@voi"},
-        {"_target_": "Resized", "keys": "image", "spatial_size": ["@image_size", "@image_size"], "mode": "area"},
+        {
+            "_target_": "hmn.transforms.LoadXrayd",
+            "keys": "image",
+            "voi": "@voi",
+            "spatial_size": ["@image_size", "@image_size"],
+            "resize_mode": "area",
+        },
         {"_target_": "hmn.transforms.PercentileRescaled", "keys": "image", "lower": 0.5, "upper": 99.5},
     ]
 

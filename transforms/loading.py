@@ -351,6 +351,9 @@ class _Loaded:
         self.from_float = from_float  # integer sources cannot hold NaN/inf: no need to scan them
 
 
+_RESIZE_MODES = ("area", "bilinear", "trilinear", "bicubic", "nearest")
+
+
 def _affine_2d(spacing: Sequence[float]) -> np.ndarray:
     return np.diag([float(spacing[0]), float(spacing[1]), 1.0, 1.0])
 
@@ -383,6 +386,15 @@ class LoadXray(Transform):
             meta. Nothing else from the DICOM header does, so patient-identifying attributes
             (PatientName, PatientID, PatientBirthDate, AccessionNumber, ...) appear only if listed here.
         dtype: output dtype (float32 by default).
+        spatial_size: resize the image to this size as it is loaded (an int for every spatial axis, or one
+            per axis), with ``resize_mode``; ``None`` keeps the file's size. The pixels and the affine equal
+            those of MONAI's ``Resized(spatial_size, mode=resize_mode)`` applied after loading; the meta's
+            ``spacing`` is the new pixel spacing (``Resized`` leaves that key as loaded), ``spatial_shape``
+            stays the file's shape and ``resized_from`` records it. This
+            skips ``Resized``'s per-call bookkeeping (about 0.3 ms per image, most of the cost of a small
+            image) but, unlike ``Resized``, records no operation for MONAI's ``Invertd``.
+        resize_mode: ``torch.nn.functional.interpolate`` mode for ``spatial_size``: ``"area"`` (default,
+            right for shrinking), ``"bilinear"``/``"trilinear"``, ``"bicubic"`` or ``"nearest"``.
     """
 
     def __init__(
@@ -394,6 +406,8 @@ class LoadXray(Transform):
         color: str = "grey",
         dicom_tags: Sequence[str] = (),
         dtype: torch.dtype = torch.float32,
+        spatial_size: int | Sequence[int] | None = None,
+        resize_mode: str = "area",
     ) -> None:
         if voi not in VOI_MODES:
             raise ValueError(f"voi={voi!r} is not one of {VOI_MODES}")
@@ -410,6 +424,15 @@ class LoadXray(Transform):
             raise ValueError(f"dicom_tags {unknown} are not DICOM keywords (e.g. 'PatientID', 'StudyDate')")
         self.voi, self.voi_index, self.invert_monochrome1 = voi, int(voi_index), bool(invert_monochrome1)
         self.frame, self.color, self.dicom_tags, self.dtype = frame, color, list(dicom_tags), dtype
+        if spatial_size is not None:
+            sizes = [spatial_size] if isinstance(spatial_size, int) else spatial_size
+            sizes = list(sizes) if isinstance(sizes, (list, tuple)) else [None]
+            if not sizes or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+                raise ValueError(f"spatial_size={spatial_size!r}: accepted are None, a positive int or a list of them")
+            spatial_size = tuple(sizes)
+        if resize_mode not in _RESIZE_MODES:
+            raise ValueError(f"resize_mode={resize_mode!r} is not one of {_RESIZE_MODES}")
+        self.spatial_size, self.resize_mode = spatial_size, resize_mode
 
     # -- public -------------------------------------------------------------------------------
     def __call__(self, path: str | os.PathLike) -> MetaTensor:
@@ -457,7 +480,35 @@ class LoadXray(Transform):
         meta["original_channel_dim"] = 0
         meta["original_affine"] = affine.clone()
         tensor = torch.from_numpy(np.ascontiguousarray(arr)).to(self.dtype)
+        if self.spatial_size is not None:
+            tensor, affine = self._resize(path, tensor, affine, meta)
         return MetaTensor(tensor, affine=affine, meta=meta)
+
+    def _resize(self, path: str, tensor: torch.Tensor, affine: torch.Tensor, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resizes ``tensor`` (C, *spatial) to ``spatial_size`` as MONAI's ``Resized`` would, affine included."""
+        from monai.transforms.utils import scale_affine
+
+        orig = tuple(int(v) for v in tensor.shape[1:])
+        size = self.spatial_size * len(orig) if len(self.spatial_size) == 1 else self.spatial_size
+        if len(size) != len(orig):
+            raise ImageReadError(
+                path, f"spatial_size={self.spatial_size} has {len(size)} axes but the image has {len(orig)} ({orig})"
+            )
+        if size == orig:
+            return tensor, affine
+        mode = {"bilinear": "bilinear" if len(orig) == 2 else "trilinear", "trilinear": "trilinear"}.get(
+            self.resize_mode, self.resize_mode
+        )
+        align = False if mode in ("bilinear", "trilinear", "bicubic") else None
+        out = torch.nn.functional.interpolate(tensor.float()[None], size=size, mode=mode, align_corners=align)[0]
+        scale = torch.as_tensor(scale_affine(orig, size, align_corners=False), dtype=torch.float64)
+        n = affine.shape[0] - 1
+        full = torch.eye(n + 1, dtype=torch.float64)
+        k = min(len(orig), n)
+        full[:k, :k], full[:k, n] = scale[:k, :k], scale[:k, len(orig)]
+        meta["spacing"] = tuple(float(sp) * o / s for sp, o, s in zip(meta["spacing"], orig, size))
+        meta["resized_from"] = orig
+        return out.to(self.dtype), affine @ full
 
     # -- DICOM --------------------------------------------------------------------------------
     def _read_dicom(self, path: str) -> _Loaded:
@@ -736,10 +787,14 @@ class LoadXrayd(MapTransform):
         color: str = "grey",
         dicom_tags: Sequence[str] = (),
         dtype: torch.dtype = torch.float32,
+        spatial_size: int | Sequence[int] | None = None,
+        resize_mode: str = "area",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadXray(voi, voi_index, invert_monochrome1, frame, color, dicom_tags, dtype)
+        self.loader = LoadXray(
+            voi, voi_index, invert_monochrome1, frame, color, dicom_tags, dtype, spatial_size, resize_mode
+        )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -478,3 +478,43 @@ def test_errors_from_inside_pydicom_are_ours(realfile):
         with pytest.raises(ImageReadError) as e:
             LoadXray()(realfile(name))
         assert reason in e.value.reason and os.path.basename(e.value.path) == name
+
+
+# --------------------------------------------------------------------------------------------------
+# resizing while loading
+
+
+@pytest.mark.parametrize(
+    "name, mode",
+    [("RG1_UNCI.dcm", m) for m in ("area", "bilinear", "bicubic", "nearest")]
+    + [("anatomical.nii", m) for m in ("area", "trilinear", "nearest")],
+)
+def test_resize_at_load_equals_monai_resized(realfile, name, mode):
+    from monai.transforms import Resized
+
+    path = realfile(name)
+    plain = LoadXrayd("image")({"image": path})["image"]
+    size = (64, 48) if plain.ndim == 3 else (24, 20, 16)
+    expected = Resized("image", size, mode=mode)({"image": plain})["image"]
+    got = LoadXrayd("image", spatial_size=size, resize_mode=mode)({"image": path})["image"]
+    assert tuple(got.shape[1:]) == size
+    torch.testing.assert_close(got.as_tensor(), expected.as_tensor(), rtol=0, atol=0)
+    torch.testing.assert_close(got.affine, expected.affine.to(got.affine.dtype))
+    orig = tuple(plain.shape[1:])
+    assert tuple(got.meta["resized_from"]) == orig
+    np.testing.assert_allclose(got.meta["spacing"], [s * o / n for s, o, n in zip(plain.meta["spacing"], orig, size)])
+    np.testing.assert_array_equal(got.meta["spatial_shape"], orig)
+
+
+def test_resize_at_load_int_size_and_bad_values(realfile, tmp_path):
+    path = tmp_path / "a.png"
+    Image.fromarray((np.arange(40 * 30) % 256).astype(np.uint8).reshape(40, 30)).save(path)
+    assert tuple(LoadXray(spatial_size=16)(path).shape) == (1, 16, 16)
+    assert tuple(LoadXray(spatial_size=(40, 30))(path).shape) == (1, 40, 30)  # same size: unchanged
+    for bad in (0, (16, -1), "224", 2.5, ()):
+        with pytest.raises(ValueError, match=r"spatial_size=.*accepted are None, a positive int"):
+            LoadXray(spatial_size=bad)
+    with pytest.raises(ValueError, match=r"resize_mode='linear' is not one of"):
+        LoadXray(spatial_size=16, resize_mode="linear")
+    with pytest.raises(ImageReadError, match=r"a\.png.*spatial_size=\(8, 8, 8\) has 3 axes but the image has 2"):
+        LoadXray(spatial_size=(8, 8, 8))(path)
