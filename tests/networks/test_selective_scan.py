@@ -261,3 +261,22 @@ def test_results_do_not_share_the_reused_scratch_buffers():
     out2.sum().backward()  # another forward and backward in between
     assert_same((out1, last1, grads1), kept, rtol=0, atol=0)
     assert_same((out1, last1, grads1), run(selective_scan_ref, first))
+
+
+def test_softplus_matches_log1p_exp_everywhere():
+    from hmn.networks.selective_scan import softplus
+
+    x = torch.cat([torch.linspace(-700, 700, 20001, dtype=F64), torch.randn(5000, dtype=F64)]).requires_grad_()
+    y = softplus(x)
+    # independent expectation: log1p(exp(x)) is exact in float64 wherever exp(x) does not overflow
+    def expected_of(v):
+        return torch.where(v > 30, v + torch.exp(-v), torch.log1p(torch.exp(v.clamp(max=30))))
+
+    torch.testing.assert_close(y, expected_of(x.detach()), rtol=4 * torch.finfo(F64).eps, atol=0)
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(grad, torch.sigmoid(x.detach()), rtol=0, atol=0)
+    x32 = x.detach().float()
+    expected32 = expected_of(x32.double()).float()
+    # float32: a few ulp, and absolute for the subnormal results (x below about -87)
+    f32 = torch.finfo(torch.float32)
+    torch.testing.assert_close(softplus(x32), expected32, rtol=4 * f32.eps, atol=f32.tiny)
