@@ -43,6 +43,14 @@ class BundleRow:
     attention: tuple[str, ...]
     batch_size: int = 16
     learning_rate: float = 2e-4
+    backbone_options: tuple[tuple[str, object], ...] = ()
+
+
+# ConvNeXt trained from scratch (the bundles' default: no pretrained weights can be assumed): BatchNorm in
+# place of every LayerNorm and layer scale starting at 1. With the published LayerNorms and layer scale
+# 1e-6 a from-scratch ConvNeXt did not learn the demo data at all (BENCHMARKS.md, "Demo training curve").
+# With --pretrained, pass --backbone_options "{}" to build the published architecture the weights fit.
+_CONVNEXT_SCRATCH = (("norm", "batch"), ("ls_init_value", 1.0))
 
 
 # ConvNeXt and Swin (and the larger EfficientNetV2s) with self- and cross-scale attention, as users of
@@ -50,10 +58,10 @@ class BundleRow:
 BUNDLES: dict[str, BundleRow] = {
     r.backbone: r
     for r in [
-        BundleRow("convnext_tiny", ("cbam",)),
-        BundleRow("convnext_small", tuple(SELF_CROSS)),
-        BundleRow("convnext_base", tuple(SELF_CROSS), batch_size=16, learning_rate=1e-4),
-        BundleRow("convnext_large", tuple(SELF_CROSS), batch_size=8, learning_rate=1e-4),
+        BundleRow("convnext_tiny", ("cbam",), backbone_options=_CONVNEXT_SCRATCH),
+        BundleRow("convnext_small", tuple(SELF_CROSS), backbone_options=_CONVNEXT_SCRATCH),
+        BundleRow("convnext_base", tuple(SELF_CROSS), batch_size=16, learning_rate=1e-4, backbone_options=_CONVNEXT_SCRATCH),
+        BundleRow("convnext_large", tuple(SELF_CROSS), batch_size=8, learning_rate=1e-4, backbone_options=_CONVNEXT_SCRATCH),
         BundleRow("swin_tiny", tuple(SELF_CROSS)),
         BundleRow("swin_small", tuple(SELF_CROSS)),
         BundleRow("swin_base", tuple(SELF_CROSS), batch_size=16, learning_rate=1e-4),
@@ -176,6 +184,7 @@ def train_config(name: str) -> dict:
         "use_pos_weight": True,
         "resume": False,
         "pretrained": False,
+        "backbone_options": dict(row.backbone_options),
         "hierarchical": False,
         "num_coarse_classes": 4,
         "network_def": {
@@ -185,6 +194,7 @@ def train_config(name: str) -> dict:
             "in_channels": 1,
             "img_size": "@image_size",
             "pretrained": "@pretrained",
+            "backbone_options": "@backbone_options",
             "attention": list(row.attention),
             "fpn_channels": 256,
             "fusion_channels": 512,
@@ -379,6 +389,7 @@ def inference_config(name: str) -> dict:
         "batch_size": train["batch_size"],
         "num_workers": 0,
         "pretrained": False,
+        "backbone_options": train["backbone_options"],
         "hierarchical": False,
         "num_coarse_classes": 4,
         "network_def": train["network_def"],

@@ -24,6 +24,7 @@ import torch.nn as nn
 __all__ = [
     "BackboneSpec",
     "BACKBONES",
+    "BACKBONE_OPTIONS",
     "Backbone",
     "TimmBackbone",
     "PretrainedWeightsError",
@@ -190,16 +191,74 @@ def _as_size(img_size: int | Sequence[int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
+# Options a family's builder accepts through ``build_backbone(..., options=...)``, with what they do.
+BACKBONE_OPTIONS: dict[str, dict[str, str]] = {
+    "convnext": {
+        "norm": "'layer' (the published ConvNeXt) or 'batch': every LayerNorm, stem included, becomes a "
+        "BatchNorm; for training from scratch (no pretrained weights)",
+        "ls_init_value": "initial layer-scale value of every block (timm's default 1e-6)",
+    },
+}
+
+
+class _BatchNormLast(nn.Module):
+    """BatchNorm over the last dim of an ``N, H, W, C`` tensor (the slot of ConvNeXt's channels-last LayerNorm)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def _layer_norms_to_batch_norms(model: nn.Module) -> None:
+    """Replaces every LayerNorm of a timm ConvNeXt (``LayerNorm2d`` on NCHW, ``LayerNorm`` on NHWC) in place."""
+    from timm.layers import LayerNorm2d
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LayerNorm2d):
+                setattr(module, name, nn.BatchNorm2d(child.normalized_shape[0]))
+            elif isinstance(child, nn.LayerNorm):
+                setattr(module, name, _BatchNormLast(child.normalized_shape[0]))
+
+
+def _check_options(spec: BackboneSpec, options: dict | None) -> dict:
+    options = dict(options or {})
+    accepted = BACKBONE_OPTIONS.get(spec.family, {})
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(
+            f"backbone {spec.name!r} does not take the option(s) {unknown}; "
+            + (f"it accepts {sorted(accepted)}" if accepted else "it takes no options")
+        )
+    return options
+
+
 def build_timm_backbone(
     spec: BackboneSpec,
     in_channels: int = 1,
     img_size: int | Sequence[int] = 224,
     pretrained: Pretrained = False,
+    options: dict | None = None,
 ) -> TimmBackbone:
-    """Builds a timm ``features_only`` model for ``spec``; see the module docstring for ``pretrained``."""
+    """Builds a timm ``features_only`` model for ``spec``; see the module docstring for ``pretrained`` and
+    :data:`BACKBONE_OPTIONS` for ``options``."""
     import timm
 
+    options = _check_options(spec, options)
+    norm = options.pop("norm", "layer")
+    if norm not in ("layer", "batch"):
+        raise ValueError(f"backbone option norm={norm!r} is not one of ('layer', 'batch')")
+    if norm == "batch" and pretrained not in (False, None):
+        raise ValueError(
+            f"backbone option norm='batch' is for training {spec.name!r} from scratch: pretrained ConvNeXt weights "
+            "have LayerNorms; drop the option or set pretrained=False"
+        )
     kwargs: dict = dict(features_only=True, in_chans=in_channels, out_indices=spec.out_indices)
+    if "ls_init_value" in options:
+        kwargs["ls_init_value"] = float(options.pop("ls_init_value"))
     if spec.fixed_size:
         kwargs["img_size"] = _as_size(img_size)
     use_pretrained = False
@@ -235,6 +294,8 @@ def build_timm_backbone(
                 "and the model hub cannot be reached: download them where the hub is reachable and pass "
                 "pretrained='/path/to/checkpoint', or use pretrained=False."
             ) from err
+    if norm == "batch":
+        _layer_norms_to_batch_norms(model)
     nhwc = str(getattr(model, "output_fmt", "NCHW")).upper().endswith("NHWC")
     return TimmBackbone(model, channels_last_output=nhwc)
 
@@ -249,6 +310,7 @@ def build_backbone(
     in_channels: int = 1,
     img_size: int | Sequence[int] = 224,
     pretrained: Pretrained = False,
+    options: dict | None = None,
 ) -> Backbone:
     """Builds the backbone registered as ``name``.
 
@@ -257,8 +319,13 @@ def build_backbone(
         in_channels: 1 for radiographs (the stem is adapted, pretrained weights summed over RGB), or 3.
         img_size: the input size the model will see; fixed-size models (Swin) are built for it.
         pretrained: ``False``, ``True`` or the path of a local checkpoint file.
+        options: family-specific build options (:data:`BACKBONE_OPTIONS`); an option the family does not
+            take raises ``ValueError`` naming the accepted ones.
     """
     spec = get_backbone_spec(name)
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-    return _resolve(spec.builder)(spec, in_channels=in_channels, img_size=img_size, pretrained=pretrained)
+    builder = _resolve(spec.builder)
+    if _check_options(spec, options):  # only families listed in BACKBONE_OPTIONS get here
+        return builder(spec, in_channels=in_channels, img_size=img_size, pretrained=pretrained, options=options)
+    return builder(spec, in_channels=in_channels, img_size=img_size, pretrained=pretrained)

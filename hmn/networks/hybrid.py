@@ -50,6 +50,9 @@ class HybridMedNet(nn.Module):
         num_coarse_classes: number of coarse groups for the hierarchical head.
         use_modern_attention: the original project's flag; True selects ``self`` attention, False ``cbam``.
         use_cross_scale_attention: the original project's flag; True adds ``cross_scale`` attention.
+        backbone_options: family-specific backbone build options
+            (:data:`hmn.networks.backbones.BACKBONE_OPTIONS`), e.g. ``{"norm": "batch", "ls_init_value": 1.0}``
+            for a ConvNeXt trained from scratch.
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class HybridMedNet(nn.Module):
         num_coarse_classes: int = 4,
         use_modern_attention: bool | None = None,
         use_cross_scale_attention: bool | None = None,
+        backbone_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         check_spatial_dims(spatial_dims)
@@ -87,7 +91,9 @@ class HybridMedNet(nn.Module):
         self.hierarchical = hierarchical
         self.num_coarse_classes = num_coarse_classes if hierarchical else 0
 
-        self.backbone = build_backbone(backbone, in_channels=in_channels, img_size=img_size, pretrained=pretrained)
+        self.backbone = build_backbone(
+            backbone, in_channels=in_channels, img_size=img_size, pretrained=pretrained, options=dict(backbone_options or {})
+        )
         strides = list(self.backbone.strides)
         if feature_strides is None:
             self.levels = list(range(len(strides)))

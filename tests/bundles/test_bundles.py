@@ -30,6 +30,8 @@ from hmn.bundles import BUNDLES, check_bundles, download_bundle, pack_bundle
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64
 SMALL = ["--image_size", str(SIZE), "--batch_size", "8", "--num_workers", "0"]
+# what the ConvNeXt bundles build when trained from scratch (hmn/bundles.py), written out here independently
+SCRATCH = {"norm": "batch", "ls_init_value": 1.0}
 
 
 def _configs(name: str, *files: str) -> str:
@@ -220,7 +222,7 @@ def test_inference_csv_rows_and_bad_file(trained, demo_datalist, tmp_path):
 
     # the probabilities equal the trained network's, computed here without the bundle machinery
     classes = json.load(open(demo_datalist))["class_names"]
-    net = HybridMedNet("convnext_tiny", num_classes=len(classes), img_size=SIZE, attention="cbam").eval()
+    net = HybridMedNet("convnext_tiny", num_classes=len(classes), img_size=SIZE, attention="cbam", backbone_options=SCRATCH).eval()
     net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
     pre = Compose([LoadXrayd("image"), Resized("image", (SIZE, SIZE), mode="area"), PercentileRescaled("image")])
     for r in rows:
@@ -243,7 +245,7 @@ def test_torchscript_export_matches_eager(trained, demo_datalist):
     from hmn.networks import HybridMedNet
 
     scripted = torch.jit.load(str(ts))
-    net = HybridMedNet("convnext_tiny", num_classes=5, img_size=SIZE, attention="cbam").eval()
+    net = HybridMedNet("convnext_tiny", num_classes=5, img_size=SIZE, attention="cbam", backbone_options=SCRATCH).eval()
     net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
     x = torch.rand(2, 1, SIZE, SIZE)
     with torch.no_grad():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 
 from hmn.networks.backbones import (
     BACKBONES,
@@ -94,3 +95,39 @@ def test_unreachable_hub_gives_one_sentence(monkeypatch):
 def test_bad_pretrained_value():
     with pytest.raises(ValueError, match="pretrained must be True, False or a checkpoint path"):
         build_backbone("resnet34", pretrained=3)
+
+
+def test_convnext_batch_norm_option_replaces_every_layer_norm():
+    from timm.layers import LayerNorm2d
+
+    torch.manual_seed(0)
+    published = build_backbone("convnext_tiny", img_size=64)
+    scratch = build_backbone("convnext_tiny", img_size=64, options={"norm": "batch", "ls_init_value": 1.0})
+    n_ln = sum(isinstance(m, (nn.LayerNorm, LayerNorm2d)) for m in published.modules())
+    assert n_ln > 0 and not any(isinstance(m, (nn.LayerNorm, LayerNorm2d)) for m in scratch.modules())
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in scratch.modules()) == n_ln
+    # same parameters (a BatchNorm's affine pair replaces a LayerNorm's), so the size stays the published one
+    assert sum(p.numel() for p in scratch.parameters()) == sum(p.numel() for p in published.parameters())
+    gammas = [m.gamma for m in scratch.modules() if isinstance(getattr(m, "gamma", None), nn.Parameter)]
+    assert gammas and all(torch.all(g == 1.0) for g in gammas)
+    scratch.train()
+    x = torch.randn(4, 1, 64, 64)
+    out = scratch(x)
+    assert [tuple(o.shape[1:]) for o in out] == [(c, 64 // s, 64 // s) for c, s in zip(scratch.channels, scratch.strides)]
+    # a channels-last BatchNorm normalizes each channel over batch and positions, as BatchNorm2d does on NCHW
+    bn = next(m for m in scratch.modules() if type(m).__name__ == "_BatchNormLast")
+    y = torch.randn(3, 5, 6, bn.bn.num_features)
+    torch.testing.assert_close(bn(y).mean((0, 1, 2)), torch.zeros(bn.bn.num_features), atol=1e-5, rtol=0)
+
+
+def test_backbone_options_are_checked():
+    with pytest.raises(ValueError, match=r"'resnet34' does not take the option\(s\) \['norm'\]; it takes no options"):
+        build_backbone("resnet34", options={"norm": "batch"})
+    with pytest.raises(ValueError, match=r"'vim_tiny' does not take the option\(s\) \['norm'\]; it takes no options"):
+        build_backbone("vim_tiny", options={"norm": "batch"})
+    with pytest.raises(ValueError, match=r"does not take the option\(s\) \['depth'\]; it accepts \['ls_init_value', 'norm'\]"):
+        build_backbone("convnext_tiny", options={"depth": 3})
+    with pytest.raises(ValueError, match=r"norm='group' is not one of \('layer', 'batch'\)"):
+        build_backbone("convnext_tiny", options={"norm": "group"})
+    with pytest.raises(ValueError, match=r"norm='batch' is for training 'convnext_tiny' from scratch"):
+        build_backbone("convnext_tiny", pretrained=True, options={"norm": "batch"})
