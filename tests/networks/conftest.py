@@ -18,9 +18,9 @@ IMG = 64  # small inputs: every backbone reaches stride 32 with a 2x2 map
 def backbone_cache():
     cache: dict = {}
 
-    def cached(name, in_channels=1, img_size=IMG, pretrained=False, share=False):
-        if pretrained is not False:
-            return build_backbone(name, in_channels=in_channels, img_size=img_size, pretrained=pretrained)
+    def cached(name, in_channels=1, img_size=IMG, pretrained=False, share=False, options=None):
+        if pretrained is not False or options:
+            return build_backbone(name, in_channels=in_channels, img_size=img_size, pretrained=pretrained, options=options)
         key = (name, in_channels, img_size if isinstance(img_size, int) else tuple(img_size))
         if key not in cache:
             cache[key] = build_backbone(name, in_channels=in_channels, img_size=img_size)
