@@ -496,9 +496,11 @@ class LoadXray(Transform):
             )
         if size == orig:
             return tensor, affine
-        mode = {"bilinear": "bilinear" if len(orig) == 2 else "trilinear", "trilinear": "trilinear"}.get(
-            self.resize_mode, self.resize_mode
-        )
+        mode = self.resize_mode
+        if mode in ("bilinear", "trilinear"):  # the linear mode of the image's dimension
+            mode = "bilinear" if len(orig) == 2 else "trilinear"
+        elif mode == "bicubic" and len(orig) != 2:
+            raise ImageReadError(path, f"resize_mode='bicubic' is for 2D images; this one has {len(orig)} axes {orig}")
         align = False if mode in ("bilinear", "trilinear", "bicubic") else None
         out = torch.nn.functional.interpolate(tensor.float()[None], size=size, mode=mode, align_corners=align)[0]
         scale = torch.as_tensor(scale_affine(orig, size, align_corners=False), dtype=torch.float64)

@@ -518,3 +518,6 @@ def test_resize_at_load_int_size_and_bad_values(realfile, tmp_path):
         LoadXray(spatial_size=16, resize_mode="linear")
     with pytest.raises(ImageReadError, match=r"a\.png.*spatial_size=\(8, 8, 8\) has 3 axes but the image has 2"):
         LoadXray(spatial_size=(8, 8, 8))(path)
+    # the linear mode follows the image's dimension, whichever of the two names is given
+    tri = LoadXray(spatial_size=16, resize_mode="trilinear")(path)
+    torch.testing.assert_close(tri, LoadXray(spatial_size=16, resize_mode="bilinear")(path))
