@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Demo dataset (900 images, 256 x 256, up to 2 worker processes): generated in {demo_seconds:.1f} s\n\n"
         "At 256 x 256 a fixed per-call cost matters: MONAI's Resized on a MetaTensor takes about 0.3 ms more than\n"
         "torch's interpolate (affine and operation tracking), which the resize at load (LoadXrayd spatial_size)\n"
-        "avoids; at radiograph sizes decoding dominates and every path is about as fast.\n"
+        "avoids; at radiograph sizes decoding dominates and the two MONAI paths are about as fast.\n"
     )
     print(text)
     if args.write:

@@ -391,8 +391,8 @@ class LoadXray(Transform):
             those of MONAI's ``Resized(spatial_size, mode=resize_mode)`` applied after loading; the meta's
             ``spacing`` is the new pixel spacing (``Resized`` leaves that key as loaded), ``spatial_shape``
             stays the file's shape and ``resized_from`` records it. This
-            skips ``Resized``'s per-call bookkeeping (about 0.3 ms per image, most of the cost of a small
-            image) but, unlike ``Resized``, records no operation for MONAI's ``Invertd``.
+            skips ``Resized``'s per-call bookkeeping (about 0.3 ms per image; decoding a 256x256 PNG
+            takes about 0.9 ms) but, unlike ``Resized``, records no operation for MONAI's ``Invertd``.
         resize_mode: ``torch.nn.functional.interpolate`` mode for ``spatial_size``: ``"area"`` (default,
             right for shrinking), ``"bilinear"``/``"trilinear"``, ``"bicubic"`` or ``"nearest"``.
     """
