@@ -197,6 +197,8 @@ BACKBONE_OPTIONS: dict[str, dict[str, str]] = {
         "norm": "'layer' (the published ConvNeXt) or 'batch': every LayerNorm, stem included, becomes a "
         "BatchNorm; for training from scratch (no pretrained weights)",
         "ls_init_value": "initial layer-scale value of every block (timm's default 1e-6)",
+        "stem": "'patch' (the published ConvNeXt: one 4x4 convolution at stride 4) or 'conv': two overlapping 3x3 "
+        "convolutions at stride 2 (BatchNorm and GELU between them), same output; for training from scratch",
     },
 }
 
@@ -222,6 +224,23 @@ def _layer_norms_to_batch_norms(model: nn.Module) -> None:
                 setattr(module, name, nn.BatchNorm2d(child.normalized_shape[0]))
             elif isinstance(child, nn.LayerNorm):
                 setattr(module, name, _BatchNormLast(child.normalized_shape[0]))
+
+
+def _conv_stem(patchify: nn.Conv2d) -> nn.Sequential:
+    """An overlapping stem with the output of ConvNeXt's 4x4/4 patchify: 3x3/2 conv, BatchNorm, GELU, 3x3/2 conv.
+
+    A patchify convolution sees each pixel once, in one of 16 positions inside its patch; a line one pixel
+    wide or a spot a few pixels across lands in one or two patches at an arbitrary phase. Overlapping 3x3
+    windows see every pixel from several positions, as the stems of ResNets do.
+    """
+    c_in, c_out = patchify.in_channels, patchify.out_channels
+    mid = max(c_out // 2, 1)
+    return nn.Sequential(
+        nn.Conv2d(c_in, mid, 3, stride=2, padding=1),
+        nn.BatchNorm2d(mid),
+        nn.GELU(),
+        nn.Conv2d(mid, c_out, 3, stride=2, padding=1),
+    )
 
 
 def _check_options(spec: BackboneSpec, options: dict | None) -> dict:
@@ -255,6 +274,14 @@ def build_timm_backbone(
         raise ValueError(
             f"backbone option norm='batch' is for training {spec.name!r} from scratch: pretrained ConvNeXt weights "
             "have LayerNorms; drop the option or set pretrained=False"
+        )
+    stem = options.pop("stem", "patch")
+    if stem not in ("patch", "conv"):
+        raise ValueError(f"backbone option stem={stem!r} is not one of ('patch', 'conv')")
+    if stem == "conv" and pretrained not in (False, None):
+        raise ValueError(
+            f"backbone option stem='conv' is for training {spec.name!r} from scratch: pretrained ConvNeXt weights "
+            "have a patchify stem; drop the option or set pretrained=False"
         )
     kwargs: dict = dict(features_only=True, in_chans=in_channels, out_indices=spec.out_indices)
     if "ls_init_value" in options:
@@ -296,6 +323,11 @@ def build_timm_backbone(
             ) from err
     if norm == "batch":
         _layer_norms_to_batch_norms(model)
+    if stem == "conv":
+        patchify = getattr(model, "stem_0", None)
+        if not isinstance(patchify, nn.Conv2d) or patchify.stride != (4, 4):
+            raise ValueError(f"backbone option stem='conv' expects a ConvNeXt patchify stem in {spec.name!r}, found {patchify!r}")
+        model.stem_0 = _conv_stem(patchify)
     nhwc = str(getattr(model, "output_fmt", "NCHW")).upper().endswith("NHWC")
     return TimmBackbone(model, channels_last_output=nhwc)
 

@@ -125,9 +125,42 @@ def test_backbone_options_are_checked():
         build_backbone("resnet34", options={"norm": "batch"})
     with pytest.raises(ValueError, match=r"'vim_tiny' does not take the option\(s\) \['norm'\]; it takes no options"):
         build_backbone("vim_tiny", options={"norm": "batch"})
-    with pytest.raises(ValueError, match=r"does not take the option\(s\) \['depth'\]; it accepts \['ls_init_value', 'norm'\]"):
+    with pytest.raises(ValueError, match=r"does not take the option\(s\) \['depth'\]; it accepts \['ls_init_value', 'norm', 'stem'\]"):
         build_backbone("convnext_tiny", options={"depth": 3})
     with pytest.raises(ValueError, match=r"norm='group' is not one of \('layer', 'batch'\)"):
         build_backbone("convnext_tiny", options={"norm": "group"})
     with pytest.raises(ValueError, match=r"norm='batch' is for training 'convnext_tiny' from scratch"):
         build_backbone("convnext_tiny", pretrained=True, options={"norm": "batch"})
+    with pytest.raises(ValueError, match=r"stem='deep' is not one of \('patch', 'conv'\)"):
+        build_backbone("convnext_tiny", options={"stem": "deep"})
+    with pytest.raises(ValueError, match=r"stem='conv' is for training 'convnext_tiny' from scratch"):
+        build_backbone("convnext_tiny", pretrained=True, options={"stem": "conv"})
+
+
+def test_convnext_conv_stem_option_overlaps_and_keeps_the_output_grid():
+    torch.manual_seed(0)
+    published = build_backbone("convnext_tiny", img_size=64)
+    conv = build_backbone("convnext_tiny", img_size=64, options={"stem": "conv", "norm": "batch"})
+    stem = conv.model.stem_0
+    convs = [m for m in stem if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (1, 48, (3, 3), (2, 2)),
+        (48, 96, (3, 3), (2, 2)),
+    ]
+    # parameters: the 4x4 patchify (1*96*16 + 96) replaced by two convs and a BatchNorm, counted by hand
+    added = (1 * 48 * 9 + 48) + 2 * 48 + (48 * 96 * 9 + 96) - (1 * 96 * 16 + 96)
+    assert sum(p.numel() for p in conv.parameters()) - sum(p.numel() for p in published.parameters()) == added
+    x = torch.randn(2, 1, 64, 64)
+    assert [o.shape for o in conv(x)] == [o.shape for o in published(x)]
+    # one bright pixel: the patchify stem moves exactly one output position, the overlapping stem several
+    conv.eval()
+    impulse = torch.zeros(1, 1, 64, 64)
+    impulse[0, 0, 30, 30] = 1.0
+    with torch.no_grad():
+        moved_patch = (published.model.stem_0(impulse) - published.model.stem_0(torch.zeros_like(impulse))).abs().sum(1)
+        moved_conv = (stem(impulse) - stem(torch.zeros_like(impulse))).abs().sum(1)
+    assert int((moved_patch > 0).sum()) == 1
+    assert int((moved_conv > 1e-7).sum()) >= 4
+    conv.train()
+    sum(o.float().mean() for o in conv(x)).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stem.parameters())
