@@ -243,6 +243,22 @@ def _conv_stem(patchify: nn.Conv2d) -> nn.Sequential:
     )
 
 
+def _scratch_choice(
+    spec: BackboneSpec, options: dict, pretrained: Pretrained, name: str, choices: tuple[str, str], published: str
+) -> str:
+    """Pops option ``name`` (default ``choices[0]``, the published architecture); any other choice changes the
+    architecture, so it is refused together with pretrained weights, which ``published``."""
+    value = options.pop(name, choices[0])
+    if value not in choices:
+        raise ValueError(f"backbone option {name}={value!r} is not one of {choices}")
+    if value != choices[0] and pretrained not in (False, None):
+        raise ValueError(
+            f"backbone option {name}={value!r} is for training {spec.name!r} from scratch: pretrained ConvNeXt weights "
+            f"{published}; drop the option or set pretrained=False"
+        )
+    return value
+
+
 def _check_options(spec: BackboneSpec, options: dict | None) -> dict:
     options = dict(options or {})
     accepted = BACKBONE_OPTIONS.get(spec.family, {})
@@ -267,22 +283,8 @@ def build_timm_backbone(
     import timm
 
     options = _check_options(spec, options)
-    norm = options.pop("norm", "layer")
-    if norm not in ("layer", "batch"):
-        raise ValueError(f"backbone option norm={norm!r} is not one of ('layer', 'batch')")
-    if norm == "batch" and pretrained not in (False, None):
-        raise ValueError(
-            f"backbone option norm='batch' is for training {spec.name!r} from scratch: pretrained ConvNeXt weights "
-            "have LayerNorms; drop the option or set pretrained=False"
-        )
-    stem = options.pop("stem", "patch")
-    if stem not in ("patch", "conv"):
-        raise ValueError(f"backbone option stem={stem!r} is not one of ('patch', 'conv')")
-    if stem == "conv" and pretrained not in (False, None):
-        raise ValueError(
-            f"backbone option stem='conv' is for training {spec.name!r} from scratch: pretrained ConvNeXt weights "
-            "have a patchify stem; drop the option or set pretrained=False"
-        )
+    norm = _scratch_choice(spec, options, pretrained, "norm", ("layer", "batch"), "have LayerNorms")
+    stem = _scratch_choice(spec, options, pretrained, "stem", ("patch", "conv"), "have a patchify stem")
     kwargs: dict = dict(features_only=True, in_chans=in_channels, out_indices=spec.out_indices)
     if "ls_init_value" in options:
         kwargs["ls_init_value"] = float(options.pop("ls_init_value"))
