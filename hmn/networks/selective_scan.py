@@ -187,6 +187,22 @@ def _finish(y, u, D, z, out_dtype):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _outside_autocast(fn: Callable) -> Callable:
+    """Runs a project scan with autocast off for its input's device. The scans compute in float32 (float64
+    for float64 inputs) by design; under an active autocast their batched matrix products would otherwise
+    be cast to half precision behind their back, and a long recurrence in bfloat16 loses the state."""
+
+    @functools.wraps(fn)
+    def wrapper(u: torch.Tensor, *args, **kwargs):
+        if torch.is_autocast_enabled(u.device.type):
+            with torch.autocast(u.device.type, enabled=False):
+                return fn(u, *args, **kwargs)
+        return fn(u, *args, **kwargs)
+
+    return wrapper
+
+
+@_outside_autocast
 def selective_scan_ref(
     u: torch.Tensor,
     delta: torch.Tensor,
@@ -403,6 +419,12 @@ class _ChunkedScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dlast):
+        # A backward pass called inside an autocast region would cast the products below too.
+        with torch.autocast(ctx.saved_tensors[0].device.type, enabled=False):
+            return _ChunkedScanFn._backward(ctx, dy, dlast)
+
+    @staticmethod
+    def _backward(ctx, dy, dlast):
         u, delta, A, B, C = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u)
@@ -451,6 +473,7 @@ def _time_major_bc(m: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Te
     return m.permute(3, 0, 1, 2).contiguous()  # (batch, groups, state, length) -> (length, batch, groups, state)
 
 
+@_outside_autocast
 def selective_scan_chunked(
     u: torch.Tensor,
     delta: torch.Tensor,

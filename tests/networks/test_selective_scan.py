@@ -166,6 +166,17 @@ def test_float32_and_bfloat16_follow_the_float64_reference():
     torch.testing.assert_close(out16.float(), ref16.float(), rtol=2e-2, atol=2e-2 * ref16.abs().max().item())
 
 
+@pytest.mark.parametrize("fn", [selective_scan_chunked, selective_scan_ref])
+def test_scans_stay_float32_under_cpu_bfloat16_autocast(fn):
+    """The bundles' CPU training runs the network under bfloat16 autocast; the scan must not follow it."""
+    inputs = {k: v.float() for k, v in make_inputs(dim=16, state=8, length=197, seed=5).items()}
+    plain = run(fn, inputs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = run(fn, inputs)
+    assert autocast[0].dtype == torch.float32
+    assert_same(autocast, plain, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("length", [3, 9, 50, 1000, 4099])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("with_h0", [False, True])
