@@ -38,7 +38,8 @@ def bundle_readme(name: str, row: Any, train: dict) -> str:
     if options:
         scratch = (
             "\n\nTrained from scratch by default, the backbone is built with `backbone_options` "
-            f"`{json.dumps(options)}`: BatchNorm in place of ConvNeXt's LayerNorms and layer scale starting at 1. "
+            f"`{json.dumps(options)}`: BatchNorm in place of ConvNeXt's LayerNorms, layer scale starting at 1 and "
+            "a stem of two overlapping 3x3 stride-2 convolutions in place of the 4x4 patchify. "
             "With the published LayerNorms and layer scale 1e-6, a ConvNeXt trained from scratch did not learn "
             "the demo data at all (the repository's BENCHMARKS.md). With pretrained weights "
             "(`--pretrained PATH`) add `--backbone_options \"{}\"` to build the published ConvNeXt they fit, "
@@ -78,6 +79,12 @@ Common overrides: `--max_epochs 10`, `--image_size 256`, `--batch_size 8`, `--le
 `--datalist DATALIST.json`, `--cache none|memory|persistent`, `--amp True`, `--compile True`,
 `--accumulation_steps 4`, `--pretrained /path/to/timm_checkpoint.pth`, `--hierarchical True`
 (ChestX-ray14 class names only), `--bundle_root DIR` when running from another folder.
+
+Mixed precision: `amp` (default: on when CUDA is available) autocasts the training and validation
+forward passes on a GPU. On a CPU, `cpu_bf16` (default: on when the CPU computes bfloat16 natively,
+`avx512_bf16`/`amx_bf16`/Arm `bf16` in `/proc/cpuinfo`) runs the training forward pass under bfloat16
+autocast through `hmn.training.CPUAutocastInferer`; the loss, optimizer, validation, evaluation and
+inference stay float32. `--cpu_bf16 False` turns it off.
 
 Resume a run that was stopped (it continues after the last finished epoch, from
 `models/checkpoint_epoch=N.pt`, which holds the network, optimizer, scheduler and trainer state):

@@ -17,13 +17,16 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from monai.inferers import Inferer
 
 __all__ = [
     "CACHE_MODES",
+    "CPUAutocastInferer",
     "MetricHistory",
     "ResumeFromLatest",
     "as_bool",
     "class_names",
+    "cpu_bf16_supported",
     "label_tensor",
     "latest_checkpoint",
     "make_dataset",
@@ -137,6 +140,64 @@ def as_bool(value: Any, name: str = "value") -> bool:
     if text in ("false", "0", "no", "none", ""):
         return False
     raise ValueError(f"{name}={value!r} is not a boolean; accepted: true/false, 1/0, yes/no")
+
+
+# CPU flags (Linux /proc/cpuinfo) of native bfloat16 arithmetic: x86 AVX-512 BF16 and AMX-BF16, Arm BF16.
+_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}
+
+
+def cpu_bf16_supported(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU computes in bfloat16 natively, read from ``/proc/cpuinfo`` (or the text given).
+
+    Looks for the ``avx512_bf16`` or ``amx_bf16`` flag (x86) or the ``bf16`` feature (Arm) on the
+    ``flags``/``Features`` lines. Without native support PyTorch emulates bfloat16 and autocast to it is
+    slower than float32, so the bundles' ``cpu_bf16`` default follows this answer. False where the file
+    cannot be read (macOS, Windows).
+    """
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features") and _BF16_FLAGS & set(value.split()):
+            return True
+    return False
+
+
+def _as_float32(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, Mapping):
+        return type(out)({k: _as_float32(v) for k, v in out.items()})
+    if isinstance(out, (list, tuple)):
+        return type(out)(_as_float32(v) for v in out)
+    return out
+
+
+class CPUAutocastInferer(Inferer):
+    """The bundles' training inferer: the network's forward pass under bfloat16 autocast on a CPU.
+
+    MONAI's ``amp`` switch is CUDA-only (it autocasts to ``"cuda"`` and uses a CUDA gradient scaler). This
+    inferer does the CPU's part: when ``enabled`` and the input is on the CPU, the forward pass runs under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)`` (convolutions and matrix products in bfloat16, the rest
+    as autocast decides) and the prediction comes back as float32, so the loss, its gradient and the
+    optimizer step stay in float32 (bfloat16 has float32's range, so no loss scaling is needed). Inputs on
+    another device, or ``enabled`` false, run the network as MONAI's ``SimpleInferer`` does. Validation,
+    evaluation and inference keep ``SimpleInferer`` and float32.
+    """
+
+    def __init__(self, enabled: Any = False) -> None:
+        self.enabled = as_bool(enabled, "cpu_bf16")
+
+    def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if not (self.enabled and inputs.device.type == "cpu"):
+            return network(inputs, *args, **kwargs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = network(inputs, *args, **kwargs)
+        return _as_float32(out)
 
 
 _EPOCH_RE = re.compile(r"checkpoint_epoch=(\d+)\.pt$")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hmn.losses import MultiLabelBCELoss
-from hmn.training import as_bool, label_tensor, latest_checkpoint, resolve_datalist
+from hmn.training import CPUAutocastInferer, as_bool, cpu_bf16_supported, label_tensor, latest_checkpoint, resolve_datalist
 
 
 def test_label_mask_becomes_ignored_entries():
@@ -42,3 +42,63 @@ def test_as_bool():
     assert not as_bool("false") and not as_bool(False) and not as_bool("0")
     with pytest.raises(ValueError, match="resume='maybe'"):
         as_bool("maybe", "resume")
+
+
+def test_cpu_bf16_supported_reads_the_cpu_flags():
+    x86 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse avx2 avx512f {}\n"
+    assert cpu_bf16_supported(x86.format("avx512_bf16 avx512_vnni"))
+    assert cpu_bf16_supported(x86.format("amx_bf16 amx_tile"))
+    assert not cpu_bf16_supported(x86.format("avx512_vnni avx512_fp16"))
+    assert cpu_bf16_supported("processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n")  # Arm
+    assert not cpu_bf16_supported("Features\t: fp asimd\nmodel name\t: bf16 avx512_bf16\n")  # only flag lines count
+    assert not cpu_bf16_supported("")
+
+
+def _small_net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.GELU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3),
+    )
+
+
+def test_cpu_autocast_inferer_off_is_the_plain_forward():
+    net, x = _small_net(), torch.randn(4, 1, 16, 16)
+    expected = net(x)
+    got = CPUAutocastInferer(enabled="false")(x, net)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    with pytest.raises(ValueError, match="cpu_bf16='maybe'"):
+        CPUAutocastInferer(enabled="maybe")
+
+
+def test_cpu_autocast_inferer_runs_bfloat16_and_returns_float32_with_gradients():
+    x = torch.randn(8, 1, 16, 16)
+    ref_net, net = _small_net(), _small_net()
+    ref = ref_net(x)
+    ref.sum().backward()
+    conv_dtypes = []
+    net[0].register_forward_hook(lambda m, i, o: conv_dtypes.append(o.dtype))
+    out = CPUAutocastInferer(enabled=True)(x, net)
+    assert conv_dtypes == [torch.bfloat16]  # the convolution ran in bfloat16
+    assert out.dtype == torch.float32  # the loss sees float32
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    out.sum().backward()
+    for (name, p), p_ref in zip(net.named_parameters(), ref_net.parameters()):
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), p_ref.grad.flatten(), dim=0)
+        assert cos > 0.99, (name, cos.item())
+
+
+def test_cpu_autocast_inferer_converts_nested_outputs():
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return {"fine": y, "pair": (y * 2, torch.arange(3))}
+
+    out = CPUAutocastInferer(enabled=True)(torch.randn(2, 4), TwoHeads())
+    assert out["fine"].dtype == torch.float32 and out["pair"][0].dtype == torch.float32
+    assert out["pair"][1].dtype == torch.int64

@@ -105,6 +105,21 @@ def test_bundle_is_valid_for_monai_tooling(name, demo_datalist):
         assert workflow.check_properties() == [], f"{name} {cfg}.json"
 
 
+def test_cpu_bf16_switch_reaches_the_training_inferer_only():
+    from monai.bundle import ConfigParser
+
+    from hmn.training import CPUAutocastInferer, cpu_bf16_supported
+
+    for override, expected in ((None, cpu_bf16_supported()), ("False", False), ("True", True)):
+        parser = ConfigParser()
+        parser.read_config(str(ROOT / "bundles/convnext_tiny/configs/train.json"))
+        if override is not None:
+            parser["cpu_bf16"] = override  # as `--cpu_bf16 False` sets it
+        inferer = parser.get_parsed_content("train#inferer")
+        assert isinstance(inferer, CPUAutocastInferer) and inferer.enabled is expected, override
+        assert type(parser.get_parsed_content("validate#inferer")).__name__ == "SimpleInferer"
+
+
 def test_readme_command_trains_and_records_the_curve(trained):
     models = sorted(p.name for p in (trained / "models").iterdir())
     assert models == ["checkpoint_epoch=2.pt", "model.pt"]
