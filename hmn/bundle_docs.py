@@ -87,7 +87,9 @@ autocast through `hmn.training.CPUAutocastInferer`; the loss, optimizer, validat
 inference stay float32. `--cpu_bf16 False` turns it off.
 
 Resume a run that was stopped (it continues after the last finished epoch, from
-`models/checkpoint_epoch=N.pt`, which holds the network, optimizer, scheduler and trainer state):
+`models/checkpoint_epoch=N.pt`, which holds the network, optimizer, scheduler and trainer state, the best
+validation score so far, so that `model.pt` is only replaced by a better model, and the early-stopping
+count; the resumed run's first checkpoint replaces the one it started from):
 
     python -m monai.bundle run training --config_file {cfg}/train.json --resume True
 

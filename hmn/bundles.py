@@ -143,7 +143,11 @@ def _val_postprocessing() -> dict:
 def train_config(name: str) -> dict:
     """``configs/train.json`` of bundle ``name``."""
     row = BUNDLES[name]
-    save_dict = {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "trainer": "@train#trainer"}
+    # best_model and early_stop: the best validation score so far and the early-stopping count, so that a
+    # resumed run neither overwrites model.pt with a worse model nor restarts its patience
+    save_dict = {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "trainer": "@train#trainer",
+                 "best_model": "$hmn.training.BestModelRecord(@validate#best_saver)",
+                 "early_stop": "$hmn.training.EarlyStopRecord(@validate#early_stop)"}
     return {
         "imports": [
             "$import os",
@@ -260,6 +264,7 @@ def train_config(name: str) -> dict:
                 "enabled": "@resume",
                 "load_dict": save_dict,
                 "map_location": "@device",
+                "saver": "@train#checkpoint",
             },
             "checkpoint": {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": save_dict, "save_interval": 1, "n_saved": 1},
             "handlers": [
@@ -314,15 +319,16 @@ def train_config(name: str) -> dict:
                 # rank 0 only from here on
                 {"_target_": "StatsHandler", "iteration_log": False},
                 {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
-                {
-                    "_target_": "CheckpointSaver",
-                    "save_dir": "@ckpt_dir",
-                    "save_dict": {"model": "@network"},
-                    "save_key_metric": True,
-                    "key_metric_filename": "model.pt",
-                },
+                "@validate#best_saver",
                 {"_target_": "hmn.training.MetricHistory", "filename": "$os.path.join(@output_dir, 'history.csv')"},
             ],
+            "best_saver": {
+                "_target_": "CheckpointSaver",
+                "save_dir": "@ckpt_dir",
+                "save_dict": {"model": "@network"},
+                "save_key_metric": True,
+                "key_metric_filename": "model.pt",
+            },
             "evaluator": {
                 "_target_": "SupervisedEvaluator",
                 "device": "@device",

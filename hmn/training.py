@@ -20,8 +20,10 @@ import torch
 from monai.inferers import Inferer
 
 __all__ = [
+    "BestModelRecord",
     "CACHE_MODES",
     "CPUAutocastInferer",
+    "EarlyStopRecord",
     "MetricHistory",
     "ResumeFromLatest",
     "as_bool",
@@ -220,11 +222,19 @@ class ResumeFromLatest:
     written each epoch by the bundle's ``CheckpointSaver``, so a killed run restarted with
     ``--resume true`` continues with the epoch after the last finished one. ``enabled`` with no
     checkpoint found starts from scratch and says so.
+
+    With ``saver`` (the bundle's per-epoch ``CheckpointSaver``), the loaded file is handed to it as the
+    checkpoint it last wrote, so the next epoch's checkpoint replaces it instead of leaving it behind. The
+    bundles' ``load_dict`` also restores the best validation score (:class:`BestModelRecord`) and the
+    early-stopping count (:class:`EarlyStopRecord`).
     """
 
-    def __init__(self, ckpt_dir: str, load_dict: Mapping[str, Any], enabled: bool = False, map_location: Any = None) -> None:
+    def __init__(
+        self, ckpt_dir: str, load_dict: Mapping[str, Any], enabled: bool = False, map_location: Any = None, saver: Any = None
+    ) -> None:
         self.ckpt_dir, self.load_dict, self.map_location = ckpt_dir, dict(load_dict), map_location
         self.enabled = as_bool(enabled, "resume")
+        self.saver = saver
         self.loaded_from: str | None = None
 
     def attach(self, engine: Any) -> None:
@@ -239,6 +249,68 @@ class ResumeFromLatest:
         logger.info("resuming from %s", path)
         CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location=self.map_location).attach(engine)
         self.loaded_from = path
+        if self.saver is not None:
+            interval = getattr(self.saver, "_interval_checkpoint", None)
+            if interval is None:
+                raise ValueError("ResumeFromLatest(saver=...) expects a CheckpointSaver with save_interval > 0")
+            epoch = int(_EPOCH_RE.search(os.path.basename(path)).group(1))
+            state = interval.state_dict()  # {"_saved": []} in ignite 0.5 ("saved" in earlier versions)
+            state[next(iter(state))] = [(epoch, os.path.basename(path))]
+            interval.load_state_dict(state)
+
+
+def _plain_number(value: Any) -> Any:
+    """Python ``float``/``int`` for numpy and 0-d tensor scores (MONAI's metrics return numpy scalars), which
+    ``torch.load(weights_only=True)``, as MONAI's ``CheckpointLoader`` uses it, refuses to read back."""
+    if hasattr(value, "item") and not isinstance(value, str):  # before float: numpy.float64 is a float subclass
+        return value.item()
+    return value
+
+
+class BestModelRecord:
+    """A checkpoint entry holding the best-model ``CheckpointSaver``'s record: the best key-metric score so
+    far and the file it was written to.
+
+    The bundles add it to every full-state checkpoint; on ``--resume`` the loader restores it, so the
+    resumed run compares its validations with the best one before the stop and does not overwrite
+    ``model.pt`` with a worse model. ``saver`` must be a MONAI ``CheckpointSaver`` with ``save_key_metric``.
+    """
+
+    def __init__(self, saver: Any) -> None:
+        self._checkpoint = getattr(saver, "_key_metric_checkpoint", None)
+        if self._checkpoint is None:
+            raise ValueError(f"BestModelRecord needs a CheckpointSaver with save_key_metric=True, got {saver!r}")
+
+    def state_dict(self) -> dict:
+        return {k: [(_plain_number(p), f) for p, f in v] for k, v in self._checkpoint.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._checkpoint.load_state_dict(state)
+
+
+class EarlyStopRecord:
+    """A checkpoint entry holding a MONAI ``EarlyStopHandler``'s count of validations without improvement
+    and its best score, so that early stopping on a resumed run counts on from before the stop.
+
+    The handler's trainer must be set (``set_trainer``) before the checkpoint is saved or loaded, as the
+    bundles' ``run`` does first.
+    """
+
+    def __init__(self, handler: Any) -> None:
+        if not hasattr(handler, "set_trainer"):
+            raise ValueError(f"EarlyStopRecord needs a MONAI EarlyStopHandler, got {handler!r}")
+        self.handler = handler
+
+    def _early_stopping(self) -> Any:
+        if self.handler._handler is None:
+            raise RuntimeError("EarlyStopRecord: call the EarlyStopHandler's set_trainer() before saving or loading")
+        return self.handler._handler
+
+    def state_dict(self) -> dict:
+        return {k: _plain_number(v) for k, v in self._early_stopping().state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._early_stopping().load_state_dict(state)
 
 
 class MetricHistory:

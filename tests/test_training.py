@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,69 @@ def test_cpu_autocast_inferer_converts_nested_outputs():
     out = CPUAutocastInferer(enabled=True)(torch.randn(2, 4), TwoHeads())
     assert out["fine"].dtype == torch.float32 and out["pair"][0].dtype == torch.float32
     assert out["pair"][1].dtype == torch.int64
+
+
+def _run_segment(ckpt_dir, scores, max_epochs, resume, patience=10):
+    """Train a 1-weight "network" whose weight is set to the epoch number, validate with the given score
+    per epoch, and save as the bundles do: best model by score, full state each epoch (n_saved=1)."""
+    from ignite.engine import Engine, Events
+    from monai.handlers import CheckpointSaver, EarlyStopHandler
+
+    from hmn.training import BestModelRecord, EarlyStopRecord, ResumeFromLatest
+
+    net = torch.nn.Linear(1, 1, bias=False)
+
+    def step(engine, batch):
+        with torch.no_grad():
+            net.weight.fill_(float(engine.state.epoch))
+
+    trainer = Engine(step)
+    evaluator = Engine(lambda e, b: None)
+
+    @evaluator.on(Events.EPOCH_STARTED)
+    def _score(engine):  # a numpy scalar, as MONAI's ROCAUC gives it
+        engine.state.metrics["auc"] = np.float64(scores[trainer.state.epoch - 1])
+
+    best = CheckpointSaver(str(ckpt_dir), {"model": net}, save_key_metric=True, key_metric_name="auc",
+                           key_metric_filename="model.pt")
+    best.attach(evaluator)
+    early = EarlyStopHandler(patience=patience, score_function=lambda e: e.state.metrics["auc"])
+    early.set_trainer(trainer)
+    early.attach(evaluator)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0]))
+    save_dict = {"model": net, "trainer": trainer, "best_model": BestModelRecord(best), "early_stop": EarlyStopRecord(early)}
+    saver = CheckpointSaver(str(ckpt_dir), save_dict, save_interval=1, n_saved=1)
+    ResumeFromLatest(str(ckpt_dir), save_dict, enabled=resume, saver=saver).attach(trainer)
+    saver.attach(trainer)
+    trainer.run([0, 1], max_epochs=max_epochs)
+    return trainer
+
+
+def test_resumed_run_keeps_the_best_score_and_replaces_the_old_checkpoint(tmp_path):
+    scores = [0.6, 0.9, 0.7, 0.8, 0.95]
+    _run_segment(tmp_path, scores, max_epochs=2, resume=False)  # "killed" after epoch 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=2.pt", "model.pt"]
+    trainer = _run_segment(tmp_path, scores, max_epochs=4, resume=True)
+    assert trainer.state.epoch == 4
+    # epochs 3 and 4 (0.7, 0.8) are worse than epoch 2 (0.9): model.pt is still epoch 2's weights
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].item() == 2.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=4.pt", "model.pt"]
+    _run_segment(tmp_path, scores, max_epochs=5, resume=True)  # epoch 5 beats it
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].item() == 5.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=5.pt", "model.pt"]
+
+
+def test_resumed_run_counts_early_stopping_patience_from_before_the_stop(tmp_path):
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
+    _run_segment(tmp_path, scores, max_epochs=2, resume=False, patience=2)  # one epoch without improvement
+    trainer = _run_segment(tmp_path, scores, max_epochs=6, resume=True, patience=2)
+    assert trainer.state.epoch == 3  # the second epoch without improvement stops it; a fresh count would reach 4
+
+
+def test_best_model_record_needs_a_key_metric_saver(tmp_path):
+    from monai.handlers import CheckpointSaver
+
+    from hmn.training import BestModelRecord
+
+    with pytest.raises(ValueError, match="save_key_metric=True"):
+        BestModelRecord(CheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, save_interval=1))

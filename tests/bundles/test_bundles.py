@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64
 SMALL = ["--image_size", str(SIZE), "--batch_size", "8", "--num_workers", "0"]
 # what the ConvNeXt bundles build when trained from scratch (hmn/bundles.py), written out here independently
-SCRATCH = {"norm": "batch", "ls_init_value": 1.0}
+SCRATCH = {"norm": "batch", "ls_init_value": 1.0, "stem": "conv"}
 
 
 def _configs(name: str, *files: str) -> str:
@@ -127,7 +127,7 @@ def test_readme_command_trains_and_records_the_curve(trained):
     assert [int(r["epoch"]) for r in history] == [1, 2]
     assert all(0.0 <= float(r["val_auc"]) <= 1.0 for r in history)
     state = torch.load(trained / "models" / "checkpoint_epoch=2.pt", weights_only=True)
-    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model", "early_stop"}
     assert state["trainer"]["epoch_length"] > 0
     assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]
 
@@ -162,8 +162,14 @@ def test_killed_training_resumes_without_losing_an_epoch(demo_datalist, tmp_path
     assert "resuming from" in out.stdout + out.stderr
     final = torch.load(tmp_path / "models" / "checkpoint_epoch=3.pt", weights_only=True)["trainer"]
     assert final["iteration"] == 3 * final["epoch_length"]
-    epochs = [int(r["epoch"]) for r in _read_csv(tmp_path / "runs" / "history.csv")]
+    history = _read_csv(tmp_path / "runs" / "history.csv")
+    epochs = [int(r["epoch"]) for r in history]
     assert epochs.count(1) == 1 and epochs[-1] == 3 and set(epochs) == {1, 2, 3}
+    # the resumed run replaced the checkpoint it started from, and knew the best score from before the stop
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_epoch=3.pt", "model.pt"]
+    last_per_epoch = {int(r["epoch"]): float(r["val_auc"]) for r in history}
+    (record,) = torch.load(tmp_path / "models" / "checkpoint_epoch=3.pt", weights_only=True)["best_model"].values()
+    assert len(record) == 1 and record[0][0] == pytest.approx(max(last_per_epoch.values()))  # (score, name)
 
 
 def test_multi_process_training_on_gloo(demo_datalist, tmp_path):
