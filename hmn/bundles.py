@@ -195,7 +195,8 @@ def train_config(name: str) -> dict:
         "pretrained": False,
         "backbone_options": dict(row.backbone_options),
         "hierarchical": False,
-        "num_coarse_classes": 4,
+        # the hierarchical head's coarse groups are those of the run's classes (4 for ChestX-ray14's 14)
+        "num_coarse_classes": "$len(hmn.losses.fine_to_coarse_indices(@class_names)[1]) if @hierarchical else 0",
         "network_def": {
             "_target_": "hmn.networks.HybridMedNet",
             "backbone": name,
@@ -402,7 +403,8 @@ def inference_config(name: str) -> dict:
         "pretrained": False,
         "backbone_options": train["backbone_options"],
         "hierarchical": False,
-        "num_coarse_classes": 4,
+        # the hierarchical head's coarse groups are those of the run's classes (4 for ChestX-ray14's 14)
+        "num_coarse_classes": "$len(hmn.losses.fine_to_coarse_indices(@class_names)[1]) if @hierarchical else 0",
         "network_def": train["network_def"],
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": _load_transforms()},

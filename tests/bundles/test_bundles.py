@@ -12,6 +12,7 @@ import functools
 import hashlib
 import http.server
 import json
+import math
 import os
 import shutil
 import signal
@@ -141,6 +142,31 @@ def test_every_other_bundle_trains(name, tiny_datalist, tmp_path):
     assert (tmp_path / "models" / "checkpoint_epoch=1.pt").is_file()
     assert (tmp_path / "models" / "model.pt").is_file()
     assert [r["epoch"] for r in _read_csv(tmp_path / "runs" / "history.csv")] == ["1"]
+
+
+def test_accumulation_hierarchical_head_and_persistent_cache(tiny_datalist, tmp_path):
+    """The train.json options the other runs leave at their defaults, through the bundle itself."""
+    from monai.bundle import run
+
+    from hmn.losses import fine_to_coarse_indices
+
+    run("training", config_file=str(ROOT / _configs("convnext_tiny", "train")), datalist=tiny_datalist,
+        bundle_root=str(tmp_path), max_epochs=2, image_size=SIZE, batch_size=2, cache="persistent",
+        accumulation_steps=3, hierarchical=True)
+    state = torch.load(tmp_path / "models" / "checkpoint_epoch=2.pt", weights_only=True)
+    iterations = state["trainer"]["epoch_length"]
+    assert iterations == 4  # 8 training images at batch 2
+    # an optimizer step every 3 iterations and at the end of each epoch: 2 per epoch, not 4
+    steps = {float(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert steps == {2 * math.ceil(iterations / 3)}
+    # the persistent cache holds one file per training image and per validation image
+    cached = list((tmp_path / "runs" / "cache").rglob("*.pt"))
+    assert len(cached) == 8 + 4
+    # the hierarchical head: one logit per class, then one per coarse group
+    classes = json.load(open(tiny_datalist))["class_names"]
+    n_groups = len(fine_to_coarse_indices(classes)[1])
+    head_bias = [v for k, v in state["model"].items() if k.startswith("head.") and k.endswith("bias")]
+    assert sorted(b.numel() for b in head_bias) == sorted([len(classes), n_groups])
 
 
 def test_killed_training_resumes_without_losing_an_epoch(demo_datalist, tmp_path):
