@@ -106,9 +106,9 @@ Evaluate `models/model.pt` (the best validation checkpoint) on the test split:
 Operating thresholds are Youden's on the evaluated split by default (`--thresholds youden`), or
 `--thresholds fixed` (0.5). To choose them on the validation split and apply them to the test split:
 
-    python -m monai.bundle run evaluating --config_file "['{cfg}/train.json','{cfg}/evaluate.json']" \
+    python -m monai.bundle run evaluating --config_file "['{cfg}/train.json','{cfg}/evaluate.json']" \\
         --eval_split validation --eval_dir {root}/runs/eval_validation
-    python -m monai.bundle run evaluating --config_file "['{cfg}/train.json','{cfg}/evaluate.json']" \
+    python -m monai.bundle run evaluating --config_file "['{cfg}/train.json','{cfg}/evaluate.json']" \\
         --thresholds {root}/runs/eval_validation/metrics.json
 
 Predict over a folder (searched recursively; DICOM, PNG, JPEG) or a datalist JSON:

@@ -246,6 +246,33 @@ def test_evaluation_report_files(trained, demo_datalist):
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_thresholds_chosen_on_validation_are_applied_to_test(trained, demo_datalist):
+    """The two-step workflow of the bundle README: Youden thresholds on the validation split, then the
+    test split evaluated at exactly those thresholds."""
+    cmd = _bundle_cmd("evaluating", _configs("convnext_tiny", "train", "evaluate"), "--datalist", demo_datalist,
+                      "--bundle_root", str(trained), "--n_bootstrap", "10", *SMALL)
+    val_dir, test_dir = trained / "runs" / "eval_validation", trained / "runs" / "eval_given"
+    _run(cmd + ["--eval_split", "validation", "--eval_dir", str(val_dir)])
+    _run(cmd + ["--thresholds", str(val_dir / "metrics.json"), "--eval_dir", str(test_dir)])
+    val = json.load(open(val_dir / "metrics.json"))
+    test = json.load(open(test_dir / "metrics.json"))
+    assert val["settings"]["threshold_method"] == "youden" and test["settings"]["threshold_method"] == "given"
+    assert test["settings"]["thresholds_from"] == str(val_dir / "metrics.json")
+    splits = json.load(open(demo_datalist))
+    assert (val["n_images"], test["n_images"]) == (len(splits["validation"]), len(splits["test"]))
+    thresholds = {c["class"]: c["threshold"] for c in val["per_class"]}
+    assert {c["class"]: c["threshold"] for c in test["per_class"]} == thresholds
+    preds = _read_csv(test_dir / "predictions.csv")
+    for c in test["per_class"]:  # the confusion counts are those of the given threshold on the test predictions
+        t, name = thresholds[c["class"]], c["class"]
+        if t is None:
+            continue
+        known = [r for r in preds if r[f"{name}_label"] not in ("", "-1", "-1.0")]
+        tp = sum(float(r[f"{name}_prob"]) >= t and float(r[f"{name}_label"]) == 1 for r in known)
+        fp = sum(float(r[f"{name}_prob"]) >= t and float(r[f"{name}_label"]) == 0 for r in known)
+        assert (c["tp"], c["fp"]) == (tp, fp), name
+
+
 def test_inference_csv_rows_and_bad_file(trained, demo_datalist, tmp_path):
     from monai.transforms import Compose, Resized
 
