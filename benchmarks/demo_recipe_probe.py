@@ -53,9 +53,11 @@ CONFIGS: dict[str, dict] = {
     "bn-stem lr2e-4": dict(bn_stem=True),
     "bn-stem lr1e-3": dict(bn_stem=True, lr=1e-3),
     "bn-stem ls1.0 lr2e-4": dict(bn_stem=True, ls=1.0),
-    # backbone_options={"norm": "batch", "ls_init_value": 1.0}: what the ConvNeXt bundles now use
+    # backbone_options={"norm": "batch", "ls_init_value": 1.0}: the ConvNeXt bundles' first from-scratch recipe
     "bn-all ls1.0 lr2e-4": dict(options={"norm": "batch", "ls_init_value": 1.0}),
     "bn-all ls1.0 lr1e-3": dict(options={"norm": "batch", "ls_init_value": 1.0}, lr=1e-3),
+    # ... with the overlapping conv stem: what the ConvNeXt bundles use now
+    "bn-all ls1.0 conv-stem lr2e-4": dict(options={"norm": "batch", "ls_init_value": 1.0, "stem": "conv"}),
     "stem-bias1 lr2e-4": dict(stem_bias=1.0),
     "centered lr2e-4": dict(center=True),
     "centered lr1e-3": dict(center=True, lr=1e-3),
@@ -190,7 +192,7 @@ def features(data) -> None:
         ("convnext_tiny, layer scale 1.0", "convnext_tiny", dict(ls_init_value=1.0), False),
         ("convnext_tiny, no stem norm", "convnext_tiny", {}, True),
         ("convnext_tiny, no stem norm, layer scale 1.0", "convnext_tiny", dict(ls_init_value=1.0), True),
-        ("convnext_tiny, BatchNorm everywhere, layer scale 1.0 (the bundles')", "convnext_tiny", "bundle", False),
+        ("convnext_tiny, BatchNorm everywhere, layer scale 1.0", "convnext_tiny", "bundle", False),
     ]
     for label, name, kw, drop_stem_norm in variants:
         torch.manual_seed(0)
