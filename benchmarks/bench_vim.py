@@ -6,7 +6,8 @@
 
 Part 1, the scan at Vim-tiny's width (inner width 384, state 16) at the token counts of 224x224 and
 512x512 inputs (197 and 1025 tokens): time of the forward pass (no autograd) and of forward + backward
-for the chunked PyTorch scan, the sequential reference and, on CUDA with mamba_ssm, its kernel; the
+for the chunked PyTorch scan, the sequential reference, on a CPU the fused C++ kernel (``impl="cpu_kernel"``,
+built on first use where a C++ compiler is found) and, on CUDA with mamba_ssm, its kernel; the
 peak memory of forward + backward and the bytes autograd keeps for the backward pass.
 
 Memory is measured, not estimated: on CPU with the PyTorch profiler's allocation records (every
@@ -42,7 +43,9 @@ from _machine import cpu_name
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from hmn.networks.backbones import build_backbone  # noqa: E402
+from hmn.networks import selective_scan as ss  # noqa: E402
 from hmn.networks.selective_scan import (  # noqa: E402
+    cpu_kernel_available,
     mamba_ssm_available,
     release_workspace,
     selective_scan,
@@ -143,6 +146,11 @@ def scan_inputs(batch: int, length: int, device: torch.device, seed: int = 0) ->
 
 def bench_scans(device: torch.device, batch: int, lengths: list[int], repeats: int, ref_repeats: int) -> list[str]:
     impls: dict[str, Callable] = {"chunked": selective_scan_chunked, "ref (sequential)": selective_scan_ref}
+    if device.type == "cpu":
+        if cpu_kernel_available():  # builds it (about half a minute the first time) before any timing
+            impls = {"fused CPU kernel": lambda *a, **k: selective_scan(*a, impl="cpu_kernel", **k), **impls}
+        else:
+            print(f"fused CPU kernel: not measured, {ss._load_cpu_kernel()[1]}", flush=True)
     if device.type == "cuda" and mamba_ssm_available():
         impls["mamba_ssm kernel"] = lambda *a, **k: selective_scan(*a, impl="cuda", **k)
     rows = [
@@ -259,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(header), flush=True)
     out = header + bench_scans(device, args.scan_batch, lengths, repeats, ref_repeats) + [""]
     if not args.skip_models:
-        vim_impls = ["auto"]
+        vim_impls = ["auto"] + (["cpu_kernel"] if cpu_kernel_available() else [])
         if device.type == "cuda":
             vim_impls = ["chunked"] + (["cuda"] if mamba_ssm_available() else [])
         out += bench_models(device, args.model_batch, sizes, repeats, not args.no_train, vim_impls) + [""]

@@ -46,6 +46,14 @@ def bundle_readme(name: str, row: Any, train: dict) -> str:
             "and keep that override for evaluation and inference."
         )
     source = f"timm `{spec.timm_name}`" if spec.timm_name else "the project's own implementation, `hmn.networks.vim`"
+    if spec.family == "vim":
+        scratch += (
+            "\n\nThe selective scan runs through `mamba_ssm`'s kernel on a GPU where it is installed, otherwise "
+            "through the project's chunked PyTorch scan. On a CPU with a C++ compiler, "
+            "`--backbone_options '{\"scan_impl\": \"cpu_kernel\"}'` uses the project's fused C++ scan instead "
+            "(compiled on first use, about half a minute; a Vim-tiny training step about 2x faster in the "
+            "repository's BENCHMARKS.md); where it cannot be built, the run stops and says why."
+        )
     return f"""# HybridMedNet bundle: `{name}`
 
 Multi-label classification of chest radiographs with HybridMedNet over a {spec.description or name}

@@ -200,6 +200,11 @@ BACKBONE_OPTIONS: dict[str, dict[str, str]] = {
         "stem": "'patch' (the published ConvNeXt: one 4x4 convolution at stride 4) or 'conv': two overlapping 3x3 "
         "convolutions at stride 2 (BatchNorm and GELU between them), same output; for training from scratch",
     },
+    "vim": {
+        "scan_impl": "the selective scan of every block: 'auto' (default: mamba_ssm's kernel on CUDA where it "
+        "imports, else the chunked PyTorch scan), 'chunked', 'ref', 'cuda' or 'cpu_kernel' (the fused C++ "
+        "kernel, compiled on first use; several times faster on a CPU)",
+    },
 }
 
 

@@ -9,7 +9,7 @@ For every batch element ``b`` and channel ``d`` the scan runs the discretized st
 with a per-token step size ``delta`` (optionally ``softplus(delta + delta_bias)``), a fixed diagonal
 ``A < 0`` and input-dependent ``B`` and ``C`` (Mamba's zero-order hold for ``A``, Euler for ``B``).
 
-Three implementations with one signature, that of ``mamba_ssm``'s ``selective_scan_fn`` so the CUDA path
+Four implementations with one signature, that of ``mamba_ssm``'s ``selective_scan_fn`` so the CUDA path
 is a direct call:
 
 * :func:`selective_scan_ref`: the sequential recurrence, one token at a time; the reference for tests.
@@ -23,20 +23,27 @@ is a direct call:
   decay matrix per channel and state). A custom autograd function keeps only its inputs and recomputes
   the states in the backward pass (itself a reverse linear scan), so memory stays linear in the sequence
   length, with no ``L x L`` or chunk x chunk tensor anywhere.
+* :func:`selective_scan_cpu_kernel` (``impl="cpu_kernel"``): the recurrence fused into one C++ loop per
+  (batch, channel) row (``csrc/selective_scan_cpu.cpp``), compiled for this CPU on first use by
+  ``torch.utils.cpp_extension`` (needs a C++ compiler; about half a minute, then cached). Input-dependent
+  ``B``/``C`` of one group only (Vim's case). Opt-in: ``"auto"`` never compiles anything.
 * ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (``impl="cuda"``).
 
 :func:`selective_scan` dispatches: ``impl="auto"`` uses the CUDA kernel when ``mamba_ssm`` imports with its
 compiled extension and the tensors are on a CUDA device, otherwise the chunked scan, and logs once which
-path it took. Asking for ``impl="cuda"`` where it is unavailable raises :class:`SelectiveScanUnavailableError`.
+path it took. Asking for ``impl="cuda"`` or ``impl="cpu_kernel"`` where it is unavailable raises
+:class:`SelectiveScanUnavailableError` saying why.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import math
 import threading
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,16 +51,18 @@ import torch.nn.functional as F
 __all__ = [
     "SelectiveScanUnavailableError",
     "SCAN_IMPLS",
+    "cpu_kernel_available",
     "mamba_ssm_available",
     "release_workspace",
     "selective_scan",
     "selective_scan_chunked",
+    "selective_scan_cpu_kernel",
     "selective_scan_ref",
 ]
 
 logger = logging.getLogger(__name__)
 
-SCAN_IMPLS = ("auto", "ref", "chunked", "cuda")
+SCAN_IMPLS = ("auto", "ref", "chunked", "cuda", "cpu_kernel")
 
 _LOG2E = 1.4426950408889634
 
@@ -512,6 +521,117 @@ def selective_scan_chunked(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The fused CPU kernel (C++, compiled on first use).
+# ----------------------------------------------------------------------------------------------------------
+
+_CPU_KERNEL_SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
+
+
+def _cpu_tag() -> str:
+    """A short hash of this CPU's feature flags: the kernel is built with ``-march=native``, so a build
+    cached in a home folder shared with another kind of CPU must not be reused there."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return hashlib.sha1(flags.encode()).hexdigest()[:8]
+
+
+@functools.lru_cache(maxsize=None)
+def _load_cpu_kernel() -> tuple[Any | None, str]:
+    """``(module, "")`` once the fused CPU kernel is built (or found in torch's extension cache), else ``(None, why)``."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        module = load(
+            name=f"hmn_selective_scan_cpu_{_cpu_tag()}",
+            sources=[str(_CPU_KERNEL_SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
+            verbose=False,
+        )
+    except Exception as err:  # no compiler, no ninja, a failed build: say which
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return None, f"the fused CPU kernel could not be built here ({type(err).__name__}: {first})"
+    return module, ""
+
+
+def cpu_kernel_available() -> bool:
+    """Whether the fused CPU kernel (``impl="cpu_kernel"``) can be used; builds it on the first call."""
+    return _load_cpu_kernel()[0] is not None
+
+
+class _CpuKernelScanFn(torch.autograd.Function):
+    """The fused kernel as an autograd function. ``u, delta, z`` (batch, channels, L), ``A`` (channels, N),
+    ``Bt, Ct`` (batch, L, N), ``D, bias`` (channels) or None, all contiguous in one dtype -> the gated output
+    (batch, channels, L) and the last state (batch, channels, N)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, Bt, Ct, D, z, bias, softplus):
+        out, last = _load_cpu_kernel()[0].forward(u, delta, A, Bt, Ct, D, z, bias, softplus)
+        ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, bias)
+        ctx.softplus = softplus
+        ctx.set_materialize_grads(False)
+        return out, last
+
+    @staticmethod
+    def backward(ctx, dout, dlast):
+        u, delta, A, Bt, Ct, D, z, bias = ctx.saved_tensors
+        dout = torch.zeros_like(u) if dout is None else dout.contiguous()
+        dlast = None if dlast is None else dlast.contiguous()
+        du, ddelta, dA, dB, dC, dD, dz, dbias = _load_cpu_kernel()[0].backward(
+            u, delta, A, Bt, Ct, D, z, bias, ctx.softplus, dout, dlast, torch.get_num_threads()
+        )
+        none_if_absent = lambda g, t: g if t is not None else None  # noqa: E731
+        return du, ddelta, dA, dB, dC, none_if_absent(dD, D), none_if_absent(dz, z), none_if_absent(dbias, bias), None
+
+
+@_outside_autocast
+def selective_scan_cpu_kernel(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The selective scan by the fused C++ kernel: same arguments and results as :func:`selective_scan_ref`,
+    for CPU tensors with input-dependent ``B`` and ``C`` of shape ``(batch, N, L)``.
+
+    Raises :class:`SelectiveScanUnavailableError` (saying why) where the kernel cannot be built, the tensors
+    are not on the CPU, or ``B``/``C`` have another layout.
+    """
+    _check_args(u, delta, A, B, C, D, z, delta_bias)
+    if u.device.type != "cpu":
+        raise SelectiveScanUnavailableError(f"selective scan impl='cpu_kernel' needs CPU tensors, got tensors on {u.device}")
+    if B.dim() != 3 or C.dim() != 3:
+        raise SelectiveScanUnavailableError(
+            "selective scan impl='cpu_kernel' covers input-dependent B and C of shape (batch, state, length) only, "
+            f"got B {tuple(B.shape)} and C {tuple(C.shape)}; use impl='chunked'"
+        )
+    kernel, why = _load_cpu_kernel()
+    if kernel is None:
+        raise SelectiveScanUnavailableError(f"selective scan impl='cpu_kernel' was asked for but {why}; use impl='chunked'")
+    dtype = _compute_dtype(u.dtype)
+
+    def prep(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(dtype).contiguous()
+
+    out, last = _CpuKernelScanFn.apply(
+        prep(u), prep(delta), prep(A), prep(B.transpose(1, 2)), prep(C.transpose(1, 2)),
+        prep(D), prep(z), prep(delta_bias), bool(delta_softplus),
+    )  # fmt: skip
+    out = out.to(u.dtype)
+    if return_last_state:
+        return out, last
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The mamba_ssm CUDA kernel and the dispatcher.
 # ----------------------------------------------------------------------------------------------------------
 
@@ -559,8 +679,9 @@ def selective_scan(
 
     Args:
         impl: ``"auto"`` (the ``mamba_ssm`` CUDA kernel for CUDA tensors where it imports, else
-            ``"chunked"``), ``"chunked"``, ``"ref"`` (sequential) or ``"cuda"`` (``mamba_ssm``; raises
-            :class:`SelectiveScanUnavailableError` where it cannot run).
+            ``"chunked"``), ``"chunked"``, ``"ref"`` (sequential), ``"cuda"`` (``mamba_ssm``) or
+            ``"cpu_kernel"`` (the fused C++ kernel, built on first use); the last two raise
+            :class:`SelectiveScanUnavailableError` where they cannot run.
     """
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if impl == "auto":
@@ -575,6 +696,8 @@ def selective_scan(
         return selective_scan_chunked(*args)
     if impl == "ref":
         return selective_scan_ref(*args)
+    if impl == "cpu_kernel":
+        return selective_scan_cpu_kernel(*args)
     if impl == "cuda":
         kernel, why = _load_mamba_kernel()
         if kernel is None:

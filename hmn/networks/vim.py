@@ -533,6 +533,7 @@ def build_vim(
     in_channels: int = 1,
     img_size: int | Sequence[int] = 224,
     pretrained: Pretrained = False,
+    options: dict | None = None,
     **kwargs,
 ) -> VimBackbone:
     """Builds the Vim backbone of a registry row (``embed_dim``, ``depth`` and any other
@@ -540,7 +541,8 @@ def build_vim(
 
     ``pretrained``: ``False``, or the path of a local checkpoint (see :func:`load_vim_checkpoint`); ``True``
     raises :class:`PretrainedWeightsError`, since no model hub serves Vim weights. Extra keyword arguments
-    (``scan_impl``, ``drop_path_rate``, ``out_indices``) go to :class:`VimBackbone`.
+    (``scan_impl``, ``drop_path_rate``, ``out_indices``) go to :class:`VimBackbone`; so do ``options``
+    (``scan_impl``, as :data:`hmn.networks.backbones.BACKBONE_OPTIONS` lists for the family).
     """
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 or 3 for a Vim backbone, got {in_channels!r}")
@@ -555,6 +557,7 @@ def build_vim(
     config = dict(spec.extra)
     if "embed_dim" not in config or "depth" not in config:
         raise ValueError(f"backbone row {spec.name!r} needs embed_dim and depth in its extra, got {config!r}")
+    config.update(options or {})
     config.update(kwargs)
     net = VimBackbone(in_channels=in_channels, img_size=img_size, **config)
     if isinstance(pretrained, (str, os.PathLike)):

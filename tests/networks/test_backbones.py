@@ -123,7 +123,7 @@ def test_convnext_batch_norm_option_replaces_every_layer_norm():
 def test_backbone_options_are_checked():
     with pytest.raises(ValueError, match=r"'resnet34' does not take the option\(s\) \['norm'\]; it takes no options"):
         build_backbone("resnet34", options={"norm": "batch"})
-    with pytest.raises(ValueError, match=r"'vim_tiny' does not take the option\(s\) \['norm'\]; it takes no options"):
+    with pytest.raises(ValueError, match=r"'vim_tiny' does not take the option\(s\) \['norm'\]; it accepts \['scan_impl'\]"):
         build_backbone("vim_tiny", options={"norm": "batch"})
     with pytest.raises(ValueError, match=r"does not take the option\(s\) \['depth'\]; it accepts \['ls_init_value', 'norm', 'stem'\]"):
         build_backbone("convnext_tiny", options={"depth": 3})

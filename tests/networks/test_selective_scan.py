@@ -16,6 +16,7 @@ from hmn.networks.selective_scan import (
     mamba_ssm_available,
     selective_scan,
     selective_scan_chunked,
+    selective_scan_cpu_kernel,
     selective_scan_ref,
 )
 
@@ -215,7 +216,7 @@ def test_cuda_impl_where_unavailable_says_why():
     # CPU tensors: either mamba_ssm is missing or the tensors are not on a GPU; both are named.
     with pytest.raises(SelectiveScanUnavailableError, match=r"impl='cuda'.*(does not import|needs CUDA tensors)"):
         selective_scan(*args, impl="cuda")
-    with pytest.raises(ValueError, match="unknown selective scan impl 'fast'; valid: auto, ref, chunked, cuda"):
+    with pytest.raises(ValueError, match="unknown selective scan impl 'fast'; valid: auto, ref, chunked, cuda, cpu_kernel"):
         selective_scan(*args, impl="fast")
 
 
@@ -291,3 +292,65 @@ def test_softplus_matches_log1p_exp_everywhere():
     # float32: a few ulp, and absolute for the subnormal results (x below about -87)
     f32 = torch.finfo(torch.float32)
     torch.testing.assert_close(softplus(x32), expected32, rtol=4 * f32.eps, atol=f32.tiny)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fused CPU kernel (compiled on first use; skipped, with the reason, where no C++ toolchain builds it).
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cpu_kernel():
+    kernel, why = ss._load_cpu_kernel()
+    if kernel is None:
+        pytest.skip(why)
+    return kernel
+
+
+@pytest.mark.parametrize("state", [16, 5])  # the compile-time state size of Vim, and the generic loop
+@pytest.mark.parametrize("length", [1, 2, 9, 64, 197])
+@pytest.mark.parametrize("options", ["plain", "softplus", "full"])
+def test_cpu_kernel_matches_the_reference(cpu_kernel, state, length, options):
+    """float64: values, last state and the gradients of every input, with and without z, D, bias, softplus."""
+    inputs = make_inputs(dim=6, state=state, length=length, seed=length + state)
+    kw = dict(with_z=options == "full", with_d=options == "full", with_bias=options != "plain", softplus=options != "plain")
+    ref = run(selective_scan_ref, inputs, **kw)
+    assert_same(run(selective_scan_cpu_kernel, inputs, **kw), ref)
+    assert_same(run(lambda *a, **k: selective_scan(*a, impl="cpu_kernel", **k), inputs, **kw), ref)  # the dispatcher
+
+
+def test_cpu_kernel_partial_sums_over_threads(cpu_kernel):
+    """dA, dB, dC, dD and the bias gradient are summed over rows by several workers."""
+    inputs = make_inputs(batch=3, dim=10, state=16, length=33, seed=3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert_same(run(selective_scan_cpu_kernel, inputs), run(selective_scan_ref, inputs))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_kernel_float32_and_extreme_steps(cpu_kernel):
+    inputs = make_inputs(dim=16, state=16, length=197, seed=11, delta_shift=4.0, a_scale=50.0)
+    ref, last_ref, _ = run(selective_scan_ref, inputs, grad=False)
+    out, last, grads = run(selective_scan_cpu_kernel, {k: v.float() for k, v in inputs.items()})
+    assert out.dtype == torch.float32 and all(torch.isfinite(g).all() for g in grads.values())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    torch.testing.assert_close(last.double(), last_ref, rtol=1e-4, atol=1e-4 * last_ref.abs().max().item())
+
+
+def test_cpu_kernel_says_what_it_does_not_cover(cpu_kernel):
+    inputs = make_inputs(layout="fixed_b", length=5)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
+    with pytest.raises(SelectiveScanUnavailableError, match=r"impl='cpu_kernel' covers input-dependent B and C"):
+        selective_scan(*args, impl="cpu_kernel")
+    with pytest.raises(ValueError, match=r"delta must have the shape of u"):
+        selective_scan_cpu_kernel(args[0], args[1][..., :3], *args[2:])
+
+
+def test_cpu_kernel_unavailable_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.setattr(ss, "_load_cpu_kernel", lambda: (None, "the fused CPU kernel could not be built here (no compiler)"))
+    inputs = make_inputs(length=5)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
+    with pytest.raises(SelectiveScanUnavailableError, match=r"impl='cpu_kernel' was asked for but .*no compiler"):
+        selective_scan(*args, impl="cpu_kernel")

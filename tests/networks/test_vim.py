@@ -208,6 +208,29 @@ def test_reference_and_chunked_scans_give_the_same_model():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+def test_fused_cpu_kernel_gives_the_same_model_and_is_a_backbone_option():
+    from hmn.networks import selective_scan as ss
+
+    kernel, why = ss._load_cpu_kernel()
+    if kernel is None:
+        pytest.skip(why)
+    net = randomize_(small_backbone(), seed=4).double()
+    x = torch.randn(2, 1, 64, 48, dtype=F64)
+    results = []
+    for impl in ("ref", "cpu_kernel"):
+        net.trunk.set_scan_impl(impl)
+        net.zero_grad(set_to_none=True)
+        feats = net(x)
+        sum(f.square().mean() for f in feats).backward()
+        results.append(([f.detach() for f in feats], [p.grad.clone() for p in net.parameters()]))
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    built = build_backbone("vim_tiny", img_size=64, options={"scan_impl": "cpu_kernel"})
+    assert {layer.mixer.scan_impl for layer in built.trunk.layers} == {"cpu_kernel"}
+    with pytest.raises(ValueError, match="unknown scan_impl 'fused'"):
+        build_backbone("vim_tiny", img_size=64, options={"scan_impl": "fused"})
+
+
 def test_registry_rows():
     assert backbone_names("vim") == VIM_NAMES
     for name in VIM_NAMES:
