@@ -23,8 +23,9 @@ is a direct call:
   decay matrix per channel and state). A custom autograd function keeps only its inputs and recomputes
   the states in the backward pass (itself a reverse linear scan), so memory stays linear in the sequence
   length, with no ``L x L`` or chunk x chunk tensor anywhere.
-* :func:`selective_scan_cpu_kernel` (``impl="cpu_kernel"``): the recurrence fused into one C++ loop per
-  (batch, channel) row (``csrc/selective_scan_cpu.cpp``), compiled for this CPU on first use by
+* :func:`selective_scan_cpu_kernel` (``impl="cpu_kernel"``): the whole scan (step size, recurrence, skip,
+  gate) fused into one C++ loop per (batch, channel) row, vectorized over the states
+  (``csrc/selective_scan_cpu.cpp``), compiled for this CPU on first use by
   ``torch.utils.cpp_extension`` (needs a C++ compiler; about half a minute, then cached). Input-dependent
   ``B``/``C`` of one group only (Vim's case). Opt-in: ``"auto"`` never compiles anything.
 * ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (``impl="cuda"``).

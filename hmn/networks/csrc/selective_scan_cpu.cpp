@@ -10,8 +10,8 @@
 // Shapes (contiguous): u, delta (batch, channels, L); A (channels, N); Bt, Ct (batch, L, N), i.e. B and C
 // input-dependent and shared by all channels (one group). The state of one row lives in registers; the
 // backward pass keeps the row's L states in a small per-thread buffer and runs the adjoint recurrence
-// backwards. dA, dB and dC are sums over rows; each worker writes its own partial sums, which the caller
-// adds up.
+// backwards. dA, dB, dC, dD and the bias gradient are sums over rows; each worker writes its own partial
+// sums, which are added up at the end.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
