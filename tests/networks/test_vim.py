@@ -193,19 +193,23 @@ def small_backbone(**kw) -> VimBackbone:
     return VimBackbone(**args)
 
 
-def test_reference_and_chunked_scans_give_the_same_model():
-    torch.manual_seed(3)
-    net = randomize_(small_backbone(), seed=3).double()
+def assert_scans_give_the_same_model(net: VimBackbone, impls: tuple[str, str]) -> None:
+    """float64 features and every parameter gradient of ``net`` with each scan implementation agree."""
     x = torch.randn(2, 1, 64, 48, dtype=F64)
     results = []
-    for impl in ("ref", "chunked"):
+    for impl in impls:
         net.trunk.set_scan_impl(impl)
         net.zero_grad(set_to_none=True)
         feats = net(x)
         sum(f.square().mean() for f in feats).backward()
-        results.append(([f.detach() for f in feats], [p.grad.clone() for p in net.parameters()]))
-    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        results.append([f.detach() for f in feats] + [p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_reference_and_chunked_scans_give_the_same_model():
+    torch.manual_seed(3)
+    assert_scans_give_the_same_model(randomize_(small_backbone(), seed=3).double(), ("ref", "chunked"))
 
 
 def test_fused_cpu_kernel_gives_the_same_model_and_is_a_backbone_option():
@@ -214,17 +218,8 @@ def test_fused_cpu_kernel_gives_the_same_model_and_is_a_backbone_option():
     kernel, why = ss._load_cpu_kernel()
     if kernel is None:
         pytest.skip(why)
-    net = randomize_(small_backbone(), seed=4).double()
-    x = torch.randn(2, 1, 64, 48, dtype=F64)
-    results = []
-    for impl in ("ref", "cpu_kernel"):
-        net.trunk.set_scan_impl(impl)
-        net.zero_grad(set_to_none=True)
-        feats = net(x)
-        sum(f.square().mean() for f in feats).backward()
-        results.append(([f.detach() for f in feats], [p.grad.clone() for p in net.parameters()]))
-    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    torch.manual_seed(4)
+    assert_scans_give_the_same_model(randomize_(small_backbone(), seed=4).double(), ("ref", "cpu_kernel"))
     built = build_backbone("vim_tiny", img_size=64, options={"scan_impl": "cpu_kernel"})
     assert {layer.mixer.scan_impl for layer in built.trunk.layers} == {"cpu_kernel"}
     with pytest.raises(ValueError, match="unknown scan_impl 'fused'"):
