@@ -526,6 +526,9 @@ def selective_scan_chunked(
 # ----------------------------------------------------------------------------------------------------------
 
 _CPU_KERNEL_SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.cpp"
+# The kernel's float forward pass has an AVX-512 loop where the compiler targets it and a portable one
+# otherwise; True runs the portable loop everywhere (the tests use it so both loops are checked on one CPU).
+_CPU_KERNEL_PORTABLE_LOOP = False
 
 
 def _cpu_tag() -> str:
@@ -539,22 +542,47 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:8]
 
 
+def _cpu_kernel_flags(openmp: bool) -> list[str]:
+    # -fopenmp: torch's at::parallel_for is inline code that uses OpenMP pragmas when torch's parallel
+    # backend is OpenMP; without the flag the kernel compiles but runs on one thread. Its GOMP calls resolve
+    # to the OpenMP runtime torch already loaded, so torch.set_num_threads governs the kernel too.
+    return ["-O3", "-march=native", "-ffast-math", "-fopenmp" if openmp else "-fopenmp-simd"]
+
+
 @functools.lru_cache(maxsize=None)
 def _load_cpu_kernel() -> tuple[Any | None, str]:
-    """``(module, "")`` once the fused CPU kernel is built (or found in torch's extension cache), else ``(None, why)``."""
+    """``(module, "")`` once the fused CPU kernel is built (or found in torch's extension cache), else ``(None, why)``.
+
+    Where torch's threads are OpenMP's, the kernel is built with ``-fopenmp``; if that build fails (a
+    compiler without OpenMP), it is built without it and a warning says the kernel will run on one thread.
+    """
     try:
         from torch.utils.cpp_extension import load
-
-        module = load(
-            name=f"hmn_selective_scan_cpu_{_cpu_tag()}",
-            sources=[str(_CPU_KERNEL_SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"],
-            verbose=False,
-        )
-    except Exception as err:  # no compiler, no ninja, a failed build: say which
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return None, f"the fused CPU kernel could not be built here ({type(err).__name__}: {first})"
-    return module, ""
+    except Exception as err:
+        return None, f"the fused CPU kernel could not be built here ({type(err).__name__}: {err})"
+    name = f"hmn_selective_scan_cpu_{_cpu_tag()}"
+    openmp_backend = torch.backends.openmp.is_available()
+    failures = []
+    for openmp in ([True, False] if openmp_backend else [False]):
+        try:
+            module = load(
+                name=name if openmp or not openmp_backend else f"{name}_serial",
+                sources=[str(_CPU_KERNEL_SOURCE)],
+                extra_cflags=_cpu_kernel_flags(openmp),
+                verbose=False,
+            )
+        except Exception as err:  # no compiler, no ninja, a failed build: say which
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            failures.append(f"{'with' if openmp else 'without'} OpenMP: {type(err).__name__}: {first}")
+            continue
+        if failures:
+            logger.warning(
+                "the fused CPU selective scan kernel could not be built with OpenMP (%s); it was built without "
+                "and runs on one thread",
+                failures[0],
+            )
+        return module, ""
+    return None, f"the fused CPU kernel could not be built here ({'; '.join(failures)})"
 
 
 def cpu_kernel_available() -> bool:
@@ -569,7 +597,7 @@ class _CpuKernelScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, Bt, Ct, D, z, bias, softplus):
-        out, last = _load_cpu_kernel()[0].forward(u, delta, A, Bt, Ct, D, z, bias, softplus)
+        out, last = _load_cpu_kernel()[0].forward(u, delta, A, Bt, Ct, D, z, bias, softplus, _CPU_KERNEL_PORTABLE_LOOP)
         ctx.save_for_backward(u, delta, A, Bt, Ct, D, z, bias)
         ctx.softplus = softplus
         ctx.set_materialize_grads(False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import pytest
 import torch
@@ -337,6 +338,95 @@ def test_cpu_kernel_float32_and_extreme_steps(cpu_kernel):
     assert out.dtype == torch.float32 and all(torch.isfinite(g).all() for g in grads.values())
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     torch.testing.assert_close(last.double(), last_ref, rtol=1e-4, atol=1e-4 * last_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("loop", ["default", "portable"])
+@pytest.mark.parametrize("state", [16, 5])
+def test_cpu_kernel_float32_blocks_match_the_reference(cpu_kernel, monkeypatch, loop, state):
+    """float32 through both forward loops (AVX-512 intrinsics where built, and the portable one): 2 images x 40
+    channels, so two full 16-channel blocks and a partial one per image; every fifth raw step size drawn from
+    -30..30 so softplus, 2^x and sigmoid are exercised far from 0. Output, last state and every gradient
+    within 3e-6 of the float64 reference, relative to its largest value (the reference's own float32 run
+    is within about 3e-7)."""
+    monkeypatch.setattr(ss, "_CPU_KERNEL_PORTABLE_LOOP", loop == "portable")
+    inputs = make_inputs(batch=2, dim=40, state=state, length=197, seed=5)
+    g = torch.Generator().manual_seed(6)
+    wide = torch.rand(2, 40, 197, generator=g, dtype=F64) * 60 - 30
+    small = torch.randn(2, 40, 197, generator=g, dtype=F64) * 0.5 - 1
+    inputs["delta"] = torch.where(torch.arange(197) % 5 == 0, wide, small)
+    ref_out, ref_last, ref_grads = run(selective_scan_ref, inputs)
+    out, last, grads = run(selective_scan_cpu_kernel, {k: v.float() for k, v in inputs.items()})
+    assert out.dtype == last.dtype == torch.float32
+
+    def rel_err(got, want):
+        return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+    assert rel_err(out, ref_out) < 3e-6
+    assert rel_err(last, ref_last) < 3e-6
+    assert grads.keys() == ref_grads.keys()
+    for k in ref_grads:
+        assert rel_err(grads[k], ref_grads[k]) < 3e-6, k
+
+
+def test_cpu_kernel_takes_the_avx512_loop_where_the_cpu_has_it(cpu_kernel):
+    """The kernel is built with -march=native: on a CPU with AVX-512F its float forward pass must use it."""
+    if not os.path.exists("/proc/cpuinfo"):
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    assert cpu_kernel.vector_path() == ("avx512" if "avx512f" in flags else "portable")
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two CPU cores")
+def test_cpu_kernel_runs_on_torchs_threads(cpu_kernel):
+    """The kernel's parallel loops use as many threads as torch is set to (a build without the OpenMP flag
+    compiles, but runs on one thread)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert cpu_kernel.workers_used(64) == 2
+        torch.set_num_threads(1)
+        assert cpu_kernel.workers_used(64) == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_kernel_build_without_openmp_is_said(monkeypatch, caplog):
+    """Where the OpenMP build fails, the kernel is built without it and a warning says it runs on one thread."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    calls = []
+
+    def fake_load(name, sources, extra_cflags, verbose):
+        calls.append((name, extra_cflags))
+        if "-fopenmp" in extra_cflags:
+            raise RuntimeError("unsupported option '-fopenmp'")
+        return "serial module"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    monkeypatch.setattr(torch.backends.openmp, "is_available", lambda: True)
+    ss._load_cpu_kernel.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="hmn.networks.selective_scan"):
+            assert ss._load_cpu_kernel() == ("serial module", "")
+        assert [flags[-1] for _, flags in calls] == ["-fopenmp", "-fopenmp-simd"]
+        assert calls[1][0] == calls[0][0] + "_serial"  # its own cache entry
+        assert "could not be built with OpenMP (with OpenMP: RuntimeError: unsupported option '-fopenmp')" in caplog.text
+        assert "runs on one thread" in caplog.text
+
+        def failing_load(name, sources, extra_cflags, verbose):
+            raise RuntimeError(f"no compiler ({extra_cflags[-1]})")
+
+        monkeypatch.setattr(cpp_extension, "load", failing_load)
+        ss._load_cpu_kernel.cache_clear()
+        module, why = ss._load_cpu_kernel()
+        assert module is None
+        assert why == (
+            "the fused CPU kernel could not be built here (with OpenMP: RuntimeError: no compiler (-fopenmp); "
+            "without OpenMP: RuntimeError: no compiler (-fopenmp-simd))"
+        )
+    finally:
+        ss._load_cpu_kernel.cache_clear()
 
 
 def test_cpu_kernel_says_what_it_does_not_cover(cpu_kernel):
