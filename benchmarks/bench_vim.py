@@ -65,6 +65,12 @@ def machine(device: torch.device) -> str:
     ]
     if device.type == "cuda":
         lines.append(f"- GPU: {torch.cuda.get_device_name(device)}")
+    elif cpu_kernel_available():  # builds it (about half a minute the first time) before any timing
+        kernel = ss._load_cpu_kernel()[0]
+        lines.append(
+            f"- fused CPU kernel: float forward loop {kernel.vector_path()}, "
+            f"threads its parallel loops use: {kernel.workers_used(64)}"
+        )
     try:
         load = os.getloadavg()
         lines.append(f"- load average at start (1/5/15 min): {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}")

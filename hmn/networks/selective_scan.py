@@ -24,10 +24,12 @@ is a direct call:
   the states in the backward pass (itself a reverse linear scan), so memory stays linear in the sequence
   length, with no ``L x L`` or chunk x chunk tensor anywhere.
 * :func:`selective_scan_cpu_kernel` (``impl="cpu_kernel"``): the whole scan (step size, recurrence, skip,
-  gate) fused into one C++ loop per (batch, channel) row, vectorized over the states
-  (``csrc/selective_scan_cpu.cpp``), compiled for this CPU on first use by
-  ``torch.utils.cpp_extension`` (needs a C++ compiler; about half a minute, then cached). Input-dependent
-  ``B``/``C`` of one group only (Vim's case). Opt-in: ``"auto"`` never compiles anything.
+  gate) fused in C++ (``csrc/selective_scan_cpu.cpp``): the forward pass runs blocks of channels
+  vectorized over the channels (AVX-512 intrinsics for float where the compiler targets them), the
+  backward pass one row at a time; compiled for this CPU on first use by ``torch.utils.cpp_extension``
+  (needs a C++ compiler; about half a minute, then cached), with OpenMP where torch uses it, so it runs on
+  torch's threads. Input-dependent ``B``/``C`` of one group only (Vim's case). Opt-in: ``"auto"`` never
+  compiles anything.
 * ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (``impl="cuda"``).
 
 :func:`selective_scan` dispatches: ``impl="auto"`` uses the CUDA kernel when ``mamba_ssm`` imports with its
