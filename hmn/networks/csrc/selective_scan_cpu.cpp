@@ -13,7 +13,7 @@
 // Forward: blocks of W channels of one batch element (W = one 64-byte vector: 16 floats, 8 doubles) run
 // together, vectorized over the channels, so every state index is an independent recurrence and the loop is
 // bound by arithmetic, not by the latency of one chain (a row at a time, vectorized over the 16 states, was
-// 1.5x slower). Where the compiler targets AVX-512, float blocks use intrinsics (2^x by vscalefps); elsewhere,
+// about 1.8x slower). Where the compiler targets AVX-512, float blocks use intrinsics (2^x by vscalefps); elsewhere,
 // and for doubles, a portable loop.
 //
 // Backward: a row at a time. The row's L states are recomputed into a small per-thread buffer and the adjoint
@@ -205,7 +205,7 @@ void scan_block(int64_t L, int64_t n_rt, const T* dtT, const T* xT, const T* a, 
 // The forward pass of blocks blk0..blk1-1 (block = batch element b, channels d0..d0+W-1; a last partial block
 // runs its missing channels with zero step, input and A, and drops them). Time runs in tiles of kTile steps:
 // the step sizes and inputs of a tile are transposed to channel-minor, scanned, and the tile's outputs
-// transposed back, so the transposes stay in L1 (whole-row transposes cost 1.3x at 1025 tokens).
+// transposed back, so the transposes stay in L1 (whole-row transposes cost 1.2x at 1025 tokens).
 constexpr int64_t kTile = 64;
 
 template <typename T, int NS>
