@@ -346,8 +346,8 @@ def test_cpu_kernel_float32_blocks_match_the_reference(cpu_kernel, monkeypatch, 
     """float32 through both forward loops (AVX-512 intrinsics where built, and the portable one): 2 images x 40
     channels, so two full 16-channel blocks and a partial one per image; every fifth raw step size drawn from
     -30..30 so softplus, 2^x and sigmoid are exercised far from 0. Output, last state and every gradient
-    within 3e-6 of the float64 reference, relative to its largest value (the reference's own float32 run
-    is within about 3e-7)."""
+    within 2e-6 of the float64 reference, relative to its largest value (observed: at most 7e-7; the
+    reference's own float32 run, 3e-7; a degree-5 2^x polynomial, 2.4e-6 for the gradient of A)."""
     monkeypatch.setattr(ss, "_CPU_KERNEL_PORTABLE_LOOP", loop == "portable")
     inputs = make_inputs(batch=2, dim=40, state=state, length=197, seed=5)
     g = torch.Generator().manual_seed(6)
@@ -361,11 +361,11 @@ def test_cpu_kernel_float32_blocks_match_the_reference(cpu_kernel, monkeypatch, 
     def rel_err(got, want):
         return ((got.double() - want).abs().max() / want.abs().max()).item()
 
-    assert rel_err(out, ref_out) < 3e-6
-    assert rel_err(last, ref_last) < 3e-6
+    assert rel_err(out, ref_out) < 2e-6
+    assert rel_err(last, ref_last) < 2e-6
     assert grads.keys() == ref_grads.keys()
     for k in ref_grads:
-        assert rel_err(grads[k], ref_grads[k]) < 3e-6, k
+        assert rel_err(grads[k], ref_grads[k]) < 2e-6, k
 
 
 def test_cpu_kernel_takes_the_avx512_loop_where_the_cpu_has_it(cpu_kernel):
