@@ -21,8 +21,8 @@ Part 2, whole backbones as the registry builds them (1 input channel): images an
 ``vim_tiny`` against ``convnext_tiny`` at 224 and 512, inference (``no_grad``, eval) and a training step
 (forward + backward). Tokens are 16x16 patches, ``(H/16) * (W/16)``, the same count for both models.
 
-Times are the minimum over repeats after one warm-up (the machine may be shared); the table says how
-many repeats each figure had. On a CPU shared with other work, use ``--threads 1``: with 2 OpenMP threads
+Times are the minimum per call after one warm-up, over at least ``--repeats`` calls and at least
+``--min-seconds`` (1) of calls (the machine may be shared); the tables say how many calls each figure had. On a CPU shared with other work, use ``--threads 1``: with 2 OpenMP threads
 on 2 busy cores every parallel op waits for a descheduled thread, which slows the many mid-sized ops of
 the chunked scan far more than the reference's small single-threaded ones.
 """
@@ -84,17 +84,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, int]:
-    """Minimum seconds over ``repeats`` calls after one warm-up."""
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, min_seconds: float) -> tuple[float, int]:
+    """Minimum seconds per call after one warm-up, over at least ``repeats`` calls and at least ``min_seconds``
+    of calls (so a call of a few milliseconds is timed hundreds of times: on a shared machine the minimum of
+    three such calls can still be a disturbed one). Returns the time and the number of calls timed."""
     fn()
     sync(device)
-    times = []
-    for _ in range(repeats):
+    times: list[float] = []
+    while len(times) < repeats or (sum(times) < min_seconds and len(times) < 1000):
         start = time.perf_counter()
         fn()
         sync(device)
         times.append(time.perf_counter() - start)
-    return min(times), repeats
+    return min(times), len(times)
 
 
 def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
@@ -150,7 +152,8 @@ def scan_inputs(batch: int, length: int, device: torch.device, seed: int = 0) ->
     return [t.to(device) for t in tensors]
 
 
-def bench_scans(device: torch.device, batch: int, lengths: list[int], repeats: int, ref_repeats: int) -> list[str]:
+def bench_scans(device: torch.device, batch: int, lengths: list[int], repeats: int, ref_repeats: int,
+                min_seconds: float) -> list[str]:  # fmt: skip
     impls: dict[str, Callable] = {"chunked": selective_scan_chunked, "ref (sequential)": selective_scan_ref}
     if device.type == "cpu":
         if cpu_kernel_available():  # builds it (about half a minute the first time) before any timing
@@ -162,7 +165,7 @@ def bench_scans(device: torch.device, batch: int, lengths: list[int], repeats: i
     rows = [
         f"Selective scan, inner width {INNER}, state {STATE}, batch {batch}, float32, {device.type}",
         "",
-        "| tokens | implementation | repeats | forward ms | forward+backward ms | fwd+bwd peak MB "
+        "| tokens | implementation | calls timed: fwd / fwd+bwd | forward ms | forward+backward ms | fwd+bwd peak MB "
         "| kept for backward MB | speed-up vs ref: forward / fwd+bwd |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
@@ -185,8 +188,9 @@ def bench_scans(device: torch.device, batch: int, lengths: list[int], repeats: i
                 for t in leaves:
                     t.grad = None
 
-            t_fwd, _ = timed(fwd_only, device, reps)
-            t_step, _ = timed(fwd_bwd, device, reps)
+            t_fwd, reps_fwd = timed(fwd_only, device, reps, min_seconds)
+            t_step, reps_step = timed(fwd_bwd, device, reps, min_seconds)
+            reps = f"{reps_fwd} / {reps_step}"
             release_workspace()  # the chunked scan's reused scratch buffers count as allocated in the call
             mem = peak_memory(fwd_bwd, device)
             kept = saved_for_backward(forward)
@@ -203,7 +207,7 @@ def bench_scans(device: torch.device, batch: int, lengths: list[int], repeats: i
 
 
 def bench_models(device: torch.device, batch: int, sizes: list[int], repeats: int, train: bool,
-                 vim_impls: list[str]) -> list[str]:  # fmt: skip
+                 vim_impls: list[str], min_seconds: float) -> list[str]:  # fmt: skip
     rows = [
         f"Backbones (registry build, 1 input channel, batch {batch}, float32, {device.type})",
         "",
@@ -235,7 +239,7 @@ def bench_models(device: torch.device, batch: int, sizes: list[int], repeats: in
 
                 modes.append(("train step", step))
             for mode, fn in modes:
-                t, n = timed(fn, device, repeats)
+                t, n = timed(fn, device, repeats, min_seconds)
                 print(f"  {label} {size}px {mode}: {t * 1e3:.0f} ms/batch ({n} repeats)", flush=True)
                 rows.append(
                     f"| {label} | {size}x{size} | {tokens} | {mode} | {batch / t:.2f} | {batch * tokens / t:.0f} | "
@@ -253,6 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model-batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--ref-repeats", type=int, default=2, help="repeats of the slow sequential reference")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="time every figure over at least this long")
     p.add_argument("--no-train", action="store_true", help="skip the backbone training-step timings")
     p.add_argument("--skip-models", action="store_true")
     p.add_argument("--quick", action="store_true", help="short smoke run (small sizes, one repeat)")
@@ -268,15 +273,16 @@ def main(argv: list[str] | None = None) -> None:
     lengths, sizes = (args.lengths, args.sizes) if not args.quick else ([197], [64])
     repeats = 1 if args.quick else args.repeats
     ref_repeats = 1 if args.quick else args.ref_repeats
+    min_seconds = 0.0 if args.quick else args.min_seconds
 
     header = ["## Machine", "", machine(device), ""]
     print("\n".join(header), flush=True)
-    out = header + bench_scans(device, args.scan_batch, lengths, repeats, ref_repeats) + [""]
+    out = header + bench_scans(device, args.scan_batch, lengths, repeats, ref_repeats, min_seconds) + [""]
     if not args.skip_models:
         vim_impls = ["auto"] + (["cpu_kernel"] if cpu_kernel_available() else [])
         if device.type == "cuda":
             vim_impls = ["chunked"] + (["cuda"] if mamba_ssm_available() else [])
-        out += bench_models(device, args.model_batch, sizes, repeats, not args.no_train, vim_impls) + [""]
+        out += bench_models(device, args.model_batch, sizes, repeats, not args.no_train, vim_impls, min_seconds) + [""]
     text = "\n".join(out)
     print()
     print(text)
