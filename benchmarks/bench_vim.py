@@ -1,6 +1,6 @@
 """Vision Mamba benchmark: the selective scan implementations and Vim against ConvNeXt.
 
-    python benchmarks/bench_vim.py                 # CPU, 2 threads, about 5 minutes on 2 cores
+    python benchmarks/bench_vim.py                 # CPU, 2 threads, 2-3 minutes on 2 cores (+ the kernel build)
     python benchmarks/bench_vim.py --device cuda   # the same figures on a GPU (with mamba_ssm if it imports)
     python benchmarks/bench_vim.py --quick         # a smoke run
 
@@ -22,9 +22,10 @@ Part 2, whole backbones as the registry builds them (1 input channel): images an
 (forward + backward). Tokens are 16x16 patches, ``(H/16) * (W/16)``, the same count for both models.
 
 Times are the minimum per call after one warm-up, over at least ``--repeats`` calls and at least
-``--min-seconds`` (1) of calls (the machine may be shared); the tables say how many calls each figure had. On a CPU shared with other work, use ``--threads 1``: with 2 OpenMP threads
-on 2 busy cores every parallel op waits for a descheduled thread, which slows the many mid-sized ops of
-the chunked scan far more than the reference's small single-threaded ones.
+``--min-seconds`` (1) of calls (the machine may be shared); the tables say how many calls each figure
+had. On a CPU shared with other work, use ``--threads 1``: with 2 OpenMP threads on 2 busy cores every
+parallel op waits for a descheduled thread, which slows the many mid-sized ops of the chunked scan far
+more than the reference's small single-threaded ones.
 """
 
 from __future__ import annotations
@@ -156,7 +157,7 @@ def bench_scans(device: torch.device, batch: int, lengths: list[int], repeats: i
                 min_seconds: float) -> list[str]:  # fmt: skip
     impls: dict[str, Callable] = {"chunked": selective_scan_chunked, "ref (sequential)": selective_scan_ref}
     if device.type == "cpu":
-        if cpu_kernel_available():  # builds it (about half a minute the first time) before any timing
+        if cpu_kernel_available():
             impls = {"fused CPU kernel": lambda *a, **k: selective_scan(*a, impl="cpu_kernel", **k), **impls}
         else:
             print(f"fused CPU kernel: not measured, {ss._load_cpu_kernel()[1]}", flush=True)
@@ -196,7 +197,7 @@ def bench_scans(device: torch.device, batch: int, lengths: list[int], repeats: i
             kept = saved_for_backward(forward)
             results[name] = (reps, t_fwd, t_step, mem, kept)
             print(f"  {length} tokens {name}: fwd {t_fwd * 1e3:.1f} ms, fwd+bwd {t_step * 1e3:.1f} ms "
-                  f"({reps} repeats), peak {mem / 1e6:.1f} MB, kept {kept / 1e6:.2f} MB", flush=True)  # fmt: skip
+                  f"({reps} calls), peak {mem / 1e6:.1f} MB, kept {kept / 1e6:.2f} MB", flush=True)  # fmt: skip
         ref = results["ref (sequential)"]
         for name, (reps, t_fwd, t_step, mem, kept) in results.items():
             rows.append(
@@ -240,7 +241,7 @@ def bench_models(device: torch.device, batch: int, sizes: list[int], repeats: in
                 modes.append(("train step", step))
             for mode, fn in modes:
                 t, n = timed(fn, device, repeats, min_seconds)
-                print(f"  {label} {size}px {mode}: {t * 1e3:.0f} ms/batch ({n} repeats)", flush=True)
+                print(f"  {label} {size}px {mode}: {t * 1e3:.0f} ms/batch ({n} calls)", flush=True)
                 rows.append(
                     f"| {label} | {size}x{size} | {tokens} | {mode} | {batch / t:.2f} | {batch * tokens / t:.0f} | "
                     f"{t * 1e3:.0f} |"

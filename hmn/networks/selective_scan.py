@@ -568,7 +568,7 @@ def _load_cpu_kernel() -> tuple[Any | None, str]:
     for openmp in ([True, False] if openmp_backend else [False]):
         try:
             module = load(
-                name=name if openmp or not openmp_backend else f"{name}_serial",
+                name=name if openmp else f"{name}_serial",
                 sources=[str(_CPU_KERNEL_SOURCE)],
                 extra_cflags=_cpu_kernel_flags(openmp),
                 verbose=False,

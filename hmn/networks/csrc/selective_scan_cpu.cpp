@@ -147,7 +147,7 @@ inline __m512 exp2_x16(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// One block's recurrence over all L steps, 16 float channels per vector (see scan_block). Two accumulators
+// One block's recurrence over L steps, 16 float channels per vector (see scan_block). Two accumulators
 // for <C_t, h_t> halve the chain of additions over the states.
 template <int NS>
 void scan_block_avx512(int64_t L, int64_t n_rt, const float* dtT, const float* xT, const float* a, const float* Bb,
@@ -171,8 +171,9 @@ void scan_block_avx512(int64_t L, int64_t n_rt, const float* dtT, const float* x
 constexpr bool kHaveAvx512 = false;
 #endif
 
-// One block's recurrence over all L steps: dtT, xT (L, W) the step sizes and dt * u, channel-minor; a (n, W)
-// A * log2(e); h (n, W) the states (in: zero, out: the last ones); yT (L, W) receives <C_t, h_t>.
+// One block's recurrence over L steps (one time tile): dtT, xT (L, W) the step sizes and dt * u,
+// channel-minor; a (n, W) A * log2(e); h (n, W) the states (in: before the tile's first step, out: after its
+// last); yT (L, W) receives <C_t, h_t>.
 template <typename T, int NS, int W>
 void scan_block(int64_t L, int64_t n_rt, const T* dtT, const T* xT, const T* a, const T* Bb, const T* Cb, T* h, T* yT,
                 bool portable) {
