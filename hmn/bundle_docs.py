@@ -101,6 +101,20 @@ count; the resumed run's first checkpoint replaces the one it started from):
 
     python -m monai.bundle run training --config_file {cfg}/train.json --resume True
 
+What a stop cannot break (`hmn.checkpoints`): a run stopped at any moment (Ctrl-C, `kill -9`, an
+out-of-memory kill, a preempted job, a power cut) resumes after its last epoch whose checkpoint was
+complete, with nothing of the finished epochs lost. Every file of the run (`checkpoint_epoch=N.pt`,
+`model.pt`, `history.csv`, the evaluation report) is written to a temporary `.NAME.partial` beside it,
+synced to disk and renamed into place, so it is complete or absent, never cut off. The previous
+checkpoint is removed only once the next one is complete. A new best model is staged as
+`.model.pt.epoch=N.staged` and becomes `model.pt` only once epoch N's checkpoint is complete, so
+`model.pt`, the best score in the checkpoint and `history.csv` always describe the same epochs; the resume
+drops `history.csv` rows of epochs it trains again. A checkpoint that cannot be read (damaged on disk,
+or cut off by an older version of the project) is renamed to `NAME.unreadable` with a warning and the
+next older one is used; with none readable the run starts from scratch and says why. A full disk stops
+the run with an error naming the folder, the space needed and the space free, before the checkpoint is
+written, leaving the last complete one as it was.
+
 Several GPUs (or, for testing, several CPU processes on the gloo backend):
 
     torchrun --nproc_per_node=2 -m monai.bundle run training \\
@@ -142,7 +156,7 @@ the network with the trained weights (the inference config needs no datalist).
 
 Training: `models/model.pt` (state dict of the best validation macro ROC AUC), `models/checkpoint_epoch=N.pt`
 (full state of the last finished epoch), `runs/history.csv` (one row per validation: `epoch`,
-`elapsed_s`, `val_auc`), TensorBoard event files in `runs/`.
+`elapsed_s` (training time in seconds, summed over resumes), `val_auc`), TensorBoard event files in `runs/`.
 
 Evaluation, in `runs/eval/`:
 

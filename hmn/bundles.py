@@ -155,6 +155,7 @@ def train_config(name: str) -> dict:
             "$import monai",
             "$import ignite",
             "$import hmn",
+            "$import hmn.checkpoints",
             "$import hmn.data",
             "$import hmn.data.cli",
             "$import hmn.losses",
@@ -267,7 +268,10 @@ def train_config(name: str) -> dict:
                 "map_location": "@device",
                 "saver": "@train#checkpoint",
             },
-            "checkpoint": {"_target_": "CheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": save_dict, "save_interval": 1, "n_saved": 1},
+            # Crash-safe (hmn.checkpoints): atomic writes, the previous checkpoint kept until the next is
+            # complete, and the staged best model promoted to model.pt once its epoch's checkpoint is complete.
+            "checkpoint": {"_target_": "hmn.checkpoints.AtomicCheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": save_dict,
+                           "save_interval": 1, "n_saved": 1, "best_model_saver": "@validate#best_saver"},
             "handlers": [
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "epoch_level": False, "print_lr": False},
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True, "interval": "@val_interval"},
@@ -324,11 +328,12 @@ def train_config(name: str) -> dict:
                 {"_target_": "hmn.training.MetricHistory", "filename": "$os.path.join(@output_dir, 'history.csv')"},
             ],
             "best_saver": {
-                "_target_": "CheckpointSaver",
+                "_target_": "hmn.checkpoints.AtomicCheckpointSaver",
                 "save_dir": "@ckpt_dir",
                 "save_dict": {"model": "@network"},
                 "save_key_metric": True,
                 "key_metric_filename": "model.pt",
+                "stage_key_metric": True,
             },
             "evaluator": {
                 "_target_": "SupervisedEvaluator",

@@ -28,12 +28,14 @@ __all__ = [
     "ResumeFromLatest",
     "as_bool",
     "class_names",
+    "checkpoints_by_epoch",
     "cpu_bf16_supported",
     "label_tensor",
     "latest_checkpoint",
     "make_dataset",
     "pos_weight",
     "resolve_datalist",
+    "set_aside",
 ]
 
 logger = logging.getLogger(__name__)
@@ -205,28 +207,60 @@ class CPUAutocastInferer(Inferer):
 _EPOCH_RE = re.compile(r"checkpoint_epoch=(\d+)\.pt$")
 
 
-def latest_checkpoint(ckpt_dir: str) -> str | None:
-    """The full-state checkpoint of the highest epoch in ``ckpt_dir`` (``checkpoint_epoch=N.pt``), or None."""
+def checkpoints_by_epoch(ckpt_dir: str) -> list[tuple[int, str]]:
+    """The full-state checkpoints in ``ckpt_dir`` (``checkpoint_epoch=N.pt``) as ``(N, path)``, newest first."""
     found = []
     for path in glob.glob(os.path.join(glob.escape(ckpt_dir), "checkpoint_epoch=*.pt")):
         m = _EPOCH_RE.search(os.path.basename(path))
         if m:
             found.append((int(m.group(1)), path))
-    return max(found)[1] if found else None
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(ckpt_dir: str) -> str | None:
+    """The full-state checkpoint of the highest epoch in ``ckpt_dir`` (``checkpoint_epoch=N.pt``), or None.
+    It is not opened: :class:`ResumeFromLatest` checks that it can be read."""
+    found = checkpoints_by_epoch(ckpt_dir)
+    return found[0][1] if found else None
+
+
+def set_aside(path: str, suffix: str = ".unreadable") -> str:
+    """Renames `path` to ``<path><suffix>`` (``<path><suffix>.1``, ... if taken) and returns the new name."""
+    target, n = path + suffix, 0
+    while os.path.lexists(target):
+        n += 1
+        target = f"{path}{suffix}.{n}"
+    os.replace(path, target)
+    return target
 
 
 class ResumeFromLatest:
-    """Ignite handler: when ``enabled``, loads the latest full-state checkpoint in ``ckpt_dir`` before the run.
+    """Ignite handler: when ``enabled``, restores the newest readable full-state checkpoint in ``ckpt_dir``
+    when the run starts.
 
     The checkpoint holds the network, optimizer, LR scheduler and trainer state (epoch and iteration)
-    written each epoch by the bundle's ``CheckpointSaver``, so a killed run restarted with
-    ``--resume true`` continues with the epoch after the last finished one. ``enabled`` with no
-    checkpoint found starts from scratch and says so.
+    written each epoch by the bundle's checkpoint saver, so a stopped run restarted with ``--resume true``
+    continues with the epoch after the last one whose checkpoint is complete. Checkpoints are tried newest
+    first, each read once (``torch.load(weights_only=True)``); one that cannot be read (truncated by a
+    writer that was not atomic, damaged on disk or in a copy) is set aside as ``<name>.unreadable`` (renamed,
+    never deleted) with a warning naming it and why, and the next older one is tried. With no readable
+    checkpoint the run starts from scratch and the log says why. Weights load strictly: a missing,
+    unexpected or mis-shaped entry is an error naming it.
 
-    With ``saver`` (the bundle's per-epoch ``CheckpointSaver``), the loaded file is handed to it as the
-    checkpoint it last wrote, so the next epoch's checkpoint replaces it instead of leaving it behind. The
-    bundles' ``load_dict`` also restores the best validation score (:class:`BestModelRecord`) and the
-    early-stopping count (:class:`EarlyStopRecord`).
+    With ``saver`` (the bundle's per-epoch :class:`hmn.checkpoints.AtomicCheckpointSaver` or a MONAI
+    ``CheckpointSaver``), the restored file is handed to it as the checkpoint it last wrote, so the next
+    epoch's checkpoint replaces it; older complete checkpoints found beside it are removed after that next
+    checkpoint is complete, never before. When that saver promotes a staged best model
+    (``best_model_saver``), the staged best model of the restored epoch becomes ``model.pt`` and staged
+    models of later epochs (which will be trained again) are discarded, so ``model.pt`` and the restored
+    best score (:class:`BestModelRecord`) describe the same model. Incomplete ``.*.partial`` files in
+    ``ckpt_dir`` are removed. The bundles' ``load_dict`` also restores the early-stopping count
+    (:class:`EarlyStopRecord`).
+
+    Raises (when the run starts):
+        KeyError / RuntimeError: the readable checkpoint does not fit ``load_dict`` (other network or
+            objects); the message names the file.
+        ValueError: the checkpoint's epoch is beyond the trainer's ``max_epochs``.
     """
 
     def __init__(
@@ -236,27 +270,91 @@ class ResumeFromLatest:
         self.enabled = as_bool(enabled, "resume")
         self.saver = saver
         self.loaded_from: str | None = None
+        self.loaded_epoch: int | None = None
+        self.set_aside: list[str] = []
+        self._checkpoint: Any = None
+
+    def _newest_readable(self, writer: bool) -> tuple[int, str, Any] | None:
+        for epoch, path in checkpoints_by_epoch(self.ckpt_dir):
+            try:
+                checkpoint = torch.load(path, map_location=self.map_location, weights_only=True)
+                if not isinstance(checkpoint, Mapping):
+                    raise TypeError(f"it holds a {type(checkpoint).__name__}, not a dict of states")
+            except (MemoryError, PermissionError, torch.OutOfMemoryError):
+                raise  # the machine's trouble, not the file's: never set a good checkpoint aside for it
+            except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged file
+                reason = " ".join(str(e).split())[:300]
+                if writer:
+                    moved = set_aside(path)
+                    self.set_aside.append(moved)
+                    logger.warning("checkpoint %s cannot be read (%s: %s); set aside as %s", path,
+                                   type(e).__name__, reason, os.path.basename(moved))
+                else:
+                    logger.warning("checkpoint %s cannot be read (%s: %s); skipped", path, type(e).__name__, reason)
+                continue
+            return epoch, path, checkpoint
+        return None
 
     def attach(self, engine: Any) -> None:
         if not self.enabled:
             return
-        path = latest_checkpoint(self.ckpt_dir)
-        if path is None:
-            logger.warning("resume requested but no checkpoint_epoch=*.pt in %s: starting from scratch", self.ckpt_dir)
-            return
-        from monai.handlers import CheckpointLoader
+        from ignite.engine import Events
 
-        logger.info("resuming from %s", path)
-        CheckpointLoader(load_path=path, load_dict=self.load_dict, map_location=self.map_location).attach(engine)
-        self.loaded_from = path
+        from hmn.checkpoints import remove_partial_files
+
+        writer = _rank_world()[0] == 0  # only one process renames or removes files
+        if writer and os.path.isdir(self.ckpt_dir):
+            remove_partial_files(self.ckpt_dir)
+        found = self._newest_readable(writer)
+        best_saver = getattr(self.saver, "best_model_saver", None)
+        if found is None:
+            why = (f"every checkpoint there was unreadable and set aside ({', '.join(self.set_aside)})"
+                   if self.set_aside else "there is no checkpoint_epoch=*.pt")
+            logger.warning("resume requested but %s in %s: starting from scratch", why, self.ckpt_dir)
+            if best_saver is not None and writer:
+                best_saver.promote(0)  # staged best models without a committed epoch are discarded
+            return
+        epoch, path, self._checkpoint = found
+        logger.info("resuming from %s (epoch %d)", path, epoch)
+        engine.add_event_handler(Events.STARTED, self._restore)
+        self.loaded_from, self.loaded_epoch = path, epoch
+        if best_saver is not None and writer:
+            promoted = best_saver.promote(epoch)
+            if promoted:
+                logger.info("the best model staged at epoch <= %d is now %s", epoch, best_saver.key_metric_filename)
         if self.saver is not None:
             interval = getattr(self.saver, "_interval_checkpoint", None)
             if interval is None:
                 raise ValueError("ResumeFromLatest(saver=...) expects a CheckpointSaver with save_interval > 0")
-            epoch = int(_EPOCH_RE.search(os.path.basename(path)).group(1))
             state = interval.state_dict()  # {"_saved": []} in ignite 0.5 ("saved" in earlier versions)
             state[next(iter(state))] = [(epoch, os.path.basename(path))]
             interval.load_state_dict(state)
+            older = [os.path.basename(p) for e, p in checkpoints_by_epoch(self.ckpt_dir) if e < epoch]
+            if older and hasattr(interval.save_handler, "defer_removal"):
+                interval.save_handler.defer_removal(older)
+
+    def _restore(self, engine: Any) -> None:
+        from ignite.handlers import Checkpoint
+
+        checkpoint, self._checkpoint = self._checkpoint, None
+        prior_max_epochs = engine.state.max_epochs
+        try:
+            Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint, strict=True)
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise type(e)(f"cannot restore {self.loaded_from} into this run: {e}") from e
+        if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
+            raise ValueError(
+                f"{self.loaded_from} is at epoch {engine.state.epoch}, beyond max_epochs={prior_max_epochs}; "
+                "pass a larger --max_epochs to train on"
+            )
+        engine.state.max_epochs = prior_max_epochs
+        logger.info("restored network, optimizer, scheduler and trainer state from %s", self.loaded_from)
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _plain_number(value: Any) -> Any:
@@ -314,33 +412,72 @@ class EarlyStopRecord:
 
 
 class MetricHistory:
-    """Ignite handler for the evaluator: appends one CSV row per validation (epoch, metrics, wall time).
+    """Ignite handler for the evaluator: one CSV row per validation (epoch, elapsed training time, metrics).
 
-    The file (``history.csv``) is the run's learning curve; each row is flushed as it is written, and a
-    resumed run appends to it. The epoch is the trainer's (MONAI's evaluators run with the trainer's epoch).
+    The file (``history.csv``) is the run's learning curve. Every row is written by rewriting the whole
+    (small) file atomically (:func:`hmn.durable.atomic_write`), so a stop never leaves half a row. The epoch
+    is the trainer's (MONAI's evaluators run with the trainer's epoch). On its first row in a process the
+    handler reads the file it finds: rows of the epoch being validated and later ones are dropped (they
+    belong to epochs a resumed run trains again, after a stop before their checkpoint was complete), and
+    ``elapsed_s`` continues from the last row kept, so it is the training time summed over resumes (the
+    time between a stop and the resume, and the lost part of the stopped epoch, are not counted).
     """
 
     def __init__(self, filename: str) -> None:
         self.filename = filename
         self._start = time.time()
+        self._rows: list[dict[str, Any]] | None = None
+        self._offset = 0.0
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
 
         engine.add_event_handler(Events.COMPLETED, self)
 
+    def _read_existing(self, epoch: int) -> list[dict[str, Any]]:
+        if not os.path.exists(self.filename):
+            return []
+        with open(self.filename, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        kept = []
+        for row in rows:
+            try:
+                row_epoch = int(row["epoch"])
+            except (KeyError, TypeError, ValueError):
+                continue  # a row cut off by a writer that was not atomic
+            if row_epoch < epoch and None not in row.values():
+                kept.append(row)
+        if len(kept) < len(rows):
+            logger.info("%s: %d row(s) of epoch %d or later dropped (trained again after the resume)",
+                        self.filename, len(rows) - len(kept), epoch)
+        return kept
+
     def __call__(self, engine: Any) -> None:
-        row: dict[str, Any] = {"epoch": engine.state.epoch, "elapsed_s": round(time.time() - self._start, 1)}
+        from hmn.durable import atomic_write
+
+        epoch = int(engine.state.epoch)
+        if self._rows is None:
+            self._rows = self._read_existing(epoch)
+            if self._rows:
+                try:
+                    self._offset = float(self._rows[-1].get("elapsed_s") or 0.0)
+                except ValueError:
+                    self._offset = 0.0
+        row: dict[str, Any] = {"epoch": epoch, "elapsed_s": round(self._offset + time.time() - self._start, 1)}
         for k, v in engine.state.metrics.items():
             if isinstance(v, (int, float)):
                 row[k] = v
-        os.makedirs(os.path.dirname(os.path.abspath(self.filename)), exist_ok=True)
-        new = not os.path.exists(self.filename)
-        with open(self.filename, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        self._rows.append(row)
+        fields: list[str] = []
+        for r in self._rows:
+            fields += [k for k in r if k not in fields]
+
+        def write(f: Any) -> None:
+            writer = csv.DictWriter(f, fieldnames=fields, restval="")
+            writer.writeheader()
+            writer.writerows(self._rows)
+
+        atomic_write(self.filename, write)
 
 
 def label_tensor(item: dict) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -105,12 +107,14 @@ def test_cpu_autocast_inferer_converts_nested_outputs():
     assert out["pair"][1].dtype == torch.int64
 
 
-def _run_segment(ckpt_dir, scores, max_epochs, resume, patience=10):
+def _run_segment(ckpt_dir, scores, max_epochs, resume, patience=10, atomic=True):
     """Train a 1-weight "network" whose weight is set to the epoch number, validate with the given score
-    per epoch, and save as the bundles do: best model by score, full state each epoch (n_saved=1)."""
+    per epoch, and save as the bundles do: best model by score, full state each epoch (n_saved=1), with
+    the project's crash-safe savers (`atomic`) or MONAI's own."""
     from ignite.engine import Engine, Events
     from monai.handlers import CheckpointSaver, EarlyStopHandler
 
+    from hmn.checkpoints import AtomicCheckpointSaver
     from hmn.training import BestModelRecord, EarlyStopRecord, ResumeFromLatest
 
     net = torch.nn.Linear(1, 1, bias=False)
@@ -126,40 +130,156 @@ def _run_segment(ckpt_dir, scores, max_epochs, resume, patience=10):
     def _score(engine):  # a numpy scalar, as MONAI's ROCAUC gives it
         engine.state.metrics["auc"] = np.float64(scores[trainer.state.epoch - 1])
 
-    best = CheckpointSaver(str(ckpt_dir), {"model": net}, save_key_metric=True, key_metric_name="auc",
-                           key_metric_filename="model.pt")
+    @evaluator.on(Events.STARTED)
+    def _epoch(engine):  # MONAI's evaluators run with the trainer's epoch
+        engine.state.epoch, engine.state.max_epochs = trainer.state.epoch - 1, trainer.state.epoch
+
+    if atomic:
+        best = AtomicCheckpointSaver(str(ckpt_dir), {"model": net}, save_key_metric=True, key_metric_name="auc",
+                                     key_metric_filename="model.pt", stage_key_metric=True)
+    else:
+        best = CheckpointSaver(str(ckpt_dir), {"model": net}, save_key_metric=True, key_metric_name="auc",
+                               key_metric_filename="model.pt")
     best.attach(evaluator)
     early = EarlyStopHandler(patience=patience, score_function=lambda e: e.state.metrics["auc"])
     early.set_trainer(trainer)
     early.attach(evaluator)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: evaluator.run([0]))
     save_dict = {"model": net, "trainer": trainer, "best_model": BestModelRecord(best), "early_stop": EarlyStopRecord(early)}
-    saver = CheckpointSaver(str(ckpt_dir), save_dict, save_interval=1, n_saved=1)
-    ResumeFromLatest(str(ckpt_dir), save_dict, enabled=resume, saver=saver).attach(trainer)
+    if atomic:
+        saver = AtomicCheckpointSaver(str(ckpt_dir), save_dict, save_interval=1, n_saved=1, best_model_saver=best)
+    else:
+        saver = CheckpointSaver(str(ckpt_dir), save_dict, save_interval=1, n_saved=1)
+    resume = ResumeFromLatest(str(ckpt_dir), save_dict, enabled=resume, saver=saver)
+    resume.attach(trainer)
     saver.attach(trainer)
     trainer.run([0, 1], max_epochs=max_epochs)
+    trainer.resumed_from = resume.loaded_from
     return trainer
 
 
-def test_resumed_run_keeps_the_best_score_and_replaces_the_old_checkpoint(tmp_path):
+def _weight(path):
+    return torch.load(path, weights_only=True)["weight"].item()
+
+
+def _names(folder):
+    return sorted(p.name for p in folder.iterdir())  # hidden files included
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "monai"])
+def test_resumed_run_keeps_the_best_score_and_replaces_the_old_checkpoint(tmp_path, atomic):
     scores = [0.6, 0.9, 0.7, 0.8, 0.95]
-    _run_segment(tmp_path, scores, max_epochs=2, resume=False)  # "killed" after epoch 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=2.pt", "model.pt"]
-    trainer = _run_segment(tmp_path, scores, max_epochs=4, resume=True)
+    _run_segment(tmp_path, scores, max_epochs=2, resume=False, atomic=atomic)  # "killed" after epoch 2
+    assert _names(tmp_path) == ["checkpoint_epoch=2.pt", "model.pt"]
+    trainer = _run_segment(tmp_path, scores, max_epochs=4, resume=True, atomic=atomic)
     assert trainer.state.epoch == 4
     # epochs 3 and 4 (0.7, 0.8) are worse than epoch 2 (0.9): model.pt is still epoch 2's weights
-    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].item() == 2.0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=4.pt", "model.pt"]
-    _run_segment(tmp_path, scores, max_epochs=5, resume=True)  # epoch 5 beats it
-    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].item() == 5.0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=5.pt", "model.pt"]
+    assert _weight(tmp_path / "model.pt") == 2.0
+    assert _names(tmp_path) == ["checkpoint_epoch=4.pt", "model.pt"]
+    _run_segment(tmp_path, scores, max_epochs=5, resume=True, atomic=atomic)  # epoch 5 beats it
+    assert _weight(tmp_path / "model.pt") == 5.0
+    assert _names(tmp_path) == ["checkpoint_epoch=5.pt", "model.pt"]
 
 
-def test_resumed_run_counts_early_stopping_patience_from_before_the_stop(tmp_path):
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "monai"])
+def test_resumed_run_counts_early_stopping_patience_from_before_the_stop(tmp_path, atomic):
     scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]
-    _run_segment(tmp_path, scores, max_epochs=2, resume=False, patience=2)  # one epoch without improvement
-    trainer = _run_segment(tmp_path, scores, max_epochs=6, resume=True, patience=2)
+    _run_segment(tmp_path, scores, max_epochs=2, resume=False, patience=2, atomic=atomic)  # one epoch without improvement
+    trainer = _run_segment(tmp_path, scores, max_epochs=6, resume=True, patience=2, atomic=atomic)
     assert trainer.state.epoch == 3  # the second epoch without improvement stops it; a fresh count would reach 4
+
+
+class _Stopped(BaseException):
+    """Stands for a kill: not an Exception, so nothing in the run catches it."""
+
+
+def _stop_before_commit_of(monkeypatch, name):
+    from hmn import durable
+
+    original = durable._commit
+
+    def commit(tmp, path):
+        if os.path.basename(path) == name:
+            raise _Stopped(path)
+        original(tmp, path)
+
+    monkeypatch.setattr(durable, "_commit", commit)
+
+
+def test_stop_before_the_checkpoint_keeps_the_previous_one_and_the_best_model_of_its_epoch(tmp_path, monkeypatch):
+    # epoch 2 is a new best (0.9); the run stops after its best model is staged, before its checkpoint is in place
+    with monkeypatch.context() as m:
+        _stop_before_commit_of(m, "checkpoint_epoch=2.pt")
+        with pytest.raises(_Stopped):
+            _run_segment(tmp_path, [0.6, 0.9], max_epochs=3, resume=False)
+    # the previous checkpoint was not removed before the new one was complete, and model.pt is epoch 1's
+    assert _names(tmp_path) == [".model.pt.epoch=2.staged", "checkpoint_epoch=1.pt", "model.pt"]
+    assert _weight(tmp_path / "model.pt") == 1.0
+    # epoch 2 trained again scores 0.5, below epoch 1: the model staged before the stop must not become model.pt
+    trainer = _run_segment(tmp_path, [0.6, 0.5, 0.55], max_epochs=3, resume=True)
+    assert trainer.resumed_from.endswith("checkpoint_epoch=1.pt") and trainer.state.epoch == 3
+    assert _names(tmp_path) == ["checkpoint_epoch=3.pt", "model.pt"]
+    assert _weight(tmp_path / "model.pt") == 1.0
+    (record,) = torch.load(tmp_path / "checkpoint_epoch=3.pt", weights_only=True)["best_model"].values()
+    assert [score for score, _ in record] == [0.6]
+
+
+def test_stop_after_the_checkpoint_promotes_the_staged_best_model_on_resume(tmp_path, monkeypatch):
+    from hmn.checkpoints import AtomicCheckpointSaver
+
+    with monkeypatch.context() as m:  # checkpoint 2 in place, the staged best model not yet promoted
+        m.setattr(AtomicCheckpointSaver, "promote", lambda self, epoch: (_ for _ in ()).throw(_Stopped()))
+        with pytest.raises(_Stopped):
+            _run_segment(tmp_path, [0.6, 0.9], max_epochs=3, resume=False)
+    assert _names(tmp_path) == [".model.pt.epoch=1.staged", "checkpoint_epoch=1.pt"]
+    (tmp_path / ".model.pt.epoch=1.staged").rename(tmp_path / ".model.pt.epoch=2.staged")
+    trainer = _run_segment(tmp_path, [0.6, 0.9, 0.1], max_epochs=2, resume=True)
+    assert trainer.resumed_from.endswith("checkpoint_epoch=1.pt")
+    assert _names(tmp_path) == ["checkpoint_epoch=2.pt", "model.pt"] and _weight(tmp_path / "model.pt") == 2.0
+
+
+def test_unreadable_checkpoint_is_set_aside_and_the_previous_one_resumed(tmp_path, caplog):
+    _run_segment(tmp_path, [0.6, 0.9, 0.7], max_epochs=1, resume=False)
+    good = (tmp_path / "checkpoint_epoch=1.pt").read_bytes()
+    # what an in-place writer left when killed: the first half of epoch 2's checkpoint
+    (tmp_path / "checkpoint_epoch=2.pt").write_bytes(good[: len(good) // 2])
+    with caplog.at_level("WARNING"):
+        trainer = _run_segment(tmp_path, [0.6, 0.9, 0.7], max_epochs=3, resume=True)
+    assert trainer.resumed_from.endswith("checkpoint_epoch=1.pt") and trainer.state.epoch == 3
+    assert "checkpoint_epoch=2.pt cannot be read" in caplog.text and "checkpoint_epoch=2.pt.unreadable" in caplog.text
+    assert (tmp_path / "checkpoint_epoch=2.pt.unreadable").read_bytes() == good[: len(good) // 2]  # kept, not deleted
+    assert _names(tmp_path) == ["checkpoint_epoch=2.pt.unreadable", "checkpoint_epoch=3.pt", "model.pt"]
+    assert _weight(tmp_path / "model.pt") == 2.0
+
+
+def test_no_readable_checkpoint_starts_from_scratch_saying_why(tmp_path, caplog):
+    (tmp_path / "checkpoint_epoch=4.pt").write_bytes(b"PK\x03\x04 not a whole zip")
+    (tmp_path / ".model.pt.epoch=4.staged").write_bytes(b"a best model of an epoch without a checkpoint")
+    (tmp_path / ".checkpoint_epoch=5.pt.partial").write_bytes(b"a write that was stopped")
+    with caplog.at_level("WARNING"):
+        trainer = _run_segment(tmp_path, [0.6, 0.9], max_epochs=2, resume=True)
+    assert trainer.resumed_from is None and trainer.state.epoch == 2
+    assert "every checkpoint there was unreadable and set aside" in caplog.text and "starting from scratch" in caplog.text
+    assert _names(tmp_path) == ["checkpoint_epoch=2.pt", "checkpoint_epoch=4.pt.unreadable", "model.pt"]
+    assert _weight(tmp_path / "model.pt") == 2.0
+
+
+def test_full_disk_stops_the_run_naming_the_folder_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from hmn import durable
+    from hmn.durable import InsufficientDiskSpaceError
+
+    usage = namedtuple("usage", "total used free")
+    real = durable.shutil.disk_usage
+    # the disk fills up once epoch 1 is saved
+    monkeypatch.setattr(durable.shutil, "disk_usage", lambda p: usage(1, 1, 0) if (tmp_path / "checkpoint_epoch=1.pt").exists() else real(p))
+    with pytest.raises(InsufficientDiskSpaceError, match=f"not enough disk space in {tmp_path}") as info:
+        _run_segment(tmp_path, [0.6, 0.9], max_epochs=2, resume=False)
+    assert info.value.needed > 2**20 and info.value.free == 0
+    assert _names(tmp_path) == ["checkpoint_epoch=1.pt", "model.pt"]
+    assert torch.load(tmp_path / "checkpoint_epoch=1.pt", weights_only=True)["trainer"]["iteration"] == 2  # epoch 1
+    assert _weight(tmp_path / "model.pt") == 1.0
 
 
 def test_best_model_record_needs_a_key_metric_saver(tmp_path):
@@ -169,3 +289,23 @@ def test_best_model_record_needs_a_key_metric_saver(tmp_path):
 
     with pytest.raises(ValueError, match="save_key_metric=True"):
         BestModelRecord(CheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, save_interval=1))
+
+
+def test_metric_history_drops_rows_of_epochs_trained_again_and_continues_the_elapsed_time(tmp_path):
+    from types import SimpleNamespace
+
+    from hmn.training import MetricHistory
+
+    path = tmp_path / "history.csv"
+    # a stopped run: epochs 1-3 validated, but only epoch 1's checkpoint was complete; the last row was cut off
+    path.write_text("epoch,elapsed_s,val_auc\n1,10.0,0.61\n2,20.0,0.72\n3,30.0,0.7\n4,40")
+    history = MetricHistory(str(path))
+    history._start -= 5.0  # the resumed process has trained for 5 s when epoch 2 is validated again
+    history(SimpleNamespace(state=SimpleNamespace(epoch=2, metrics={"val_auc": 0.65, "note": "text"})))
+    history(SimpleNamespace(state=SimpleNamespace(epoch=3, metrics={"val_auc": 0.7, "micro": 0.8})))
+    rows = [line.split(",") for line in path.read_text().splitlines()]
+    assert rows[0] == ["epoch", "elapsed_s", "val_auc", "micro"]
+    assert rows[1] == ["1", "10.0", "0.61", ""]
+    assert rows[2][0] == "2" and 15.0 <= float(rows[2][1]) < 16.0 and rows[2][2:] == ["0.65", ""]
+    assert rows[3][0] == "3" and rows[3][2:] == ["0.7", "0.8"] and len(rows) == 4
+    assert os.listdir(tmp_path) == ["history.csv"]

@@ -145,11 +145,9 @@ def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike, relativ
         for s in SPLITS:
             if s in out:
                 out[s] = [{**e, "image": _relativize(str(e["image"]), base)} for e in out[s]]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(out, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    from hmn.durable import atomic_write
+
+    return atomic_write(path, lambda f: json.dump(out, f, indent=1))
 
 
 def read_datalist(path: str | os.PathLike) -> dict:

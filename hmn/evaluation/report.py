@@ -58,11 +58,13 @@ import io
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_curve
+
+from hmn.durable import atomic_write
 
 from .metrics import _as_arrays, _masks
 
@@ -76,22 +78,6 @@ METRICS_COLUMNS = (
 )
 REPORT_FILES = {"metrics_json": "metrics.json", "metrics_csv": "metrics.csv",
                 "predictions_csv": "predictions.csv", "roc_png": "roc.png"}
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: bool = False) -> str:
-    """Calls ``write(file)`` on a temporary file beside `path`, syncs it, and renames it to `path`."""
-    path = os.fspath(path)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb" if binary else "w", **({} if binary else {"newline": "", "encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def _num(x: Any) -> str:

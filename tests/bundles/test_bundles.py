@@ -14,12 +14,12 @@ import http.server
 import json
 import math
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -169,33 +169,87 @@ def test_accumulation_hierarchical_head_and_persistent_cache(tiny_datalist, tmp_
     assert sorted(b.numel() for b in head_bias) == sorted([len(classes), n_groups])
 
 
-def test_killed_training_resumes_without_losing_an_epoch(demo_datalist, tmp_path):
-    cmd = _bundle_cmd("training", _configs("convnext_tiny", "train"), "--datalist", demo_datalist,
-                      "--bundle_root", str(tmp_path), "--max_epochs", "3", *SMALL)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = tmp_path / "models" / "checkpoint_epoch=1.pt"
-    deadline = time.time() + 400
-    while not first.is_file() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    time.sleep(1.0)  # the checkpoint is renamed into place once complete; let the rename land
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert first.is_file(), "no first checkpoint before the deadline"
-    assert not (tmp_path / "models" / "checkpoint_epoch=3.pt").exists(), "killed too late to test resuming"
+STOP_AT = ROOT / "tests" / "bundles" / "stop_at.py"
 
-    out = _run(cmd + ["--resume", "True"])
-    assert "resuming from" in out.stdout + out.stderr
-    final = torch.load(tmp_path / "models" / "checkpoint_epoch=3.pt", weights_only=True)["trainer"]
-    assert final["iteration"] == 3 * final["epoch_length"]
-    history = _read_csv(tmp_path / "runs" / "history.csv")
-    epochs = [int(r["epoch"]) for r in history]
-    assert epochs.count(1) == 1 and epochs[-1] == 3 and set(epochs) == {1, 2, 3}
-    # the resumed run replaced the checkpoint it started from, and knew the best score from before the stop
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_epoch=3.pt", "model.pt"]
-    last_per_epoch = {int(r["epoch"]): float(r["val_auc"]) for r in history}
-    (record,) = torch.load(tmp_path / "models" / "checkpoint_epoch=3.pt", weights_only=True)["best_model"].values()
-    assert len(record) == 1 and record[0][0] == pytest.approx(max(last_per_epoch.values()))  # (score, name)
+# (point, file, occurrence, the last finished epoch the resumed run must start after): a SIGKILL at each
+# point of writing each kind of file a training run saves (see stop_at.py). Epoch 1's validation always
+# stages a best model; its promotion to model.pt follows epoch 1's checkpoint.
+KILL_POINTS = [
+    ("mid-write", r"checkpoint_epoch=2\.pt", 1, 1),
+    ("before-rename", r"checkpoint_epoch=2\.pt", 1, 1),
+    ("after-rename", r"checkpoint_epoch=2\.pt", 1, 2),  # the old checkpoint still there, its best model not promoted
+    ("mid-write", r"history\.csv", 2, 1),
+    ("mid-write", r"\.model\.pt\.epoch=1\.staged", 1, 0),  # no epoch finished yet: starts from scratch
+    ("before-rename", r"model\.pt", 1, 1),  # epoch 1's checkpoint is complete, its best model not yet model.pt
+]
+
+
+def _stopped_run(args: list[str], point: str, pattern: str, occurrence: int, log: Path) -> str:
+    """Runs the bundle command until it reaches `point` of writing the chosen file, then SIGKILLs it there."""
+    read_end, write_end = os.pipe()
+    cmd = [sys.executable, str(STOP_AT), str(write_end), point, pattern, str(occurrence), "--", *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, pass_fds=(write_end,))
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], 900)  # a deadline against a hang, not a timing assumption
+        message = os.read(read_end, 4096).decode() if ready else ""
+    finally:
+        os.close(read_end)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert message.startswith("stopped "), f"the run never reached {point} of {pattern} #{occurrence}:\n{log.read_text()[-4000:]}"
+    return message.split(" ", 1)[1].strip()
+
+
+def _model_validation_auc(bundle_root: Path, datalist: str) -> float:
+    """model.pt evaluated on the validation split with the bundle's evaluate workflow: its macro ROC AUC."""
+    _run(_bundle_cmd("evaluating", _configs("convnext_tiny", "train", "evaluate"), "--datalist", datalist,
+                     "--bundle_root", str(bundle_root), "--eval_split", "validation", "--n_bootstrap", "0",
+                     "--eval_dir", str(bundle_root / "val_eval"), *SMALL))
+    return json.load(open(bundle_root / "val_eval" / "metrics.json"))["macro"]["auc"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point,pattern,occurrence,finished", KILL_POINTS,
+                         ids=[f"{p}-{f.replace(chr(92), '')}-{n}" for p, f, n, _ in KILL_POINTS])
+def test_killed_training_resumes_from_its_last_finished_epoch(demo_datalist, tmp_path, point, pattern, occurrence, finished):
+    args = ["run", "training", "--config_file", _configs("convnext_tiny", "train"), "--datalist", demo_datalist,
+            "--bundle_root", str(tmp_path), "--max_epochs", "3", *SMALL]
+    models = tmp_path / "models"
+    _stopped_run(args, point, pattern, occurrence, tmp_path / "killed.log")
+
+    # what the kill left: every checkpoint and model.pt on disk is complete; the finished epoch's checkpoint is there
+    complete = {p.name: torch.load(p, weights_only=True) for p in models.glob("*.pt")}
+    if finished:
+        assert complete[f"checkpoint_epoch={finished}.pt"]["trainer"]["iteration"] == finished * complete[
+            f"checkpoint_epoch={finished}.pt"]["trainer"]["epoch_length"]
+    history_path = tmp_path / "runs" / "history.csv"
+    before = _read_csv(history_path) if history_path.exists() else []
+    assert [int(r["epoch"]) for r in before] == list(range(1, len(before) + 1))  # whole rows only
+
+    out = _run([sys.executable, "-m", "monai.bundle", *args, "--resume", "True"])
+    log = out.stdout + out.stderr
+    if finished:
+        assert f"resuming from {models / f'checkpoint_epoch={finished}.pt'} (epoch {finished})" in log
+    else:
+        assert "starting from scratch" in log
+    final = torch.load(models / "checkpoint_epoch=3.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == 3 * final["trainer"]["epoch_length"]
+    # nothing left over: no older checkpoint, no partial or staged file
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=3.pt", "model.pt"]
+    history = _read_csv(history_path)
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+    assert history[:finished] == before[:finished]  # the finished epochs' rows, unchanged
+    elapsed = [float(r["elapsed_s"]) for r in history]
+    assert elapsed == sorted(elapsed)  # training time goes on across the resume
+    # model.pt is the best validated model: its record is the best score in the history, and evaluating
+    # model.pt on the validation split gives that score
+    best = max(float(r["val_auc"]) for r in history)
+    (record,) = final["best_model"].values()
+    assert len(record) == 1 and record[0][0] == pytest.approx(best, abs=1e-12)
+    assert _model_validation_auc(tmp_path, demo_datalist) == pytest.approx(best, abs=1e-6)
 
 
 def test_multi_process_training_on_gloo(demo_datalist, tmp_path):
