@@ -157,6 +157,11 @@ the network with the trained weights (the inference config needs no datalist).
 Training: `models/model.pt` (state dict of the best validation macro ROC AUC), `models/checkpoint_epoch=N.pt`
 (full state of the last finished epoch), `runs/history.csv` (one row per validation: `epoch`,
 `elapsed_s` (training time in seconds, summed over resumes), `val_auc`), TensorBoard event files in `runs/`.
+`val_auc`, which picks `model.pt` and drives early stopping, is the evaluation report's macro ROC AUC
+(`hmn.handlers.MacroROCAUC`): per class over its known labels (masked, uncertain labels are left out, not
+counted as negatives), averaged over the classes with a positive and a negative label in the validation
+split. Before training, the log names the classes left out (a rare finding without a positive in a small
+validation split), and a validation split where no class qualifies stops the run, saying why.
 
 Evaluation, in `runs/eval/`:
 

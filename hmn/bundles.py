@@ -78,18 +78,21 @@ BUNDLES: dict[str, BundleRow] = {
     ]
 }
 
-_METRIC = "$monai.handlers.from_engine(['pred', 'label'])"
 _LOSS = "$monai.handlers.from_engine(['loss'], first=True)"
 _RANK0_TRAIN_HANDLERS = 3  # the last entries of train#handlers run on rank 0 only (see multi_gpu_train.json)
 _RANK0_VAL_HANDLERS = 4
 # `python -m monai.bundle run training` runs the id "training"; a plain `run` runs "run".
+# Before training: which classes the validation metric can average (named once), or a clear stop if none.
+_CHECK_VAL = "$hmn.training.check_validation_split(@validate#dataset#data, @class_names)"
 _TRAIN_RUN = [
+    _CHECK_VAL,
     "$@validate#early_stop.set_trainer(@train#trainer)",
     "$@train#resume.attach(@train#trainer)",
     "$@train#checkpoint.attach(@train#trainer)",
     "$@train#trainer.run()",
 ]
 _DIST_TRAIN_RUN = [
+    _CHECK_VAL,
     "$@validate#early_stop.set_trainer(@train#trainer)",
     "$@train#resume.attach(@train#trainer)",
     "$@train#checkpoint.attach(@train#trainer) if dist.get_rank() == 0 else None",
@@ -128,14 +131,12 @@ def _dataset(split: str, transform: str) -> dict:
 
 def _val_postprocessing() -> dict:
     # hierarchical heads put the coarse logits after the fine ones: the metrics read the fine ones;
-    # masked (-1, uncertain) labels count as negative for the running ROC AUC only (the evaluation
-    # report excludes them).
+    # masked (-1, uncertain) labels stay -1: the validation metric leaves them out, as the report does.
     return {
         "_target_": "Compose",
         "transforms": [
             {"_target_": "Lambdad", "keys": "pred", "func": "$lambda x: x[: @num_classes]"},
             {"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
-            {"_target_": "Lambdad", "keys": "label", "func": "$lambda y: y.clamp(min=0)"},
         ],
     }
 
@@ -158,6 +159,7 @@ def train_config(name: str) -> dict:
             "$import hmn.checkpoints",
             "$import hmn.data",
             "$import hmn.data.cli",
+            "$import hmn.handlers",
             "$import hmn.losses",
             "$import hmn.networks",
             "$import hmn.training",
@@ -312,7 +314,8 @@ def train_config(name: str) -> dict:
             },
             "inferer": {"_target_": "SimpleInferer"},
             "postprocessing": _val_postprocessing(),
-            "key_metric": {"val_auc": {"_target_": "ROCAUC", "average": "macro", "output_transform": _METRIC}},
+            # the report's macro ROC AUC: undefined classes and masked labels left out (hmn.evaluation.macro_auc)
+            "key_metric": {"val_auc": {"_target_": "hmn.handlers.MacroROCAUC"}},
             "early_stop": {
                 "_target_": "EarlyStopHandler",
                 "patience": "@early_stop_patience",
@@ -364,9 +367,8 @@ def evaluate_config(name: str) -> dict:
         "validate#postprocessing": {"_target_": "Compose", "transforms": []},
         "validate#key_metric": {
             "test_auc": {
-                "_target_": "ROCAUC",
-                "average": "macro",
-                "output_transform": "$lambda out: (torch.stack([o['pred'][: @num_classes].sigmoid() for o in out]), torch.stack([o['label'].clamp(min=0) for o in out]))",
+                "_target_": "hmn.handlers.MacroROCAUC",
+                "output_transform": "$lambda out: hmn.handlers.stack_pred_label(out, @num_classes)",
             }
         },
         "validate#handlers": [

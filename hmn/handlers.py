@@ -21,18 +21,19 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
+from ignite.metrics import EpochMetric
 from monai.data import MetaTensor, decollate_batch
 from scipy.special import expit
 
-from hmn.evaluation import atomic_write, compute_report, write_report
+from hmn.evaluation import atomic_write, compute_report, macro_auc, write_report
 from hmn.inference import read_prediction_rows
 
-__all__ = ["EvaluationReportHandler", "PredictionCSVWriter"]
+__all__ = ["EvaluationReportHandler", "MacroROCAUC", "PredictionCSVWriter", "stack_pred_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,44 @@ class _PredictionReader:
                 "(e.g. coarse, hierarchical) logits after the class logits"
             )
         return expit(pred) if self.apply_sigmoid else pred
+
+
+def stack_pred_label(output: Any, num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pred, label)`` as two ``N x K`` float tensors from an evaluator's output (a list of per-image
+    dicts, or one batched dict), keeping the first `num_classes` columns; the output transform of
+    :class:`MacroROCAUC` in the bundles."""
+    if isinstance(output, Mapping):
+        output = decollate_batch(dict(output), detach=True)
+    preds = torch.stack([torch.as_tensor(o["pred"]).reshape(-1) for o in output]).float()
+    labels = torch.stack([torch.as_tensor(o["label"]).reshape(-1) for o in output]).float()
+    if num_classes is not None:
+        preds, labels = preds[:, : int(num_classes)], labels[:, : int(num_classes)]
+    return preds, labels
+
+
+class MacroROCAUC(EpochMetric):
+    """The bundles' validation key metric (model selection, early stopping): the macro ROC AUC with the
+    evaluation report's definition (:func:`hmn.evaluation.macro_auc`), so that the model kept as best is
+    judged by the number the report will print.
+
+    Per class over its known labels (a label below 0, the bundles' mark of a masked or uncertain label, is
+    left out, not counted as negative), averaged over the classes with at least one positive and one
+    negative label in the split; the others are left out (MONAI's ``ROCAUC(average="macro")`` averages an
+    undefined class in and gives NaN for the whole epoch). NaN only when no class is defined (the bundles
+    check the validation split before training, see :func:`hmn.training.check_validation_split`).
+
+    Built on ignite's ``EpochMetric``: predictions are gathered over the epoch (and across processes under
+    torchrun) and the metric is computed once. The output transform must give ``(pred, label)`` as
+    ``N x K`` or ``N`` tensors, e.g. :func:`stack_pred_label`.
+    """
+
+    def __init__(self, output_transform: Callable[[Any], Any] = stack_pred_label, device: str | torch.device = "cpu") -> None:
+        super().__init__(self._compute, output_transform=output_transform, check_compute_fn=False, device=device)
+
+    @staticmethod
+    def _compute(pred: torch.Tensor, label: torch.Tensor) -> float:
+        value, _ = macro_auc(pred.detach().cpu().double().numpy(), label.detach().cpu().double().numpy())
+        return float("nan") if value is None else value
 
 
 class EvaluationReportHandler:

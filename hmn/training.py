@@ -16,6 +16,7 @@ import re
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from monai.inferers import Inferer
 
@@ -28,6 +29,7 @@ __all__ = [
     "ResumeFromLatest",
     "as_bool",
     "class_names",
+    "check_validation_split",
     "checkpoints_by_epoch",
     "cpu_bf16_supported",
     "label_tensor",
@@ -77,6 +79,61 @@ def class_names(datalist: str) -> list[str]:
     if not names:
         raise ValueError(f"datalist {datalist!r} has no 'class_names' list; write it with `python -m hmn datalist`")
     return list(names)
+
+
+def check_validation_split(items: Sequence[Mapping[str, Any]], class_names: Sequence[str]) -> list[str]:
+    """Checks, before training, which classes the validation macro ROC AUC (the bundles' model-selection
+    metric, :class:`hmn.handlers.MacroROCAUC`) can average, and says once which it leaves out.
+
+    A class counts when the split has at least one positive and one negative *known* label for it (an
+    entry whose ``label_mask`` is 0 or whose label is below 0 is unknown). Rare findings often have no
+    positive in a small validation split: they are left out of the average, with a warning naming them.
+
+    Args:
+        items: the validation datalist entries (``label``, optional ``label_mask``).
+        class_names: the class names, in label order.
+
+    Returns:
+        The names of the classes the metric averages.
+
+    Raises:
+        ValueError: the split is empty, a label has the wrong length, or no class has both label values
+            (model selection would compare nothing); the message gives each class's counts.
+    """
+    from hmn.evaluation.metrics import _absent_reason
+
+    names = [str(c) for c in class_names]
+    items = list(items)
+    if not items:
+        raise ValueError("the validation split is empty: model selection needs labelled validation images")
+    known = np.zeros(len(names), dtype=np.int64)
+    positives = np.zeros(len(names), dtype=np.int64)
+    for item in items:
+        label = np.asarray(item["label"], dtype=np.float64).reshape(-1)
+        if label.size != len(names):
+            raise ValueError(f"validation entry {item.get('image')}: {label.size} labels for {len(names)} classes {names}")
+        ok = np.isfinite(label) & (label >= 0)
+        if item.get("label_mask") is not None:
+            ok &= np.asarray(item["label_mask"], dtype=np.float64).reshape(-1) > 0
+        known += ok
+        positives += ok & (label == 1)
+    reasons = {n: _absent_reason(int(k), int(p)) for n, k, p in zip(names, known, positives)}
+    defined = [n for n in names if reasons[n] is None]
+    counts = ", ".join(f"{n}: {int(p)} positive / {int(k)} known" for n, k, p in zip(names, known, positives))
+    if not defined:
+        raise ValueError(
+            f"no class has both a positive and a negative label among the {len(items)} validation images "
+            f"({counts}): the validation ROC AUC that selects the best model is undefined. Make a validation "
+            "split with positives (a larger validation share when building it with `python -m hmn datalist`)"
+        )
+    left_out = {n: r for n, r in reasons.items() if r is not None}
+    if left_out:
+        logger.warning(
+            "validation split (%d images): %d of %d classes are left out of the validation macro ROC AUC that "
+            "selects the best model, because their AUC is undefined there: %s",
+            len(items), len(left_out), len(names), "; ".join(f"{n} ({r})" for n, r in left_out.items()),
+        )
+    return defined
 
 
 def pos_weight(items: Sequence[Mapping[str, Any]], enabled: bool = True, max_weight: float = 100.0) -> torch.Tensor | None:

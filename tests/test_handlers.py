@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 
 import numpy as np
@@ -167,3 +168,33 @@ def test_ranks_are_gathered_and_rank_0_writes(tmp_path):
     by_image = {r[0]: [float(r[1]), float(r[3]), float(r[5])] for r in rows}
     got = np.array([by_image[f"/data/p{i:02d}/img.png"] for i in range(N)])
     np.testing.assert_allclose(got, torch.sigmoid(logits).numpy(), rtol=1e-12)
+
+
+def test_macro_roc_auc_key_metric_leaves_out_a_class_without_positives_and_masked_labels():
+    """The bundles' validation key metric on a SupervisedEvaluator: class 2 has no positive in this split
+    (MONAI's macro ROCAUC gives NaN for the whole epoch), and class 0 has masked (-1) labels."""
+    from monai.handlers import ROCAUC, from_engine
+
+    from hmn.handlers import MacroROCAUC
+
+    items = _items()
+    for i, item in enumerate(items):
+        item["label"] = item["label"].clone()
+        item["label"][2] = 0.0
+        if i % 4 == 1:
+            item["label"][0] = -1.0
+    loader = DataLoader(Dataset(items), batch_size=5, num_workers=0)
+    network = _network()
+    evaluator = SupervisedEvaluator(
+        device="cpu", val_data_loader=loader, network=network,
+        key_val_metric={"val_auc": MacroROCAUC()},
+        additional_metrics={"monai_auc": ROCAUC(average="macro", output_transform=from_engine(["pred", "label"]))},
+    )
+    evaluator.run()
+    with torch.no_grad():
+        scores = network(torch.stack([it["image"].as_tensor() for it in items])).numpy()
+    labels = np.stack([it["label"].numpy() for it in items])
+    known = labels[:, 0] >= 0
+    want = np.mean([pair_auc(scores[known, 0], labels[known, 0] == 1), pair_auc(scores[:, 1], labels[:, 1] == 1)])
+    assert evaluator.state.metrics["val_auc"] == pytest.approx(want, abs=1e-12)
+    assert math.isnan(evaluator.state.metrics["monai_auc"])  # the fault this metric replaces

@@ -309,3 +309,23 @@ def test_metric_history_drops_rows_of_epochs_trained_again_and_continues_the_ela
     assert rows[2][0] == "2" and 15.0 <= float(rows[2][1]) < 16.0 and rows[2][2:] == ["0.65", ""]
     assert rows[3][0] == "3" and rows[3][2:] == ["0.7", "0.8"] and len(rows) == 4
     assert os.listdir(tmp_path) == ["history.csv"]
+
+
+def test_check_validation_split_names_left_out_classes_once_and_refuses_an_undefined_split(caplog):
+    from hmn.training import check_validation_split
+
+    names = ["Effusion", "Mass", "Hernia"]
+    items = [{"image": f"i{i}.png", "label": [i % 2, (i + 1) % 2, 0]} for i in range(6)]
+    items[0]["label_mask"] = [1, 0, 1]
+    with caplog.at_level("WARNING"):
+        assert check_validation_split(items, names) == ["Effusion", "Mass"]
+    assert "1 of 3 classes are left out" in caplog.text and "Hernia (no positive labels)" in caplog.text
+    # Mass's only negative known label is masked away in a 2-image split: nothing is left to compare
+    two = [{"image": "a.png", "label": [1, 1, 0], "label_mask": [1, 1, 1]},
+           {"image": "b.png", "label": [1, 0, 0], "label_mask": [1, 0, 1]}]
+    with pytest.raises(ValueError, match=r"no class has both.*Mass: 1 positive / 1 known"):
+        check_validation_split(two, names)
+    with pytest.raises(ValueError, match="validation split is empty"):
+        check_validation_split([], names)
+    with pytest.raises(ValueError, match="2 labels for 3 classes"):
+        check_validation_split([{"image": "x.png", "label": [0, 1]}], names)

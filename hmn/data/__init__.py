@@ -11,6 +11,7 @@ from .chexpert import CHEXPERT_CLASSES, UNCERTAIN_POLICIES, chexpert_datalist
 from .datalist import (
     SPLITS,
     DatalistError,
+    classes_without_positives,
     load_datalist,
     make_datalist,
     patient_overlap,
@@ -35,6 +36,7 @@ __all__ = [
     "SkipBadFilesDataset",
     "SkippedFilesReport",
     "chexpert_datalist",
+    "classes_without_positives",
     "find_read_error",
     "folder_datalist",
     "json_datalist",

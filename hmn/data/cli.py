@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-from .datalist import DatalistError, summarize, write_datalist
+from .datalist import DatalistError, classes_without_positives, summarize, write_datalist
 
 __all__ = ["datalist_main", "demo_main", "default_demo_root"]
 
@@ -139,6 +139,11 @@ def datalist_main(argv: list[str]) -> int:
     path = write_datalist(data, args.out)
     print(f"wrote {path}")
     print(summarize(data))
+    for split, missing in classes_without_positives(data).items():
+        print(f"warning: the {split} split has no positive label for {len(missing)} class(es): {', '.join(missing)}; "
+              "their ROC AUC is undefined there, so they are left out of that split's macro average"
+              + (" (the validation score that selects the best model)" if split == "validation" else ""),
+              file=sys.stderr)
     return 0
 
 

@@ -257,6 +257,26 @@ def summarize(datalist: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def classes_without_positives(datalist: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Per non-empty labelled split, the classes with no positive label there (a label of 1 whose
+    ``label_mask``, if any, is not 0); splits where every class has one are not listed."""
+    names = list(datalist.get("class_names") or [])
+    out: dict[str, list[str]] = {}
+    for split in SPLITS:
+        entries = [e for e in datalist.get(split, []) if isinstance(e.get("label"), list)]
+        if not entries or not names:
+            continue
+        positive = np.zeros(len(names), dtype=bool)
+        for e in entries:
+            label = np.asarray(e["label"], dtype=np.float64).reshape(-1)[: len(names)]
+            mask = np.asarray(e.get("label_mask") or [1] * len(label), dtype=np.float64).reshape(-1)[: len(label)]
+            positive[: len(label)] |= (label == 1) & (mask > 0)
+        missing = [n for n, p in zip(names, positive) if not p]
+        if missing:
+            out[split] = missing
+    return out
+
+
 def find_images(root: str, extensions: Iterable[str] = IMAGE_EXTENSIONS, extensionless: bool = True) -> list[str]:
     """All image files under `root` (recursively, sorted), by extension; files without one are included
     when `extensionless` (DICOM files often have none)."""

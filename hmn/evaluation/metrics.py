@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-__all__ = ["THRESHOLD_METHODS", "compute_report", "select_thresholds", "load_thresholds", "weighted_auc_ap"]
+__all__ = ["THRESHOLD_METHODS", "compute_report", "load_thresholds", "macro_auc", "select_thresholds", "weighted_auc_ap"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,40 @@ def _absent_reason(n: int, positives: int) -> str | None:
     if positives == n:
         return "no negative labels"
     return None
+
+
+def _defined_class_aucs(p: np.ndarray, valid: np.ndarray, pos: np.ndarray) -> dict[int, float]:
+    """Per-class ROC AUC over the known labels, for the classes with both label values (the only ones
+    where it is defined); the one definition behind :func:`macro_auc` and :func:`compute_report`."""
+    out = {}
+    for c in range(p.shape[1]):
+        v = valid[:, c]
+        y = pos[v, c]
+        if _absent_reason(int(v.sum()), int(y.sum())) is None:
+            out[c] = float(roc_auc_score(y, p[v, c]))
+    return out
+
+
+def macro_auc(probs: Any, labels: Any) -> tuple[float | None, list[int]]:
+    """The macro ROC AUC exactly as the evaluation report defines it, for model selection during training.
+
+    Args:
+        probs: ``N x K`` scores (probabilities or logits: ROC AUC depends only on their order).
+        labels: ``N x K``: 1 positive, 0 negative, below 0 or NaN unknown (masked, e.g. uncertain).
+
+    Returns:
+        ``(value, classes)``: the mean of the per-class ROC AUCs over the known labels of each class, and
+        the indices of the classes averaged: those with at least one positive and one negative known
+        label. Classes without both are left out (their AUC is undefined); ``value`` is None when no
+        class is left. Unknown labels are excluded, never counted as negatives.
+
+    Raises:
+        ValueError: shapes differ, a score is not finite, or a known label is not 0 or 1.
+    """
+    p, lab = _as_arrays(probs, labels)
+    valid, pos = _masks(lab)
+    aucs = _defined_class_aucs(p, valid, pos)
+    return (float(np.mean(list(aucs.values()))) if aucs else None), sorted(aucs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -383,6 +417,7 @@ def compute_report(
     macro_classes: list[int] = []
     excluded: dict[str, str] = {}
     micro_counts = {"tp": 0, "fp": 0, "tn": 0, "fn": 0}
+    aucs = _defined_class_aucs(p, valid, pos)
     for c, name in enumerate(class_names):
         v = valid[:, c]
         y, s = pos[v, c], p[v, c]
@@ -391,7 +426,7 @@ def compute_report(
         entry: dict[str, Any] = {"class": name, "n": n_c, "positives": pos_c, "negatives": n_c - pos_c}
         if reason is None:
             macro_classes.append(c)
-            entry["auc"] = float(roc_auc_score(y, s))
+            entry["auc"] = aucs[c]
             entry["average_precision"] = float(average_precision_score(y, s))
         else:
             excluded[name] = reason

@@ -99,7 +99,9 @@ def test_bundle_is_valid_for_monai_tooling(name, demo_datalist):
     verify_metadata(meta_file=str(ROOT / f"bundles/{name}/configs/metadata.json"),
                     filepath=str(ROOT / "bundles/meta_schema.json"))
     for wtype, cfg in (("train", "train"), ("infer", "inference")):
-        overrides = {"datalist": demo_datalist, "image_size": SIZE} if wtype == "train" else {"image_size": SIZE}
+        # the inference default input is the demo folder in the user's cache, which a fresh machine lacks
+        overrides = ({"datalist": demo_datalist, "image_size": SIZE} if wtype == "train"
+                     else {"image_size": SIZE, "input": os.path.dirname(demo_datalist)})
         workflow = ConfigWorkflow(config_file=str(ROOT / f"bundles/{name}/configs/{cfg}.json"), workflow_type=wtype,
                                   meta_file=str(ROOT / f"bundles/{name}/configs/metadata.json"), **overrides)
         workflow.initialize()
@@ -250,6 +252,58 @@ def test_killed_training_resumes_from_its_last_finished_epoch(demo_datalist, tmp
     (record,) = final["best_model"].values()
     assert len(record) == 1 and record[0][0] == pytest.approx(best, abs=1e-12)
     assert _model_validation_auc(tmp_path, demo_datalist) == pytest.approx(best, abs=1e-6)
+
+
+def test_model_selection_with_a_class_absent_from_validation_and_masked_labels(demo_datalist, tmp_path):
+    """Classes Effusion, Mass, Hernia: Hernia has 4 positives in training and none in validation, and some
+    validation Effusion labels are masked (uncertain). MONAI's macro ROCAUC gave NaN every epoch and kept
+    the epoch-1 model; the bundles' metric leaves Hernia and the masked labels out, as the report does."""
+    from hmn.data import load_datalist
+
+    data = load_datalist(demo_datalist)
+    src = data["class_names"]
+    keep = [src.index("Effusion"), src.index("Mass")]
+
+    def entry(e, i, split):
+        label = [e["label"][k] for k in keep] + [int(split == "training" and i < 4)]
+        out = {"image": e["image"], "label": label, "patient_id": e["patient_id"]}
+        if split == "validation":
+            out["label_mask"] = [0 if i % 3 == 0 else 1, 1, 1]
+        return out
+
+    small = {"class_names": ["Effusion", "Mass", "Hernia"]}
+    for split in ("training", "validation", "test"):
+        small[split] = [entry(e, i, split) for i, e in enumerate(data[split])]
+    datalist = tmp_path / "hernia.json"
+    datalist.write_text(json.dumps(small))
+    out = _run(_bundle_cmd("training", _configs("convnext_tiny", "train"), "--datalist", str(datalist),
+                           "--bundle_root", str(tmp_path), "--max_epochs", "2", *SMALL))
+    log = out.stdout + out.stderr
+    assert "1 of 3 classes are left out of the validation macro ROC AUC" in log and "Hernia (no positive labels)" in log
+    history = _read_csv(tmp_path / "runs" / "history.csv")
+    scores = [float(r["val_auc"]) for r in history]
+    assert len(scores) == 2 and all(math.isfinite(v) for v in scores)
+    # the stored best is the best validated score, and model.pt evaluated by the report gives exactly it
+    (record,) = torch.load(tmp_path / "models" / "checkpoint_epoch=2.pt", weights_only=True)["best_model"].values()
+    assert record[0][0] == pytest.approx(max(scores), abs=1e-12)
+    assert _model_validation_auc(tmp_path, str(datalist)) == pytest.approx(max(scores), abs=1e-6)
+    report = json.load(open(tmp_path / "val_eval" / "metrics.json"))
+    assert report["macro"]["classes"] == ["Effusion", "Mass"]
+
+
+def test_training_stops_before_it_starts_when_no_validation_class_is_defined(demo_datalist, tmp_path):
+    from hmn.data import load_datalist
+
+    data = load_datalist(demo_datalist)
+    data["validation"] = [{**e, "label": [0] * len(e["label"])} for e in data["validation"]]
+    datalist = tmp_path / "no_positives.json"
+    datalist.write_text(json.dumps(data))
+    cmd = _bundle_cmd("training", _configs("convnext_tiny", "train"), "--datalist", str(datalist),
+                      "--bundle_root", str(tmp_path), "--max_epochs", "1", *SMALL)
+    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "no class has both a positive and a negative label among the" in out.stderr
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 
 def test_multi_process_training_on_gloo(demo_datalist, tmp_path):

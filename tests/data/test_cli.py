@@ -68,3 +68,25 @@ def test_demo_data_command(tmp_path, capsys):
 def test_module_entry_point_lists_commands():
     res = subprocess.run([sys.executable, "-m", "hmn"], capture_output=True, text=True, timeout=120)
     assert "datalist" in res.stdout and "demo-data" in res.stdout
+
+
+def test_datalist_command_warns_about_splits_without_positives(tmp_path, capsys):
+    def entries(labels, split):
+        out = []
+        for i, lab in enumerate(labels):
+            path = tmp_path / f"{split}{i}.png"
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(path)
+            out.append({"image": str(path), "label": lab, "patient_id": f"{split}{i}"})
+        return out
+
+    data = {"class_names": ["Effusion", "Hernia"],
+            "training": entries([[1, 1], [0, 0], [1, 0]], "t"),
+            "validation": entries([[1, 0], [0, 0]], "v"),
+            "test": entries([[0, 1], [1, 0]], "s")}
+    data["test"][0]["label_mask"] = [1, 0]  # the only Hernia positive of the test split is masked
+    src = tmp_path / "in.json"
+    src.write_text(json.dumps(data))
+    assert main(["datalist", "json", "--input", str(src), "--out", str(tmp_path / "out.json")]) == 0
+    err = capsys.readouterr().err
+    assert "the validation split has no positive label for 1 class(es): Hernia" in err
+    assert "the test split has no positive label for 1 class(es): Hernia" in err and "training split" not in err

@@ -225,3 +225,28 @@ def test_clear_errors(kwargs, message):
     assert message in str(e.value)
     with pytest.raises(ValueError, match="accepted: 'youden'"):
         select_thresholds(np.zeros((2, 1)), np.zeros((2, 1)), method="f1")
+
+
+def test_macro_auc_is_the_reports_macro_leaving_out_undefined_classes_and_unknown_labels():
+    from sklearn.metrics import roc_auc_score
+
+    from hmn.evaluation import macro_auc
+
+    rng = np.random.default_rng(5)
+    probs = rng.random((40, 4))
+    labels = (rng.random((40, 4)) < 0.4).astype(float)
+    labels[:, 2] = 0.0  # no positive: left out
+    labels[::3, 1] = -1.0  # unknown (masked) entries of class 1
+    labels[5, 3] = np.nan
+    value, classes = macro_auc(probs, labels)
+    known1 = labels[:, 1] >= 0
+    known3 = np.isfinite(labels[:, 3])
+    want = np.mean([roc_auc_score(labels[:, 0], probs[:, 0]),
+                    roc_auc_score(labels[known1, 1], probs[known1, 1]),
+                    roc_auc_score(labels[known3, 3], probs[known3, 3])])
+    assert classes == [0, 1, 3] and value == pytest.approx(want, abs=1e-12)
+    report = compute_report(probs, labels, ["a", "b", "c", "d"], n_bootstrap=0)
+    assert report["macro"]["auc"] == value
+    # counting the unknown entries as negatives (what clamping -1 to 0 did) gives another number
+    assert roc_auc_score(labels[:, 1].clip(min=0), probs[:, 1]) != pytest.approx(roc_auc_score(labels[known1, 1], probs[known1, 1]))
+    assert macro_auc(probs, np.zeros_like(probs)) == (None, [])
