@@ -147,8 +147,10 @@ class MacroROCAUC(EpochMetric):
     undefined class in and gives NaN for the whole epoch). NaN only when no class is defined (the bundles
     check the validation split before training, see :func:`hmn.training.check_validation_split`).
 
-    Built on ignite's ``EpochMetric``: predictions are gathered over the epoch (and across processes under
-    torchrun) and the metric is computed once. The output transform must give ``(pred, label)`` as
+    Built on ignite's ``EpochMetric``: predictions are collected over the epoch and, under torchrun, every
+    process's share is gathered (as Python objects, so shares of different sizes, as
+    ``DistributedSampler(even_divisible=False)`` gives them, are fine; ignite's own tensor gather needs equal
+    sizes); every process computes the same value. The output transform must give ``(pred, label)`` as
     ``N x K`` or ``N`` tensors, e.g. :func:`stack_pred_label`.
     """
 
@@ -156,9 +158,24 @@ class MacroROCAUC(EpochMetric):
         super().__init__(self._compute, output_transform=output_transform, check_compute_fn=False, device=device)
 
     @staticmethod
-    def _compute(pred: torch.Tensor, label: torch.Tensor) -> float:
-        value, _ = macro_auc(pred.detach().cpu().double().numpy(), label.detach().cpu().double().numpy())
+    def _compute(pred: Any, label: Any) -> float:
+        value, _ = macro_auc(pred, label)
         return float("nan") if value is None else value
+
+    def compute(self) -> float:
+        from ignite.exceptions import NotComputableError
+
+        if not self._predictions:
+            raise NotComputableError("MacroROCAUC needs at least one image before it can be computed")
+        pred = torch.cat(self._predictions).detach().cpu().double().numpy()
+        label = torch.cat(self._targets).detach().cpu().double().numpy()
+        _, world = _rank_world()
+        if world > 1:
+            parts: list[Any] = [None] * world
+            torch.distributed.all_gather_object(parts, (pred, label))
+            pred = np.concatenate([p[0] for p in parts])
+            label = np.concatenate([p[1] for p in parts])
+        return self._compute(pred, label)
 
 
 class EvaluationReportHandler:

@@ -149,6 +149,39 @@ def _distributed_worker(rank, world, init_file, out_dir, result_queue):
         torch.distributed.destroy_process_group()
 
 
+def _metric_worker(rank, world, init_file, result_queue):
+    from hmn.handlers import MacroROCAUC
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        items = _items()[:11][rank::world]  # 11 images: shares of 6 and 5, as DistributedSampler(even_divisible=False)
+        metric = MacroROCAUC()
+        for item in items:
+            metric.update((item["image"].reshape(1, -1)[:, :3].as_tensor(), item["label"].reshape(1, -1)))
+        result_queue.put((rank, metric.compute()))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_macro_roc_auc_gathers_uneven_shares_of_processes(tmp_path):
+    import multiprocessing
+
+    from hmn.evaluation import macro_auc
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_metric_worker, args=(r, 2, tmp_path / "init", queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    items = _items()[:11]
+    want, _ = macro_auc(torch.stack([i["image"].reshape(-1)[:3] for i in items]).numpy(),
+                        torch.stack([i["label"] for i in items]).numpy())
+    assert sorted(queue.get(timeout=5) for _ in range(2)) == [(0, pytest.approx(want, abs=1e-12)), (1, pytest.approx(want, abs=1e-12))]
+
+
 def test_ranks_are_gathered_and_rank_0_writes(tmp_path):
     import multiprocessing
 

@@ -122,18 +122,25 @@ def patient_overlap(datalist: Mapping[str, Any]) -> dict[tuple[str, str], set[st
 
 
 def _relativize(path: str, base: str) -> str:
-    if os.path.isabs(path):
-        try:
-            rel = os.path.relpath(path, base)
-        except ValueError:  # other drive on Windows
-            return path
-        if not rel.startswith(".."):
-            return rel.replace(os.sep, "/")
+    """`path` (absolute, or relative to the working directory, as the builders give it) as a path relative
+    to `base` when it lies under it, else absolute: either way it resolves as MONAI and
+    :func:`load_datalist` read a datalist, against the JSON's own folder."""
+    path = os.path.abspath(path)
+    try:
+        rel = os.path.relpath(path, base)
+    except ValueError:  # other drive on Windows
+        return path
+    if not rel.startswith(".."):
+        return rel.replace(os.sep, "/")
     return path
 
 
 def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike, relative: bool = True) -> str:
-    """Writes `datalist` as JSON to `path`; with `relative`, image paths under the JSON's folder are made relative.
+    """Writes `datalist` as JSON to `path` (atomically).
+
+    Image paths in `datalist` are absolute or relative to the working directory (what the builders make
+    of ``--images``). They are written so that they resolve wherever the JSON is read from: relative to
+    the JSON's own folder when the image lies under it and `relative`, absolute otherwise.
 
     Returns the path written.
     """
@@ -141,10 +148,10 @@ def write_datalist(datalist: Mapping[str, Any], path: str | os.PathLike, relativ
     base = os.path.dirname(os.path.abspath(path))
     os.makedirs(base, exist_ok=True)
     out = dict(datalist)
-    if relative:
-        for s in SPLITS:
-            if s in out:
-                out[s] = [{**e, "image": _relativize(str(e["image"]), base)} for e in out[s]]
+    for s in SPLITS:
+        if s in out:
+            out[s] = [{**e, "image": _relativize(str(e["image"]), base) if relative else os.path.abspath(str(e["image"]))}
+                      for e in out[s]]
     from hmn.durable import atomic_write
 
     return atomic_write(path, lambda f: json.dump(out, f, indent=1))

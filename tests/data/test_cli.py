@@ -90,3 +90,26 @@ def test_datalist_command_warns_about_splits_without_positives(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "the validation split has no positive label for 1 class(es): Hernia" in err
     assert "the test split has no positive label for 1 class(es): Hernia" in err and "training split" not in err
+
+
+def test_relative_images_and_out_resolve_from_anywhere(nih_csv, tmp_path, monkeypatch):
+    """`python -m hmn datalist nih --csv nih/Data_Entry_2017.csv --images nih --out nih/out.json`, run from
+    the folder above: the JSON once held `nih/images_001/...`, which MONAI resolved to `nih/nih/...`."""
+    import pandas as pd
+
+    from hmn.data import load_datalist
+
+    rows = pd.read_csv(nih_csv).head(30)
+    (tmp_path / "nih" / "images_001" / "images").mkdir(parents=True)
+    rows.to_csv(tmp_path / "nih" / "Data_Entry_2017.csv", index=False)
+    for name in rows["Image Index"]:
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "nih" / "images_001" / "images" / name)
+    monkeypatch.chdir(tmp_path)
+    for out in ("nih/out.json", "lists/out.json"):  # under the images' folder, and beside it
+        assert main(["datalist", "nih", "--csv", "nih/Data_Entry_2017.csv", "--images", "nih", "--out", out]) == 0
+        monkeypatch.chdir("/")
+        data = load_datalist(str(tmp_path / out))
+        images = [e["image"] for s in ("training", "validation", "test") for e in data[s]]
+        assert len(images) == 30
+        assert sorted(images) == sorted(str(tmp_path / "nih" / "images_001" / "images" / n) for n in rows["Image Index"])
+        monkeypatch.chdir(tmp_path)
