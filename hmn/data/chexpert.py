@@ -52,6 +52,28 @@ def _default_root(csv: str, first_path: str) -> str:
     return os.path.dirname(folder) if top and os.path.basename(folder) == top else folder
 
 
+def _image_locator(root: str, paths: list[str]) -> tuple[str, bool]:
+    """How the table's ``Path`` values (``CheXpert-v1.0[-small]/train/patientN/studyM/viewK.jpg``) map to
+    files under `root`: ``(base, strip_top)``, the image of ``rel`` being ``base/rel``, or ``base/rel``
+    without its first folder when `strip_top`.
+
+    The distributed layouts differ in where that first folder is: the Stanford archives unpack to
+    ``CheXpert-v1.0[-small]/`` (give its parent, or the folder itself), the Kaggle copy has ``train.csv``,
+    ``valid.csv``, ``train/`` and ``valid/`` side by side with no such folder. The first layout under which
+    some of the first 50 images exist is taken; with none found, ``(root, False)``.
+    """
+    sample = [p.replace("\\", "/") for p in paths[:50]]
+    candidates = [(root, False), (root, True), (os.path.dirname(os.path.abspath(root)), False)]
+    for base, strip in candidates:
+        for rel in sample:
+            parts = rel.split("/")
+            if strip and len(parts) < 2:
+                continue
+            if os.path.exists(os.path.join(base, *(parts[1:] if strip else parts))):
+                return base, strip
+    return root, False
+
+
 def chexpert_datalist(
     train_csv: str | os.PathLike,
     valid_csv: str | os.PathLike | None = None,
@@ -71,8 +93,11 @@ def chexpert_datalist(
         train_csv: the training table (``train.csv``).
         valid_csv: ``valid.csv``; with ``split="official"`` it becomes the validation split.
         test_csv: an optional test table (becomes the test split with ``split="official"``).
-        image_root: folder the ``Path`` values are relative to. Default: the folder above the CSV's
-            when paths start with the CSV's folder name (``CheXpert-v1.0-small/...``), else the CSV's.
+        image_root: where the images are: the folder holding ``CheXpert-v1.0[-small]/``, that folder
+            itself, or the Kaggle copy's folder (``train/`` and ``valid/`` beside the CSVs, no
+            ``CheXpert-v1.0-small/`` level); the layout is recognised from the files that exist. Default:
+            the folder above the CSV's when paths start with the CSV's folder name
+            (``CheXpert-v1.0-small/...``), else the CSV's.
         classes: observation columns to use (default: every CheXpert observation in the CSV except
             "No Finding", whose all-zero label means no finding).
         uncertain: policy for -1 values, one of ``"ones"``, ``"zeros"``, ``"ignore"``, or a mapping
@@ -136,12 +161,15 @@ def chexpert_datalist(
             labels[unc, j] = 1.0 if p == "ones" else 0.0
             if p == "ignore":
                 mask[unc, j] = 0.0
-        root = os.fspath(image_root) if image_root is not None else _default_root(csv, str(df["Path"].iloc[0]))
-        for rel, lab, m in zip(df["Path"].astype(str), labels.astype(int).tolist(), mask.astype(int).tolist()):
+        rels = df["Path"].astype(str).tolist()
+        root = os.fspath(image_root) if image_root is not None else _default_root(csv, rels[0])
+        base, strip_top = _image_locator(root, rels)
+        for rel, lab, m in zip(rels, labels.astype(int).tolist(), mask.astype(int).tolist()):
             found = _PATIENT.search(rel)
             parts = rel.replace("\\", "/").split("/")
             pid = found.group(1) if found else (parts[-3] if len(parts) >= 3 else parts[0])
-            entry = {"image": os.path.join(root, rel), "label": lab, "patient_id": pid}
+            image = os.path.join(base, *(parts[1:] if strip_top and len(parts) > 1 else parts))
+            entry = {"image": image, "label": lab, "patient_id": pid}
             if use_mask:
                 entry["label_mask"] = m
             (entries[split_name] if split == "official" else pooled).append(entry)

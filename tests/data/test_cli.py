@@ -113,3 +113,42 @@ def test_relative_images_and_out_resolve_from_anywhere(nih_csv, tmp_path, monkey
         assert len(images) == 30
         assert sorted(images) == sorted(str(tmp_path / "nih" / "images_001" / "images" / n) for n in rows["Image Index"])
         monkeypatch.chdir(tmp_path)
+
+
+def test_chexpert_distributed_layouts(chexpert_csv, tmp_path, monkeypatch):
+    """The Stanford archive (CheXpert-v1.0-small/ with the CSVs inside) given as its parent, as itself or
+    not at all, and the Kaggle copy (train.csv and train/ side by side, Path values still starting with
+    CheXpert-v1.0-small/), every image found."""
+    import pandas as pd
+
+    from hmn.data import load_datalist
+
+    rows = pd.read_csv(chexpert_csv).head(12)
+    rels = rows["Path"].tolist()
+    assert all(r.startswith("CheXpert-v1.0-small/train/") for r in rels)
+
+    archive = tmp_path / "stanford"
+    (archive / "CheXpert-v1.0-small").mkdir(parents=True)
+    rows.to_csv(archive / "CheXpert-v1.0-small" / "train.csv", index=False)
+    for rel in rels:
+        (archive / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(archive / rel, format="JPEG")
+    kaggle = tmp_path / "kaggle"
+    kaggle.mkdir()
+    rows.to_csv(kaggle / "train.csv", index=False)
+    for rel in rels:
+        (kaggle / rel.split("/", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(kaggle / rel.split("/", 1)[1], format="JPEG")
+
+    cases = [(archive / "CheXpert-v1.0-small" / "train.csv", [archive], archive / rels[0]),
+             (archive / "CheXpert-v1.0-small" / "train.csv", [archive / "CheXpert-v1.0-small"], archive / rels[0]),
+             (archive / "CheXpert-v1.0-small" / "train.csv", [], archive / rels[0]),
+             (kaggle / "train.csv", [kaggle], kaggle / rels[0].split("/", 1)[1]),
+             (kaggle / "train.csv", [], kaggle / rels[0].split("/", 1)[1])]
+    for i, (csv, images, first) in enumerate(cases):
+        out = tmp_path / f"cx{i}.json"
+        args = ["datalist", "chexpert", "--train-csv", str(csv), "--out", str(out)]
+        assert main(args + (["--images", str(images[0])] if images else [])) == 0, (csv, images)
+        data = load_datalist(str(out))
+        found = sorted(e["image"] for s in ("training", "validation", "test") for e in data[s])
+        assert len(found) == 12 and str(first) in found, (csv, images)
