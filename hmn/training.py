@@ -395,6 +395,8 @@ class ResumeFromLatest:
 
         checkpoint, self._checkpoint = self._checkpoint, None
         prior_max_epochs = engine.state.max_epochs
+        schedulers = {k: o for k, o in self.load_dict.items() if isinstance(o, torch.optim.lr_scheduler.LRScheduler)}
+        horizons = {k: _schedule_settings(o) for k, o in schedulers.items()}
         try:
             Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint, strict=True)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:
@@ -404,8 +406,39 @@ class ResumeFromLatest:
                 f"{self.loaded_from} is at epoch {engine.state.epoch}, beyond max_epochs={prior_max_epochs}; "
                 "pass a larger --max_epochs to train on"
             )
+        saved_max_epochs = engine.state.max_epochs
         engine.state.max_epochs = prior_max_epochs
-        logger.info("restored network, optimizer, scheduler and trainer state from %s", self.loaded_from)
+        if saved_max_epochs != prior_max_epochs:
+            logger.info("max_epochs %s -> %s: this run trains to epoch %s", saved_max_epochs, prior_max_epochs, prior_max_epochs)
+        # The scheduler's state holds its settings (e.g. t_total, the horizon) beside its progress; keep this
+        # run's settings, so a larger max_epochs stretches the schedule to the new end instead of starting a
+        # second cycle after the old one.
+        for key, sched in schedulers.items():
+            loaded = _schedule_settings(sched)
+            changed = {n: (loaded[n], v) for n, v in horizons[key].items() if n in loaded and loaded[n] != v}
+            for name, (_, value) in changed.items():
+                setattr(sched, name, value)
+            if changed and isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+                # the restored optimizer holds the old schedule's rate for this step: recompute it (LambdaLR's
+                # rate is a closed form of the step; a chained scheduler would take it from the next step on)
+                lrs = [base * lmbda(sched.last_epoch) for base, lmbda in zip(sched.base_lrs, sched.lr_lambdas)]
+                for group, lr in zip(sched.optimizer.param_groups, lrs):
+                    group["lr"] = lr
+                sched._last_lr = lrs
+            if changed:
+                logger.info("%s settings follow this run: %s", key,
+                            ", ".join(f"{n} {old} -> {new}" for n, (old, new) in changed.items()))
+        logger.info("restored network, optimizer, scheduler and trainer state from %s (epoch %s, iteration %s)",
+                    self.loaded_from, engine.state.epoch, engine.state.iteration)
+
+
+# progress entries of a torch LR scheduler's state; the other plain numbers are its settings
+_SCHEDULE_PROGRESS = {"last_epoch", "base_lrs", "lr_lambdas"}
+
+
+def _schedule_settings(scheduler: Any) -> dict[str, Any]:
+    return {k: v for k, v in scheduler.state_dict().items()
+            if not k.startswith("_") and k not in _SCHEDULE_PROGRESS and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _rank_world() -> tuple[int, int]:

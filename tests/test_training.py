@@ -329,3 +329,52 @@ def test_check_validation_split_names_left_out_classes_once_and_refuses_an_undef
         check_validation_split([], names)
     with pytest.raises(ValueError, match="2 labels for 3 classes"):
         check_validation_split([{"image": "x.png", "label": [0, 1]}], names)
+
+
+def _cosine_lr(step, base, warmup, total, multiplier=0.01):
+    """monai.optimizers.WarmupCosineSchedule written out: linear warm-up from base*multiplier, then half a cosine to 0."""
+    import math
+
+    if step < warmup:
+        return base * (multiplier + (1 - multiplier) * step / max(1, warmup))
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _lr_segment(ckpt_dir, max_epochs, resume, epoch_length=4):
+    from ignite.engine import Engine, Events
+    from monai.optimizers import WarmupCosineSchedule
+
+    from hmn.checkpoints import AtomicCheckpointSaver
+    from hmn.training import ResumeFromLatest
+
+    net = torch.nn.Linear(1, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = WarmupCosineSchedule(opt, warmup_steps=epoch_length, t_total=max_epochs * epoch_length, warmup_multiplier=0.01)
+    lrs = []
+
+    def step(engine, batch):
+        lrs.append((engine.state.iteration, opt.param_groups[0]["lr"]))
+        opt.step()
+        sched.step()
+
+    trainer = Engine(step)
+    save_dict = {"model": net, "optimizer": opt, "lr_scheduler": sched, "trainer": trainer}
+    saver = AtomicCheckpointSaver(str(ckpt_dir), save_dict, save_interval=1, n_saved=1)
+    ResumeFromLatest(str(ckpt_dir), save_dict, enabled=resume, saver=saver).attach(trainer)
+    saver.attach(trainer)
+    trainer.run(list(range(epoch_length)), max_epochs=max_epochs)
+    return lrs
+
+
+def test_resume_with_a_larger_max_epochs_stretches_the_schedule_to_the_new_end(tmp_path, caplog):
+    first = _lr_segment(tmp_path, max_epochs=2, resume=False)  # a 2-epoch run, 8 iterations
+    with caplog.at_level("INFO"):
+        second = _lr_segment(tmp_path, max_epochs=4, resume=True)  # resumed with --max_epochs 4
+    assert "t_total 8 -> 16" in caplog.text and "max_epochs 2 -> 4" in caplog.text
+    assert [i for i, _ in first] == list(range(1, 9)) and [i for i, _ in second] == list(range(9, 17))
+    # iteration i runs with the schedule's value at step i - 1; after the resume, the 16-step horizon
+    for i, lr in second:
+        assert lr == pytest.approx(_cosine_lr(i - 1, 0.1, 4, 16), abs=1e-12)
+    lrs = [lr for _, lr in second]
+    assert lrs == sorted(lrs, reverse=True) and lrs[-1] > 0  # one decay to the new end, no second cycle
