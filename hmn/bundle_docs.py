@@ -86,7 +86,10 @@ Train (checkpoints in `{root}/models`, TensorBoard logs and `history.csv` in `{r
 Common overrides: `--max_epochs 10`, `--image_size 256`, `--batch_size 8`, `--learning_rate 1e-4`,
 `--datalist DATALIST.json`, `--cache none|memory|persistent`, `--amp True`, `--compile True`,
 `--accumulation_steps 4`, `--pretrained /path/to/timm_checkpoint.pth`, `--hierarchical True`
-(ChestX-ray14 class names only), `--bundle_root DIR` when running from another folder.
+(ChestX-ray14 class names only), `--bundle_root DIR` when running from another folder. Network settings
+are under `network_def` (`--network_def#backbone swin_tiny`); an override that names no setting of the
+bundle (`--backbone ...`, `--imagesize ...`) changes nothing, so the run logs a warning naming it and the
+closest setting (`hmn.bundles.check_overrides`).
 
 Mixed precision: `amp` (default: on when CUDA is available) autocasts the training and validation
 forward passes on a GPU. On a CPU, `cpu_bf16` (default: on when the CPU computes bfloat16 natively,

@@ -22,7 +22,8 @@ from hmn import __version__
 from hmn.data.demo import DEMO_CLASSES
 from hmn.networks.backbones import get_backbone_spec
 
-__all__ = ["BUNDLES", "BundleRow", "bundle_files", "write_bundles", "check_bundles", "pack_bundle", "download_bundle", "main", "SCHEMA_URL"]
+__all__ = ["BUNDLES", "BundleRow", "bundle_files", "check_bundles", "check_overrides", "download_bundle", "main", "pack_bundle",
+           "write_bundles", "SCHEMA_URL"]
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 """The MONAI bundle metadata schema that ``metadata.json`` names; the project ships its own offline copy
@@ -141,6 +142,97 @@ def _val_postprocessing() -> dict:
     }
 
 
+# arguments of `python -m monai.bundle run` that are not config overrides
+_RUN_ARGS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
+             "workflow_type", "properties_path"}
+
+
+def _config_ids(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Every id of a parsed config (``a``, ``a#b``, ``a#0``, ...) with its raw value."""
+    out: dict[str, Any] = {}
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        cid = f"{prefix}#{key}" if prefix else str(key)
+        out[cid] = value
+        out.update(_config_ids(value, cid))
+    return out
+
+
+def _command_line_overrides(argv: list[str]) -> tuple[dict[str, str], Any]:
+    """``--key value`` / ``--key=value`` pairs of a ``monai.bundle run`` command line, and its config_file."""
+    pairs: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token.startswith("--") and len(token) > 2:
+            key, eq, value = token[2:].partition("=")
+            if not eq and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                value, i = argv[i + 1], i + 1
+            pairs[key.replace("::", "#")] = value
+        i += 1
+    config = pairs.pop("config_file", None)
+    if isinstance(config, str) and config.strip().startswith("["):
+        import ast
+
+        config = ast.literal_eval(config)
+    return pairs, config
+
+
+def check_overrides(argv: list[str] | None = None) -> list[str]:
+    """Warns about command-line overrides that name no key of the bundle's configs, with the closest key.
+
+    ``python -m monai.bundle run ... --backbone convnext_tinyy`` adds a new top-level key that nothing
+    reads: the run trains the default backbone without a word. The bundles call this first (their
+    ``initialize``): each ``--key`` of the command line (MONAI's own ``run`` arguments aside) must be an id
+    of the merged configs (``image_size``, ``network_def#backbone``, ...) or a new entry of an existing
+    component (``--validate#best_saver#key_metric_n_saved 2``). Anything else is logged as a warning
+    naming the key and the closest id (the id ending in the same name, else the nearest spelling).
+
+    Args:
+        argv: the command line; default ``sys.argv`` when the process runs ``monai.bundle`` (otherwise,
+            e.g. ``monai.bundle.load`` from a Python program, nothing is checked).
+
+    Returns:
+        The warnings logged (empty when every override names a key).
+    """
+    import logging
+
+    if argv is None:
+        main = sys.argv[0] if sys.argv else ""
+        if not (main.endswith("__main__.py") and os.path.basename(os.path.dirname(main)) == "bundle"):
+            return []
+        argv = sys.argv[1:]
+    pairs, config = _command_line_overrides(list(argv))
+    if not config:
+        return []
+    from monai.bundle import ConfigParser
+
+    try:
+        merged = ConfigParser.load_config_files(config)
+    except Exception:  # noqa: BLE001 - MONAI reports an unreadable config itself
+        return []
+    ids = _config_ids(dict(merged))
+    by_name: dict[str, list[str]] = {}
+    for cid in ids:
+        by_name.setdefault(cid.rsplit("#", 1)[-1], []).append(cid)
+    warnings = []
+    for key in pairs:
+        if key in _RUN_ARGS or key in ids:
+            continue
+        parent = key.rsplit("#", 1)[0] if "#" in key else None
+        if parent is not None and isinstance(ids.get(parent), dict) and "_target_" in ids[parent]:
+            continue  # a new argument of an existing component: MONAI passes it on (and refuses a wrong one)
+        name = key.rsplit("#", 1)[-1]
+        close = by_name.get(name) or difflib.get_close_matches(key, list(ids), n=1, cutoff=0.6)
+        hint = f"; did you mean --{close[0]}?" if close else ""
+        warnings.append(f"--{key} is not a setting of this bundle ({', '.join(map(str, config if isinstance(config, list) else [config]))}): "
+                        f"nothing reads it, so it changes nothing{hint}")
+    log = logging.getLogger(__name__)
+    for w in warnings:
+        log.warning(w)
+    return warnings
+
+
 def train_config(name: str) -> dict:
     """``configs/train.json`` of bundle ``name``."""
     row = BUNDLES[name]
@@ -156,6 +248,7 @@ def train_config(name: str) -> dict:
             "$import monai",
             "$import ignite",
             "$import hmn",
+            "$import hmn.bundles",
             "$import hmn.checkpoints",
             "$import hmn.data",
             "$import hmn.data.cli",
@@ -350,7 +443,7 @@ def train_config(name: str) -> dict:
                 "amp": "@amp",
             },
         },
-        "initialize": ["$monai.utils.set_determinism(seed=@seed)"],
+        "initialize": ["$hmn.bundles.check_overrides()", "$monai.utils.set_determinism(seed=@seed)"],
         "run": _TRAIN_RUN,
         "training": _TRAIN_RUN,
     }
@@ -383,7 +476,7 @@ def evaluate_config(name: str) -> dict:
                 "num_classes": "@num_classes",
             },
         ],
-        "initialize": ["$monai.utils.set_determinism(seed=@seed)"],
+        "initialize": ["$hmn.bundles.check_overrides()", "$monai.utils.set_determinism(seed=@seed)"],
         "run": ["$@validate#evaluator.run()"],
         "evaluating": ["$@validate#evaluator.run()"],
     }
@@ -393,7 +486,7 @@ def inference_config(name: str) -> dict:
     """``configs/inference.json``: a folder or datalist of unlabelled images to a predictions CSV (standalone)."""
     train = train_config(name)
     return {
-        "imports": ["$import os", "$import torch", "$import monai", "$import hmn", "$import hmn.data.cli", "$import hmn.inference", "$import hmn.networks", "$import hmn.handlers", "$import hmn.transforms"],
+        "imports": ["$import os", "$import torch", "$import monai", "$import hmn", "$import hmn.bundles", "$import hmn.data.cli", "$import hmn.inference", "$import hmn.networks", "$import hmn.handlers", "$import hmn.transforms"],
         "bundle_root": train["bundle_root"],
         "ckpt_dir": train["ckpt_dir"],
         "output_dir": train["output_dir"],
@@ -443,7 +536,7 @@ def inference_config(name: str) -> dict:
             "val_handlers": "@handlers",
             "amp": "$torch.cuda.is_available()",
         },
-        "initialize": [],
+        "initialize": ["$hmn.bundles.check_overrides()"],
         "run": ["$@evaluator.run()"],
         "inference": ["$@evaluator.run()"],
     }
@@ -470,6 +563,7 @@ def multi_gpu_config(name: str) -> dict:
             "$import torch.distributed as dist",
             "$dist.is_initialized() or dist.init_process_group(backend=@backend)",
             "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+            "$hmn.bundles.check_overrides() if dist.get_rank() == 0 else None",
             "$monai.utils.set_determinism(seed=@seed)",
         ],
         "run": _DIST_TRAIN_RUN,

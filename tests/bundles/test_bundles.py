@@ -108,6 +108,27 @@ def test_bundle_is_valid_for_monai_tooling(name, demo_datalist):
         assert workflow.check_properties() == [], f"{name} {cfg}.json"
 
 
+def test_overrides_that_name_no_key_are_reported_with_the_closest_key(caplog):
+    from hmn.bundles import check_overrides
+
+    train = "bundles/convnext_tiny/configs/train.json"
+    both = f"['{train}','bundles/convnext_tiny/configs/evaluate.json']"
+    argv = ["run", "training", "--config_file", train, "--backbone", "convnext_tinyy", "--image_size", "128",
+            "--imagesize=96", "--network_def#backbone", "swin_tiny", "--validate#best_saver#key_metric_n_saved", "2",
+            "--learning_rat", "1e-3", "--meta_file", "m.json", "--amp", "--seed", "1"]
+    with caplog.at_level("WARNING"):
+        warnings = check_overrides(argv)
+    assert [w.split(" ")[0] for w in warnings] == ["--backbone", "--imagesize", "--learning_rat"]
+    assert warnings[0].endswith("did you mean --network_def#backbone?")
+    assert warnings[1].endswith("did you mean --image_size?") and warnings[2].endswith("did you mean --learning_rate?")
+    assert "--backbone is not a setting of this bundle" in caplog.text
+    # keys that only the second config file defines are keys too
+    assert check_overrides(["run", "evaluating", "--config_file", both, "--eval_split", "validation"]) == []
+    assert check_overrides(["run", "evaluating", "--config_file", train, "--eval_split", "validation"])[0].startswith("--eval_split")
+    # run from a Python program (not `python -m monai.bundle`): its command line is not the bundle's
+    assert check_overrides() == []
+
+
 def test_cpu_bf16_switch_reaches_the_training_inferer_only():
     from monai.bundle import ConfigParser
 
