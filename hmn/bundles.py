@@ -80,7 +80,7 @@ BUNDLES: dict[str, BundleRow] = {
 }
 
 _LOSS = "$monai.handlers.from_engine(['loss'], first=True)"
-_RANK0_TRAIN_HANDLERS = 3  # the last entries of train#handlers run on rank 0 only (see multi_gpu_train.json)
+_RANK0_TRAIN_HANDLERS = 4  # the last entries of train#handlers run on rank 0 only (see multi_gpu_train.json)
 _RANK0_VAL_HANDLERS = 4
 # `python -m monai.bundle run training` runs the id "training"; a plain `run` runs "run".
 # Before training: which classes the validation metric can average (named once), or a clear stop if none.
@@ -374,6 +374,7 @@ def train_config(name: str) -> dict:
                 # rank 0 only from here on (multi_gpu_train.json drops the last entries on other ranks)
                 {"_target_": "StatsHandler", "tag_name": "train_loss", "output_transform": _LOSS},
                 {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "tag_name": "train_loss", "output_transform": _LOSS},
+                {"_target_": "hmn.training.RunTimeEstimate"},
                 {"_target_": "ignite.handlers.ProgressBar", "persist": True},
             ],
             "trainer": {

@@ -378,3 +378,31 @@ def test_resume_with_a_larger_max_epochs_stretches_the_schedule_to_the_new_end(t
         assert lr == pytest.approx(_cosine_lr(i - 1, 0.1, 4, 16), abs=1e-12)
     lrs = [lr for _, lr in second]
     assert lrs == sorted(lrs, reverse=True) and lrs[-1] > 0  # one decay to the new end, no second cycle
+
+
+def test_run_time_estimate_for_the_whole_run():
+    from ignite.engine import Engine, Events
+
+    from hmn.training import RunTimeEstimate
+
+    now = [1000.0]
+    durations = {1: 50.0, 2: 70.0, 3: 60.0, 4: 100.0, 5: 30.0}  # seconds per epoch, validation included
+
+    def step(engine, batch):
+        now[0] += 1.0  # one second per iteration
+        if engine.state.iteration % engine.state.epoch_length == 0:
+            now[0] += durations[engine.state.epoch] - engine.state.epoch_length  # the epoch's other work
+
+    trainer = Engine(step)
+    estimate = RunTimeEstimate(after_iterations=4, window=2, clock=lambda: now[0])
+    estimate.attach(trainer)
+    messages = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: messages.append(estimate.last_message))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: messages.append(estimate.last_message))
+    trainer.run(list(range(10)), max_epochs=5)
+    first = next(m for m in messages if m)
+    assert first.startswith("1.00 s per training iteration: the remaining 46 iterations take about 46 s")
+    # after epoch 3: the last two epochs took 70 and 60 s, two epochs left: 130 s, about 2 min
+    after_three = messages[messages.index(next(m for m in messages if m and m.startswith("epoch 3/5")))]
+    assert "65 s per epoch with validation; 2 epoch(s) left, about 2 min" in after_three
+    assert "epoch 4/5: 80 s per epoch with validation; 1 epoch(s) left, about 80 s" in estimate.last_message
