@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -40,8 +41,9 @@ def main() -> None:
 
     datalist = make_demo_dataset(default_demo_root())  # the bundles' default demo set, made before the clock
     out = Path(args.out)
-    if (out / "runs" / "history.csv").exists():
-        (out / "runs" / "history.csv").unlink()
+    # every run starts afresh (the bundles refuse a new run in a folder that holds an earlier one)
+    for sub in ("runs", "models"):
+        shutil.rmtree(out / sub, ignore_errors=True)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file",
            f"bundles/{args.bundle}/configs/train.json", "--bundle_root", str(out), "--datalist", datalist, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}

@@ -110,9 +110,10 @@ complete, with nothing of the finished epochs lost. Every file of the run (`chec
 `model.pt`, `history.csv`, the evaluation report) is written to a temporary `.NAME.partial` beside it,
 synced to disk and renamed into place, so it is complete or absent, never cut off. The previous
 checkpoint is removed only once the next one is complete. A new best model is staged as
-`.model.pt.epoch=N.staged` and becomes `model.pt` only once epoch N's checkpoint is complete, so
-`model.pt`, the best score in the checkpoint and `history.csv` always describe the same epochs; the resume
-drops `history.csv` rows of epochs it trains again. A checkpoint that cannot be read (damaged on disk,
+`.model.pt.epoch=N.staged` and becomes `model.pt` only once epoch N's checkpoint is complete; the resume
+discards staged models and `history.csv` rows of the epochs it trains again, so from then on `model.pt`,
+the best score in the checkpoint and `history.csv` describe the same epochs. A new run without
+`--resume` refuses a models folder that already holds a run. A checkpoint that cannot be read (damaged on disk,
 or cut off by an older version of the project) is renamed to `NAME.unreadable` with a warning and the
 next older one is used; with none readable the run starts from scratch and says why. A full disk stops
 the run with an error naming the folder, the space needed and the space free, before the checkpoint is

@@ -362,6 +362,7 @@ def train_config(name: str) -> dict:
                 "load_dict": save_dict,
                 "map_location": "@device",
                 "saver": "@train#checkpoint",
+                "history": "$os.path.join(@output_dir, 'history.csv')",
             },
             # Crash-safe (hmn.checkpoints): atomic writes, the previous checkpoint kept until the next is
             # complete, and the staged best model promoted to model.pt once its epoch's checkpoint is complete.

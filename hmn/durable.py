@@ -179,9 +179,11 @@ def atomic_write(
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    tmp = partial_path(path)
+    if os.path.lexists(tmp):  # left by a writer that was stopped; its space is free for this write
+        os.remove(tmp)
     if expected_size is not None:
         _check_free_space(folder, path, expected_size)
-    tmp = partial_path(path)
     try:
         _write_partial(tmp, write, binary)
         _commit(tmp, path)

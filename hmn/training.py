@@ -39,6 +39,7 @@ __all__ = [
     "pos_weight",
     "resolve_datalist",
     "set_aside",
+    "trim_history",
 ]
 
 logger = logging.getLogger(__name__)
@@ -313,7 +314,14 @@ class ResumeFromLatest:
     models of later epochs (which will be trained again) are discarded, so ``model.pt`` and the restored
     best score (:class:`BestModelRecord`) describe the same model. Incomplete ``.*.partial`` files in
     ``ckpt_dir`` are removed. The bundles' ``load_dict`` also restores the early-stopping count
-    (:class:`EarlyStopRecord`).
+    (:class:`EarlyStopRecord`). With ``history`` (the run's ``history.csv``), rows of epochs after the
+    restored one (validated before the stop, but without a complete checkpoint) are dropped at once, so
+    ``history.csv``, ``model.pt`` and the restored best score agree from the start of the resumed run.
+
+    Without ``enabled`` (a new run), a ``ckpt_dir`` that already holds a full-state checkpoint or the best
+    model is refused (``FileExistsError``) unless ``refuse_used_folder`` is False: the new run's files
+    would mix with the earlier run's, a later resume would pick the earlier run's newest checkpoint, and
+    its best model would be overwritten.
 
     Raises (when the run starts):
         KeyError / RuntimeError: the readable checkpoint does not fit ``load_dict`` (other network or
@@ -322,14 +330,18 @@ class ResumeFromLatest:
     """
 
     def __init__(
-        self, ckpt_dir: str, load_dict: Mapping[str, Any], enabled: bool = False, map_location: Any = None, saver: Any = None
+        self, ckpt_dir: str, load_dict: Mapping[str, Any], enabled: bool = False, map_location: Any = None, saver: Any = None,
+        history: str | None = None, refuse_used_folder: bool = True,
     ) -> None:
         self.ckpt_dir, self.load_dict, self.map_location = ckpt_dir, dict(load_dict), map_location
         self.enabled = as_bool(enabled, "resume")
         self.saver = saver
+        self.history = history
+        self.refuse_used_folder = as_bool(refuse_used_folder, "refuse_used_folder")
         self.loaded_from: str | None = None
         self.loaded_epoch: int | None = None
         self.set_aside: list[str] = []
+        self.unreadable: list[str] = []
         self._checkpoint: Any = None
 
     def _newest_readable(self, writer: bool) -> tuple[int, str, Any] | None:
@@ -342,6 +354,7 @@ class ResumeFromLatest:
                 raise  # the machine's trouble, not the file's: never set a good checkpoint aside for it
             except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged file
                 reason = " ".join(str(e).split())[:300]
+                self.unreadable.append(os.path.basename(path))
                 if writer:
                     moved = set_aside(path)
                     self.set_aside.append(moved)
@@ -353,8 +366,23 @@ class ResumeFromLatest:
             return epoch, path, checkpoint
         return None
 
+    def _refuse_a_used_folder(self) -> None:
+        best_saver = getattr(self.saver, "best_model_saver", None)
+        best_name = getattr(best_saver, "key_metric_filename", None) or "model.pt"
+        found = [os.path.basename(p) for _, p in checkpoints_by_epoch(self.ckpt_dir)]
+        if os.path.isfile(os.path.join(self.ckpt_dir, best_name)):
+            found.append(best_name)
+        if found:
+            raise FileExistsError(
+                f"{self.ckpt_dir} already holds a run ({', '.join(found[:4])}): a new run would mix with it and "
+                "overwrite its best model. Continue it with --resume True, or start a new run elsewhere "
+                "(--bundle_root DIR, or --ckpt_dir and --output_dir), or move those files away"
+            )
+
     def attach(self, engine: Any) -> None:
         if not self.enabled:
+            if self.refuse_used_folder:
+                self._refuse_a_used_folder()
             return
         from ignite.engine import Events
 
@@ -366,14 +394,22 @@ class ResumeFromLatest:
         found = self._newest_readable(writer)
         best_saver = getattr(self.saver, "best_model_saver", None)
         if found is None:
-            why = (f"every checkpoint there was unreadable and set aside ({', '.join(self.set_aside)})"
-                   if self.set_aside else "there is no checkpoint_epoch=*.pt")
+            if self.unreadable:
+                what = "set aside" if writer else "skipped"
+                why = f"every checkpoint there was unreadable and {what} ({', '.join(self.unreadable)})"
+            else:
+                why = "there is no checkpoint_epoch=*.pt"
             logger.warning("resume requested but %s in %s: starting from scratch", why, self.ckpt_dir)
-            if best_saver is not None and writer:
-                best_saver.promote(0)  # staged best models without a committed epoch are discarded
+            if writer:
+                if best_saver is not None:
+                    best_saver.promote(0)  # staged best models without a committed epoch are discarded
+                if self.history:
+                    trim_history(self.history, 0)
             return
         epoch, path, self._checkpoint = found
         logger.info("resuming from %s (epoch %d)", path, epoch)
+        if writer and self.history:
+            trim_history(self.history, epoch)
         engine.add_event_handler(Events.STARTED, self._restore)
         self.loaded_from, self.loaded_epoch = path, epoch
         if best_saver is not None and writer:
@@ -502,6 +538,50 @@ class EarlyStopRecord:
         self._early_stopping().load_state_dict(state)
 
 
+def _history_rows(path: str, last_epoch: int) -> tuple[list[dict[str, Any]], int]:
+    """The whole rows of ``history.csv`` up to `last_epoch`, and how many rows were left out."""
+    if not os.path.exists(path):
+        return [], 0
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    kept = []
+    for row in rows:
+        try:
+            row_epoch = int(row["epoch"])
+        except (KeyError, TypeError, ValueError):
+            continue  # a row cut off by a writer that was not atomic
+        if row_epoch <= last_epoch and None not in row.values():
+            kept.append(row)
+    return kept, len(rows) - len(kept)
+
+
+def trim_history(path: str, last_epoch: int) -> int:
+    """Drops the rows of ``history.csv`` after `last_epoch` (and any cut-off row), rewriting the file
+    atomically; removes a leftover temporary file of it. Returns the number of rows dropped."""
+    from hmn.durable import atomic_write, partial_path
+
+    if os.path.lexists(partial_path(path)):
+        os.remove(partial_path(path))
+    kept, dropped = _history_rows(path, last_epoch)
+    if dropped:
+        fields: list[str] = []
+        for r in kept:
+            fields += [k for k in r if k not in fields]
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        fields = fields or header
+
+        def write(f: Any) -> None:
+            w = csv.DictWriter(f, fieldnames=fields, restval="")
+            w.writeheader()
+            w.writerows(kept)
+
+        atomic_write(path, write)
+        logger.info("%s: %d row(s) after epoch %d dropped (validated before the stop, without a complete "
+                    "checkpoint; they are trained again)", path, dropped, last_epoch)
+    return dropped
+
+
 class MetricHistory:
     """Ignite handler for the evaluator: one CSV row per validation (epoch, elapsed training time, metrics).
 
@@ -526,21 +606,10 @@ class MetricHistory:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def _read_existing(self, epoch: int) -> list[dict[str, Any]]:
-        if not os.path.exists(self.filename):
-            return []
-        with open(self.filename, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        kept = []
-        for row in rows:
-            try:
-                row_epoch = int(row["epoch"])
-            except (KeyError, TypeError, ValueError):
-                continue  # a row cut off by a writer that was not atomic
-            if row_epoch < epoch and None not in row.values():
-                kept.append(row)
-        if len(kept) < len(rows):
+        kept, dropped = _history_rows(self.filename, epoch - 1)
+        if dropped:
             logger.info("%s: %d row(s) of epoch %d or later dropped (trained again after the resume)",
-                        self.filename, len(rows) - len(kept), epoch)
+                        self.filename, dropped, epoch)
         return kept
 
     def __call__(self, engine: Any) -> None:

@@ -406,3 +406,29 @@ def test_run_time_estimate_for_the_whole_run():
     after_three = messages[messages.index(next(m for m in messages if m and m.startswith("epoch 3/5")))]
     assert "65 s per epoch with validation; 2 epoch(s) left, about 2 min" in after_three
     assert "epoch 4/5: 80 s per epoch with validation; 1 epoch(s) left, about 80 s" in estimate.last_message
+
+
+def test_a_new_run_refuses_a_folder_holding_an_earlier_run(tmp_path):
+    _run_segment(tmp_path, [0.6, 0.9], max_epochs=2, resume=False)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(FileExistsError, match=r"already holds a run \(checkpoint_epoch=2\.pt, model\.pt\).*--resume True"):
+        _run_segment(tmp_path, [0.1, 0.2], max_epochs=2, resume=False)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing touched
+
+
+def test_resume_trims_history_rows_of_epochs_without_a_checkpoint_at_once(tmp_path):
+    from ignite.engine import Engine
+
+    from hmn.durable import partial_path
+    from hmn.training import ResumeFromLatest
+
+    ckpt = tmp_path / "models"
+    _run_segment(ckpt, [0.6, 0.9], max_epochs=1, resume=False)
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,elapsed_s,val_auc\n1,10.0,0.6\n2,20.0,0.9\n")  # epoch 2 validated, then stopped
+    open(partial_path(history), "w").write("epoch,elapsed_s,val_auc\n1,10.0,0.6\n2,20.0,0.9\n3,3")
+    resume = ResumeFromLatest(str(ckpt), {"model": torch.nn.Linear(1, 1, bias=False)}, enabled=True, history=str(history))
+    resume.attach(Engine(lambda e, b: None))
+    assert resume.loaded_epoch == 1
+    assert history.read_text().splitlines() == ["epoch,elapsed_s,val_auc", "1,10.0,0.6"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["history.csv", "models"]
