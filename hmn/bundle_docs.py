@@ -42,8 +42,8 @@ def bundle_readme(name: str, row: Any, train: dict) -> str:
             "a stem of two overlapping 3x3 stride-2 convolutions in place of the 4x4 patchify. "
             "With the published LayerNorms and layer scale 1e-6, a ConvNeXt trained from scratch did not learn "
             "the demo data at all (the repository's BENCHMARKS.md). With pretrained weights "
-            "(`--pretrained PATH`) add `--backbone_options \"{}\"` to build the published ConvNeXt they fit, "
-            "and keep that override for evaluation and inference."
+            "(`--pretrained True` or `--pretrained PATH`) the published ConvNeXt they fit is built instead "
+            "(`backbone_options` `{}`), and the run record carries that to evaluation and inference."
         )
     source = f"timm `{spec.timm_name}`" if spec.timm_name else "the project's own implementation, `hmn.networks.vim`"
     if spec.family == "vim":
@@ -96,6 +96,13 @@ forward passes on a GPU. On a CPU, `cpu_bf16` (default: on when the CPU computes
 `avx512_bf16`/`amx_bf16`/Arm `bf16` in `/proc/cpuinfo`) runs the training forward pass under bfloat16
 autocast through `hmn.training.CPUAutocastInferer`; the loss, optimizer, validation, evaluation and
 inference stay float32. `--cpu_bf16 False` turns it off.
+
+What a run records: `models/run.json` (`hmn.runs`) holds the settings that define the trained network
+and its preprocessing (class names, channels, image size, VOI, backbone and options, attention, pyramid,
+head) and the schedule. Evaluation, inference and a resume take them from it; an override that contradicts
+it is honoured with a warning for the image size, VOI and (on a resume) the schedule, and refused for the
+classes and the architecture. `python -m hmn pack-bundle` packs it with `model.pt` and bakes it into the
+packed `inference.json` and `metadata.json`.
 
 Resume a run that was stopped (it continues after the last finished epoch, from
 `models/checkpoint_epoch=N.pt`, which holds the network, optimizer, scheduler and trainer state, the best

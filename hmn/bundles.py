@@ -13,6 +13,7 @@ import argparse
 import difflib
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,19 +84,33 @@ _LOSS = "$monai.handlers.from_engine(['loss'], first=True)"
 _RANK0_TRAIN_HANDLERS = 4  # the last entries of train#handlers run on rank 0 only (see multi_gpu_train.json)
 _RANK0_VAL_HANDLERS = 4
 # `python -m monai.bundle run training` runs the id "training"; a plain `run` runs "run".
+# Before anything runs: overrides that contradict the model's run record (models/run.json) are refused or
+# warned about (hmn.runs.check_run_record); training then records (or, on a resume, updates) it.
+_CHECK_RECORD = "$hmn.runs.check_run_record(@ckpt_dir, @run_settings, @use_run_record)"
+_WRITE_RECORD = "$hmn.runs.write_run_record(@ckpt_dir, @run_settings, @resume)"
 # Before training: which classes the validation metric can average (named once), or a clear stop if none.
 _CHECK_VAL = "$hmn.training.check_validation_split(@validate#dataset#data, @class_names)"
+_EVAL_RUN = [
+    "$hmn.runs.check_run_record(@ckpt_dir, @model_settings, @use_run_record)",
+    "$hmn.runs.check_classes(@class_names, hmn.training.class_names(@datalist), @datalist)",
+    "$@validate#evaluator.run()",
+]
+_INFER_RUN = ["$hmn.runs.check_run_record(@ckpt_dir, @model_settings, @use_run_record)", "$@evaluator.run()"]
 _TRAIN_RUN = [
+    _CHECK_RECORD,
     _CHECK_VAL,
     "$@validate#early_stop.set_trainer(@train#trainer)",
     "$@train#resume.attach(@train#trainer)",
+    _WRITE_RECORD,
     "$@train#checkpoint.attach(@train#trainer)",
     "$@train#trainer.run()",
 ]
 _DIST_TRAIN_RUN = [
+    _CHECK_RECORD,
     _CHECK_VAL,
     "$@validate#early_stop.set_trainer(@train#trainer)",
     "$@train#resume.attach(@train#trainer)",
+    _WRITE_RECORD,
     "$@train#checkpoint.attach(@train#trainer) if dist.get_rank() == 0 else None",
     "$@train#trainer.run()",
 ]
@@ -233,6 +248,30 @@ def check_overrides(argv: list[str] | None = None) -> list[str]:
     return warnings
 
 
+def _trained(key: str, default: str) -> str:
+    """A config value: the run record's `key` when the workflow uses the record (evaluation, inference, a
+    resume), else `default` (a Python expression)."""
+    return f"$hmn.runs.trained(@ckpt_dir, {key!r}, {default}, @use_run_record)"
+
+
+# what the run record holds (hmn.runs.MODEL_SETTINGS / SCHEDULE_SETTINGS), as config references
+_MODEL_SETTINGS = {
+    "class_names": "@class_names", "in_channels": "@network_def#in_channels", "image_size": "@image_size", "voi": "@voi",
+    "backbone": "@network_def#backbone", "backbone_options": "@backbone_options", "attention": "@network_def#attention",
+    "fpn_channels": "@network_def#fpn_channels", "fusion_channels": "@network_def#fusion_channels",
+    "num_heads": "@network_def#num_heads", "context_size": "@network_def#context_size", "dropout": "@network_def#dropout",
+    "hierarchical": "@hierarchical", "num_coarse_classes": "@num_coarse_classes",
+}
+_SCHEDULE_SETTINGS = {k: f"@{k}" for k in ("max_epochs", "batch_size", "learning_rate", "weight_decay", "warmup_epochs",
+                                           "accumulation_steps", "seed", "pretrained")}
+
+
+def _scratch_default(row: BundleRow) -> str:
+    # the from-scratch recipe applies only without pretrained weights: --pretrained alone builds the
+    # published architecture the weights fit
+    return f"{{}} if hmn.training.pretrained_given(@pretrained) else {dict(row.backbone_options)!r}"
+
+
 def train_config(name: str) -> dict:
     """``configs/train.json`` of bundle ``name``."""
     row = BUNDLES[name]
@@ -255,6 +294,7 @@ def train_config(name: str) -> dict:
             "$import hmn.handlers",
             "$import hmn.losses",
             "$import hmn.networks",
+            "$import hmn.runs",
             "$import hmn.training",
             "$import hmn.transforms",
         ],
@@ -264,23 +304,25 @@ def train_config(name: str) -> dict:
         "dataset_dir": "$hmn.data.cli.default_demo_root()",
         "demo": {"n_images": 900, "image_size": 256, "seed": 0},
         "datalist": "$hmn.training.resolve_datalist(@dataset_dir, demo=@demo if @dataset_dir == hmn.data.cli.default_demo_root() else None)",
-        "class_names": "$hmn.training.class_names(@datalist)",
+        # evaluation, inference and a resume take the model's settings from its run record (hmn.runs)
+        "use_run_record": "$hmn.training.as_bool(@resume)",
+        "class_names": _trained("class_names", "hmn.training.class_names(@datalist)"),
         "num_classes": "$len(@class_names)",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
-        "seed": 0,
-        "image_size": 224,
-        "voi": "apply",
-        "batch_size": row.batch_size,
+        "seed": _trained("seed", "0"),
+        "image_size": _trained("image_size", "224"),
+        "voi": _trained("voi", "'apply'"),
+        "batch_size": _trained("batch_size", repr(row.batch_size)),
         "num_workers": 0,
         "cache": "memory",
         "skip_bad_files": True,
-        "max_epochs": 30,
+        "max_epochs": _trained("max_epochs", "30"),
         "val_interval": 1,
         "early_stop_patience": 10,
-        "learning_rate": row.learning_rate,
-        "weight_decay": 0.05,
-        "warmup_epochs": 1,
-        "accumulation_steps": 1,
+        "learning_rate": _trained("learning_rate", repr(row.learning_rate)),
+        "weight_decay": _trained("weight_decay", "0.05"),
+        "warmup_epochs": _trained("warmup_epochs", "1"),
+        "accumulation_steps": _trained("accumulation_steps", "1"),
         "amp": "$torch.cuda.is_available()",
         # bfloat16 autocast of the training forward pass on a CPU that computes bfloat16 natively (the
         # CUDA counterpart is "amp"); validation, evaluation and inference stay float32.
@@ -289,27 +331,30 @@ def train_config(name: str) -> dict:
         "use_pos_weight": True,
         "resume": False,
         "pretrained": False,
-        "backbone_options": dict(row.backbone_options),
-        "hierarchical": False,
+        "backbone_options": _trained("backbone_options", _scratch_default(row)),
+        "hierarchical": _trained("hierarchical", "False"),
         # the hierarchical head's coarse groups are those of the run's classes (4 for ChestX-ray14's 14)
         "num_coarse_classes": "$len(hmn.losses.fine_to_coarse_indices(@class_names)[1]) if @hierarchical else 0",
         "network_def": {
             "_target_": "hmn.networks.HybridMedNet",
-            "backbone": name,
+            "backbone": _trained("backbone", repr(name)),
             "num_classes": "@num_classes",
-            "in_channels": 1,
+            "in_channels": _trained("in_channels", "1"),
             "img_size": "@image_size",
             "pretrained": "@pretrained",
             "backbone_options": "@backbone_options",
-            "attention": list(row.attention),
-            "fpn_channels": 256,
-            "fusion_channels": 512,
-            "num_heads": 8,
-            "context_size": 7,
-            "dropout": 0.2,
+            "attention": _trained("attention", repr(list(row.attention))),
+            "fpn_channels": _trained("fpn_channels", "256"),
+            "fusion_channels": _trained("fusion_channels", "512"),
+            "num_heads": _trained("num_heads", "8"),
+            "context_size": _trained("context_size", "7"),
+            "dropout": _trained("dropout", "0.2"),
             "hierarchical": "@hierarchical",
             "num_coarse_classes": "@num_coarse_classes",
         },
+        "model_settings": dict(_MODEL_SETTINGS),
+        "schedule_settings": dict(_SCHEDULE_SETTINGS),
+        "run_settings": "$dict(@model_settings, **@schedule_settings)",
         "network": "$@network_def.to(@device)",
         "loss": "$hmn.losses.MultiLabelBCELoss(pos_weight=hmn.training.pos_weight(@train#dataset#data, @use_pos_weight)).to(@device) if not @hierarchical else hmn.losses.HierarchicalLoss(@num_classes, hmn.losses.fine_to_coarse_indices(@class_names)[0], pos_weight=hmn.training.pos_weight(@train#dataset#data, @use_pos_weight)).to(@device)",
         "optimizer": {
@@ -456,6 +501,9 @@ def evaluate_config(name: str) -> dict:
     return {
         "eval_split": "test",
         "eval_dir": "$os.path.join(@output_dir, 'eval')",
+        # the model is rebuilt from its run record (models/run.json); its weights come from model.pt
+        "use_run_record": True,
+        "pretrained": False,
         "thresholds": "youden",
         "n_bootstrap": 1000,
         "validate#dataset#data": "$hmn.data.load_datalist(@datalist, @eval_split)",
@@ -479,8 +527,8 @@ def evaluate_config(name: str) -> dict:
             },
         ],
         "initialize": ["$hmn.bundles.check_overrides()", "$monai.utils.set_determinism(seed=@seed)"],
-        "run": ["$@validate#evaluator.run()"],
-        "evaluating": ["$@validate#evaluator.run()"],
+        "run": _EVAL_RUN,
+        "evaluating": _EVAL_RUN,
     }
 
 
@@ -488,14 +536,16 @@ def inference_config(name: str) -> dict:
     """``configs/inference.json``: a folder or datalist of unlabelled images to a predictions CSV (standalone)."""
     train = train_config(name)
     return {
-        "imports": ["$import os", "$import torch", "$import monai", "$import hmn", "$import hmn.bundles", "$import hmn.data.cli", "$import hmn.inference", "$import hmn.networks", "$import hmn.handlers", "$import hmn.transforms"],
+        "imports": ["$import os", "$import torch", "$import monai", "$import hmn", "$import hmn.bundles", "$import hmn.data.cli", "$import hmn.inference", "$import hmn.networks", "$import hmn.handlers", "$import hmn.runs", "$import hmn.training", "$import hmn.transforms"],
         "bundle_root": train["bundle_root"],
         "ckpt_dir": train["ckpt_dir"],
         "output_dir": train["output_dir"],
         "dataset_dir": "$hmn.data.cli.default_demo_root()",
         "input": "@dataset_dir",
         "output_file": "$os.path.join(@output_dir, 'predictions.csv')",
-        "class_names": list(DEMO_CLASSES),
+        # the model is rebuilt from its run record (models/run.json); the demo's classes without one
+        "use_run_record": True,
+        "class_names": _trained("class_names", repr(list(DEMO_CLASSES))),
         "num_classes": "$len(@class_names)",
         "device": train["device"],
         "image_size": train["image_size"],
@@ -508,6 +558,7 @@ def inference_config(name: str) -> dict:
         # the hierarchical head's coarse groups are those of the run's classes (4 for ChestX-ray14's 14)
         "num_coarse_classes": "$len(hmn.losses.fine_to_coarse_indices(@class_names)[1]) if @hierarchical else 0",
         "network_def": train["network_def"],
+        "model_settings": dict(_MODEL_SETTINGS),
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": _load_transforms()},
         "dataset": {
@@ -539,8 +590,8 @@ def inference_config(name: str) -> dict:
             "amp": "$torch.cuda.is_available()",
         },
         "initialize": ["$hmn.bundles.check_overrides()"],
-        "run": ["$@evaluator.run()"],
-        "inference": ["$@evaluator.run()"],
+        "run": _INFER_RUN,
+        "inference": _INFER_RUN,
     }
 
 
@@ -739,41 +790,120 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def packed_metadata(metadata: dict, record: dict) -> dict:
+    """``metadata.json`` describing the trained model of run record `record`, as MONAI model-zoo bundles do:
+    the input's channels and spatial shape, and the output's channels with a ``channel_def`` naming each
+    class (then each coarse group of a hierarchical head)."""
+    settings = record["settings"]
+    out = json.loads(json.dumps(metadata))
+    fmt = out.setdefault("network_data_format", {})
+    image = fmt.setdefault("inputs", {}).setdefault("image", {})
+    image["num_channels"] = int(settings.get("in_channels", 1))
+    image["spatial_shape"] = [int(settings["image_size"])] * 2
+    classes = list(settings["class_names"])
+    coarse = int(settings.get("num_coarse_classes") or 0) if settings.get("hierarchical") else 0
+    pred = fmt.setdefault("outputs", {}).setdefault("pred", {})
+    pred["num_channels"] = len(classes) + coarse
+    pred["channel_def"] = {str(i): c for i, c in enumerate(classes + [f"coarse_group_{g}" for g in range(coarse)])}
+    return out
+
+
+_TRAINED_RE = re.compile(r"^\$hmn\.runs\.trained\(@ckpt_dir, '(\w+)', (.*), @use_run_record\)$")
+
+
+def packed_inference_config(config: dict, record: dict) -> dict:
+    """``inference.json`` for a packed bundle: every setting the configs take from a run record
+    (:func:`_trained`) defaults to the recorded value, and no record is read at run time (``use_run_record``
+    false), so ``monai.bundle.load(..., workflow_type="inference")`` and the inference workflow build the
+    trained model wherever the bundle is unpacked, whatever folder they run from."""
+    settings = record["settings"]
+
+    def bake(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: bake(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [bake(v) for v in node]
+        if isinstance(node, str):
+            m = _TRAINED_RE.match(node)
+            if m and m.group(1) in settings:
+                return _trained(m.group(1), repr(settings[m.group(1)]))
+        return node
+
+    out = bake(json.loads(json.dumps(config)))
+    out["use_run_record"] = False
+    return out
+
+
 def pack_bundle(name: str, zip_path: str | os.PathLike, models_dir: str | os.PathLike | None = None,
                 bundles_dir: str | os.PathLike = "bundles") -> str:
-    """Zips bundle ``name`` (configs, docs, LICENSE) with ``models/model.pt`` for sharing.
+    """Zips bundle ``name`` (configs, docs, LICENSE) with the trained ``models/model.pt`` and its run record
+    ``models/run.json`` for sharing.
 
     The archive holds one top-level folder ``<name>/``, the layout ``monai.bundle.download`` extracts.
-    ``models_dir`` is where the trained ``model.pt`` lies (default: the bundle's own ``models/``); the
-    full-state ``checkpoint_epoch=*.pt`` files are left out.
+    ``models_dir`` is where the trained ``model.pt`` and ``run.json`` lie (default: the bundle's own
+    ``models/``); the full-state ``checkpoint_epoch=*.pt`` files are left out. The packed configs read the
+    run record (:mod:`hmn.runs`), so evaluation, inference and ``monai.bundle.load`` rebuild the trained
+    model; ``configs/metadata.json`` is rewritten to describe it (:func:`packed_metadata`) and
+    ``configs/inference.json`` carries the recorded settings itself (:func:`packed_inference_config`).
+
+    Raises:
+        FileNotFoundError: no bundle `name`, no ``model.pt``, or no ``run.json`` beside it (without the
+            record a packed bundle could not know the model's classes and image size).
     """
     import zipfile
+
+    from hmn.runs import RUN_RECORD, read_run_record
 
     src = Path(bundles_dir) / name
     if not (src / "configs" / "train.json").is_file():
         raise FileNotFoundError(f"{src} is not a bundle (no configs/train.json); known bundles: {', '.join(BUNDLES)}")
-    model = Path(models_dir or src / "models") / "model.pt"
+    models = Path(models_dir or src / "models")
+    model = models / "model.pt"
     if not model.is_file():
         raise FileNotFoundError(f"no trained weights at {model}: train the bundle first, or pass models_dir")
+    record = read_run_record(models)
+    if record is None:
+        raise FileNotFoundError(
+            f"no {RUN_RECORD} beside {model}: without the run record a packed bundle cannot know the model's classes, "
+            "image size and architecture (training writes it; a model trained before run records can be recorded "
+            "with hmn.runs.write_run_record)"
+        )
     zip_path = Path(zip_path)
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for rel in bundle_files(name):
-            zf.write(src / rel, f"{name}/{rel}")
+            if rel == "configs/metadata.json":
+                meta = json.loads((src / rel).read_text())
+                zf.writestr(f"{name}/{rel}", json.dumps(packed_metadata(meta, record), indent=4) + "\n")
+            elif rel == "configs/inference.json":
+                config = json.loads((src / rel).read_text())
+                zf.writestr(f"{name}/{rel}", json.dumps(packed_inference_config(config, record), indent=4) + "\n")
+            else:
+                zf.write(src / rel, f"{name}/{rel}")
         zf.write(model, f"{name}/models/model.pt")
+        zf.write(models / RUN_RECORD, f"{name}/models/{RUN_RECORD}")
     return str(zip_path)
 
 
 def pack_main(argv: list[str] | None = None) -> int:
     """``python -m hmn pack-bundle NAME ZIP [--models-dir DIR]``."""
-    p = argparse.ArgumentParser(prog="python -m hmn pack-bundle", description="Zip a bundle with its trained model.pt.")
+    import hashlib
+
+    p = argparse.ArgumentParser(prog="python -m hmn pack-bundle",
+                                description="Zip a bundle with its trained model.pt and run record.")
     p.add_argument("name", choices=list(BUNDLES))
     p.add_argument("zip", help="output .zip")
-    p.add_argument("--models-dir", default=None, help="folder holding model.pt (default: bundles/NAME/models)")
+    p.add_argument("--models-dir", default=None, help="folder holding model.pt and run.json (default: bundles/NAME/models)")
     p.add_argument("--bundles-dir", default="bundles")
     args = p.parse_args(argv)
-    path = pack_bundle(args.name, args.zip, args.models_dir, args.bundles_dir)
+    try:
+        path = pack_bundle(args.name, args.zip, args.models_dir, args.bundles_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    md5 = hashlib.md5(Path(path).read_bytes()).hexdigest()
     print(f"wrote {path}")
+    print(f"md5 {md5}: give it to the download, hmn.bundles.download_bundle(url, bundle_dir, {args.name!r}, hash_val={md5!r})")
     return 0
 
 

@@ -37,6 +37,7 @@ __all__ = [
     "latest_checkpoint",
     "make_dataset",
     "pos_weight",
+    "pretrained_given",
     "resolve_datalist",
     "set_aside",
     "trim_history",
@@ -203,6 +204,14 @@ def as_bool(value: Any, name: str = "value") -> bool:
     if text in ("false", "0", "no", "none", ""):
         return False
     raise ValueError(f"{name}={value!r} is not a boolean; accepted: true/false, 1/0, yes/no")
+
+
+def pretrained_given(value: Any) -> bool:
+    """Whether a ``pretrained`` setting asks for weights: True, or a checkpoint path (False, None, "" and the
+    command line's "false"/"0"/"no"/"none" do not)."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    return str(value).strip().lower() not in ("", "false", "0", "no", "none")
 
 
 # CPU flags (Linux /proc/cpuinfo) of native bfloat16 arithmetic: x86 AVX-512 BF16 and AMX-BF16, Arm BF16.
@@ -682,13 +691,12 @@ class RunTimeEstimate:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
 
     def _started(self, engine: Any) -> None:
-        self._run_start = self.clock()
-        self._start_iteration = engine.state.iteration
+        self._run_start = None  # set at the first epoch: a resume restores the iteration count at STARTED
 
     def _epoch_started(self, engine: Any) -> None:
         self._epoch_start = self.clock()
         if self._run_start is None:
-            self._started(engine)
+            self._run_start, self._start_iteration = self._epoch_start, engine.state.iteration
 
     def _say(self, message: str) -> None:
         self.last_message = message

@@ -432,3 +432,29 @@ def test_resume_trims_history_rows_of_epochs_without_a_checkpoint_at_once(tmp_pa
     assert resume.loaded_epoch == 1
     assert history.read_text().splitlines() == ["epoch,elapsed_s,val_auc", "1,10.0,0.6"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["history.csv", "models"]
+
+
+def test_run_time_estimate_of_a_resumed_run_counts_its_own_iterations():
+    from ignite.engine import Engine, Events
+
+    from hmn.training import RunTimeEstimate
+
+    now = [0.0]
+
+    def step(engine, batch):
+        now[0] += 2.0
+
+    trainer = Engine(step)
+    estimate = RunTimeEstimate(after_iterations=3, clock=lambda: now[0])
+    estimate.attach(trainer)
+
+    @trainer.on(Events.STARTED)
+    def _restore(engine):  # attached after the estimate, as the bundles' resume is: epoch 2 of 4 done
+        engine.state.iteration, engine.state.epoch = 10, 2
+
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(estimate.last_message))
+    trainer.run(list(range(5)), max_epochs=4)
+    assert seen[:2] == [None, None]  # three iterations of this process, not 13
+    assert seen[2] == "2.00 s per training iteration: the remaining 7 iterations take about 14 s (validation not included)"
+    assert estimate.last_message.startswith("epoch 3/4: 10 s per epoch with validation; 1 epoch(s) left")

@@ -129,6 +129,35 @@ def test_overrides_that_name_no_key_are_reported_with_the_closest_key(caplog):
     assert check_overrides() == []
 
 
+@pytest.mark.parametrize("pretrained,expected", [(False, SCRATCH), (True, {}), ("/weights/convnext_tiny.pth", {}), ("false", SCRATCH)])
+def test_pretrained_alone_builds_the_published_architecture(demo_datalist, pretrained, expected):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / "convnext_tiny" / "configs" / "train.json"))
+    parser.update({"datalist": demo_datalist, "pretrained": pretrained})
+    assert parser.get_parsed_content("backbone_options") == expected
+
+
+def test_resume_continues_the_recorded_run_at_its_image_size(demo_datalist, tmp_path):
+    """Trained at 48 px for 1 epoch, resumed with only --max_epochs 2: the resumed run uses the recorded 48 px
+    (the bundle's default is 224), and the record names what changed."""
+    base = _bundle_cmd("training", _configs("convnext_tiny", "train"), "--datalist", demo_datalist, "--bundle_root",
+                       str(tmp_path), "--batch_size", "8")
+    _run(base + ["--max_epochs", "1", "--image_size", "48"])
+    out = _run(base + ["--max_epochs", "2", "--resume", "True"])
+    log = out.stdout + out.stderr
+    assert "image_size" not in [line.split("=")[0].split()[-1] for line in log.splitlines() if "WARNING" in line]
+    record = json.load(open(tmp_path / "models" / "run.json"))
+    assert record["settings"]["image_size"] == 48 and record["settings"]["max_epochs"] == 2
+    assert [s["changed"] for s in record["starts"]] == [{}, {"max_epochs": [1, 2]}]
+    assert [r["epoch"] for r in _read_csv(tmp_path / "runs" / "history.csv")] == ["1", "2"]
+    # a contradicting architecture on resume is refused, naming both values
+    bad = subprocess.run(base + ["--max_epochs", "3", "--resume", "True", "--network_def#fpn_channels", "128"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert bad.returncode != 0 and "trained with fpn_channels=256, not 128" in bad.stderr
+
+
 def test_cpu_bf16_switch_reaches_the_training_inferer_only():
     from monai.bundle import ConfigParser
 
@@ -455,18 +484,49 @@ def test_torchscript_export_matches_eager(trained, demo_datalist):
         torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-5)
 
 
-def test_packed_bundle_downloads_and_loads(trained, tmp_path):
-    from monai.bundle import download, load
-
-    served = tmp_path / "served"
-    zip_path = Path(pack_bundle("convnext_tiny", served / "convnext_tiny.zip", models_dir=trained / "models",
-                                bundles_dir=ROOT / "bundles"))
-    md5 = hashlib.md5(zip_path.read_bytes()).hexdigest()
-
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+def _serve(folder: Path):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_reuse_rehearsal_packed_bundle_rebuilds_the_trained_model(demo_datalist, tmp_path):
+    """A user's run (two classes named otherwise than the demo's, in another order, 48 px) is trained, packed,
+    served over loopback HTTP, downloaded with the hash check, loaded with monai.bundle.load, and run
+    for evaluation and inference from the downloaded bundle with no setting overridden: every prediction
+    equals the trained model's own, computed here independently from model.pt."""
+    from monai.bundle import download, load
+    from scipy.special import expit
+
+    from hmn.data import load_datalist
+    from hmn.networks import HybridMedNet
+    from hmn.transforms import LoadXray, PercentileRescale
+
+    data = load_datalist(demo_datalist)
+    src = data["class_names"]
+    picks = {"Pleural effusion": src.index("Effusion"), "Enlarged heart": src.index("Cardiomegaly")}
+    user = {"class_names": list(picks)}
+    for split in ("training", "validation", "test"):
+        user[split] = [{"image": e["image"], "label": [e["label"][k] for k in picks.values()], "patient_id": e["patient_id"]}
+                       for e in data[split]]
+    datalist = tmp_path / "user.json"
+    datalist.write_text(json.dumps(user))
+    run = tmp_path / "run"
+    _run(_bundle_cmd("training", _configs("convnext_tiny", "train"), "--datalist", str(datalist), "--bundle_root", str(run),
+                     "--max_epochs", "1", "--image_size", "48", "--batch_size", "8"))
+    record = json.load(open(run / "models" / "run.json"))["settings"]
+    assert record["class_names"] == list(picks) and record["image_size"] == 48
+
+    # pack (the command prints the hash), serve, download with the hash check
+    served = tmp_path / "served"
+    out = subprocess.run([sys.executable, "-m", "hmn", "pack-bundle", "convnext_tiny", str(served / "convnext_tiny.zip"),
+                          "--models-dir", str(run / "models")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    zip_path = served / "convnext_tiny.zip"
+    md5 = hashlib.md5(zip_path.read_bytes()).hexdigest()
+    assert f"md5 {md5}" in out.stdout
+    server = _serve(served)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/convnext_tiny.zip"
         target = tmp_path / "downloaded"
@@ -475,14 +535,43 @@ def test_packed_bundle_downloads_and_loads(trained, tmp_path):
             download_bundle(url, tmp_path / "bad", "convnext_tiny", hash_val="0" * 32)
         plain = tmp_path / "plain"  # MONAI's own download (which takes no hash in MONAI 1.6)
         download(name="convnext_tiny", url=url, bundle_dir=str(plain))
-        assert (plain / "convnext_tiny" / "models" / "model.pt").is_file()
+        assert (plain / "convnext_tiny" / "models" / "run.json").is_file()
     finally:
         server.shutdown()
-    assert (target / "convnext_tiny" / "configs" / "train.json").is_file()
-    net = load(name="convnext_tiny", bundle_dir=str(target), workflow_type="inference", device="cpu",
-               net_override={"img_size": SIZE})
-    want = torch.load(trained / "models" / "model.pt", weights_only=True)
+    bundle = target / "convnext_tiny"
+    meta = json.load(open(bundle / "configs" / "metadata.json"))["network_data_format"]
+    assert meta["outputs"]["pred"]["channel_def"] == {"0": "Pleural effusion", "1": "Enlarged heart"}
+    assert meta["inputs"]["image"]["spatial_shape"] == [48, 48]
+
+    # monai.bundle.load: the trained network, every tensor equal (nothing freshly initialised)
+    net = load(name="convnext_tiny", bundle_dir=str(target), workflow_type="inference", device="cpu")
+    want = torch.load(run / "models" / "model.pt", weights_only=True)
     got = net.state_dict()
     assert set(got) == set(want)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+
+    # the trained model's own predictions, built here from the settings written out, not from the bundle
+    ref = HybridMedNet("convnext_tiny", num_classes=2, in_channels=1, img_size=48, attention=["cbam"],
+                       backbone_options=SCRATCH).eval()
+    ref.load_state_dict(want, strict=True)
+    loader, scale = LoadXray(voi="apply", spatial_size=(48, 48), resize_mode="area"), PercentileRescale(0.5, 99.5)
+    test = user["test"]
+    with torch.no_grad():
+        images = torch.stack([torch.as_tensor(scale(loader(e["image"]))) for e in test]).float()
+        expected = expit(ref(images).double().numpy())  # the writers' sigmoid: float64 of the float32 logits
+
+    # inference and evaluation from the downloaded bundle, no setting given
+    inference = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file",
+                 str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+                 "--input", str(datalist), "--output_file", str(tmp_path / "pred.csv")]
+    _run(inference)
+    rows = {r["image"]: r for r in _read_csv(tmp_path / "pred.csv")}
+    evaluation = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
+                  f"['{bundle}/configs/train.json','{bundle}/configs/evaluate.json']", "--bundle_root", str(bundle),
+                  "--datalist", str(datalist), "--n_bootstrap", "0"]
+    _run(evaluation)
+    report = {r["image"]: r for r in _read_csv(bundle / "runs" / "eval" / "predictions.csv")}
+    for e, p in zip(test, expected):
+        assert [float(rows[e["image"]][c]) for c in picks] == p.tolist()
+        assert [float(report[e["image"]][f"{c}_prob"]) for c in picks] == p.tolist()
