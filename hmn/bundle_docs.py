@@ -83,7 +83,8 @@ Train (checkpoints in `{root}/models`, TensorBoard logs and `history.csv` in `{r
 
     python -m monai.bundle run training --config_file {cfg}/train.json
 
-Common overrides: `--max_epochs 10`, `--image_size 256`, `--batch_size 8`, `--learning_rate 1e-4`,
+Common overrides: `--max_epochs 10`, `--image_size 256`, `--aspect pad` (keep the radiograph's proportions,
+padding to a square; `crop` keeps the centre; default `stretch`), `--batch_size 8`, `--learning_rate 1e-4`,
 `--datalist DATALIST.json`, `--cache none|memory|persistent`, `--amp True`, `--compile True`,
 `--accumulation_steps 4`, `--pretrained /path/to/timm_checkpoint.pth`, `--hierarchical True`
 (ChestX-ray14 class names only), `--bundle_root DIR` when running from another folder. Network settings

@@ -124,6 +124,7 @@ def _load_transforms() -> list[dict]:
             "voi": "@voi",
             "spatial_size": ["@image_size", "@image_size"],
             "resize_mode": "area",
+            "aspect": "@aspect",
         },
         {"_target_": "hmn.transforms.PercentileRescaled", "keys": "image", "lower": 0.5, "upper": 99.5},
     ]
@@ -256,7 +257,7 @@ def _trained(key: str, default: str) -> str:
 
 # what the run record holds (hmn.runs.MODEL_SETTINGS / SCHEDULE_SETTINGS), as config references
 _MODEL_SETTINGS = {
-    "class_names": "@class_names", "in_channels": "@network_def#in_channels", "image_size": "@image_size", "voi": "@voi",
+    "class_names": "@class_names", "in_channels": "@network_def#in_channels", "image_size": "@image_size", "voi": "@voi", "aspect": "@aspect",
     "backbone": "@network_def#backbone", "backbone_options": "@backbone_options", "attention": "@network_def#attention",
     "fpn_channels": "@network_def#fpn_channels", "fusion_channels": "@network_def#fusion_channels",
     "num_heads": "@network_def#num_heads", "context_size": "@network_def#context_size", "dropout": "@network_def#dropout",
@@ -312,6 +313,8 @@ def train_config(name: str) -> dict:
         "seed": _trained("seed", "0"),
         "image_size": _trained("image_size", "224"),
         "voi": _trained("voi", "'apply'"),
+        # other aspect ratios than square: "stretch" to image_size, or keep proportions and "pad" / "crop"
+        "aspect": _trained("aspect", "'stretch'"),
         "batch_size": _trained("batch_size", repr(row.batch_size)),
         "num_workers": 0,
         "cache": "memory",
@@ -550,6 +553,7 @@ def inference_config(name: str) -> dict:
         "device": train["device"],
         "image_size": train["image_size"],
         "voi": train["voi"],
+        "aspect": train["aspect"],
         "batch_size": train["batch_size"],
         "num_workers": 0,
         "pretrained": False,

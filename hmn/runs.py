@@ -41,9 +41,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RUN_RECORD = "run.json"
-MODEL_SETTINGS = ("class_names", "in_channels", "image_size", "voi", "backbone", "backbone_options", "attention",
-                  "fpn_channels", "fusion_channels", "num_heads", "context_size", "dropout", "hierarchical",
-                  "num_coarse_classes")
+MODEL_SETTINGS = ("class_names", "in_channels", "image_size", "voi", "aspect", "backbone", "backbone_options",
+                  "attention", "fpn_channels", "fusion_channels", "num_heads", "context_size", "dropout",
+                  "hierarchical", "num_coarse_classes")
 SCHEDULE_SETTINGS = ("max_epochs", "batch_size", "learning_rate", "weight_decay", "warmup_epochs",
                      "accumulation_steps", "seed", "pretrained")
 # settings whose change makes the weights mean something else or not fit: refused, never honoured

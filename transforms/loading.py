@@ -336,6 +336,25 @@ def _decode_dicom(ds: Any, path: str, index: int | None) -> np.ndarray:
         raise ImageReadError(path, f"pixel data cannot be decoded ({name}): {type(e).__name__}: {reason}") from e
 
 
+def _stored_colour_bits(img: Any, path: str, fmt: str) -> int:
+    """Bits per sample the file stores for a colour or grey+alpha image (0 when not known or not such an
+    image), read from the PNG header or the TIFF BitsPerSample tag: PIL decodes those at 8 bits."""
+    if fmt == "png":
+        try:
+            with open(path, "rb") as f:
+                head = f.read(26)
+        except OSError:
+            return 0
+        if len(head) == 26 and head[12:16] == b"IHDR" and head[25] in (2, 4, 6):  # RGB, grey+alpha, RGBA
+            return int(head[24])
+        return 0
+    if fmt == "tiff":
+        bps = getattr(img, "tag_v2", {}).get(258)
+        if isinstance(bps, (tuple, list)) and len(bps) > 1:
+            return int(max(bps))
+    return 0
+
+
 def _to_grey(rgb: np.ndarray) -> np.ndarray:
     rgb = rgb.astype(np.float32, copy=False)
     return rgb[..., 0] * _LUMA[0] + rgb[..., 1] * _LUMA[1] + rgb[..., 2] * _LUMA[2]
@@ -352,6 +371,7 @@ class _Loaded:
 
 
 _RESIZE_MODES = ("area", "bilinear", "trilinear", "bicubic", "nearest")
+ASPECT_MODES = ("stretch", "pad", "crop")
 
 
 def _affine_2d(spacing: Sequence[float]) -> np.ndarray:
@@ -395,6 +415,14 @@ class LoadXray(Transform):
             takes about 0.9 ms) but, unlike ``Resized``, records no operation for MONAI's ``Invertd``.
         resize_mode: ``torch.nn.functional.interpolate`` mode for ``spatial_size``: ``"area"`` (default,
             right for shrinking), ``"bilinear"``/``"trilinear"``, ``"bicubic"`` or ``"nearest"``.
+        aspect: how ``spatial_size`` treats an image of another aspect ratio: ``"stretch"`` (default)
+            resizes each axis to its size, distorting the anatomy (a 1955x1841 radiograph squashed to a
+            square); ``"pad"`` keeps the aspect ratio, resizing so the image fits (the scale of the axis
+            that needs the most shrinking, each size rounded as MONAI's ``Resize(size_mode="longest")``
+            does) and padding both sides equally with the image's minimum (air on a radiograph); ``"crop"``
+            resizes so the image covers the size (the scale of the axis that needs the least) and keeps
+            the centre as MONAI's ``CenterSpatialCrop`` does. The affine follows the resize and the
+            pad or crop.
     """
 
     def __init__(
@@ -408,6 +436,7 @@ class LoadXray(Transform):
         dtype: torch.dtype = torch.float32,
         spatial_size: int | Sequence[int] | None = None,
         resize_mode: str = "area",
+        aspect: str = "stretch",
     ) -> None:
         if voi not in VOI_MODES:
             raise ValueError(f"voi={voi!r} is not one of {VOI_MODES}")
@@ -432,7 +461,9 @@ class LoadXray(Transform):
             spatial_size = tuple(sizes)
         if resize_mode not in _RESIZE_MODES:
             raise ValueError(f"resize_mode={resize_mode!r} is not one of {_RESIZE_MODES}")
-        self.spatial_size, self.resize_mode = spatial_size, resize_mode
+        if aspect not in ASPECT_MODES:
+            raise ValueError(f"aspect={aspect!r} is not one of {ASPECT_MODES}")
+        self.spatial_size, self.resize_mode, self.aspect = spatial_size, resize_mode, aspect
 
     # -- public -------------------------------------------------------------------------------
     def __call__(self, path: str | os.PathLike) -> MetaTensor:
@@ -496,21 +527,40 @@ class LoadXray(Transform):
             )
         if size == orig:
             return tensor, affine
+        final = size
+        if self.aspect != "stretch":
+            factor = (min if self.aspect == "pad" else max)(s / o for s, o in zip(size, orig))
+            size = tuple(max(1, int(round(o * factor))) for o in orig)
         mode = self.resize_mode
         if mode in ("bilinear", "trilinear"):  # the linear mode of the image's dimension
             mode = "bilinear" if len(orig) == 2 else "trilinear"
         elif mode == "bicubic" and len(orig) != 2:
             raise ImageReadError(path, f"resize_mode='bicubic' is for 2D images; this one has {len(orig)} axes {orig}")
         align = False if mode in ("bilinear", "trilinear", "bicubic") else None
-        out = torch.nn.functional.interpolate(tensor.float()[None], size=size, mode=mode, align_corners=align)[0]
-        scale = torch.as_tensor(scale_affine(orig, size, align_corners=False), dtype=torch.float64)
         n = affine.shape[0] - 1
-        full = torch.eye(n + 1, dtype=torch.float64)
         k = min(len(orig), n)
-        full[:k, :k], full[:k, n] = scale[:k, :k], scale[:k, len(orig)]
+        out = tensor.float()
+        if size != orig:
+            out = torch.nn.functional.interpolate(out[None], size=size, mode=mode, align_corners=align)[0]
+            scale = torch.as_tensor(scale_affine(orig, size, align_corners=False), dtype=torch.float64)
+            full = torch.eye(n + 1, dtype=torch.float64)
+            full[:k, :k], full[:k, n] = scale[:k, :k], scale[:k, len(orig)]
+            affine = affine @ full
+        if size != final:  # pad or crop the aspect-preserving resize to the size asked for
+            starts = [(s // 2 - f // 2) if s >= f else -((f - s) // 2) for s, f in zip(size, final)]
+            canvas = torch.full((out.shape[0], *final), float(out.min()), dtype=out.dtype)
+            src = tuple(slice(max(st, 0), max(st, 0) + min(s, f)) for st, s, f in zip(starts, size, final))
+            dst = tuple(slice(max(-st, 0), max(-st, 0) + min(s, f)) for st, s, f in zip(starts, size, final))
+            canvas[(slice(None), *dst)] = out[(slice(None), *src)]
+            out = canvas
+            shift = torch.eye(n + 1, dtype=torch.float64)
+            shift[: min(len(starts), n), n] = torch.as_tensor(starts[:n], dtype=torch.float64)
+            affine = affine @ shift
         meta["spacing"] = tuple(float(sp) * o / s for sp, o, s in zip(meta["spacing"], orig, size))
         meta["resized_from"] = orig
-        return out.to(self.dtype), affine @ full
+        if self.aspect != "stretch":
+            meta["aspect"] = self.aspect
+        return out.to(self.dtype), affine
 
     # -- DICOM --------------------------------------------------------------------------------
     def _read_dicom(self, path: str) -> _Loaded:
@@ -695,9 +745,11 @@ class LoadXray(Transform):
                     raise ImageReadError(path, f"frame={self.frame} is out of range for {n_frames} frames")
                 img.seek(frame)
             fmt = (img.format or "image").lower()
+            stored_bits = _stored_colour_bits(img, path, fmt)
             try:
                 img.load()
-                img = ImageOps.exif_transpose(img) if fmt in ("jpeg", "tiff") else img
+                # the displayed orientation, whatever the format (JPEG, TIFF, PNG's eXIf, WebP)
+                img = ImageOps.exif_transpose(img)
             except (OSError, SyntaxError, ValueError) as e:
                 raise ImageReadError(path, f"{fmt.upper()} data is truncated or corrupt ({e})") from e
             mode = img.mode
@@ -709,8 +761,22 @@ class LoadXray(Transform):
                 img = img.convert("RGB")
                 mode = "RGB"
             arr = np.asarray(img)
-        if mode in ("LA", "La"):
-            arr = arr[..., 0]
+        if stored_bits > 8 and arr.dtype == np.uint8:
+            raise ImageReadError(
+                path, f"{fmt.upper()} stores {stored_bits}-bit colour or grey+alpha samples, which PIL reads as 8 bits: "
+                "values would be lost. Save it as 16-bit greyscale without alpha (or as DICOM)"
+            )
+        if mode in ("LA", "La", "RGBA", "RGBa", "PA"):
+            alpha = arr[..., -1]
+            if alpha.min() < (np.iinfo(arr.dtype).max if arr.dtype.kind in "ui" else 1.0):
+                raise ImageReadError(
+                    path, f"has transparent pixels (mode {mode}, {int((alpha < alpha.max()).sum())} of {alpha.size} "
+                    "not opaque): what it shows depends on the background it is drawn on. Flatten it onto its "
+                    "intended background first"
+                )
+            arr = arr[..., :-1]
+            if mode in ("LA", "La"):
+                arr = arr[..., 0]
         bits = {"1": 1, "L": 8, "LA": 8, "La": 8, "I": 32, "F": 32}.get(mode, 16 if mode.startswith("I;16") else 8)
         meta = {"format": fmt, "photometric_interpretation": mode, "bits_stored": bits, "frame": frame}
         if arr.dtype.kind in "ui":
@@ -791,11 +857,12 @@ class LoadXrayd(MapTransform):
         dtype: torch.dtype = torch.float32,
         spatial_size: int | Sequence[int] | None = None,
         resize_mode: str = "area",
+        aspect: str = "stretch",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.loader = LoadXray(
-            voi, voi_index, invert_monochrome1, frame, color, dicom_tags, dtype, spatial_size, resize_mode
+            voi, voi_index, invert_monochrome1, frame, color, dicom_tags, dtype, spatial_size, resize_mode, aspect
         )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

@@ -521,3 +521,91 @@ def test_resize_at_load_int_size_and_bad_values(realfile, tmp_path):
     # the linear mode follows the image's dimension, whichever of the two names is given
     tri = LoadXray(spatial_size=16, resize_mode="trilinear")(path)
     torch.testing.assert_close(tri, LoadXray(spatial_size=16, resize_mode="bilinear")(path))
+
+
+@pytest.mark.parametrize("size", [(64, 64), (50, 70)])
+@pytest.mark.parametrize("aspect", ["pad", "crop"])
+def test_aspect_preserving_resize_equals_monai_resize_then_pad_or_crop(realfile, aspect, size):
+    """The real 1955x1841 CR (not square): pixels and affine as MONAI's Resize to the fitting (pad) or
+    covering (crop) size, then ResizeWithPadOrCrop / CenterSpatialCrop, padding with the image minimum."""
+    from monai.transforms import CenterSpatialCrop, Resize, ResizeWithPadOrCrop
+
+    path = realfile("RG1_UNCI.dcm")
+    plain = LoadXray()(path)
+    orig = tuple(plain.shape[1:])
+    assert orig[0] != orig[1]
+    factor = (min if aspect == "pad" else max)(s / o for s, o in zip(size, orig))
+    fitted = tuple(int(round(o * factor)) for o in orig)
+    resized = Resize(fitted, mode="area")(plain)
+    if aspect == "pad":
+        expected = ResizeWithPadOrCrop(size, value=float(resized.min()))(resized)
+    else:
+        expected = CenterSpatialCrop(size)(resized)
+    got = LoadXray(spatial_size=size, aspect=aspect)(path)
+    assert tuple(got.shape[1:]) == size and got.meta["aspect"] == aspect
+    torch.testing.assert_close(got.as_tensor(), expected.as_tensor(), rtol=0, atol=0)
+    torch.testing.assert_close(got.affine, expected.affine.to(got.affine.dtype))
+    # the anatomy keeps its proportions: one pixel covers the same distance along both axes
+    assert got.meta["spacing"][0] == pytest.approx(got.meta["spacing"][1] * plain.meta["spacing"][0] / plain.meta["spacing"][1], rel=0.02)
+    with pytest.raises(ValueError, match=r"aspect='squash' is not one of"):
+        LoadXray(spatial_size=size, aspect="squash")
+
+
+def _png_bytes(arr: np.ndarray, colour_type: int) -> bytes:
+    """A PNG written by hand (PNG spec: IHDR, one IDAT of filter-0 rows, IEND), for the 16-bit colour and
+    grey+alpha files PIL cannot write."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    h, w = arr.shape[:2]
+    raw = b"".join(b"\x00" + arr[r].astype(">u2").tobytes() for r in range(h))
+    ihdr = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_alpha_is_dropped_when_opaque_and_refused_when_not(tmp_path):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (12, 10), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    opaque = np.full((12, 10), 255, np.uint8)
+    Image.fromarray(np.dstack([grey, opaque]), "LA").save(tmp_path / "la.png")
+    Image.fromarray(np.dstack([rgb, opaque]), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgb, "RGB").save(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(LoadXray()(tmp_path / "la.png")[0].numpy(), grey.astype(np.float32))
+    torch.testing.assert_close(LoadXray()(tmp_path / "rgba.png").as_tensor(), LoadXray()(tmp_path / "rgb.png").as_tensor())
+    see_through = opaque.copy()
+    see_through[3, 4] = 0
+    Image.fromarray(np.dstack([rgb, see_through]), "RGBA").save(tmp_path / "cut.png")
+    with pytest.raises(ImageReadError, match=r"cut\.png.*transparent pixels \(mode RGBA, 1 of 120 not opaque\)"):
+        LoadXray()(tmp_path / "cut.png")
+
+
+@pytest.mark.parametrize("colour_type, channels", [(2, 3), (4, 2), (6, 4)])
+def test_16_bit_colour_png_is_refused_not_truncated(tmp_path, colour_type, channels):
+    arr = np.random.default_rng(1).integers(0, 65536, (6, 5, channels), dtype=np.uint16)
+    arr[..., -1] = 65535 if colour_type in (4, 6) else arr[..., -1]
+    path = tmp_path / "deep.png"
+    path.write_bytes(_png_bytes(arr, colour_type))
+    assert Image.open(path).size == (5, 6)  # a valid PNG that PIL opens
+    with pytest.raises(ImageReadError, match=r"deep\.png.*stores 16-bit colour or grey\+alpha samples"):
+        LoadXray()(path)
+    # 16-bit greyscale keeps every bit (colour type 0)
+    path.write_bytes(_png_bytes(arr[..., 0], 0))
+    np.testing.assert_array_equal(LoadXray()(path)[0].numpy(), arr[..., 0].astype(np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_exif_orientation_gives_the_displayed_image(tmp_path, fmt):
+    stored = np.zeros((8, 12), np.uint8)
+    stored[:2, :3] = 255  # a bright block at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: the viewer rotates 90 degrees clockwise to display it
+    path = tmp_path / f"rot.{fmt}"
+    Image.fromarray(stored).save(path, exif=exif.tobytes(), **({"quality": 100} if fmt == "jpeg" else {}))
+    got = LoadXray()(path)[0].numpy()
+    displayed = np.rot90(stored, k=-1)  # clockwise
+    assert got.shape == displayed.shape == (12, 8)
+    np.testing.assert_allclose(got, displayed.astype(np.float32), atol=40 if fmt == "jpeg" else 0)
