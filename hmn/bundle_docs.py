@@ -90,7 +90,9 @@ padding to a square; `crop` keeps the centre; default `stretch`), `--batch_size 
 (ChestX-ray14 class names only), `--bundle_root DIR` when running from another folder. Network settings
 are under `network_def` (`--network_def#backbone swin_tiny`); an override that names no setting of the
 bundle (`--backbone ...`, `--imagesize ...`) changes nothing, so the run logs a warning naming it and the
-closest setting (`hmn.bundles.check_overrides`).
+closest setting (`hmn.bundles.check_overrides`). When a run stops on an error of the project's own (a
+misspelt backbone, a missing datalist, an unreadable file), the last line of the output says what is
+wrong, after MONAI's traceback (`hmn.bundles.install_error_summary`).
 
 Mixed precision: `amp` (default: on when CUDA is available) autocasts the training and validation
 forward passes on a GPU. On a CPU, `cpu_bf16` (default: on when the CPU computes bfloat16 natively,

@@ -23,8 +23,8 @@ from hmn import __version__
 from hmn.data.demo import DEMO_CLASSES
 from hmn.networks.backbones import get_backbone_spec
 
-__all__ = ["BUNDLES", "BundleRow", "bundle_files", "check_bundles", "check_overrides", "download_bundle", "main", "pack_bundle",
-           "write_bundles", "SCHEMA_URL"]
+__all__ = ["BUNDLES", "BundleRow", "bundle_files", "check_bundles", "check_overrides", "download_bundle", "error_summary",
+           "install_error_summary", "main", "pack_bundle", "write_bundles", "SCHEMA_URL"]
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 """The MONAI bundle metadata schema that ``metadata.json`` names; the project ships its own offline copy
@@ -161,6 +161,46 @@ def _val_postprocessing() -> dict:
 # arguments of `python -m monai.bundle run` that are not config overrides
 _RUN_ARGS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
              "workflow_type", "properties_path"}
+
+
+def _raised_by_project(exc: BaseException) -> bool:
+    tb, last = exc.__traceback__, None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    module = last.tb_frame.f_globals.get("__name__", "") if last is not None else ""
+    return module.split(".")[0] == "hmn" or type(exc).__module__.split(".")[0] == "hmn"
+
+
+def error_summary(exc: BaseException) -> str | None:
+    """``"error: <message>"`` for the outermost exception of `exc`'s chain (``__cause__``, or ``__context__``
+    unless suppressed) that the project's own code raised, or None when none did. MONAI wraps such an
+    error in "Failed to instantiate component ..." and prints a long traceback; this is the sentence that
+    says what to fix (the project's errors name the file or value and what is accepted)."""
+    current, seen = exc, set()
+    while current is not None and id(current) not in seen:
+        if _raised_by_project(current):
+            return f"error: {type(current).__name__}: {' '.join(str(current).split())}"
+        seen.add(id(current))
+        current = current.__cause__ if current.__cause__ is not None else (
+            None if current.__suppress_context__ else current.__context__)
+    return None
+
+
+def install_error_summary() -> None:
+    """Makes an uncaught error end the output with one readable line, :func:`error_summary`, after Python's
+    usual traceback. The bundles call it first in their ``initialize``; installing it twice adds nothing."""
+    previous = sys.excepthook
+    if getattr(previous, "_hmn_error_summary", False):
+        return
+
+    def hook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+        previous(kind, value, tb)
+        line = error_summary(value)
+        if line:
+            print(line, file=sys.stderr)
+
+    hook._hmn_error_summary = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def _config_ids(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -493,7 +533,8 @@ def train_config(name: str) -> dict:
                 "amp": "@amp",
             },
         },
-        "initialize": ["$hmn.bundles.check_overrides()", "$monai.utils.set_determinism(seed=@seed)"],
+        "initialize": ["$hmn.bundles.install_error_summary()", "$hmn.bundles.check_overrides()",
+                       "$monai.utils.set_determinism(seed=@seed)"],
         "run": _TRAIN_RUN,
         "training": _TRAIN_RUN,
     }
@@ -529,7 +570,8 @@ def evaluate_config(name: str) -> dict:
                 "num_classes": "@num_classes",
             },
         ],
-        "initialize": ["$hmn.bundles.check_overrides()", "$monai.utils.set_determinism(seed=@seed)"],
+        "initialize": ["$hmn.bundles.install_error_summary()", "$hmn.bundles.check_overrides()",
+                       "$monai.utils.set_determinism(seed=@seed)"],
         "run": _EVAL_RUN,
         "evaluating": _EVAL_RUN,
     }
@@ -593,7 +635,7 @@ def inference_config(name: str) -> dict:
             "val_handlers": "@handlers",
             "amp": "$torch.cuda.is_available()",
         },
-        "initialize": ["$hmn.bundles.check_overrides()"],
+        "initialize": ["$hmn.bundles.install_error_summary()", "$hmn.bundles.check_overrides()"],
         "run": _INFER_RUN,
         "inference": _INFER_RUN,
     }
@@ -618,6 +660,7 @@ def multi_gpu_config(name: str) -> dict:
         "validate#evaluator#val_handlers": f"$@validate#handlers[: -{_RANK0_VAL_HANDLERS} if dist.get_rank() > 0 else None]",
         "initialize": [
             "$import torch.distributed as dist",
+            "$hmn.bundles.install_error_summary()",
             "$dist.is_initialized() or dist.init_process_group(backend=@backend)",
             "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
             "$hmn.bundles.check_overrides() if dist.get_rank() == 0 else None",

@@ -158,6 +158,35 @@ def test_resume_continues_the_recorded_run_at_its_image_size(demo_datalist, tmp_
     assert bad.returncode != 0 and "trained with fpn_channels=256, not 128" in bad.stderr
 
 
+def test_a_misspelt_setting_ends_the_output_with_one_readable_line(demo_datalist, tmp_path):
+    """A misspelt backbone under network_def and a missing datalist: MONAI's traceback ends with "Failed to
+    instantiate component ..."; the last line is now the project's own sentence."""
+    for overrides, expected in (
+        (["--datalist", demo_datalist, "--network_def#backbone", "convnext_tinyy"],
+         "error: ValueError: unknown backbone 'convnext_tinyy'; valid names: convnext_tiny,"),
+        (["--datalist", str(tmp_path / "missing.json")], f"error: DatalistError: {tmp_path / 'missing.json'}: datalist file not found"),
+    ):
+        out = subprocess.run(_bundle_cmd("training", _configs("convnext_tiny", "train"), "--bundle_root", str(tmp_path / "run"),
+                                         *overrides, *SMALL), cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode != 0
+        assert out.stderr.strip().splitlines()[-1].startswith(expected)
+
+
+def test_error_summary_picks_the_projects_own_sentence():
+    from hmn.bundles import error_summary
+    from hmn.networks.backbones import get_backbone_spec
+
+    try:
+        try:
+            get_backbone_spec("resnet5")  # the project's ValueError, raised while handling a KeyError
+        except ValueError as e:
+            raise RuntimeError("Failed to instantiate component 'hmn.networks.HybridMedNet'") from e
+    except RuntimeError as wrapped:
+        assert error_summary(wrapped).startswith("error: ValueError: unknown backbone 'resnet5'; valid names:")
+    assert error_summary(RuntimeError("outside the project")) is None
+
+
 def test_cpu_bf16_switch_reaches_the_training_inferer_only():
     from monai.bundle import ConfigParser
 
