@@ -168,7 +168,9 @@ the network with the trained weights (the inference config needs no datalist).
 
 ## Output files
 
-Training: `models/model.pt` (state dict of the best validation macro ROC AUC), `models/checkpoint_epoch=N.pt`
+Training: `models/run.json` (the run record: `format`, `hmn_version`, `created`, `settings` with the model's
+and the schedule's settings, `starts` with one entry per start or resume: `time`, `resume`, `changed` as
+`{{setting: [recorded, used]}}`), `models/model.pt` (state dict of the best validation macro ROC AUC), `models/checkpoint_epoch=N.pt`
 (full state of the last finished epoch), `runs/history.csv` (one row per validation: `epoch`,
 `elapsed_s` (training time in seconds, summed over resumes), `val_auc`), TensorBoard event files in `runs/`.
 `val_auc`, which picks `model.pt` and drives early stopping, is the evaluation report's macro ROC AUC
