@@ -58,7 +58,7 @@ def bundle_readme(name: str, row: Any, train: dict) -> str:
 
 Multi-label classification of chest radiographs with HybridMedNet over a {spec.description or name}
 backbone ({source}, {spec.params_m}M parameters as an ImageNet classifier), a feature
-pyramid at strides 8, 16 and 32 ({train['network_def']['fpn_channels']} channels), `{attention}` attention,
+pyramid at strides 8, 16 and 32 (256 channels), `{attention}` attention,
 adaptive multi-scale fusion and a multi-label head (one logit per class). Research use only: this is
 not a medical device.{scratch}
 
@@ -74,7 +74,7 @@ first use into `~/.cache/hmn/demo` (or `$HMN_CACHE/demo`). For real data, make a
 `python -m hmn datalist nih|chexpert|folder|json ...` and pass `--datalist path/to/datalist.json`
 (its `class_names` set the number of outputs). Images are DICOM (MONOCHROME1 inverted, rescale and
 VOI window applied) or 8/16-bit PNG/JPEG, read by `hmn.transforms.LoadXrayd` and resized to
-`image_size` ({train['image_size']}) as they are read (area averaging), then rescaled to [0, 1] between
+`image_size` (224 by default) as they are read (area averaging), then rescaled to [0, 1] between
 the 0.5 and 99.5 percentiles.
 
 ## Commands (from the repository root)
@@ -152,14 +152,16 @@ Predict over a folder (searched recursively; DICOM, PNG, JPEG) or a datalist JSO
     python -m monai.bundle run inference --config_file {cfg}/inference.json \\
         --input /path/to/folder --output_file predictions.csv
 
-`inference.json` has its own `class_names` (the demo's by default): pass the list the model was
-trained with, e.g. `--class_names "['Atelectasis', ...]"`.
+The class names, image size and network come from the model's run record (`models/run.json`); a model
+without one (trained before run records) gets the demo's classes unless `--class_names` is given.
 
-Export TorchScript (traced) from the trained weights:
+Export TorchScript (traced) from the trained weights (the network from the run record, through
+`inference.json`; use the image size the model was trained at). The metadata embedded is the file given:
+this template's describes the demo model, the packed bundle's (below) describes the trained one:
 
     python -m monai.bundle ckpt_export network_def --filepath {root}/models/model.ts \\
         --ckpt_file {root}/models/model.pt --meta_file {cfg}/metadata.json \\
-        --config_file {cfg}/train.json --use_trace True --input_shape "[1, 1, 224, 224]"
+        --config_file {cfg}/inference.json --use_trace True --input_shape "[1, 1, 224, 224]"
 
 Share a trained bundle: `python -m hmn pack-bundle {name} {name}.zip` zips the configs, docs and
 `models/model.pt`; `hmn.bundles.download_bundle(url, bundle_dir, "{name}", hash_val=MD5)` fetches and

@@ -87,17 +87,23 @@ _RANK0_VAL_HANDLERS = 4
 # Before anything runs: overrides that contradict the model's run record (models/run.json) are refused or
 # warned about (hmn.runs.check_run_record); training then records (or, on a resume, updates) it.
 _CHECK_RECORD = "$hmn.runs.check_run_record(@ckpt_dir, @run_settings, @use_run_record)"
+# a resumed run (use_run_record) trains on labels in the model's class order, or stops
+_CHECK_RESUME_CLASSES = ("$hmn.runs.check_classes(@class_names, hmn.training.class_names(@datalist), @datalist) "
+                         "if @use_run_record else None")
 _WRITE_RECORD = "$hmn.runs.write_run_record(@ckpt_dir, @run_settings, @resume)"
 # Before training: which classes the validation metric can average (named once), or a clear stop if none.
 _CHECK_VAL = "$hmn.training.check_validation_split(@validate#dataset#data, @class_names)"
 _EVAL_RUN = [
+    "$hmn.runs.check_model_file(@ckpt_dir, @model_sha256)",
     "$hmn.runs.check_run_record(@ckpt_dir, @model_settings, @use_run_record)",
     "$hmn.runs.check_classes(@class_names, hmn.training.class_names(@datalist), @datalist)",
     "$@validate#evaluator.run()",
 ]
-_INFER_RUN = ["$hmn.runs.check_run_record(@ckpt_dir, @model_settings, @use_run_record)", "$@evaluator.run()"]
+_INFER_RUN = ["$hmn.runs.check_model_file(@ckpt_dir, @model_sha256)",
+              "$hmn.runs.check_run_record(@ckpt_dir, @model_settings, @use_run_record)", "$@evaluator.run()"]
 _TRAIN_RUN = [
     _CHECK_RECORD,
+    _CHECK_RESUME_CLASSES,
     _CHECK_VAL,
     "$@validate#early_stop.set_trainer(@train#trainer)",
     "$@train#resume.attach(@train#trainer)",
@@ -107,6 +113,7 @@ _TRAIN_RUN = [
 ]
 _DIST_TRAIN_RUN = [
     _CHECK_RECORD,
+    _CHECK_RESUME_CLASSES,
     _CHECK_VAL,
     "$@validate#early_stop.set_trainer(@train#trainer)",
     "$@train#resume.attach(@train#trainer)",
@@ -303,8 +310,8 @@ _MODEL_SETTINGS = {
     "num_heads": "@network_def#num_heads", "context_size": "@network_def#context_size", "dropout": "@network_def#dropout",
     "hierarchical": "@hierarchical", "num_coarse_classes": "@num_coarse_classes",
 }
-_SCHEDULE_SETTINGS = {k: f"@{k}" for k in ("max_epochs", "batch_size", "learning_rate", "weight_decay", "warmup_epochs",
-                                           "accumulation_steps", "seed", "pretrained")}
+_SCHEDULE_SETTINGS = {k: f"@{k}" for k in ("datalist", "max_epochs", "batch_size", "learning_rate", "weight_decay",
+                                           "warmup_epochs", "accumulation_steps", "seed", "pretrained")}
 
 
 def _scratch_default(row: BundleRow) -> str:
@@ -344,9 +351,12 @@ def train_config(name: str) -> dict:
         "output_dir": "$os.path.join(@bundle_root, 'runs')",
         "dataset_dir": "$hmn.data.cli.default_demo_root()",
         "demo": {"n_images": 900, "image_size": 256, "seed": 0},
-        "datalist": "$hmn.training.resolve_datalist(@dataset_dir, demo=@demo if @dataset_dir == hmn.data.cli.default_demo_root() else None)",
+        # a resume, evaluation and inference default to the datalist the model was trained on (run record)
+        "datalist": "$hmn.runs.trained(@ckpt_dir, 'datalist', None, @use_run_record) or hmn.training.resolve_datalist(@dataset_dir, demo=@demo if @dataset_dir == hmn.data.cli.default_demo_root() else None)",
         # evaluation, inference and a resume take the model's settings from its run record (hmn.runs)
         "use_run_record": "$hmn.training.as_bool(@resume)",
+        # a packed bundle names its model.pt here (sha256); evaluation and inference refuse other weights
+        "model_sha256": "",
         "class_names": _trained("class_names", "hmn.training.class_names(@datalist)"),
         "num_classes": "$len(@class_names)",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
@@ -581,7 +591,7 @@ def inference_config(name: str) -> dict:
     """``configs/inference.json``: a folder or datalist of unlabelled images to a predictions CSV (standalone)."""
     train = train_config(name)
     return {
-        "imports": ["$import os", "$import torch", "$import monai", "$import hmn", "$import hmn.bundles", "$import hmn.data.cli", "$import hmn.inference", "$import hmn.networks", "$import hmn.handlers", "$import hmn.runs", "$import hmn.training", "$import hmn.transforms"],
+        "imports": ["$import os", "$import torch", "$import monai", "$import hmn", "$import hmn.bundles", "$import hmn.data.cli", "$import hmn.inference", "$import hmn.networks", "$import hmn.handlers", "$import hmn.losses", "$import hmn.runs", "$import hmn.training", "$import hmn.transforms"],
         "bundle_root": train["bundle_root"],
         "ckpt_dir": train["ckpt_dir"],
         "output_dir": train["output_dir"],
@@ -590,6 +600,7 @@ def inference_config(name: str) -> dict:
         "output_file": "$os.path.join(@output_dir, 'predictions.csv')",
         # the model is rebuilt from its run record (models/run.json); the demo's classes without one
         "use_run_record": True,
+        "model_sha256": "",
         "class_names": _trained("class_names", repr(list(DEMO_CLASSES))),
         "num_classes": "$len(@class_names)",
         "device": train["device"],
@@ -600,7 +611,7 @@ def inference_config(name: str) -> dict:
         "num_workers": 0,
         "pretrained": False,
         "backbone_options": train["backbone_options"],
-        "hierarchical": False,
+        "hierarchical": train["hierarchical"],
         # the hierarchical head's coarse groups are those of the run's classes (4 for ChestX-ray14's 14)
         "num_coarse_classes": "$len(hmn.losses.fine_to_coarse_indices(@class_names)[1]) if @hierarchical else 0",
         "network_def": train["network_def"],
@@ -858,12 +869,21 @@ def packed_metadata(metadata: dict, record: dict) -> dict:
 _TRAINED_RE = re.compile(r"^\$hmn\.runs\.trained\(@ckpt_dir, '(\w+)', (.*), @use_run_record\)$")
 
 
-def packed_inference_config(config: dict, record: dict) -> dict:
-    """``inference.json`` for a packed bundle: every setting the configs take from a run record
-    (:func:`_trained`) defaults to the recorded value, and no record is read at run time (``use_run_record``
-    false), so ``monai.bundle.load(..., workflow_type="inference")`` and the inference workflow build the
-    trained model wherever the bundle is unpacked, whatever folder they run from."""
-    settings = record["settings"]
+def _literal(value: Any) -> str:
+    """`value` as a Python literal for a config expression; "@" and "#" written as "\\x40" and "\\x23" so that
+    MONAI neither reads a class name such as "Effusion (L@R)" as a reference nor rewrites "Heart #2"."""
+    return repr(value).replace("@", "\\x40").replace("#", "\\x23")
+
+
+def packed_config(config: dict, record: dict, model_sha256: str) -> dict:
+    """A config of a packed bundle: every setting the configs take from a run record (:func:`_trained`)
+    defaults to the recorded value (the datalist aside: the recipient has their own), so
+    ``monai.bundle.load`` (with either workflow type) and the workflows build the trained model without
+    reading the record; ``bundle_root`` is ``"."`` (MONAI's convention: run from the unpacked bundle's folder,
+    or pass ``--bundle_root``); and ``model_sha256`` names the packed ``model.pt``, which the evaluation and
+    inference workflows check before they run, so they never use other weights under this bundle's classes.
+    """
+    settings = {k: v for k, v in record["settings"].items() if k != "datalist"}
 
     def bake(node: Any) -> Any:
         if isinstance(node, dict):
@@ -873,10 +893,19 @@ def packed_inference_config(config: dict, record: dict) -> dict:
         if isinstance(node, str):
             m = _TRAINED_RE.match(node)
             if m and m.group(1) in settings:
-                return _trained(m.group(1), repr(settings[m.group(1)]))
+                return _trained(m.group(1), _literal(settings[m.group(1)]))
         return node
 
     out = bake(json.loads(json.dumps(config)))
+    if "bundle_root" in out:
+        out["bundle_root"] = "."
+    out["model_sha256"] = model_sha256
+    return out
+
+
+def packed_inference_config(config: dict, record: dict, model_sha256: str = "") -> dict:
+    """``inference.json`` of a packed bundle: :func:`packed_config`, reading no record at run time."""
+    out = packed_config(config, record, model_sha256)
     out["use_run_record"] = False
     return out
 
@@ -915,6 +944,9 @@ def pack_bundle(name: str, zip_path: str | os.PathLike, models_dir: str | os.Pat
             "image size and architecture (training writes it; a model trained before run records can be recorded "
             "with hmn.runs.write_run_record)"
         )
+    import hashlib
+
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
     zip_path = Path(zip_path)
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
@@ -924,7 +956,10 @@ def pack_bundle(name: str, zip_path: str | os.PathLike, models_dir: str | os.Pat
                 zf.writestr(f"{name}/{rel}", json.dumps(packed_metadata(meta, record), indent=4) + "\n")
             elif rel == "configs/inference.json":
                 config = json.loads((src / rel).read_text())
-                zf.writestr(f"{name}/{rel}", json.dumps(packed_inference_config(config, record), indent=4) + "\n")
+                zf.writestr(f"{name}/{rel}", json.dumps(packed_inference_config(config, record, sha), indent=4) + "\n")
+            elif rel == "configs/train.json":
+                config = json.loads((src / rel).read_text())
+                zf.writestr(f"{name}/{rel}", json.dumps(packed_config(config, record, sha), indent=4) + "\n")
             else:
                 zf.write(src / rel, f"{name}/{rel}")
         zf.write(model, f"{name}/models/model.pt")

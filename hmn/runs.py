@@ -32,6 +32,7 @@ __all__ = [
     "SCHEDULE_SETTINGS",
     "RunRecordMismatchError",
     "check_classes",
+    "check_model_file",
     "check_run_record",
     "read_run_record",
     "trained",
@@ -44,7 +45,7 @@ RUN_RECORD = "run.json"
 MODEL_SETTINGS = ("class_names", "in_channels", "image_size", "voi", "aspect", "backbone", "backbone_options",
                   "attention", "fpn_channels", "fusion_channels", "num_heads", "context_size", "dropout",
                   "hierarchical", "num_coarse_classes")
-SCHEDULE_SETTINGS = ("max_epochs", "batch_size", "learning_rate", "weight_decay", "warmup_epochs",
+SCHEDULE_SETTINGS = ("datalist", "max_epochs", "batch_size", "learning_rate", "weight_decay", "warmup_epochs",
                      "accumulation_steps", "seed", "pretrained")
 # settings whose change makes the weights mean something else or not fit: refused, never honoured
 REFUSED = ("class_names", "in_channels", "backbone", "backbone_options", "attention", "fpn_channels",
@@ -198,4 +199,32 @@ def check_classes(model_classes: list[str], data_classes: list[str], source: str
         raise RunRecordMismatchError(
             f"the model predicts {list(model_classes)} but {source} has class_names {list(data_classes)}: labels and "
             "predictions would be paired wrongly. Evaluate on a datalist with the model's classes, in its order"
+        )
+
+
+def check_model_file(ckpt_dir: str | os.PathLike, sha256: str | None, name: str = "model.pt") -> None:
+    """A packed bundle's evaluation and inference check that ``<ckpt_dir>/<name>`` is the model packed with
+    it (its SHA-256); an empty `sha256` (an unpacked bundle) checks nothing.
+
+    Raises:
+        FileNotFoundError: the file is missing (the message says to run from the bundle's folder or pass
+            ``--bundle_root``).
+        RunRecordMismatchError: it is another file: its predictions would carry this bundle's class names.
+    """
+    if not sha256:
+        return
+    import hashlib
+
+    path = os.path.join(os.fspath(ckpt_dir), name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist: run from the unpacked bundle's folder or pass --bundle_root")
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != sha256:
+        raise RunRecordMismatchError(
+            f"{path} is not the model this bundle was packed with (SHA-256 {h.hexdigest()[:12]}..., packed "
+            f"{sha256[:12]}...): its predictions would be labelled with this bundle's classes. Point --bundle_root at the "
+            "unpacked bundle"
         )

@@ -60,7 +60,8 @@ def test_packed_configs_describe_the_recorded_model():
 
     record = {"settings": {"class_names": ["Pleural effusion", "Enlarged heart"], "image_size": 48, "in_channels": 1,
                            "backbone_options": {}, "attention": ["self"], "hierarchical": False}}
-    config = packed_inference_config(inference_config("convnext_tiny"), record)
+    config = packed_inference_config(inference_config("convnext_tiny"), record, "ab" * 32)
+    assert config["bundle_root"] == "." and config["model_sha256"] == "ab" * 32
     assert config["use_run_record"] is False
     assert config["image_size"] == "$hmn.runs.trained(@ckpt_dir, 'image_size', 48, @use_run_record)"
     assert config["class_names"].endswith("['Pleural effusion', 'Enlarged heart'], @use_run_record)")
@@ -69,3 +70,55 @@ def test_packed_configs_describe_the_recorded_model():
     assert meta["inputs"]["image"]["spatial_shape"] == [48, 48]
     assert meta["outputs"]["pred"] == {**meta["outputs"]["pred"], "num_channels": 2,
                                        "channel_def": {"0": "Pleural effusion", "1": "Enlarged heart"}}
+
+
+def test_packed_configs_build_the_recorded_model_without_the_record(tmp_path):
+    """monai.bundle.load builds network_def from a packed config wherever it is unpacked: with both workflow
+    types, the recorded settings are the defaults, even class names MONAI would read as references."""
+    from monai.bundle import ConfigParser
+
+    from hmn.bundles import inference_config, packed_config, packed_inference_config, train_config
+
+    classes = ["Effusion (L@R)", "Heart #2"]
+    record = {"settings": {"class_names": classes, "image_size": 48, "backbone": "resnet50", "backbone_options": {},
+                           "attention": ["self"], "hierarchical": False, "datalist": "/elsewhere/data.json"}}
+    for config in (packed_config(train_config("convnext_tiny"), record, ""),
+                   packed_inference_config(inference_config("convnext_tiny"), record, "")):
+        parser = ConfigParser(config)
+        parser["bundle_root"] = str(tmp_path)  # no run.json there
+        assert parser.get_parsed_content("class_names") == classes
+        assert parser.get_parsed_content("network_def#backbone") == "resnet50"
+        assert parser.get_parsed_content("image_size") == 48
+        assert parser.get_parsed_content("backbone_options") == {}
+    assert "/elsewhere/data.json" not in json.dumps(packed_config(train_config("convnext_tiny"), record, ""))
+
+
+def test_a_packed_bundle_refuses_other_weights(tmp_path):
+    import hashlib
+
+    from hmn.runs import check_model_file
+
+    (tmp_path / "model.pt").write_bytes(b"the packed weights")
+    sha = hashlib.sha256(b"the packed weights").hexdigest()
+    check_model_file(tmp_path, sha)
+    check_model_file(tmp_path, "")  # an unpacked bundle: nothing to check
+    (tmp_path / "model.pt").write_bytes(b"other weights")
+    with pytest.raises(RunRecordMismatchError, match=r"model\.pt is not the model this bundle was packed with"):
+        check_model_file(tmp_path, sha)
+    with pytest.raises(FileNotFoundError, match="pass --bundle_root"):
+        check_model_file(tmp_path / "nowhere", sha)
+
+
+def test_inference_builds_a_hierarchical_head_from_the_record(tmp_path):
+    from monai.bundle import ConfigParser
+
+    from hmn.bundles import inference_config
+
+    classes = ["Atelectasis", "Effusion", "Edema"]
+    (tmp_path / "models").mkdir()
+    write_run_record(tmp_path / "models", {"class_names": classes, "image_size": 64, "hierarchical": True})
+    parser = ConfigParser(inference_config("convnext_tiny"))
+    parser["bundle_root"] = str(tmp_path)
+    assert parser.get_parsed_content("hierarchical") is True
+    assert parser.get_parsed_content("num_coarse_classes") > 0
+    assert parser.get_parsed_content("class_names") == classes

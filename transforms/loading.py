@@ -754,6 +754,7 @@ class LoadXray(Transform):
                 raise ImageReadError(path, f"{fmt.upper()} data is truncated or corrupt ({e})") from e
             mode = img.mode
             dpi = img.info.get("dpi")
+            transparency = img.info.get("transparency") if not isinstance(img.info.get("transparency"), bytes) else None
             if mode == "P":
                 img = img.convert("RGBA" if "transparency" in img.info else "RGB")
                 mode = img.mode
@@ -766,6 +767,14 @@ class LoadXray(Transform):
                 path, f"{fmt.upper()} stores {stored_bits}-bit colour or grey+alpha samples, which PIL reads as 8 bits: "
                 "values would be lost. Save it as 16-bit greyscale without alpha (or as DICOM)"
             )
+        key = transparency if mode not in ("P", "PA", "LA", "La", "RGBA", "RGBa") else None
+        if key is not None:  # a tRNS colour key on a grey or RGB image: pixels of that value are see-through
+            hit = np.all(arr == np.asarray(key, dtype=arr.dtype), axis=-1) if arr.ndim == 3 else arr == key
+            if hit.any():
+                raise ImageReadError(
+                    path, f"has transparent pixels ({int(hit.sum())} of {hit.size} match its transparency key {key}): "
+                    "what it shows depends on the background it is drawn on. Flatten it onto its intended background first"
+                )
         if mode in ("LA", "La", "RGBA", "RGBa", "PA"):
             alpha = arr[..., -1]
             if alpha.min() < (np.iinfo(arr.dtype).max if arr.dtype.kind in "ui" else 1.0):

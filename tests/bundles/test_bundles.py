@@ -156,6 +156,17 @@ def test_resume_continues_the_recorded_run_at_its_image_size(demo_datalist, tmp_
     bad = subprocess.run(base + ["--max_epochs", "3", "--resume", "True", "--network_def#fpn_channels", "128"], cwd=ROOT,
                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert bad.returncode != 0 and "trained with fpn_channels=256, not 128" in bad.stderr
+    # a resume on a datalist whose classes are in another order would pair labels and outputs wrongly
+    data = json.load(open(demo_datalist))
+    order = list(reversed(range(len(data["class_names"]))))
+    swapped = {"class_names": [data["class_names"][i] for i in order]}
+    for split in ("training", "validation", "test"):
+        swapped[split] = [{**e, "label": [e["label"][i] for i in order]} for e in data[split]]
+    other = Path(demo_datalist).parent / "swapped.json"
+    other.write_text(json.dumps(swapped))
+    bad = subprocess.run(base + ["--max_epochs", "3", "--resume", "True", "--datalist", str(other)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert bad.returncode != 0 and "error: RunRecordMismatchError: the model predicts" in bad.stderr
 
 
 def test_a_misspelt_setting_ends_the_output_with_one_readable_line(demo_datalist, tmp_path):

@@ -609,3 +609,16 @@ def test_exif_orientation_gives_the_displayed_image(tmp_path, fmt):
     displayed = np.rot90(stored, k=-1)  # clockwise
     assert got.shape == displayed.shape == (12, 8)
     np.testing.assert_allclose(got, displayed.astype(np.float32), atol=40 if fmt == "jpeg" else 0)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "I;16"])
+def test_a_transparency_key_is_refused_when_a_pixel_matches_it(tmp_path, mode):
+    arr = np.random.default_rng(2).integers(1, 200, (8, 6, 3) if mode == "RGB" else (8, 6)).astype(
+        np.uint16 if mode == "I;16" else np.uint8)
+    key = (7, 7, 7) if mode == "RGB" else 7
+    Image.fromarray(arr).save(tmp_path / "keyed.png", transparency=key)
+    LoadXray()(tmp_path / "keyed.png")  # no pixel has the key: nothing is transparent
+    arr[2, 3] = key
+    Image.fromarray(arr).save(tmp_path / "keyed.png", transparency=key)
+    with pytest.raises(ImageReadError, match=r"keyed\.png.*transparent pixels \(1 of 48 match its transparency key"):
+        LoadXray()(tmp_path / "keyed.png")
