@@ -163,10 +163,13 @@ this template's describes the demo model, the packed bundle's (below) describes 
         --ckpt_file {root}/models/model.pt --meta_file {cfg}/metadata.json \\
         --config_file {cfg}/inference.json --use_trace True --input_shape "[1, 1, 224, 224]"
 
-Share a trained bundle: `python -m hmn pack-bundle {name} {name}.zip` zips the configs, docs and
-`models/model.pt`; `hmn.bundles.download_bundle(url, bundle_dir, "{name}", hash_val=MD5)` fetches and
-checks it, and `monai.bundle.load("{name}", bundle_dir=bundle_dir, workflow_type="inference")` returns
-the network with the trained weights (the inference config needs no datalist).
+Share a trained bundle: `python -m hmn pack-bundle {name} {name}.zip` zips the configs, docs,
+`models/model.pt` and `models/run.json`, with the recorded settings written into the packed configs and
+`metadata.json`, and prints the MD5; `hmn.bundles.download_bundle(url, bundle_dir, "{name}", hash_val=MD5)`
+fetches and checks it, and `monai.bundle.load("{name}", bundle_dir=bundle_dir, workflow_type="inference")`
+returns the trained network (the inference config needs no datalist). A packed bundle's `bundle_root` is
+`.`: run its workflows from its folder or pass `--bundle_root`; its evaluation and inference refuse any
+`model.pt` but the one packed.
 
 ## Output files
 
