@@ -181,6 +181,9 @@ def check_run_record(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any], u
             + f" ({_path(ckpt_dir)}): its weights would not fit or would mean something else. "
             "Drop those overrides, or use the bundle (--bundle_root / --ckpt_dir) of a model trained that way"
         )
+    shown = {k: recorded[k] for k in ("class_names", "image_size", "backbone", "aspect") if k in recorded}
+    logger.info("model settings from the run record %s: %s", _path(ckpt_dir),
+                ", ".join(f"{k}={v!r}" for k, v in shown.items()))
     for k, (was, now) in differ.items():
         if k in SCHEDULE_SETTINGS:  # a resume that changes its schedule on purpose
             logger.info("%s: %r in the run record, %r in this run", k, was, now)
