@@ -101,10 +101,11 @@ autocast through `hmn.training.CPUAutocastInferer`; the loss, optimizer, validat
 inference stay float32. `--cpu_bf16 False` turns it off.
 
 What a run records: `models/run.json` (`hmn.runs`) holds the settings that define the trained network
-and its preprocessing (class names, channels, image size, VOI, backbone and options, attention, pyramid,
-head) and the schedule. Evaluation, inference and a resume take them from it; an override that contradicts
-it is honoured with a warning for the image size, VOI and (on a resume) the schedule, and refused for the
-classes and the architecture. `python -m hmn pack-bundle` packs it with `model.pt` and bakes it into the
+and its preprocessing (class names, channels, image size, VOI, aspect, backbone and options, attention,
+pyramid, head), the datalist and the schedule. Evaluation, inference and a resume take them from it (a
+resume and evaluation default to the recorded datalist); an override that contradicts it is honoured with
+a warning for the image size, VOI and (on a resume) the schedule, and refused for the classes and the
+architecture; a resume or evaluation on a datalist whose classes differ from the model's is refused. `python -m hmn pack-bundle` packs it with `model.pt` and bakes it into the
 packed `inference.json` and `metadata.json`.
 
 Resume a run that was stopped (it continues after the last finished epoch, from

@@ -963,7 +963,9 @@ def pack_bundle(name: str, zip_path: str | os.PathLike, models_dir: str | os.Pat
             else:
                 zf.write(src / rel, f"{name}/{rel}")
         zf.write(model, f"{name}/models/model.pt")
-        zf.write(models / RUN_RECORD, f"{name}/models/{RUN_RECORD}")
+        # the recipient has their own data: the local datalist path stays here
+        shared = {**record, "settings": {k: v for k, v in record["settings"].items() if k != "datalist"}}
+        zf.writestr(f"{name}/models/{RUN_RECORD}", json.dumps(shared, indent=1) + "\n")
     return str(zip_path)
 
 

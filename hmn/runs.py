@@ -201,7 +201,7 @@ def check_classes(model_classes: list[str], data_classes: list[str], source: str
     if list(model_classes) != list(data_classes):
         raise RunRecordMismatchError(
             f"the model predicts {list(model_classes)} but {source} has class_names {list(data_classes)}: labels and "
-            "predictions would be paired wrongly. Evaluate on a datalist with the model's classes, in its order"
+            "predictions would be paired wrongly. Use a datalist with the model's classes, in its order"
         )
 
 
@@ -229,5 +229,5 @@ def check_model_file(ckpt_dir: str | os.PathLike, sha256: str | None, name: str 
         raise RunRecordMismatchError(
             f"{path} is not the model this bundle was packed with (SHA-256 {h.hexdigest()[:12]}..., packed "
             f"{sha256[:12]}...): its predictions would be labelled with this bundle's classes. Point --bundle_root at the "
-            "unpacked bundle"
+            "unpacked bundle; a model trained further from it needs packing again (python -m hmn pack-bundle)"
         )

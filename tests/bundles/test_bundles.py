@@ -582,6 +582,8 @@ def test_reuse_rehearsal_packed_bundle_rebuilds_the_trained_model(demo_datalist,
     meta = json.load(open(bundle / "configs" / "metadata.json"))["network_data_format"]
     assert meta["outputs"]["pred"]["channel_def"] == {"0": "Pleural effusion", "1": "Enlarged heart"}
     assert meta["inputs"]["image"]["spatial_shape"] == [48, 48]
+    shared = json.load(open(bundle / "models" / "run.json"))["settings"]  # the packer's local datalist path stays home
+    assert "datalist" not in shared and shared["class_names"] == list(picks)
 
     # monai.bundle.load: the trained network, every tensor equal (nothing freshly initialised)
     net = load(name="convnext_tiny", bundle_dir=str(target), workflow_type="inference", device="cpu")
