@@ -22,6 +22,7 @@ from typing import Any
 from hmn import __version__
 from hmn.data.demo import DEMO_CLASSES
 from hmn.networks.backbones import get_backbone_spec
+from hmn.runs import MODEL_SETTINGS, SCHEDULE_SETTINGS
 
 __all__ = ["BUNDLES", "BundleRow", "bundle_files", "check_bundles", "check_overrides", "download_bundle", "error_summary",
            "install_error_summary", "main", "pack_bundle", "write_bundles", "SCHEMA_URL"]
@@ -302,16 +303,12 @@ def _trained(key: str, default: str) -> str:
     return f"$hmn.runs.trained(@ckpt_dir, {key!r}, {default}, @use_run_record)"
 
 
-# what the run record holds (hmn.runs.MODEL_SETTINGS / SCHEDULE_SETTINGS), as config references
-_MODEL_SETTINGS = {
-    "class_names": "@class_names", "in_channels": "@network_def#in_channels", "image_size": "@image_size", "voi": "@voi", "aspect": "@aspect",
-    "backbone": "@network_def#backbone", "backbone_options": "@backbone_options", "attention": "@network_def#attention",
-    "fpn_channels": "@network_def#fpn_channels", "fusion_channels": "@network_def#fusion_channels",
-    "num_heads": "@network_def#num_heads", "context_size": "@network_def#context_size", "dropout": "@network_def#dropout",
-    "hierarchical": "@hierarchical", "num_coarse_classes": "@num_coarse_classes",
-}
-_SCHEDULE_SETTINGS = {k: f"@{k}" for k in ("datalist", "max_epochs", "batch_size", "learning_rate", "weight_decay",
-                                           "warmup_epochs", "accumulation_steps", "seed", "pretrained")}
+# what the run record holds (hmn.runs.MODEL_SETTINGS / SCHEDULE_SETTINGS), as config references: the network's
+# own arguments under network_def, the rest top-level keys
+_NETWORK_DEF_SETTINGS = ("in_channels", "backbone", "attention", "fpn_channels", "fusion_channels", "num_heads",
+                         "context_size", "dropout")
+_MODEL_SETTINGS = {k: f"@network_def#{k}" if k in _NETWORK_DEF_SETTINGS else f"@{k}" for k in MODEL_SETTINGS}
+_SCHEDULE_SETTINGS = {k: f"@{k}" for k in SCHEDULE_SETTINGS}
 
 
 def _scratch_default(row: BundleRow) -> str:

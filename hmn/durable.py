@@ -132,9 +132,8 @@ def _check_free_space(folder: str, path: str, needed: int) -> None:
 
 # The three steps of a write are separate functions so that tests can stop a writer between them.
 def _write_partial(tmp: str, write: Callable[[Any], None], binary: bool) -> None:
-    """Writes the temporary file completely and syncs its data to disk."""
-    if os.path.lexists(tmp):  # left by a writer that was stopped: start afresh with the default mode
-        os.remove(tmp)
+    """Writes the temporary file completely and syncs its data to disk (a leftover one is removed first, by
+    :func:`atomic_write`, so it is created afresh with the default mode)."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     kwargs: dict[str, Any] = {} if binary else {"newline": "", "encoding": "utf-8"}
     with os.fdopen(fd, "wb" if binary else "w", **kwargs) as f:

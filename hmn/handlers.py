@@ -32,16 +32,18 @@ from scipy.special import expit
 
 from hmn.evaluation import atomic_write, compute_report, macro_auc, write_report
 from hmn.inference import read_prediction_rows
+from hmn.training import _rank_world
 
 __all__ = ["EvaluationReportHandler", "MacroROCAUC", "PredictionCSVWriter", "stack_pred_label"]
 
 logger = logging.getLogger(__name__)
 
 
-def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+def _all_gather(obj: Any) -> list[Any]:
+    """Every process's `obj`, in rank order (Python objects, so shares of different sizes are fine)."""
+    parts: list[Any] = [None] * _rank_world()[1]
+    torch.distributed.all_gather_object(parts, obj)
+    return parts
 
 
 def _iteration_items(engine: Any) -> list[tuple[Mapping | None, Mapping]]:
@@ -169,10 +171,8 @@ class MacroROCAUC(EpochMetric):
             raise NotComputableError("MacroROCAUC needs at least one image before it can be computed")
         pred = torch.cat(self._predictions).detach().cpu().double().numpy()
         label = torch.cat(self._targets).detach().cpu().double().numpy()
-        _, world = _rank_world()
-        if world > 1:
-            parts: list[Any] = [None] * world
-            torch.distributed.all_gather_object(parts, (pred, label))
+        if _rank_world()[1] > 1:
+            parts = _all_gather((pred, label))
             pred = np.concatenate([p[0] for p in parts])
             label = np.concatenate([p[1] for p in parts])
         return self._compute(pred, label)
@@ -299,8 +299,7 @@ class EvaluationReportHandler:
         rank, world = _rank_world()
         if world == 1:
             return local
-        parts: list[Any] = [None] * world
-        torch.distributed.all_gather_object(parts, local)
+        parts = _all_gather(local)
         if rank != 0:
             return None
         return (

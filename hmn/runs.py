@@ -107,12 +107,6 @@ def trained(ckpt_dir: str | os.PathLike, key: str, default: Any, use: Any = True
     return record["settings"][key]
 
 
-def _is_writer() -> bool:
-    import torch
-
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
-
-
 def write_run_record(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any], resume: Any = False) -> str | None:
     """Writes (a new run) or updates (a resume) the run record in `ckpt_dir`; on one process only.
 
@@ -122,9 +116,9 @@ def write_run_record(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any], r
     """
     from hmn import __version__
     from hmn.durable import atomic_write
-    from hmn.training import as_bool
+    from hmn.training import _rank_world, as_bool
 
-    if not _is_writer():
+    if _rank_world()[0] != 0:
         return None
     resume = as_bool(resume, "resume")
     settings = _plain(dict(settings))

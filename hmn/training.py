@@ -105,21 +105,13 @@ def check_validation_split(items: Sequence[Mapping[str, Any]], class_names: Sequ
     """
     from hmn.evaluation.metrics import _absent_reason
 
+    from hmn.data.datalist import label_counts
+
     names = [str(c) for c in class_names]
     items = list(items)
     if not items:
         raise ValueError("the validation split is empty: model selection needs labelled validation images")
-    known = np.zeros(len(names), dtype=np.int64)
-    positives = np.zeros(len(names), dtype=np.int64)
-    for item in items:
-        label = np.asarray(item["label"], dtype=np.float64).reshape(-1)
-        if label.size != len(names):
-            raise ValueError(f"validation entry {item.get('image')}: {label.size} labels for {len(names)} classes {names}")
-        ok = np.isfinite(label) & (label >= 0)
-        if item.get("label_mask") is not None:
-            ok &= np.asarray(item["label_mask"], dtype=np.float64).reshape(-1) > 0
-        known += ok
-        positives += ok & (label == 1)
+    known, positives = label_counts(items, names, "validation")
     reasons = {n: _absent_reason(int(k), int(p)) for n, k, p in zip(names, known, positives)}
     defined = [n for n in names if reasons[n] is None]
     counts = ", ".join(f"{n}: {int(p)} positive / {int(k)} known" for n, k, p in zip(names, known, positives))
@@ -564,28 +556,36 @@ def _history_rows(path: str, last_epoch: int) -> tuple[list[dict[str, Any]], int
     return kept, len(rows) - len(kept)
 
 
+def _write_history(path: str, rows: list[dict[str, Any]], header: Sequence[str] = ()) -> None:
+    """Rewrites ``history.csv`` atomically: the columns are every key of the rows in first-seen order
+    (`header` when there is no row), a missing value is empty."""
+    from hmn.durable import atomic_write
+
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    fields = fields or list(header)
+
+    def write(f: Any) -> None:
+        w = csv.DictWriter(f, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows(rows)
+
+    atomic_write(path, write)
+
+
 def trim_history(path: str, last_epoch: int) -> int:
     """Drops the rows of ``history.csv`` after `last_epoch` (and any cut-off row), rewriting the file
     atomically; removes a leftover temporary file of it. Returns the number of rows dropped."""
-    from hmn.durable import atomic_write, partial_path
+    from hmn.durable import partial_path
 
     if os.path.lexists(partial_path(path)):
         os.remove(partial_path(path))
     kept, dropped = _history_rows(path, last_epoch)
     if dropped:
-        fields: list[str] = []
-        for r in kept:
-            fields += [k for k in r if k not in fields]
         with open(path, newline="", encoding="utf-8") as f:
             header = next(csv.reader(f), [])
-        fields = fields or header
-
-        def write(f: Any) -> None:
-            w = csv.DictWriter(f, fieldnames=fields, restval="")
-            w.writeheader()
-            w.writerows(kept)
-
-        atomic_write(path, write)
+        _write_history(path, kept, header)
         logger.info("%s: %d row(s) after epoch %d dropped (validated before the stop, without a complete "
                     "checkpoint; they are trained again)", path, dropped, last_epoch)
     return dropped
@@ -622,8 +622,6 @@ class MetricHistory:
         return kept
 
     def __call__(self, engine: Any) -> None:
-        from hmn.durable import atomic_write
-
         epoch = int(engine.state.epoch)
         if self._rows is None:
             self._rows = self._read_existing(epoch)
@@ -637,16 +635,7 @@ class MetricHistory:
             if isinstance(v, (int, float)):
                 row[k] = v
         self._rows.append(row)
-        fields: list[str] = []
-        for r in self._rows:
-            fields += [k for k in r if k not in fields]
-
-        def write(f: Any) -> None:
-            writer = csv.DictWriter(f, fieldnames=fields, restval="")
-            writer.writeheader()
-            writer.writerows(self._rows)
-
-        atomic_write(self.filename, write)
+        _write_history(self.filename, self._rows)
 
 
 def _duration(seconds: float) -> str:

@@ -264,6 +264,29 @@ def summarize(datalist: Mapping[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def label_counts(entries: Iterable[Mapping[str, Any]], class_names: Sequence[str], split: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """Per class, how many entries have a *known* label (finite, not below 0, and ``label_mask`` not 0
+    where there is one) and how many of those are positive (1): two int arrays of length K.
+
+    Raises:
+        ValueError: an entry's label does not have one value per class; the message names the image.
+    """
+    k = len(class_names)
+    known = np.zeros(k, dtype=np.int64)
+    positives = np.zeros(k, dtype=np.int64)
+    for e in entries:
+        label = np.asarray(e["label"], dtype=np.float64).reshape(-1)
+        if label.size != k:
+            raise ValueError(f"{split + ' ' if split else ''}entry {e.get('image')}: {label.size} labels for {k} classes "
+                             f"{list(class_names)}")
+        ok = np.isfinite(label) & (label >= 0)
+        if e.get("label_mask") is not None:
+            ok &= np.asarray(e["label_mask"], dtype=np.float64).reshape(-1) > 0
+        known += ok
+        positives += ok & (label == 1)
+    return known, positives
+
+
 def classes_without_positives(datalist: Mapping[str, Any]) -> dict[str, list[str]]:
     """Per non-empty labelled split, the classes with no positive label there (a label of 1 whose
     ``label_mask``, if any, is not 0); splits where every class has one are not listed."""
@@ -273,12 +296,8 @@ def classes_without_positives(datalist: Mapping[str, Any]) -> dict[str, list[str
         entries = [e for e in datalist.get(split, []) if isinstance(e.get("label"), list)]
         if not entries or not names:
             continue
-        positive = np.zeros(len(names), dtype=bool)
-        for e in entries:
-            label = np.asarray(e["label"], dtype=np.float64).reshape(-1)[: len(names)]
-            mask = np.asarray(e.get("label_mask") or [1] * len(label), dtype=np.float64).reshape(-1)[: len(label)]
-            positive[: len(label)] |= (label == 1) & (mask > 0)
-        missing = [n for n, p in zip(names, positive) if not p]
+        _, positives = label_counts(entries, names, split)
+        missing = [n for n, p in zip(names, positives) if not p]
         if missing:
             out[split] = missing
     return out
