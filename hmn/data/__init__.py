@@ -12,6 +12,7 @@ from .datalist import (
     SPLITS,
     DatalistError,
     classes_without_positives,
+    datalist_metadata,
     load_datalist,
     make_datalist,
     patient_overlap,
@@ -25,9 +26,14 @@ from .dataset import SkipBadFilesDataset, SkippedFilesReport, find_read_error
 from .demo import DEMO_CLASSES, make_demo_dataset
 from .folder import folder_datalist, json_datalist
 from .nih import NIH_CLASSES, nih_datalist
+from .vocabulary import CANONICAL_FINDINGS, METADATA_KEYS, SOURCE_VOCABULARIES, VOCABULARY_VERSION, match_findings
 
 __all__ = [
+    "CANONICAL_FINDINGS",
     "CHEXPERT_CLASSES",
+    "METADATA_KEYS",
+    "SOURCE_VOCABULARIES",
+    "VOCABULARY_VERSION",
     "DEMO_CLASSES",
     "NIH_CLASSES",
     "SPLITS",
@@ -37,12 +43,14 @@ __all__ = [
     "SkippedFilesReport",
     "chexpert_datalist",
     "classes_without_positives",
+    "datalist_metadata",
     "find_read_error",
     "folder_datalist",
     "json_datalist",
     "load_datalist",
     "make_datalist",
     "make_demo_dataset",
+    "match_findings",
     "nih_datalist",
     "patient_overlap",
     "patient_split",

@@ -25,7 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from .vocabulary import METADATA_KEYS
+
 __all__ = [
+    "datalist_metadata",
     "SPLITS",
     "DatalistError",
     "patient_split",
@@ -177,6 +180,7 @@ def load_datalist(
     split: str | None = None,
     check_files: bool = True,
     base_dir: str | os.PathLike | None = None,
+    metadata: bool = False,
 ) -> Any:
     """Reads a datalist, resolves relative image paths and validates every entry.
 
@@ -185,6 +189,9 @@ def load_datalist(
         split: return only this split's list ("training", "validation" or "test"); None returns the dict.
         check_files: raise :class:`DatalistError` naming the split, index and path of each missing file.
         base_dir: folder relative image paths are resolved against (default: the JSON's folder).
+        metadata: keep the entries' ``age``, ``sex`` and ``view`` (:data:`hmn.data.vocabulary.METADATA_KEYS`).
+            By default they are left out: a batch of entries where some lack a key cannot be collated, and
+            the network does not use them; the evaluation report reads them with :func:`datalist_metadata`.
 
     A bundle config can use it as ``{"_target_": "hmn.data.load_datalist", "path": "...", "split": "training"}``.
     """
@@ -211,7 +218,11 @@ def load_datalist(
                 )
             if check_files and not os.path.exists(full):
                 missing.append(f"{s}[{i}]: {full}")
-            resolved.append({**e, "image": full})
+            entry = {**e, "image": full}
+            if not metadata:
+                for key in METADATA_KEYS:
+                    entry.pop(key, None)
+            resolved.append(entry)
         data[s] = resolved
     if missing:
         shown = "; ".join(missing[:5])
@@ -222,6 +233,19 @@ def load_datalist(
             raise DatalistError(f"split {split!r} is not one of {list(SPLITS)}")
         return data[split]
     return data
+
+
+def datalist_metadata(path: str | os.PathLike, split: str | None = None) -> dict[str, dict[str, Any]]:
+    """``{resolved image path: {"age", "sex", "view"}}`` of a datalist's entries (those that carry any),
+    for the evaluation report's subgroups; `split` limits it to one split. Files are not checked."""
+    data = load_datalist(path, split, check_files=False, metadata=True)
+    entries = data if split is not None else [e for s in SPLITS for e in data.get(s, [])]
+    out = {}
+    for e in entries:
+        meta = {k: e[k] for k in METADATA_KEYS if e.get(k) is not None}
+        if meta:
+            out[e["image"]] = meta
+    return out
 
 
 def summarize(datalist: Mapping[str, Any]) -> str:
