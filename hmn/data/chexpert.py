@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .datalist import SPLITS, DatalistError, make_datalist, patient_split
+from .nih import _age_years
+from .vocabulary import VOCABULARY_VERSION, canonical_name, normalize_sex, normalize_view
 
 __all__ = ["CHEXPERT_CLASSES", "UNCERTAIN_POLICIES", "chexpert_datalist"]
 
@@ -86,6 +88,7 @@ def chexpert_datalist(
     seed: int = 0,
     frontal_only: bool = False,
     check_files: bool = True,
+    vocabulary: bool = False,
 ) -> dict:
     """Builds a datalist from CheXpert-style CSVs.
 
@@ -108,9 +111,14 @@ def chexpert_datalist(
         seed: seed of the patient shuffle.
         frontal_only: keep rows whose "Frontal/Lateral" is "Frontal".
         check_files: raise if an image file is missing.
+        vocabulary: name the classes by their canonical findings (:mod:`hmn.data.vocabulary`; CheXpert's
+            names are canonical already, ``Pleural Other`` stays apart from ``Pleural Thickening``) and
+            record ``"vocabulary"`` in the datalist.
 
     Returns:
-        the datalist dict; with any "ignore" policy every entry also has ``label_mask``.
+        the datalist dict; with any "ignore" policy every entry also has ``label_mask``. Entries carry
+        ``age`` ("Age"), ``sex`` ("Sex": ``Male``/``Female``; ``Unknown`` left out) and ``view``
+        (``LATERAL`` when "Frontal/Lateral" is Lateral, else the "AP/PA" value) where the table has them.
     """
     tables = [("training", train_csv), ("validation", valid_csv), ("test", test_csv)]
     tables = [(s, os.fspath(c)) for s, c in tables if c is not None]
@@ -164,12 +172,13 @@ def chexpert_datalist(
         rels = df["Path"].astype(str).tolist()
         root = os.fspath(image_root) if image_root is not None else _default_root(csv, rels[0])
         base, strip_top = _image_locator(root, rels)
-        for rel, lab, m in zip(rels, labels.astype(int).tolist(), mask.astype(int).tolist()):
+        meta = _metadata(df)
+        for rel, lab, m, md in zip(rels, labels.astype(int).tolist(), mask.astype(int).tolist(), meta):
             found = _PATIENT.search(rel)
             parts = rel.replace("\\", "/").split("/")
             pid = found.group(1) if found else (parts[-3] if len(parts) >= 3 else parts[0])
             image = os.path.join(base, *(parts[1:] if strip_top and len(parts) > 1 else parts))
-            entry = {"image": image, "label": lab, "patient_id": pid}
+            entry = {"image": image, "label": lab, "patient_id": pid, **md}
             if use_mask:
                 entry["label_mask"] = m
             (entries[split_name] if split == "official" else pooled).append(entry)
@@ -183,4 +192,25 @@ def chexpert_datalist(
                 f"{len(missing_files)} image(s) listed in the CheXpert tables are missing, e.g. {missing_files[:3]} "
                 "(set image_root, or check_files=False / --no-check-files)"
             )
+    if vocabulary:
+        names = [canonical_name("chexpert", c) or c for c in classes]
+        return make_datalist(entries, names, source="chexpert", uncertain_policy=dict(zip(names, policies.values())),
+                             vocabulary=VOCABULARY_VERSION)
     return make_datalist(entries, classes, source="chexpert", uncertain_policy=policies)
+
+
+def _metadata(df) -> list[dict]:
+    """Per row: ``age``, ``sex``, ``view`` from CheXpert's Age, Sex, Frontal/Lateral and AP/PA columns."""
+    n = len(df)
+
+    def col(name: str) -> list:
+        return df[name].tolist() if name in df.columns else [None] * n
+
+    out = []
+    for a, s, fl, appa in zip(col("Age"), col("Sex"), col("Frontal/Lateral"), col("AP/PA")):
+        age = None if a is None else _age_years(a)
+        lateral = isinstance(fl, str) and fl.strip().lower() == "lateral"
+        m = {"age": (int(age) if age is not None and float(age).is_integer() else age), "sex": normalize_sex(s),
+             "view": "LATERAL" if lateral else normalize_view(appa)}
+        out.append({k: v for k, v in m.items() if v is not None})
+    return out

@@ -57,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     nih.add_argument("--val-fraction", type=float, default=0.1, help="validation share of train_val (official split)")
     nih.add_argument("--classes", help="comma-separated subset of the 14 findings")
     nih.add_argument("--views", help="comma-separated View Position values to keep, e.g. PA")
+    nih.add_argument("--vocabulary", action="store_true",
+                     help="name classes by the canonical finding vocabulary (Effusion -> Pleural Effusion)")
     _common(nih)
 
     chx = sub.add_parser("chexpert", help="CheXpert-style CSVs with uncertain (-1) labels")
@@ -70,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     chx.add_argument("--split", choices=("official", "patient"),
                      help="official: the CSVs are the splits (default with --valid-csv); patient: pool and split")
     chx.add_argument("--frontal-only", action="store_true")
+    chx.add_argument("--vocabulary", action="store_true", help="record the canonical finding vocabulary")
     _common(chx)
 
     fol = sub.add_parser("folder", help="one folder per class (optionally inside train/val/test folders)")
@@ -112,7 +115,7 @@ def datalist_main(argv: list[str]) -> int:
                 args.csv, args.images, split=args.split, train_val_list=args.train_val_list,
                 test_list=args.test_list, fractions=args.fractions, val_fraction=args.val_fraction,
                 seed=args.seed, classes=_split_list(args.classes) or NIH_CLASSES,
-                views=_split_list(args.views), check_files=args.check_files,
+                views=_split_list(args.views), check_files=args.check_files, vocabulary=args.vocabulary,
             )
         elif args.source == "chexpert":
             from .chexpert import chexpert_datalist
@@ -121,7 +124,7 @@ def datalist_main(argv: list[str]) -> int:
                 args.train_csv, args.valid_csv, args.test_csv, image_root=args.images,
                 classes=_split_list(args.classes), uncertain=_policy(args.uncertain), split=args.split,
                 fractions=args.fractions, seed=args.seed, frontal_only=args.frontal_only,
-                check_files=args.check_files,
+                check_files=args.check_files, vocabulary=args.vocabulary,
             )
         elif args.source == "folder":
             from .folder import folder_datalist

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .datalist import SPLITS, DatalistError, make_datalist, patient_split
+from .vocabulary import VOCABULARY_VERSION, canonical_name, normalize_sex, normalize_view
 
 __all__ = ["NIH_CLASSES", "nih_datalist", "read_nih_table"]
 
@@ -70,6 +71,7 @@ def nih_datalist(
     classes: Sequence[str] = NIH_CLASSES,
     views: Sequence[str] | None = None,
     check_files: bool = True,
+    vocabulary: bool = False,
 ) -> dict:
     """Builds a datalist from the NIH ChestX-ray14 label table.
 
@@ -87,9 +89,14 @@ def nih_datalist(
         classes: label columns of the output, a subset of :data:`NIH_CLASSES` in any order.
         views: keep only these "View Position" values (e.g. ``["PA"]``).
         check_files: raise if an image is not found under `image_root`.
+        vocabulary: name the classes by their canonical findings (:mod:`hmn.data.vocabulary`: ``Effusion``
+            -> ``Pleural Effusion``, ``Pleural_Thickening`` -> ``Pleural Thickening``) and record
+            ``"vocabulary"`` in the datalist.
 
     Returns:
-        the datalist dict (``class_names`` = `classes`).
+        the datalist dict (``class_names`` = `classes`, or their canonical names); each entry carries
+        ``age`` ("Patient Age", years; ``"057Y"``-style values of older tables read too), ``sex``
+        ("Patient Gender") and ``view`` ("View Position") where the table has them.
     """
     df = read_nih_table(csv)
     unknown_cls = [c for c in classes if c not in NIH_CLASSES]
@@ -107,6 +114,7 @@ def nih_datalist(
     if bad:
         raise DatalistError(f"{os.fspath(csv)}: unknown finding label(s) {bad}; accepted: {sorted(allowed)}")
     labels = [[int(c in f) for c in classes] for f in findings]
+    meta = _metadata(df)
 
     root = os.fspath(image_root) if image_root is not None else os.path.dirname(os.path.abspath(os.fspath(csv)))
     paths = _resolve_images(names, root, check_files)
@@ -136,10 +144,40 @@ def nih_datalist(
         raise DatalistError(f"split={split!r}; accepted: 'official', 'patient'")
 
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for path, label, pid, s in zip(paths, labels, patients, assign):
+    for path, label, pid, s, m in zip(paths, labels, patients, assign, meta):
         if s:
-            out[s].append({"image": path, "label": label, "patient_id": pid})
+            out[s].append({"image": path, "label": label, "patient_id": pid, **m})
+    if vocabulary:
+        return make_datalist(out, [canonical_name("nih-chestxray14", c) for c in classes],
+                             source="nih-chestxray14", vocabulary=VOCABULARY_VERSION)
     return make_datalist(out, classes, source="nih-chestxray14")
+
+
+def _age_years(value) -> float | None:
+    """Age in years from a number or a DICOM age string (``"057Y"``, ``"006M"``, ``"010W"``, ``"020D"``)."""
+    text = str(value).strip().upper()
+    if not text or text == "NAN":
+        return None
+    units = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
+    scale = units.get(text[-1]) if text[-1].isalpha() else 1.0
+    try:
+        years = float(text[:-1] if text[-1].isalpha() else text) * (scale if scale is not None else float("nan"))
+    except ValueError:
+        return None
+    return years if years == years and years >= 0 else None
+
+
+def _metadata(df) -> list[dict]:
+    """Per row: ``age``, ``sex``, ``view`` (each left out when the table lacks it or the value is blank)."""
+    n = len(df)
+    ages = df["Patient Age"].tolist() if "Patient Age" in df.columns else [None] * n
+    sexes = df["Patient Gender"].tolist() if "Patient Gender" in df.columns else [None] * n
+    views = df["View Position"].tolist() if "View Position" in df.columns else [None] * n
+    out = []
+    for a, s, v in zip(ages, sexes, views):
+        m = {"age": None if a is None else _age_years(a), "sex": normalize_sex(s), "view": normalize_view(v)}
+        out.append({k: (int(x) if k == "age" and float(x).is_integer() else x) for k, x in m.items() if x is not None})
+    return out
 
 
 def _resolve_images(names: Sequence[str], root: str, check_files: bool) -> list[str]:

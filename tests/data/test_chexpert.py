@@ -92,3 +92,22 @@ def test_bad_csvs(tmp_path):
         chexpert_datalist(odd, classes=["Edema", "Fracture"], check_files=False)
     with pytest.raises(DatalistError, match="unknown uncertainty policy"):
         chexpert_datalist(odd, uncertain="maybe", check_files=False)
+
+
+def test_age_sex_view_from_the_table(chexpert_csv):
+    d = chexpert_datalist(chexpert_csv, check_files=False, fractions=(1.0, 0.0, 0.0))
+    df = pd.read_csv(chexpert_csv)
+    entries = d["training"]
+    by = {e["image"].split("CheXpert-v1.0-small/")[-1]: e for e in entries}
+    for _, row in df.iterrows():
+        e = by[row["Path"].split("CheXpert-v1.0-small/")[-1]]
+        assert e["age"] == row["Age"]
+        assert e.get("sex") == {"Male": "M", "Female": "F"}.get(row["Sex"])
+        expected_view = "LATERAL" if row["Frontal/Lateral"] == "Lateral" else row["AP/PA"]
+        assert e.get("view") == (expected_view if isinstance(expected_view, str) else None)
+
+
+def test_vocabulary_keeps_pleural_other_apart(chexpert_csv):
+    d = chexpert_datalist(chexpert_csv, check_files=False, vocabulary=True)
+    assert d["vocabulary"] == "hmn-cxr-1"
+    assert "Pleural Other" in d["class_names"] and "Pleural Thickening" not in d["class_names"]

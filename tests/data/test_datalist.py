@@ -151,3 +151,22 @@ def test_existing_monai_json(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps(src))
     with pytest.raises(DatalistError, match="3 labels, expected 2"):
         json_datalist(tmp_path / "dataset.json")
+
+
+def test_metadata_is_kept_out_of_the_pipeline_and_read_for_the_report(tmp_path):
+    import json
+
+    from hmn.data import datalist_metadata, load_datalist
+
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "b.png").write_bytes(b"x")
+    data = {"class_names": ["x"], "training": [], "validation": [],
+            "test": [{"image": "a.png", "label": [1], "patient_id": "1", "age": 61, "sex": "F", "view": "PA"},
+                     {"image": "b.png", "label": [0], "patient_id": "2", "site": "north"}]}
+    (tmp_path / "d.json").write_text(json.dumps(data))
+    entries = load_datalist(tmp_path / "d.json", "test")
+    # entries where only some carry a key cannot be collated into a batch: metadata stays out
+    assert [sorted(e) for e in entries] == [["image", "label", "patient_id"], ["image", "label", "patient_id", "site"]]
+    full = load_datalist(tmp_path / "d.json", "test", metadata=True)
+    assert full[0]["age"] == 61
+    assert datalist_metadata(tmp_path / "d.json", "test") == {str(tmp_path / "a.png"): {"age": 61, "sex": "F", "view": "PA"}}

@@ -121,3 +121,34 @@ def test_gz_and_plain_read_alike(nih_csv, tmp_path):
     plain.write_text(head)
     d = nih_datalist(plain, check_files=False)
     assert sum(len(d[s]) for s in ("training", "validation", "test")) == 199
+
+
+# Sex and view counts published with the data set (NIH Clinical Center README): 63,340 male, 48,780 female
+# images; 67,310 PA and 44,810 AP.
+def test_age_sex_view_reach_the_datalist(nih):
+    entries = _all(nih)
+    sexes = [e["sex"] for e in entries]
+    assert (sexes.count("M"), sexes.count("F")) == (63340, 48780)
+    views = [e["view"] for e in entries]
+    assert (views.count("PA"), views.count("AP")) == (67310, 44810)
+    first = {e["image"]: e for e in entries}[os.path.join("/data/nih", "00000001_001.png")]
+    assert (first["age"], first["sex"], first["view"]) == (58, "M", "PA")  # row 3 of the table
+    assert all(isinstance(e["age"], int) and 0 <= e["age"] <= 120 for e in entries)
+
+
+def test_vocabulary_names_and_dicom_style_ages(tmp_path):
+    csv = tmp_path / "Data_Entry_2017.csv"
+    csv.write_text(
+        "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position\n"
+        "a.png,Effusion|Pleural_Thickening,0,1,057Y,F,AP\n"
+        "b.png,No Finding,0,2,006M,M,PA\n"
+        "c.png,Hernia,0,3,,M,\n"
+    )
+    d = nih_datalist(csv, check_files=False, vocabulary=True, fractions=(1.0, 0.0, 0.0))
+    assert d["vocabulary"] == "hmn-cxr-1"
+    assert d["class_names"][2] == "Pleural Effusion" and d["class_names"][12] == "Pleural Thickening"
+    by = {os.path.basename(e["image"]): e for e in d["training"]}
+    assert by["a.png"]["label"][2] == 1 and by["a.png"]["label"][12] == 1
+    assert (by["a.png"]["age"], by["a.png"]["sex"], by["a.png"]["view"]) == (57, "F", "AP")
+    assert by["b.png"]["age"] == 0.5
+    assert "age" not in by["c.png"] and "view" not in by["c.png"] and by["c.png"]["sex"] == "M"
