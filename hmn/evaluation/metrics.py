@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-__all__ = ["THRESHOLD_METHODS", "compute_report", "load_thresholds", "macro_auc", "select_thresholds", "weighted_auc_ap"]
+__all__ = ["THRESHOLD_METHODS", "compute_report", "load_thresholds", "macro_auc", "operating_points",
+           "select_thresholds", "weighted_auc_ap"]
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,68 @@ def select_thresholds(probs: Any, labels: Any, method: str = "youden") -> np.nda
         v = valid[:, k]
         if _absent_reason(int(v.sum()), int(pos[v, k].sum())) is None:
             out[k] = _youden_threshold(pos[v, k], p[v, k])
+    return out
+
+
+def _roc_points(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Thresholds (every distinct score, descending, then one above the highest) with their sensitivity and
+    specificity under ``prob >= threshold``."""
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order]
+    last = np.r_[s_sorted[1:] != s_sorted[:-1], True]
+    tp = np.r_[0, np.cumsum(y_sorted, dtype=np.int64)[last]]
+    fp = np.r_[0, np.cumsum(~y_sorted, dtype=np.int64)[last]]
+    thr = np.r_[np.nextafter(s_sorted[0], np.inf), s_sorted[last]]
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    return thr, tp / n_pos, 1.0 - fp / n_neg
+
+
+def operating_points(
+    probs: Any,
+    labels: Any,
+    class_names: Sequence[str],
+    specificities: Sequence[float] = (0.90, 0.95),
+    sensitivities: Sequence[float] = (0.90, 0.95),
+) -> list[dict[str, Any]]:
+    """Sensitivity at fixed specificity, and specificity at fixed sensitivity, per finding, on these data.
+
+    For a target specificity ``s`` the threshold is the one (among the finding's distinct scores, and one
+    above the highest) with specificity at least ``s`` and the highest sensitivity, the highest such
+    threshold on ties; the reverse for a target sensitivity. The thresholds are fitted to the evaluated
+    data, so the figures are optimistic for new data in the way a Youden threshold is.
+
+    Args:
+        probs, labels: ``N x K``, as for :func:`compute_report`.
+        class_names: the ``K`` names.
+        specificities, sensitivities: targets in (0, 1].
+
+    Returns:
+        one dict per (finding, target): ``class``, ``target`` (``"specificity"`` or ``"sensitivity"``),
+        ``target_value``, ``threshold``, ``sensitivity``, ``specificity`` (the values reached); None
+        values for a finding without both label values.
+    """
+    p, lab = _as_arrays(probs, labels, class_names)
+    valid, pos = _masks(lab)
+    for t in list(specificities) + list(sensitivities):
+        if not 0 < float(t) <= 1:
+            raise ValueError(f"operating point target {t!r} must be in (0, 1]")
+    out = []
+    for k, name in enumerate(class_names):
+        v = valid[:, k]
+        y, s = pos[v, k], p[v, k]
+        defined = _absent_reason(int(v.sum()), int(y.sum())) is None
+        thr, sens, spec = _roc_points(y, s) if defined else (None, None, None)
+        for target, values in (("specificity", specificities), ("sensitivity", sensitivities)):
+            for value in values:
+                row = {"class": str(name), "target": target, "target_value": float(value), "threshold": None,
+                       "sensitivity": None, "specificity": None}
+                if defined:
+                    meets, other = (spec >= value, sens) if target == "specificity" else (sens >= value, spec)
+                    cand = np.flatnonzero(meets)
+                    # best other rate; the first (highest threshold) among ties
+                    i = int(cand[np.argmax(other[cand])])
+                    row.update(threshold=float(thr[i]), sensitivity=float(sens[i]), specificity=float(spec[i]))
+                out.append(row)
     return out
 
 
@@ -379,9 +442,19 @@ def compute_report(
     n_bootstrap: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
+    groups: Mapping[str, Sequence[Any]] | None = None,
+    calibration_bins: int = 10,
+    temperatures: Any = None,
+    temperatures_from: str | None = None,
+    uncalibrated: Any = None,
+    target_specificities: Sequence[float] = (0.90, 0.95),
+    target_sensitivities: Sequence[float] = (0.90, 0.95),
+    _sections: bool = True,
+    _quiet: bool = False,
 ) -> dict[str, Any]:
     """Per-class, macro and micro ROC AUC / average precision with bootstrap intervals, and the
-    sensitivity, specificity, PPV and NPV at an operating threshold per class.
+    sensitivity, specificity, PPV and NPV at an operating threshold per class; with the operating points,
+    calibration and (given `groups`) subgroup sections.
 
     Args:
         probs: ``N x K`` predicted probabilities (images x classes).
@@ -396,6 +469,14 @@ def compute_report(
         n_bootstrap: bootstrap resamples (0: no intervals).
         ci: confidence level of the intervals, in (0, 1).
         seed: seed of the resampling (the same inputs and seed give the same intervals).
+        groups: ``{attribute: one group value per image}`` (None: unknown) for the ``subgroups`` section
+            (:func:`hmn.evaluation.subgroups.subgroup_report`); None leaves it out.
+        calibration_bins: bins of the expected calibration error (:mod:`hmn.evaluation.calibration`).
+        temperatures: the ``K`` temperatures already applied to `probs` (recorded in ``calibration``), or None.
+        temperatures_from: the file they came from, for the record.
+        uncalibrated: the probabilities before `temperatures`, whose ECE is reported beside.
+        target_specificities, target_sensitivities: the ``operating_points`` targets
+            (:func:`operating_points`).
 
     Returns:
         A JSON-ready dict (floats or None, never NaN): ``settings``, ``n_images``, ``class_names``,
@@ -481,7 +562,7 @@ def compute_report(
             per_class[c].update(
                 auc_ci=_interval(boot["auc"][:, c], ci), ap_ci=_interval(boot["ap"][:, c], ci), bootstrap_used=used
             )
-            if used < 0.9 * n_bootstrap:
+            if used < 0.9 * n_bootstrap and not _quiet:
                 logger.warning(
                     "class %s: only %d of %d bootstrap resamples had both label values (%d positives, %d negatives); "
                     "its interval is unreliable",
@@ -497,7 +578,7 @@ def compute_report(
             ap_ci=_interval(boot["micro_ap"], ci),
             bootstrap_used=int(np.isfinite(boot["micro_auc"]).sum()),
         )
-    if excluded:
+    if excluded and not _quiet:
         logger.warning("classes left out of the macro average (AUC undefined): %s", excluded)
 
     settings: dict[str, Any] = {
@@ -512,7 +593,7 @@ def compute_report(
         "only one label value are skipped for that class",
         "unknown_labels": "label < 0 or NaN, excluded per class",
     }
-    return {
+    report = {
         "settings": settings,
         "n_images": n_img,
         "class_names": class_names,
@@ -520,3 +601,14 @@ def compute_report(
         "macro": macro,
         "micro": micro,
     }
+    if _sections:
+        from .calibration import calibration_report
+        from .subgroups import subgroup_report
+
+        report["operating_points"] = operating_points(p, lab, class_names, target_specificities, target_sensitivities)
+        report["calibration"] = calibration_report(p, lab, class_names, calibration_bins, applied=temperatures,
+                                                   applied_from=temperatures_from, uncalibrated=uncalibrated)
+        if groups:
+            report["subgroups"] = subgroup_report(p, lab, class_names, groups, [e["threshold"] for e in per_class],
+                                                  n_bootstrap=n_bootstrap, ci=ci, seed=seed)
+    return report

@@ -1,6 +1,7 @@
-"""Evaluation report files: ``metrics.json``, ``metrics.csv``, ``predictions.csv`` and ``roc.png``.
+"""Evaluation report files: ``metrics.json``, ``metrics.csv``, ``predictions.csv``, ``roc.png``, the operating
+points, calibration and (with metadata) subgroup tables and plots.
 
-:func:`write_report` writes the four files below into one folder, each atomically (a temporary file in
+:func:`write_report` writes the files below into one folder, each atomically (a temporary file in
 the same folder, then ``os.replace``), so a reader never sees half a file. CSV files are UTF-8,
 comma-separated, with a header row, ``\\n`` line endings and fields quoted only when needed
 (Python's ``csv`` module). Numbers are written at full precision (Python's ``repr`` of a float); an
@@ -30,6 +31,15 @@ per-image identifiers written.
       ``auc``, ``auc_ci``, ``average_precision``, ``ap_ci``, ``bootstrap_used``, and
       ``sensitivity``/``specificity``/``ppv``/``npv`` from the confusion counts summed over the classes
       that have a threshold; ``reason`` as for a class.
+    * ``operating_points``: the rows of ``operating_points.csv``.
+    * ``calibration``: ``n_bins``, ``temperature_applied_from`` (the metrics.json whose fitted temperatures
+      were applied before everything else in this report, or null), ``per_class`` (the rows of
+      ``calibration.csv``) and ``macro`` (``ece``, ``brier``: means over the findings with known labels).
+    * ``subgroups`` (only when the images had metadata): ``attributes``, ``rows`` (those of
+      ``subgroups.csv``, intervals as ``[low, high]``) and ``gaps`` (those of ``subgroup_gaps.csv``).
+    * ``findings`` (only for a model evaluated on a datalist with other classes): ``compared``
+      (``[{"finding", "model_class", "data_class"}]``), ``model_only`` and ``data_only`` (class names left
+      out), ``model_vocabulary`` and ``data_vocabulary``; the report's classes are then the findings.
     * ``skipped_images`` (only when the evaluation handler left images out): ``[{"image", "error"}]``.
 
 ``metrics.csv``
@@ -40,15 +50,49 @@ per-image identifiers written.
     are the bounds of the ``ci`` level interval.
 
 ``predictions.csv``
-    One row per image, in the order evaluated. Columns ``image`` (the source path), then for each
-    class, in ``class_names`` order, ``<class>_prob`` (the predicted probability) and ``<class>_label``
-    (``1``, ``0``, or empty when the label is unknown).
+    One row per image, in the order evaluated. Columns ``image`` (the source path); when the datalist
+    carries metadata, ``age`` (years), ``sex`` (M, F, O) and ``view`` (PA, AP, LATERAL, ...), empty where
+    unknown; then for each class, in ``class_names`` order, ``<class>_prob`` (the predicted probability) and ``<class>_label``
+    (``1``, ``0``, or empty when the label is unknown). The probabilities are those evaluated: after
+    temperature scaling when one was applied.
 
 ``roc.png``
     ROC curves (false positive rate against sensitivity) of every class with a defined AUC and of the
     micro average (dashed black), the chance diagonal dotted; the legend gives each curve's AUC
     (with its interval when computed). Drawn with matplotlib's Agg canvas (no display needed, and
     pyplot's global state is left alone).
+
+``operating_points.csv``
+    Columns ``class, target, target_value, threshold, sensitivity, specificity``: per finding, the
+    highest sensitivity reached at a specificity of at least ``target_value`` (``target`` =
+    ``specificity``), and the reverse (``target`` = ``sensitivity``); thresholds fitted on the evaluated
+    data (:func:`hmn.evaluation.metrics.operating_points`).
+
+``calibration.csv``
+    Columns ``class, n, ece, mce, brier, temperature_applied, temperature_fitted,
+    ece_before_temperature``: the expected and maximum calibration error over ``n_bins`` equal-width bins,
+    the Brier score, the temperature applied (empty: none), the temperature that minimizes the
+    cross-entropy on these data (reuse it on the test split with ``temperature=<this metrics.json>``),
+    and the ECE before the applied temperature; then a ``macro`` row (``ece``, ``brier``). See
+    :mod:`hmn.evaluation.calibration`.
+
+``reliability.png``
+    Reliability diagrams, one panel per finding: observed positive fraction against mean predicted
+    probability per bin, with the diagonal and the ECE.
+
+``subgroups.csv`` (with metadata)
+    Columns ``attribute, group, class, n, positives, auc, auc_ci_low, auc_ci_high, average_precision,
+    ap_ci_low, ap_ci_high, threshold, sensitivity, specificity``: one row per attribute (``sex``,
+    ``age_band``, ``view``), group and finding; sensitivity and specificity at the whole set's threshold.
+    See :mod:`hmn.evaluation.subgroups`.
+
+``subgroup_gaps.csv`` (with metadata)
+    Columns ``attribute, class, auc_gap, highest_group, highest_auc, lowest_group, lowest_auc,
+    groups_compared`` (``;``-separated): the largest AUC difference between the groups of an attribute
+    with a defined AUC (empty with fewer than two).
+
+``subgroups.png`` (with metadata)
+    A forest plot per attribute: each finding's AUC and interval in each group.
 """
 
 from __future__ import annotations
@@ -68,7 +112,8 @@ from hmn.durable import atomic_write
 
 from .metrics import _as_arrays, _masks
 
-__all__ = ["METRICS_COLUMNS", "REPORT_FILES", "write_report", "plot_roc", "atomic_write"]
+__all__ = ["CALIBRATION_COLUMNS", "METRICS_COLUMNS", "OPERATING_POINTS_COLUMNS", "REPORT_FILES", "SUBGROUPS_COLUMNS",
+           "SUBGROUP_FILES", "SUBGROUP_GAPS_COLUMNS", "atomic_write", "plot_roc", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +122,19 @@ METRICS_COLUMNS = (
     "ap_ci_high", "threshold", "sensitivity", "specificity", "ppv", "npv",
 )
 REPORT_FILES = {"metrics_json": "metrics.json", "metrics_csv": "metrics.csv",
-                "predictions_csv": "predictions.csv", "roc_png": "roc.png"}
+                "predictions_csv": "predictions.csv", "roc_png": "roc.png",
+                "operating_points_csv": "operating_points.csv", "calibration_csv": "calibration.csv",
+                "reliability_png": "reliability.png"}
+SUBGROUP_FILES = {"subgroups_csv": "subgroups.csv", "subgroup_gaps_csv": "subgroup_gaps.csv",
+                  "subgroups_png": "subgroups.png"}
+OPERATING_POINTS_COLUMNS = ("class", "target", "target_value", "threshold", "sensitivity", "specificity")
+CALIBRATION_COLUMNS = ("class", "n", "ece", "mce", "brier", "temperature_applied", "temperature_fitted",
+                       "ece_before_temperature")
+SUBGROUPS_COLUMNS = ("attribute", "group", "class", "n", "positives", "auc", "auc_ci_low", "auc_ci_high",
+                     "average_precision", "ap_ci_low", "ap_ci_high", "threshold", "sensitivity", "specificity")
+SUBGROUP_GAPS_COLUMNS = ("attribute", "class", "auc_gap", "highest_group", "highest_auc", "lowest_group",
+                         "lowest_auc", "groups_compared")
+PREDICTION_METADATA_COLUMNS = ("age", "sex", "view")
 
 
 def _num(x: Any) -> str:
@@ -162,6 +219,48 @@ def plot_roc(
     return atomic_write(path, lambda f: f.write(buf.getvalue()), binary=True)
 
 
+def _table(path: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    def write(f: Any) -> None:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(columns)
+        w.writerows(rows)
+
+    atomic_write(path, write)
+
+
+def _cell(v: Any) -> str:
+    return v if isinstance(v, str) else _num(v)
+
+
+def _write_sections(report: Mapping[str, Any], p: np.ndarray, lab: np.ndarray, class_names: Sequence[str],
+                    paths: Mapping[str, str]) -> None:
+    if "operating_points" in report:
+        _table(paths["operating_points_csv"], OPERATING_POINTS_COLUMNS,
+               [[_cell(r[c]) for c in OPERATING_POINTS_COLUMNS] for r in report["operating_points"]])
+    if "calibration" in report:
+        from .calibration import plot_reliability
+
+        cal = report["calibration"]
+        rows = [[_cell(r[c]) for c in CALIBRATION_COLUMNS] for r in cal["per_class"]]
+        rows.append(["macro", "", _num(cal["macro"]["ece"]), "", _num(cal["macro"]["brier"]), "", "", ""])
+        _table(paths["calibration_csv"], CALIBRATION_COLUMNS, rows)
+        plot_reliability(p, lab, class_names, cal, paths["reliability_png"])
+    sub = report.get("subgroups")
+    if sub:
+        from .subgroups import plot_subgroups
+
+        rows = []
+        for r in sub["rows"]:
+            rows.append([r["attribute"], r["group"], r["class"], _num(r["n"]), _num(r["positives"]), _num(r["auc"]),
+                         *_ci(r, "auc_ci"), _num(r["average_precision"]), *_ci(r, "ap_ci"), _num(r["threshold"]),
+                         _num(r["sensitivity"]), _num(r["specificity"])])
+        _table(paths["subgroups_csv"], SUBGROUPS_COLUMNS, rows)
+        _table(paths["subgroup_gaps_csv"], SUBGROUP_GAPS_COLUMNS,
+               [[_cell(g[c]) if c != "groups_compared" else ";".join(g[c]) for c in SUBGROUP_GAPS_COLUMNS]
+                for g in sub["gaps"]])
+        plot_subgroups(sub, class_names, paths["subgroups_png"])
+
+
 def write_report(
     report: Mapping[str, Any],
     probs: Any,
@@ -169,8 +268,11 @@ def write_report(
     image_ids: Sequence[str],
     class_names: Sequence[str],
     out_dir: str | os.PathLike,
+    metadata: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, str]:
-    """Writes ``metrics.json``, ``metrics.csv``, ``predictions.csv`` and ``roc.png`` (see the module docstring).
+    """Writes the report files (see the module docstring): ``metrics.json``, ``metrics.csv``,
+    ``predictions.csv``, ``roc.png``, and those of the report's ``operating_points``, ``calibration`` and
+    ``subgroups`` sections where it has them.
 
     Args:
         report: the dict from :func:`hmn.evaluation.compute_report` on the same `probs` and `labels`.
@@ -179,9 +281,11 @@ def write_report(
         image_ids: ``N`` image paths (or other non-identifying ids), the first column of predictions.csv.
         class_names: the ``K`` class names.
         out_dir: the folder (created if missing).
+        metadata: ``{image: {"age", "sex", "view"}}`` for the metadata columns of predictions.csv (None or
+            empty: no such columns).
 
     Returns:
-        ``{"metrics_json", "metrics_csv", "predictions_csv", "roc_png"}`` -> the paths written.
+        :data:`REPORT_FILES` keys (and :data:`SUBGROUP_FILES` keys with subgroups) -> the paths written.
     """
     class_names = [str(c) for c in class_names]
     p, lab = _as_arrays(probs, labels, class_names)
@@ -193,7 +297,11 @@ def write_report(
         )
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    paths = {key: os.path.join(out_dir, name) for key, name in REPORT_FILES.items()}
+    files = dict(REPORT_FILES) if "calibration" in report else {
+        k: REPORT_FILES[k] for k in ("metrics_json", "metrics_csv", "predictions_csv", "roc_png")}
+    if report.get("subgroups"):
+        files.update(SUBGROUP_FILES)
+    paths = {key: os.path.join(out_dir, name) for key, name in files.items()}
 
     text = json.dumps(report, indent=2, allow_nan=False)
     atomic_write(paths["metrics_json"], lambda f: f.write(text + "\n"))
@@ -207,16 +315,21 @@ def write_report(
 
     valid, pos = _masks(lab)
 
+    meta_cols = PREDICTION_METADATA_COLUMNS if metadata else ()
+
     def predictions_csv(f: Any) -> None:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["image"] + [f"{c}_{s}" for c in class_names for s in ("prob", "label")])
+        w.writerow(["image", *meta_cols] + [f"{c}_{s}" for c in class_names for s in ("prob", "label")])
         for i, image in enumerate(image_ids):
-            row = [str(image)]
+            m = metadata.get(str(image), {}) if metadata else {}
+            row = [str(image)] + [_num(m[k]) if k == "age" and m.get(k) is not None else str(m.get(k) or "")
+                                  for k in meta_cols]
             for c in range(len(class_names)):
                 row += [_num(p[i, c]), ("1" if pos[i, c] else "0") if valid[i, c] else ""]
             w.writerow(row)
 
     atomic_write(paths["predictions_csv"], predictions_csv)
     plot_roc(report, p, lab, class_names, paths["roc_png"])
+    _write_sections(report, p, lab, class_names, paths)
     logger.info("evaluation report written to %s", out_dir)
     return paths

@@ -35,8 +35,11 @@ def test_files_and_contents(tmp_path):
     probs, labels, ids = _data()
     report = compute_report(probs, labels, CLASSES, n_bootstrap=100, seed=2)
     paths = write_report(report, probs, labels, ids, CLASSES, tmp_path / "out")
-    assert sorted(paths) == ["metrics_csv", "metrics_json", "predictions_csv", "roc_png"]
-    assert sorted(os.listdir(tmp_path / "out")) == ["metrics.csv", "metrics.json", "predictions.csv", "roc.png"]
+    assert sorted(paths) == ["calibration_csv", "metrics_csv", "metrics_json", "operating_points_csv",
+                             "predictions_csv", "reliability_png", "roc_png"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["calibration.csv", "metrics.csv", "metrics.json",
+                                                    "operating_points.csv", "predictions.csv", "reliability.png",
+                                                    "roc.png"]
 
     with open(paths["metrics_json"]) as f:
         saved = json.load(f)

@@ -1,0 +1,166 @@
+"""Subgroup performance: per-finding ROC AUC and average precision, with bootstrap intervals, within each
+sex, age band and view position, and the largest gap between the groups of each attribute.
+
+These are the breakdowns chest X-ray fairness studies report (e.g. Seyyed-Kalantari et al., "Underdiagnosis
+bias of artificial intelligence algorithms applied to chest radiographs in under-served patient
+populations", Nature Medicine 2021). Within a group the report's own definitions apply
+(:func:`hmn.evaluation.compute_report`: unknown labels excluded per finding, percentile bootstrap over the
+group's images, the same seed), and the sensitivity and specificity are taken at the operating threshold
+chosen for the whole evaluated set, so that a gap between groups is a gap at the threshold a reader would
+use. A group's AUC is undefined when it lacks a positive or a negative label for the finding.
+
+The groups come from the datalist's metadata (:data:`hmn.data.vocabulary.METADATA_KEYS`): ``sex``,
+``age`` in :data:`hmn.data.vocabulary.AGE_BANDS`, and ``view``. Images without a value for an attribute are
+left out of that attribute's groups.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from hmn.data.vocabulary import AGE_BANDS, age_band
+
+__all__ = ["SUBGROUP_ATTRIBUTES", "groups_from_metadata", "plot_subgroups", "subgroup_report"]
+
+SUBGROUP_ATTRIBUTES = ("sex", "age_band", "view")
+
+
+def groups_from_metadata(images: Sequence[str], metadata: Mapping[str, Mapping[str, Any]] | None) -> dict[str, list]:
+    """Per attribute of :data:`SUBGROUP_ATTRIBUTES`, each image's group (None when unknown).
+
+    Args:
+        images: the evaluated images' paths, in report order.
+        metadata: ``{image path: {"age", "sex", "view"}}`` (:func:`hmn.data.datalist_metadata`).
+
+    Returns:
+        ``{"sex": [...], "age_band": [...], "view": [...]}``; attributes no image has are left out.
+    """
+    metadata = metadata or {}
+    rows = [metadata.get(str(i)) or {} for i in images]
+    out = {
+        "sex": [r.get("sex") for r in rows],
+        "age_band": [age_band(r.get("age")) for r in rows],
+        "view": [r.get("view") for r in rows],
+    }
+    return {k: v for k, v in out.items() if any(x is not None for x in v)}
+
+
+def _order(attribute: str, names: set[str]) -> list[str]:
+    if attribute == "age_band":
+        return [b for b, _, _ in AGE_BANDS if b in names]
+    return sorted(names)
+
+
+def subgroup_report(
+    probs: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    groups: Mapping[str, Sequence[Any]],
+    thresholds: Sequence[float | None],
+    n_bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics per group of each attribute, and the largest AUC gap per finding.
+
+    Args:
+        probs, labels: ``N x K`` as for :func:`hmn.evaluation.compute_report`.
+        class_names: the ``K`` names.
+        groups: ``{attribute: N group values}`` (None: unknown), e.g. from :func:`groups_from_metadata`.
+        thresholds: the ``K`` operating thresholds of the whole set (None: no threshold).
+        n_bootstrap, ci, seed: the bootstrap of each group, as in the whole report.
+
+    Returns:
+        ``{"attributes": [...], "rows": [{"attribute", "group", "class", "n", "positives", "auc", "auc_ci",
+        "average_precision", "ap_ci", "sensitivity", "specificity", "threshold"}], "gaps": [{"attribute",
+        "class", "auc_gap", "highest_group", "highest_auc", "lowest_group", "lowest_auc", "groups_compared"}]}``.
+        ``auc_gap`` is null when fewer than two groups have a defined AUC.
+    """
+    from .metrics import compute_report
+
+    p = np.asarray(probs, dtype=np.float64)
+    lab = np.asarray(labels, dtype=np.float64)
+    thr = np.array([np.nan if t is None else float(t) for t in thresholds])
+    rows: list[dict[str, Any]] = []
+    gaps: list[dict[str, Any]] = []
+    for attribute, values in groups.items():
+        values = list(values)
+        if len(values) != p.shape[0]:
+            raise ValueError(f"{len(values)} {attribute!r} values for {p.shape[0]} images")
+        names = _order(attribute, {str(v) for v in values if v is not None})
+        per_group: dict[str, dict[str, Any]] = {}
+        for g in names:
+            idx = np.array([v is not None and str(v) == g for v in values])
+            rep = compute_report(p[idx], lab[idx], class_names, thresholds=thr, n_bootstrap=n_bootstrap, ci=ci,
+                                 seed=seed, _sections=False, _quiet=True)
+            per_group[g] = rep
+            for e in rep["per_class"]:
+                rows.append({
+                    "attribute": attribute, "group": g, "class": e["class"], "n": e["n"], "positives": e["positives"],
+                    "auc": e["auc"], "auc_ci": e["auc_ci"], "average_precision": e["average_precision"],
+                    "ap_ci": e["ap_ci"], "sensitivity": e["sensitivity"], "specificity": e["specificity"],
+                    "threshold": e["threshold"],
+                })
+        for k, name in enumerate(class_names):
+            defined = [(g, r["per_class"][k]["auc"]) for g, r in per_group.items() if r["per_class"][k]["auc"] is not None]
+            gap: dict[str, Any] = {"attribute": attribute, "class": str(name), "auc_gap": None, "highest_group": None,
+                                   "highest_auc": None, "lowest_group": None, "lowest_auc": None,
+                                   "groups_compared": [g for g, _ in defined]}
+            if len(defined) >= 2:
+                hi = max(defined, key=lambda x: x[1])
+                lo = min(defined, key=lambda x: x[1])
+                gap.update(auc_gap=hi[1] - lo[1], highest_group=hi[0], highest_auc=hi[1], lowest_group=lo[0],
+                           lowest_auc=lo[1])
+            gaps.append(gap)
+    return {"attributes": list(groups), "rows": rows, "gaps": gaps}
+
+
+def plot_subgroups(subgroups: Mapping[str, Any], class_names: Sequence[str], path: str | os.PathLike) -> str:
+    """A forest plot per attribute: each finding's AUC in each group with its interval (one colour per
+    group), written atomically as a PNG at `path`; returns the path."""
+    from matplotlib import colormaps
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from hmn.durable import atomic_write
+
+    attributes = list(subgroups["attributes"])
+    k = len(class_names)
+    fig = Figure(figsize=(3.6 * max(1, len(attributes)), 1.0 + 0.42 * k), dpi=120)
+    FigureCanvasAgg(fig)
+    cmap = colormaps["tab10"]
+    for a, attribute in enumerate(attributes):
+        ax = fig.add_subplot(1, max(1, len(attributes)), a + 1)
+        rows = [r for r in subgroups["rows"] if r["attribute"] == attribute]
+        group_names = list(dict.fromkeys(r["group"] for r in rows))
+        step = 0.7 / max(1, len(group_names))
+        for gi, g in enumerate(group_names):
+            for r in rows:
+                if r["group"] != g or r["auc"] is None:
+                    continue
+                y = k - 1 - list(class_names).index(r["class"]) + 0.35 - gi * step
+                ci = r["auc_ci"]
+                if ci:
+                    ax.plot(ci, [y, y], color=cmap(gi % 10), linewidth=1)
+                ax.plot([r["auc"]], [y], marker="o", markersize=3, color=cmap(gi % 10),
+                        label=f"{g}" if r["class"] == next(x["class"] for x in rows if x["group"] == g) else None)
+        ax.axvline(0.5, color="0.6", linestyle=":", linewidth=1)
+        ax.set_yticks(range(k))
+        ax.set_yticklabels(list(class_names)[::-1] if a == 0 else [], fontsize=7)
+        ax.set_xlim(0.0, 1.0)
+        ax.set_ylim(-0.6, k - 0.2)
+        ax.set_xlabel("ROC AUC", fontsize=8)
+        ax.set_title(attribute.replace("_", " "), fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6, loc="lower left", framealpha=0.85)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write(path, lambda f: f.write(buf.getvalue()), binary=True)
