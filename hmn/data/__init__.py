@@ -25,7 +25,9 @@ from .datalist import (
 from .dataset import SkipBadFilesDataset, SkippedFilesReport, find_read_error
 from .demo import DEMO_CLASSES, make_demo_dataset
 from .folder import folder_datalist, json_datalist
+from .mimic import mimic_cxr_datalist
 from .nih import NIH_CLASSES, nih_datalist
+from .padchest import PADCHEST_CLASSES, padchest_datalist
 from .vocabulary import CANONICAL_FINDINGS, METADATA_KEYS, SOURCE_VOCABULARIES, VOCABULARY_VERSION, match_findings
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "VOCABULARY_VERSION",
     "DEMO_CLASSES",
     "NIH_CLASSES",
+    "PADCHEST_CLASSES",
     "SPLITS",
     "UNCERTAIN_POLICIES",
     "DatalistError",
@@ -51,7 +54,9 @@ __all__ = [
     "make_datalist",
     "make_demo_dataset",
     "match_findings",
+    "mimic_cxr_datalist",
     "nih_datalist",
+    "padchest_datalist",
     "patient_overlap",
     "patient_split",
     "read_datalist",

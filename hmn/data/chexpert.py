@@ -17,6 +17,7 @@ import numpy as np
 
 from .datalist import SPLITS, DatalistError, make_datalist, patient_split
 from .nih import _age_years
+from .uncertain import UNCERTAIN_POLICIES, apply_uncertainty, uncertainty_policies
 from .vocabulary import VOCABULARY_VERSION, canonical_name, normalize_sex, normalize_view
 
 __all__ = ["CHEXPERT_CLASSES", "UNCERTAIN_POLICIES", "chexpert_datalist"]
@@ -28,7 +29,6 @@ CHEXPERT_CLASSES = (
     "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
     "Fracture", "Support Devices",
 )
-UNCERTAIN_POLICIES = ("ones", "zeros", "ignore")
 _PATIENT = re.compile(r"(patient\d+)")
 
 
@@ -128,14 +128,7 @@ def chexpert_datalist(
         if not classes:
             raise DatalistError(f"{tables[0][1]}: no CheXpert observation columns found; pass classes=")
     classes = list(classes)
-    policies = {c: uncertain for c in classes} if isinstance(uncertain, str) else {c: uncertain.get(c, "ones") for c in classes}
-    if isinstance(uncertain, Mapping):
-        extra = [c for c in uncertain if c not in classes]
-        if extra:
-            raise DatalistError(f"uncertain policy given for {extra}, which are not among classes {classes}")
-    bad = {c: p for c, p in policies.items() if p not in UNCERTAIN_POLICIES}
-    if bad:
-        raise DatalistError(f"unknown uncertainty policy {bad}; accepted: {list(UNCERTAIN_POLICIES)}")
+    policies = uncertainty_policies(classes, uncertain)
     use_mask = any(p == "ignore" for p in policies.values())
     split = split or ("official" if valid_csv is not None else "patient")
     if split not in ("official", "patient"):
@@ -153,22 +146,7 @@ def chexpert_datalist(
             df = df[df["Frontal/Lateral"].astype(str).str.lower() == "frontal"]
         if df.empty:
             continue
-        values = df[classes].to_numpy(dtype=np.float64)
-        values = np.where(np.isnan(values), 0.0, values)
-        odd = ~np.isin(values, (-1.0, 0.0, 1.0))
-        if odd.any():
-            r, c = np.argwhere(odd)[0]
-            raise DatalistError(
-                f"{csv}: value {values[r, c]} in column {classes[c]!r} (row {r + 2}); accepted: 1, 0, -1 or blank"
-            )
-        labels = values.copy()
-        mask = np.ones_like(values)
-        for j, c in enumerate(classes):
-            unc = values[:, j] == -1
-            p = policies[c]
-            labels[unc, j] = 1.0 if p == "ones" else 0.0
-            if p == "ignore":
-                mask[unc, j] = 0.0
+        labels, mask = apply_uncertainty(df[classes].to_numpy(dtype=np.float64), classes, policies, csv)
         rels = df["Path"].astype(str).tolist()
         root = os.fspath(image_root) if image_root is not None else _default_root(csv, rels[0])
         base, strip_top = _image_locator(root, rels)

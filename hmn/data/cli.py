@@ -5,6 +5,10 @@
         --train-val-list train_val_list.txt --test-list test_list.txt --out nih.json
     python -m hmn datalist chexpert --train-csv CheXpert-v1.0-small/train.csv \\
         --valid-csv CheXpert-v1.0-small/valid.csv --uncertain ignore --out chexpert.json
+    python -m hmn datalist mimic-cxr --root /data/mimic-cxr-jpg/2.1.0 --labeler chexpert --uncertain ignore \\
+        --patients-csv /data/mimic-iv/hosp/patients.csv.gz --vocabulary --out mimic.json
+    python -m hmn datalist padchest --csv PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz \\
+        --images /data/padchest --physician-only --projections PA,L --vocabulary --out padchest.json
     python -m hmn datalist folder --root /data/by_class --negative-class normal --out folder.json
     python -m hmn datalist json --input dataset.json --out datalist.json
     python -m hmn demo-data --root ~/.cache/hmn/demo --n-images 900 --size 256
@@ -75,6 +79,36 @@ def _parser() -> argparse.ArgumentParser:
     chx.add_argument("--vocabulary", action="store_true", help="record the canonical finding vocabulary")
     _common(chx)
 
+    mim = sub.add_parser("mimic-cxr", help="MIMIC-CXR-JPG 2.0.0/2.1.0 tables (PhysioNet)")
+    mim.add_argument("--root", help="folder holding mimic-cxr-2.0.0-{metadata,chexpert,negbio,split}.csv(.gz)")
+    mim.add_argument("--images", help="folder holding files/ (default: --root)")
+    mim.add_argument("--labeler", choices=("chexpert", "negbio"), default="chexpert",
+                     help="whose study labels: the CheXpert labeller's (default) or NegBio's table")
+    mim.add_argument("--classes", help="comma-separated observations (default: all but 'No Finding'); "
+                                       "canonical findings with --vocabulary")
+    mim.add_argument("--uncertain", default="ones",
+                     help="policy for -1: ones, zeros or ignore; or per class as 'Atelectasis=ones,Edema=zeros'")
+    mim.add_argument("--views", help="comma-separated ViewPosition values to keep, e.g. PA,AP")
+    mim.add_argument("--split", choices=("official", "patient"), default="official",
+                     help="official: the split table (validate -> validation); patient: seeded by subject")
+    mim.add_argument("--patients-csv", help="MIMIC-IV patients.csv(.gz): age and sex of each subject")
+    mim.add_argument("--metadata-csv", help="default: mimic-cxr-2.0.0-metadata.csv(.gz) in --root")
+    mim.add_argument("--labels-csv", help="default: mimic-cxr-2.0.0-<labeler>.csv(.gz) in --root")
+    mim.add_argument("--split-csv", help="default: mimic-cxr-2.0.0-split.csv(.gz) in --root")
+    mim.add_argument("--vocabulary", action="store_true", help="canonical finding names (hmn.data.vocabulary)")
+    _common(mim)
+
+    pad = sub.add_parser("padchest", help="PadChest PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv(.gz)")
+    pad.add_argument("--csv", required=True, help="the PadChest label table")
+    pad.add_argument("--images", help="folder holding the ImageDir folders (0/, 1/, ...) or the PNGs flat; "
+                                      "default: the CSV's folder")
+    pad.add_argument("--classes", help="comma-separated PadChest labels (default: those with a canonical finding); "
+                                       "canonical findings with --vocabulary")
+    pad.add_argument("--physician-only", action="store_true", help="only rows labelled by hand (MethodLabel Physician)")
+    pad.add_argument("--projections", help="comma-separated Projection values to keep, e.g. PA,L,AP_horizontal")
+    pad.add_argument("--vocabulary", action="store_true", help="canonical finding names (hmn.data.vocabulary)")
+    _common(pad)
+
     fol = sub.add_parser("folder", help="one folder per class (optionally inside train/val/test folders)")
     fol.add_argument("--root", required=True)
     fol.add_argument("--negative-class", help="folder whose images have no finding (all-zero label)")
@@ -124,6 +158,24 @@ def datalist_main(argv: list[str]) -> int:
                 args.train_csv, args.valid_csv, args.test_csv, image_root=args.images,
                 classes=_split_list(args.classes), uncertain=_policy(args.uncertain), split=args.split,
                 fractions=args.fractions, seed=args.seed, frontal_only=args.frontal_only,
+                check_files=args.check_files, vocabulary=args.vocabulary,
+            )
+        elif args.source == "mimic-cxr":
+            from .mimic import mimic_cxr_datalist
+
+            data = mimic_cxr_datalist(
+                args.root, image_root=args.images, labeler=args.labeler, classes=_split_list(args.classes),
+                uncertain=_policy(args.uncertain), views=_split_list(args.views), split=args.split,
+                fractions=args.fractions, seed=args.seed, patients_csv=args.patients_csv,
+                metadata_csv=args.metadata_csv, labels_csv=args.labels_csv, split_csv=args.split_csv,
+                check_files=args.check_files, vocabulary=args.vocabulary,
+            )
+        elif args.source == "padchest":
+            from .padchest import padchest_datalist
+
+            data = padchest_datalist(
+                args.csv, args.images, classes=_split_list(args.classes), physician_only=args.physician_only,
+                projections=_split_list(args.projections), fractions=args.fractions, seed=args.seed,
                 check_files=args.check_files, vocabulary=args.vocabulary,
             )
         elif args.source == "folder":
