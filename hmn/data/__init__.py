@@ -28,6 +28,8 @@ from .folder import folder_datalist, json_datalist
 from .mimic import mimic_cxr_datalist
 from .nih import NIH_CLASSES, nih_datalist
 from .padchest import PADCHEST_CLASSES, padchest_datalist
+from .rsna import rsna_pneumonia_datalist
+from .vindr import VINDR_CXR_CLASSES, vindr_cxr_datalist
 from .vocabulary import CANONICAL_FINDINGS, METADATA_KEYS, SOURCE_VOCABULARIES, VOCABULARY_VERSION, match_findings
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "PADCHEST_CLASSES",
     "SPLITS",
     "UNCERTAIN_POLICIES",
+    "VINDR_CXR_CLASSES",
     "DatalistError",
     "SkipBadFilesDataset",
     "SkippedFilesReport",
@@ -60,7 +63,9 @@ __all__ = [
     "patient_overlap",
     "patient_split",
     "read_datalist",
+    "rsna_pneumonia_datalist",
     "split_entries",
     "summarize",
+    "vindr_cxr_datalist",
     "write_datalist",
 ]

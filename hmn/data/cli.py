@@ -5,6 +5,8 @@
         --train-val-list train_val_list.txt --test-list test_list.txt --out nih.json
     python -m hmn datalist chexpert --train-csv CheXpert-v1.0-small/train.csv \\
         --valid-csv CheXpert-v1.0-small/valid.csv --uncertain ignore --out chexpert.json
+    python -m hmn datalist vindr-cxr --root /data/vindr-cxr/1.0.0 --combine majority --read-metadata --out vindr.json
+    python -m hmn datalist rsna-pneumonia --labels-csv stage_2_train_labels.csv --vocabulary --out rsna.json
     python -m hmn datalist mimic-cxr --root /data/mimic-cxr-jpg/2.1.0 --labeler chexpert --uncertain ignore \\
         --patients-csv /data/mimic-iv/hosp/patients.csv.gz --vocabulary --out mimic.json
     python -m hmn datalist padchest --csv PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv.gz \\
@@ -78,6 +80,35 @@ def _parser() -> argparse.ArgumentParser:
     chx.add_argument("--frontal-only", action="store_true")
     chx.add_argument("--vocabulary", action="store_true", help="record the canonical finding vocabulary")
     _common(chx)
+
+    vdr = sub.add_parser("vindr-cxr", help="VinDr-CXR 1.0.0 annotations/image_labels_{train,test}.csv (PhysioNet)")
+    vdr.add_argument("--root", required=True, help="the release's folder, holding annotations/, train/ and test/")
+    vdr.add_argument("--train-csv", help="default: <root>/annotations/image_labels_train.csv")
+    vdr.add_argument("--test-csv", help="default: <root>/annotations/image_labels_test.csv")
+    vdr.add_argument("--images", help="folder holding train/ and test/ (default: --root)")
+    vdr.add_argument("--classes", help="comma-separated labels (default: all but 'No finding'); "
+                                       "canonical findings with --vocabulary")
+    vdr.add_argument("--combine", default="majority",
+                     help="how the 3 radiologists of a training image are combined: majority (default), any or all")
+    vdr.add_argument("--readers", type=int, default=3, help="reader rows expected per training image (default 3)")
+    vdr.add_argument("--val-fraction", type=float, default=0.1, help="share of the training images for validation")
+    vdr.add_argument("--extension", default=".dicom", help="image file extension (default .dicom)")
+    vdr.add_argument("--vocabulary", action="store_true", help="canonical finding names (hmn.data.vocabulary)")
+    vdr.add_argument("--read-metadata", action="store_true", help="age, sex, view from the DICOM headers")
+    vdr.add_argument("--out", required=True, help="datalist JSON to write")
+    vdr.add_argument("--seed", type=int, default=0, help="seed of the validation carve (default 0)")
+    vdr.add_argument("--no-check-files", dest="check_files", action="store_false",
+                     help="write the datalist even if image files are missing")
+
+    rsna = sub.add_parser("rsna-pneumonia", help="RSNA Pneumonia Detection stage_2_train_labels.csv (Kaggle)")
+    rsna.add_argument("--labels-csv", required=True, help="stage_2_train_labels.csv")
+    rsna.add_argument("--class-info-csv", help="stage_2_detailed_class_info.csv (checked against Target)")
+    rsna.add_argument("--images", help="folder of <patientId>.dcm (default: stage_2_train_images beside the CSV)")
+    rsna.add_argument("--include-not-normal", action="store_true",
+                      help="add the class 'No Lung Opacity / Not Normal' (needs --class-info-csv)")
+    rsna.add_argument("--vocabulary", action="store_true", help="record the canonical vocabulary (hmn.data.vocabulary)")
+    rsna.add_argument("--read-metadata", action="store_true", help="age, sex, view from the DICOM headers")
+    _common(rsna)
 
     mim = sub.add_parser("mimic-cxr", help="MIMIC-CXR-JPG 2.0.0/2.1.0 tables (PhysioNet)")
     mim.add_argument("--root", help="folder holding mimic-cxr-2.0.0-{metadata,chexpert,negbio,split}.csv(.gz)")
@@ -159,6 +190,23 @@ def datalist_main(argv: list[str]) -> int:
                 classes=_split_list(args.classes), uncertain=_policy(args.uncertain), split=args.split,
                 fractions=args.fractions, seed=args.seed, frontal_only=args.frontal_only,
                 check_files=args.check_files, vocabulary=args.vocabulary,
+            )
+        elif args.source == "vindr-cxr":
+            from .vindr import vindr_cxr_datalist
+
+            data = vindr_cxr_datalist(
+                args.root, args.train_csv, args.test_csv, image_root=args.images,
+                classes=_split_list(args.classes), combine=args.combine, readers=args.readers,
+                val_fraction=args.val_fraction, seed=args.seed, extension=args.extension,
+                vocabulary=args.vocabulary, read_metadata=args.read_metadata, check_files=args.check_files,
+            )
+        elif args.source == "rsna-pneumonia":
+            from .rsna import rsna_pneumonia_datalist
+
+            data = rsna_pneumonia_datalist(
+                args.labels_csv, args.images, class_info_csv=args.class_info_csv,
+                include_not_normal=args.include_not_normal, fractions=args.fractions, seed=args.seed,
+                vocabulary=args.vocabulary, read_metadata=args.read_metadata, check_files=args.check_files,
             )
         elif args.source == "mimic-cxr":
             from .mimic import mimic_cxr_datalist
