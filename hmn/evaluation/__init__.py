@@ -9,6 +9,9 @@ confidence intervals, operating thresholds, and the report files a paper needs.
 * :mod:`hmn.evaluation.subgroups` -> metrics by sex, age band and view, with the largest gap per finding.
 * :func:`write_report` -> ``metrics.json``, ``metrics.csv``, ``predictions.csv``, ``roc.png``; the
   exact contents of each file are described in :mod:`hmn.evaluation.report`.
+* :func:`compare_predictions` -> two models' per-class AUCs on the same images: DeLong's test
+  (:func:`delong_test`) and a paired bootstrap (:func:`paired_bootstrap`); :func:`write_comparison` writes
+  ``comparison.json``, ``comparison.csv``, ``comparison.png`` (``python -m hmn compare``).
 
 The bundles' ``evaluate.json`` uses them through :class:`hmn.handlers.EvaluationReportHandler`.
 """
@@ -16,6 +19,16 @@ The bundles' ``evaluate.json`` uses them through :class:`hmn.handlers.Evaluation
 from __future__ import annotations
 
 from .calibration import apply_temperature, fit_temperature, load_temperatures
+from .compare import (
+    COMPARISON_COLUMNS,
+    DeLongResult,
+    PairedBootstrapResult,
+    compare_predictions,
+    delong_test,
+    paired_bootstrap,
+    read_predictions,
+    write_comparison,
+)
 from .metrics import (
     THRESHOLD_METHODS,
     compute_report,
@@ -28,19 +41,27 @@ from .metrics import (
 from .report import METRICS_COLUMNS, REPORT_FILES, atomic_write, plot_roc, write_report
 
 __all__ = [
+    "COMPARISON_COLUMNS",
+    "DeLongResult",
     "METRICS_COLUMNS",
+    "PairedBootstrapResult",
     "REPORT_FILES",
     "THRESHOLD_METHODS",
     "apply_temperature",
     "atomic_write",
+    "compare_predictions",
     "compute_report",
+    "delong_test",
     "fit_temperature",
     "load_temperatures",
     "load_thresholds",
     "macro_auc",
     "operating_points",
+    "paired_bootstrap",
     "plot_roc",
+    "read_predictions",
     "select_thresholds",
     "weighted_auc_ap",
+    "write_comparison",
     "write_report",
 ]
