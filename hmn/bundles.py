@@ -97,7 +97,8 @@ _CHECK_VAL = "$hmn.training.check_validation_split(@validate#dataset#data, @clas
 _EVAL_RUN = [
     "$hmn.runs.check_model_file(@ckpt_dir, @model_sha256)",
     "$hmn.runs.check_run_record(@ckpt_dir, @model_settings, @use_run_record)",
-    "$hmn.runs.check_classes(@class_names, hmn.training.class_names(@datalist), @datalist)",
+    # the datalist's classes are the model's, or (findings "shared") paired with them by finding
+    "$@finding_match",
     "$@validate#evaluator.run()",
 ]
 _INFER_RUN = ["$hmn.runs.check_model_file(@ckpt_dir, @model_sha256)",
@@ -334,6 +335,7 @@ def train_config(name: str) -> dict:
             "$import hmn",
             "$import hmn.bundles",
             "$import hmn.checkpoints",
+            "$import hmn.evaluation.external",
             "$import hmn.data",
             "$import hmn.data.cli",
             "$import hmn.handlers",
@@ -355,6 +357,8 @@ def train_config(name: str) -> dict:
         # a packed bundle names its model.pt here (sha256); evaluation and inference refuse other weights
         "model_sha256": "",
         "class_names": _trained("class_names", "hmn.training.class_names(@datalist)"),
+        # how the class names read in the finding vocabulary (hmn.data.vocabulary): the datalist's source
+        "label_vocabulary": _trained("label_vocabulary", "hmn.evaluation.external.datalist_vocabulary(@datalist)"),
         "num_classes": "$len(@class_names)",
         "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "seed": _trained("seed", "0"),
@@ -557,12 +561,19 @@ def evaluate_config(name: str) -> dict:
         "pretrained": False,
         "thresholds": "youden",
         "n_bootstrap": 1000,
+        # "none", or the metrics.json of an evaluation on the validation split: its fitted temperatures
+        "temperature": "none",
+        # "same": the datalist has the model's classes; "shared": evaluate the findings both name (external
+        # validation through hmn.data.vocabulary)
+        "findings": "same",
+        "label_vocabulary": _trained("label_vocabulary", "None"),
+        "finding_match": "$hmn.evaluation.external.match_for_evaluation(@class_names, @datalist, @findings, @label_vocabulary)",
         "validate#dataset#data": "$hmn.data.load_datalist(@datalist, @eval_split)",
         "validate#postprocessing": {"_target_": "Compose", "transforms": []},
         "validate#key_metric": {
             "test_auc": {
                 "_target_": "hmn.handlers.MacroROCAUC",
-                "output_transform": "$lambda out: hmn.handlers.stack_pred_label(out, @num_classes)",
+                "output_transform": "$lambda out: hmn.handlers.stack_pred_label(out, @num_classes, @finding_match)",
             }
         },
         "validate#handlers": [
@@ -575,6 +586,9 @@ def evaluate_config(name: str) -> dict:
                 "thresholds": "@thresholds",
                 "n_bootstrap": "@n_bootstrap",
                 "num_classes": "@num_classes",
+                "metadata": "$hmn.data.datalist_metadata(@datalist, @eval_split)",
+                "temperature": "@temperature",
+                "finding_match": "@finding_match",
             },
         ],
         "initialize": ["$hmn.bundles.install_error_summary()", "$hmn.bundles.check_overrides()",
@@ -599,6 +613,7 @@ def inference_config(name: str) -> dict:
         "use_run_record": True,
         "model_sha256": "",
         "class_names": _trained("class_names", repr(list(DEMO_CLASSES))),
+        "label_vocabulary": _trained("label_vocabulary", "None"),
         "num_classes": "$len(@class_names)",
         "device": train["device"],
         "image_size": train["image_size"],

@@ -125,14 +125,19 @@ class _PredictionReader:
         return expit(pred) if self.apply_sigmoid else pred
 
 
-def stack_pred_label(output: Any, num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_pred_label(
+    output: Any, num_classes: int | None = None, finding_match: Mapping[str, Any] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pred, label)`` as two ``N x K`` float tensors from an evaluator's output (a list of per-image
     dicts, or one batched dict), keeping the first `num_classes` columns; the output transform of
-    :class:`MacroROCAUC` in the bundles."""
+    :class:`MacroROCAUC` in the bundles. With a `finding_match` (:func:`hmn.evaluation.external.match_for_evaluation`)
+    the prediction columns ``model_index`` are paired with the label columns ``data_index``."""
     if isinstance(output, Mapping):
         output = decollate_batch(dict(output), detach=True)
     preds = torch.stack([torch.as_tensor(o["pred"]).reshape(-1) for o in output]).float()
     labels = torch.stack([torch.as_tensor(o["label"]).reshape(-1) for o in output]).float()
+    if finding_match:
+        return preds[:, list(finding_match["model_index"])], labels[:, list(finding_match["data_index"])]
     if num_classes is not None:
         preds, labels = preds[:, : int(num_classes)], labels[:, : int(num_classes)]
     return preds, labels
@@ -203,6 +208,13 @@ class EvaluationReportHandler:
         num_classes: use only the first `num_classes` prediction (and label) values, for networks that
             output more (the hierarchical head's fine logits followed by coarse logits).
         metric_prefix: prefix of the names put into ``engine.state.metrics``.
+        metadata: ``{image path: {"age", "sex", "view"}}`` (:func:`hmn.data.datalist_metadata`): the
+            predictions CSV gets those columns and the report its subgroup section. None: neither.
+        temperature: ``None``/``""``/``"none"``, or the path of a ``metrics.json`` (the validation split's)
+            whose fitted per-finding temperatures are applied to the probabilities before everything else
+            (:mod:`hmn.evaluation.calibration`).
+        finding_match: for a datalist with other classes than the model's, the pairing of
+            :func:`hmn.evaluation.external.match_for_evaluation`; the report is then over the shared findings.
     """
 
     def __init__(
@@ -222,8 +234,19 @@ class EvaluationReportHandler:
         apply_sigmoid: bool = True,
         num_classes: int | None = None,
         metric_prefix: str = "",
+        metadata: Mapping[str, Mapping[str, Any]] | None = None,
+        temperature: str | os.PathLike | None = None,
+        finding_match: Mapping[str, Any] | None = None,
     ) -> None:
         self.reader = _PredictionReader(class_names, pred_key, apply_sigmoid, num_classes)
+        self.metadata = dict(metadata) if metadata else None
+        self.temperature = None if temperature in (None, "", "none", "None") else os.fspath(temperature)
+        if self.temperature is not None and not os.path.isfile(self.temperature):
+            raise FileNotFoundError(
+                f"temperature={self.temperature!r}: no such file; give the metrics.json of an evaluation on the "
+                "validation split (its calibration section holds the fitted temperatures), or 'none'"
+            )
+        self.finding_match = dict(finding_match) if finding_match else None
         self.class_names = self.reader.class_names
         self.output_dir = os.fspath(output_dir)
         self.label_key, self.image_key, self.mask_key, self.error_key = label_key, image_key, mask_key, error_key
@@ -259,11 +282,14 @@ class EvaluationReportHandler:
             )
         k = len(self.class_names)
         y = _vector(label)
-        if self.reader.num_classes is not None:
+        if self.finding_match:
+            k = int(self.finding_match["n_data_classes"])
+        elif self.reader.num_classes is not None:
             y = y[:k]
         if y.size != k:
             raise ValueError(
-                f"the label of {image} has {y.size} values but there are {k} class_names {self.class_names}"
+                f"the label of {image} has {y.size} values but there are {k} "
+                + ("class_names in the datalist" if self.finding_match else f"class_names {self.class_names}")
             )
         if self.mask_key:
             mask = next((i[self.mask_key] for i in items if i is not None and i.get(self.mask_key) is not None), None)
@@ -315,19 +341,38 @@ class EvaluationReportHandler:
         if gathered is None:
             return None
         probs, labels, images, skipped = gathered
+        names = self.class_names
+        if self.finding_match:
+            probs = probs[:, list(self.finding_match["model_index"])]
+            labels = labels[:, list(self.finding_match["data_index"])]
+            names = [c["finding"] for c in self.finding_match["compared"]]
+        temps, raw = None, None
+        if self.temperature is not None:
+            from hmn.evaluation import apply_temperature, load_temperatures
+
+            temps, raw = load_temperatures(self.temperature, names), probs
+            probs = apply_temperature(probs, temps)
+            logger.info("temperatures from %s applied: %s", self.temperature,
+                        ", ".join(f"{n} {t:.3g}" for n, t in zip(names, temps) if np.isfinite(t)))
         if skipped:
             logger.warning("%d images were left out of the evaluation report (unreadable): %s",
                            len(skipped), "; ".join(s["error"] for s in skipped[:5]))
         if not images:
             logger.warning("no images were evaluated; no report written to %s", self.output_dir)
             return None
+        from hmn.evaluation.subgroups import groups_from_metadata
+
         report = compute_report(
-            probs, labels, self.class_names, thresholds=self.thresholds, fixed_threshold=self.fixed_threshold,
+            probs, labels, names, thresholds=self.thresholds, fixed_threshold=self.fixed_threshold,
             n_bootstrap=self.n_bootstrap, ci=self.ci, seed=self.seed,
+            groups=groups_from_metadata(images, self.metadata), temperatures=temps,
+            temperatures_from=self.temperature, uncalibrated=raw,
         )
+        if self.finding_match:
+            report["findings"] = {k: v for k, v in self.finding_match.items() if k not in ("model_index", "data_index")}
         if skipped:
             report["skipped_images"] = skipped
-        self.paths = write_report(report, probs, labels, images, self.class_names, self.output_dir)
+        self.paths = write_report(report, probs, labels, images, names, self.output_dir, metadata=self.metadata)
         self.report = report
         macro, micro = report["macro"], report["micro"]
         if engine is not None:

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 RUN_RECORD = "run.json"
 MODEL_SETTINGS = ("class_names", "in_channels", "image_size", "voi", "aspect", "backbone", "backbone_options",
                   "attention", "fpn_channels", "fusion_channels", "num_heads", "context_size", "dropout",
-                  "hierarchical", "num_coarse_classes")
+                  "hierarchical", "num_coarse_classes", "label_vocabulary")
 SCHEDULE_SETTINGS = ("datalist", "max_epochs", "batch_size", "learning_rate", "weight_decay", "warmup_epochs",
                      "accumulation_steps", "seed", "pretrained")
 # settings whose change makes the weights mean something else or not fit: refused, never honoured

@@ -21,7 +21,9 @@ Finding": an all-zero label). Synthetic patients have one to five images each, s
 and their heart size; the splits are patient-wise. Files are real: a mix of DICOM (MONOCHROME1 and
 MONOCHROME2, 12 to 16 bits stored, with rescale slope/intercept and a window) and 8- or 16-bit PNG,
 with a datalist JSON in this project's format (:mod:`hmn.data.datalist`) whose ``class_names`` is
-:data:`DEMO_CLASSES`.
+:data:`DEMO_CLASSES`. Each entry also carries made-up metadata drawn independently of the images and
+findings (a synthetic patient's ``sex`` and ``age``, each image's ``view``, PA or AP), so that the
+evaluation report's subgroup tables can be tried on the demo; any gap they show is chance.
 
 Public entry points:
 
@@ -51,7 +53,7 @@ __all__ = ["DEMO_CLASSES", "DEMO_VERSION", "make_demo_dataset", "render_phantom"
 logger = logging.getLogger(__name__)
 
 DEMO_CLASSES = ("Cardiomegaly", "Effusion", "Mass", "Nodule", "Pneumothorax")
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: synthetic age, sex and view in the datalist (the images are those of version 1)
 _PREVALENCE = {"Effusion": 0.2, "Mass": 0.18, "Nodule": 0.22, "Pneumothorax": 0.18}
 _P_CARDIOMEGALY = 0.25
 _FORMATS = ("dicom_mono1", "dicom_mono2", "png16", "png8")
@@ -534,6 +536,9 @@ def _make_patient(task: tuple) -> tuple[list[dict], list[dict]]:
     seed, p, count, image_size, img_dir = task
     pid = f"P{p:05d}"
     prng = np.random.default_rng([seed, p, 0])
+    # metadata from streams of their own, so the images and findings stay those of demo version 1
+    mrng = np.random.default_rng([seed, p, 1_000_000])
+    sex, age = ("F", "M")[int(mrng.integers(2))], int(mrng.integers(18, 91))
     cardio = bool(prng.random() < _P_CARDIOMEGALY)
     anatomy = PatientAnatomy.draw(prng, cardio)
     entries, rows = [], []
@@ -550,7 +555,8 @@ def _make_patient(task: tuple) -> tuple[list[dict], list[dict]]:
         else:
             _write_png(path, img, irng, fmt == "png16")
         label = [int((c == "Cardiomegaly" and cardio) or c in present) for c in DEMO_CLASSES]
-        entries.append({"image": path, "label": label, "patient_id": pid})
+        view = ("PA", "AP")[int(np.random.default_rng([seed, p, 1_000_001 + k]).random() < 0.35)]
+        entries.append({"image": path, "label": label, "patient_id": pid, "age": age, "sex": sex, "view": view})
         rows.append({"image": f"images/{name}", "patient_id": pid, "format": fmt,
                      **dict(zip(DEMO_CLASSES, label)), **details})
     return entries, rows

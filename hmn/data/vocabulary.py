@@ -187,6 +187,9 @@ SOURCE_VOCABULARIES: dict[str, dict[str, str | None]] = {
         "Other disease": None,
         "Other diseases": None,
     },
+    # the built-in synthetic demo (hmn.data.demo) names its findings as ChestX-ray14 does
+    "hmn-demo-synthetic": {"Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural Effusion", "Mass": "Mass",
+                           "Nodule": "Nodule", "Pneumothorax": "Pneumothorax"},
     # RSNA Pneumonia Detection: Target 1 (a "Lung Opacity" box, the challenge's evidence of pneumonia)
     "rsna-pneumonia": {"Pneumonia": "Pneumonia"},
 }

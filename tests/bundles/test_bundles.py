@@ -416,11 +416,21 @@ def test_evaluation_report_files(trained, demo_datalist):
     _run(_bundle_cmd("evaluating", _configs("convnext_tiny", "train", "evaluate"), "--datalist", demo_datalist,
                      "--bundle_root", str(trained), "--n_bootstrap", "200", *SMALL))
     out = trained / "runs" / "eval"
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.csv", "metrics.json", "predictions.csv", "roc.png"]
-    test = load_datalist(demo_datalist, "test")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "calibration.csv", "metrics.csv", "metrics.json", "operating_points.csv", "predictions.csv", "reliability.png",
+        "roc.png", "subgroup_gaps.csv", "subgroups.csv", "subgroups.png"]
+    test = load_datalist(demo_datalist, "test", metadata=True)
     classes = json.load(open(demo_datalist))["class_names"]
     preds = _read_csv(out / "predictions.csv")
     assert sorted(r["image"] for r in preds) == sorted(e["image"] for e in test)
+    # the datalist's (synthetic) metadata reaches the predictions and the subgroup tables
+    meta = {e["image"]: e for e in test}
+    for r in preds:
+        assert (int(float(r["age"])), r["sex"], r["view"]) == tuple(meta[r["image"]][k] for k in ("age", "sex", "view"))
+    sub = _read_csv(out / "subgroups.csv")
+    women = [r for r in preds if r["sex"] == "F"]
+    row = next(x for x in sub if (x["attribute"], x["group"], x["class"]) == ("sex", "F", classes[0]))
+    assert int(row["n"]) == len(women) and int(row["positives"]) == sum(float(r[f"{classes[0]}_label"]) == 1 for r in women)
     by_image = {e["image"]: e["label"] for e in test}
     for r in preds:
         assert [int(float(r[f"{c}_label"])) for c in classes] == by_image[r["image"]]
@@ -469,6 +479,78 @@ def test_thresholds_chosen_on_validation_are_applied_to_test(trained, demo_datal
         tp = sum(float(r[f"{name}_prob"]) >= t and float(r[f"{name}_label"]) == 1 for r in known)
         fp = sum(float(r[f"{name}_prob"]) >= t and float(r[f"{name}_label"]) == 0 for r in known)
         assert (c["tp"], c["fp"]) == (tp, fp), name
+
+
+def test_temperature_fitted_on_validation_is_applied_to_test(trained, demo_datalist):
+    """Temperature scaling as the bundle docs give it: fitted on the validation split's report, applied to
+    the test split's probabilities (AUC unchanged, probabilities sigmoid(logit(p) / T))."""
+    from scipy.special import expit, logit
+
+    cmd = _bundle_cmd("evaluating", _configs("convnext_tiny", "train", "evaluate"), "--datalist", demo_datalist,
+                      "--bundle_root", str(trained), "--n_bootstrap", "0", *SMALL)
+    val_dir, raw_dir, cal_dir = (trained / "runs" / d for d in ("t_val", "t_raw", "t_cal"))
+    _run(cmd + ["--eval_split", "validation", "--eval_dir", str(val_dir)])
+    _run(cmd + ["--eval_dir", str(raw_dir)])
+    _run(cmd + ["--temperature", str(val_dir / "metrics.json"), "--eval_dir", str(cal_dir)])
+    fitted = {c["class"]: c["temperature_fitted"] for c in json.load(open(val_dir / "metrics.json"))["calibration"]["per_class"]}
+    cal = json.load(open(cal_dir / "metrics.json"))
+    assert cal["calibration"]["temperature_applied_from"] == str(val_dir / "metrics.json")
+    assert {c["class"]: c["temperature_applied"] for c in cal["calibration"]["per_class"]} == fitted
+    raw = {r["image"]: r for r in _read_csv(raw_dir / "predictions.csv")}
+    done = 0
+    for r in _read_csv(cal_dir / "predictions.csv"):
+        for c, t in fitted.items():
+            if t is not None:
+                want = expit(logit(np.clip(float(raw[r["image"]][f"{c}_prob"]), 1e-12, 1 - 1e-12)) / t)
+                assert float(r[f"{c}_prob"]) == pytest.approx(want, rel=1e-9, abs=1e-12)
+                done += 1
+    assert done
+    raw_auc = {c["class"]: c["auc"] for c in json.load(open(raw_dir / "metrics.json"))["per_class"]}
+    for c in cal["per_class"]:
+        assert c["auc"] == pytest.approx(raw_auc[c["class"]], abs=1e-12) if c["auc"] is not None else raw_auc[c["class"]] is None
+
+
+def test_external_validation_on_a_datalist_with_other_classes(trained, demo_datalist, tmp_path):
+    """A model evaluated on another source's datalist: refused by default, the shared findings compared with
+    --findings shared (demo 'Effusion' is CheXpert's 'Pleural Effusion'), the rest named in the report."""
+    from sklearn.metrics import roc_auc_score
+
+    data = json.load(open(demo_datalist))
+    demo = data["class_names"]
+    other = ["Fracture", "Pleural Effusion", "Cardiomegaly"]  # CheXpert names, another order, one unshared
+    base = os.path.dirname(demo_datalist)
+    rng = np.random.default_rng(0)
+    test = [{**e, "image": os.path.join(base, e["image"]),
+             "label": [int(rng.integers(2)), e["label"][demo.index("Effusion")], e["label"][demo.index("Cardiomegaly")]]}
+            for e in data["test"]]
+    path = tmp_path / "chexpert_like.json"
+    path.write_text(json.dumps({"class_names": other, "source": "chexpert", "training": [], "validation": [], "test": test}))
+    cmd = _bundle_cmd("evaluating", _configs("convnext_tiny", "train", "evaluate"), "--datalist", str(path),
+                      "--bundle_root", str(trained), "--n_bootstrap", "0", *SMALL)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    refused = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "--findings shared" in refused.stderr
+    out = tmp_path / "external"
+    _run(cmd + ["--findings", "shared", "--eval_dir", str(out)])
+    report = json.load(open(out / "metrics.json"))
+    assert report["class_names"] == ["Cardiomegaly", "Pleural Effusion"]  # in the model's output order
+    assert report["findings"]["compared"] == [
+        {"finding": "Cardiomegaly", "model_class": "Cardiomegaly", "data_class": "Cardiomegaly"},
+        {"finding": "Pleural Effusion", "model_class": "Effusion", "data_class": "Pleural Effusion"}]
+    assert set(report["findings"]["model_only"]) == {"Mass", "Nodule", "Pneumothorax"}
+    assert report["findings"]["data_only"] == ["Fracture"]
+    # the predictions paired with the right labels: the same AUC as the model's own report on the demo labels
+    own = _read_csv(trained / "runs" / "t_raw" / "predictions.csv") if (trained / "runs" / "t_raw").exists() else None
+    preds = _read_csv(out / "predictions.csv")
+    truth = {os.path.normpath(e["image"]): e["label"] for e in test}
+    y = np.array([truth[os.path.normpath(r["image"])][1] for r in preds])
+    assert [float(r["Pleural Effusion_label"]) for r in preds] == list(y)
+    p = np.array([float(r["Pleural Effusion_prob"]) for r in preds])
+    if 0 < y.sum() < len(y):
+        assert report["per_class"][1]["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    if own is not None:
+        by = {os.path.normpath(r["image"]): float(r["Effusion_prob"]) for r in own}
+        assert [by[os.path.normpath(r["image"])] for r in preds] == pytest.approx(list(p), abs=1e-6)
 
 
 def test_inference_csv_rows_and_bad_file(trained, demo_datalist, tmp_path):
