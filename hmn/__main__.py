@@ -13,7 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "bundles": ("hmn.bundles:main", "write (or --check) the MONAI bundles under bundles/ from the template"),
     "pack-bundle": ("hmn.bundles:pack_main", "zip a bundle with its trained models/model.pt for sharing"),
-    "datalist": ("hmn.data.cli:datalist_main", "write a datalist JSON from NIH / CheXpert CSVs, class folders or a MONAI JSON"),
+    "datalist": ("hmn.data.cli:datalist_main", "write a datalist JSON from NIH, CheXpert, MIMIC-CXR, PadChest, VinDr-CXR, RSNA tables, class folders or a MONAI JSON"),
     "demo-data": ("hmn.data.cli:demo_main", "write (or reuse) the synthetic demo chest-radiograph dataset"),
     "compare": ("hmn.evaluation.compare:compare_main",
                 "compare two models' per-class ROC AUCs from their predictions.csv (DeLong test, paired bootstrap)"),

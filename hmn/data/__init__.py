@@ -1,8 +1,10 @@
-"""Datalists (NIH ChestX-ray14, CheXpert, folder per class, MONAI JSON), patient-wise splits, the synthetic
-demo dataset, and a dataset wrapper that skips unreadable files.
+"""Datalists (NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG, PadChest, VinDr-CXR, RSNA Pneumonia, folder per class,
+MONAI JSON), one finding vocabulary across them (:mod:`hmn.data.vocabulary`), patient-wise splits, the
+synthetic demo dataset, and a dataset wrapper that skips unreadable files.
 
 Every builder returns MONAI's datalist form with the class names beside the splits:
-``{"class_names": [...], "training": [{"image", "label" (multi-hot), "patient_id"}], "validation": [...], "test": [...]}``.
+``{"class_names": [...], "training": [{"image", "label" (multi-hot), "patient_id"}], "validation": [...], "test": [...]}``;
+entries may also carry ``age``, ``sex`` and ``view`` (:data:`~hmn.data.vocabulary.METADATA_KEYS`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .datalist import SPLITS, DatalistError, make_datalist, patient_split
-from .nih import _age_years
+from .dicom_metadata import parse_dicom_age
 from .uncertain import UNCERTAIN_POLICIES, apply_uncertainty, uncertainty_policies
 from .vocabulary import VOCABULARY_VERSION, canonical_name, normalize_sex, normalize_view
 
@@ -186,9 +186,9 @@ def _metadata(df) -> list[dict]:
 
     out = []
     for a, s, fl, appa in zip(col("Age"), col("Sex"), col("Frontal/Lateral"), col("AP/PA")):
-        age = None if a is None else _age_years(a)
+        age = parse_dicom_age(a)
         lateral = isinstance(fl, str) and fl.strip().lower() == "lateral"
-        m = {"age": (int(age) if age is not None and float(age).is_integer() else age), "sex": normalize_sex(s),
+        m = {"age": age if age is not None and age >= 0 else None, "sex": normalize_sex(s),
              "view": "LATERAL" if lateral else normalize_view(appa)}
         out.append({k: v for k, v in m.items() if v is not None})
     return out

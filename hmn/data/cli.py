@@ -169,7 +169,8 @@ def _policy(text: str):
 
 
 def datalist_main(argv: list[str]) -> int:
-    """``python -m hmn datalist {nih,chexpert,folder,json} ...``: writes a datalist and prints its counts."""
+    """``python -m hmn datalist {nih,chexpert,mimic-cxr,padchest,vindr-cxr,rsna-pneumonia,folder,json} ...``: writes
+    a datalist and prints its counts."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     try:

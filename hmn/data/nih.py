@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .datalist import SPLITS, DatalistError, make_datalist, patient_split
+from .dicom_metadata import parse_dicom_age
 from .vocabulary import VOCABULARY_VERSION, canonical_name, normalize_sex, normalize_view
 
 __all__ = ["NIH_CLASSES", "nih_datalist", "read_nih_table"]
@@ -153,20 +154,6 @@ def nih_datalist(
     return make_datalist(out, classes, source="nih-chestxray14")
 
 
-def _age_years(value) -> float | None:
-    """Age in years from a number or a DICOM age string (``"057Y"``, ``"006M"``, ``"010W"``, ``"020D"``)."""
-    text = str(value).strip().upper()
-    if not text or text == "NAN":
-        return None
-    units = {"Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
-    scale = units.get(text[-1]) if text[-1].isalpha() else 1.0
-    try:
-        years = float(text[:-1] if text[-1].isalpha() else text) * (scale if scale is not None else float("nan"))
-    except ValueError:
-        return None
-    return years if years == years and years >= 0 else None
-
-
 def _metadata(df) -> list[dict]:
     """Per row: ``age``, ``sex``, ``view`` (each left out when the table lacks it or the value is blank)."""
     n = len(df)
@@ -175,8 +162,9 @@ def _metadata(df) -> list[dict]:
     views = df["View Position"].tolist() if "View Position" in df.columns else [None] * n
     out = []
     for a, s, v in zip(ages, sexes, views):
-        m = {"age": None if a is None else _age_years(a), "sex": normalize_sex(s), "view": normalize_view(v)}
-        out.append({k: (int(x) if k == "age" and float(x).is_integer() else x) for k, x in m.items() if x is not None})
+        age = parse_dicom_age(a)
+        m = {"age": age if age is not None and age >= 0 else None, "sex": normalize_sex(s), "view": normalize_view(v)}
+        out.append({k: x for k, x in m.items() if x is not None})
     return out
 
 

@@ -191,7 +191,7 @@ SOURCE_VOCABULARIES: dict[str, dict[str, str | None]] = {
     "hmn-demo-synthetic": {"Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural Effusion", "Mass": "Mass",
                            "Nodule": "Nodule", "Pneumothorax": "Pneumothorax"},
     # RSNA Pneumonia Detection: Target 1 (a "Lung Opacity" box, the challenge's evidence of pneumonia)
-    "rsna-pneumonia": {"Pneumonia": "Pneumonia"},
+    "rsna-pneumonia": {"Pneumonia": "Pneumonia", "No Lung Opacity / Not Normal": None},
 }
 
 METADATA_KEYS = ("age", "sex", "view")
