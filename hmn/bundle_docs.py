@@ -148,6 +148,25 @@ Operating thresholds are Youden's on the evaluated split by default (`--threshol
     python -m monai.bundle run evaluating --config_file "['{cfg}/train.json','{cfg}/evaluate.json']" \\
         --thresholds {root}/runs/eval_validation/metrics.json
 
+The validation report also holds per-finding temperatures fitted to its probabilities (temperature scaling,
+Guo et al. 2017); `--temperature {root}/runs/eval_validation/metrics.json` applies them to the test split
+before everything else (ROC AUC unchanged; calibration, thresholds' operating points and the
+probabilities in `predictions.csv` change). Both options can be given together.
+
+External validation: a model evaluated on another source's datalist (e.g. trained on ChestX-ray14, tested on
+CheXpert) is refused while the class names differ; `--findings shared` pairs the model's outputs with the
+datalist's label columns through the finding vocabulary (`hmn.data.vocabulary`: NIH `Effusion` is CheXpert's
+`Pleural Effusion`; CheXpert's `Pleural Other` is not `Pleural Thickening`), evaluates those findings and
+names the classes of either side left out in `metrics.json` (`findings`):
+
+    python -m hmn datalist chexpert --train-csv CheXpert-v1.0-small/train.csv \
+        --valid-csv CheXpert-v1.0-small/valid.csv --vocabulary --out chexpert.json
+    python -m monai.bundle run evaluating --config_file "['{cfg}/train.json','{cfg}/evaluate.json']" \
+        --datalist chexpert.json --eval_split validation --findings shared --eval_dir {root}/runs/eval_chexpert
+
+Compare two models' predictions on the same images (per-finding ROC AUC difference, DeLong's test and a
+paired bootstrap): `python -m hmn compare A/predictions.csv B/predictions.csv --out comparison/`.
+
 Predict over a folder (searched recursively; DICOM, PNG, JPEG) or a datalist JSON:
 
     python -m monai.bundle run inference --config_file {cfg}/inference.json \\
@@ -194,8 +213,25 @@ Evaluation, in `runs/eval/`:
 - `metrics.csv`: the same, one row per class plus `macro` and `micro` rows; columns `class, n,
   positives, auc, auc_ci_low, auc_ci_high, average_precision, ap_ci_low, ap_ci_high, threshold,
   sensitivity, specificity, ppv, npv`.
-- `predictions.csv`: one row per test image: `image`, then `<class>_prob` and `<class>_label` for each class.
+- `predictions.csv`: one row per test image: `image`; `age`, `sex`, `view` when the datalist carries them
+  (empty where unknown); then `<class>_prob` and `<class>_label` for each class.
 - `roc.png`: ROC curves per class and micro-averaged, with AUCs in the legend.
+- `operating_points.csv`: columns `class, target, target_value, threshold, sensitivity, specificity`: the
+  highest sensitivity at a specificity of at least 0.90 and 0.95 (`target` `specificity`), and the highest
+  specificity at a sensitivity of at least 0.90 and 0.95 (`target` `sensitivity`), thresholds fitted on the
+  evaluated split.
+- `calibration.csv`: columns `class, n, ece, mce, brier, temperature_applied, temperature_fitted,
+  ece_before_temperature` (expected and maximum calibration error over 10 equal-width bins, Brier score,
+  the temperature applied with `--temperature`, the one fitted on this split, the ECE before the applied
+  one), then a `macro` row; `reliability.png`: a reliability diagram per finding.
+- With metadata in the datalist (age, sex, view; the public-source builders and the demo write them):
+  `subgroups.csv`, columns `attribute, group, class, n, positives, auc, auc_ci_low, auc_ci_high,
+  average_precision, ap_ci_low, ap_ci_high, threshold, sensitivity, specificity` per `sex`, `age_band`
+  (0-19, 20-39, 40-59, 60-79, 80+) and `view` group, at the whole split's thresholds;
+  `subgroup_gaps.csv`, columns `attribute, class, auc_gap, highest_group, highest_auc, lowest_group,
+  lowest_auc, groups_compared` (the largest AUC difference between an attribute's groups); and
+  `subgroups.png`, a forest plot of each group's AUC and interval. The demo's metadata is made up
+  independently of its images: its gaps are chance.
 
 Inference: one CSV (`--output_file`), one row per image: `image, error, <class>...` (probabilities).
 Rows are written as the run goes, so a stopped run keeps what it wrote; an unreadable file gets a row
