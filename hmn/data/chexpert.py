@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .datalist import SPLITS, DatalistError, make_datalist, patient_split
+from .datalist import SPLITS, DatalistError, check_images_exist, make_datalist, patient_split, read_table
 from .dicom_metadata import parse_dicom_age
 from .uncertain import UNCERTAIN_POLICIES, apply_uncertainty, uncertainty_policies
 from .vocabulary import VOCABULARY_VERSION, canonical_name, normalize_sex, normalize_view
@@ -33,19 +33,7 @@ _PATIENT = re.compile(r"(patient\d+)")
 
 
 def _read(csv: str | os.PathLike):
-    import pandas as pd
-
-    csv = os.fspath(csv)
-    try:
-        df = pd.read_csv(csv)
-    except FileNotFoundError:
-        raise DatalistError(f"{csv}: label table not found") from None
-    except Exception as e:
-        raise DatalistError(f"{csv}: cannot be read as CSV ({type(e).__name__}: {e})") from None
-    if "Path" not in df.columns:
-        raise DatalistError(f"{csv}: no 'Path' column; a CheXpert table has 'Path' and observation columns, "
-                            f"found {list(df.columns)[:12]}")
-    return df
+    return read_table(csv, "the CheXpert label table", ("Path",))
 
 
 def _default_root(csv: str, first_path: str) -> str:
@@ -164,12 +152,7 @@ def chexpert_datalist(
         for entry, s in zip(pooled, patient_split([e["patient_id"] for e in pooled], fractions, seed)):
             entries[s].append(entry)
     if check_files:
-        missing_files = [e["image"] for s in SPLITS for e in entries[s] if not os.path.exists(e["image"])]
-        if missing_files:
-            raise DatalistError(
-                f"{len(missing_files)} image(s) listed in the CheXpert tables are missing, e.g. {missing_files[:3]} "
-                "(set image_root, or check_files=False / --no-check-files)"
-            )
+        check_images_exist([e["image"] for s in SPLITS for e in entries[s]], "CheXpert image(s)", "set image_root")
     if vocabulary:
         names = [canonical_name("chexpert", c) or c for c in classes]
         return make_datalist(entries, names, source="chexpert", uncertain_policy=dict(zip(names, policies.values())),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -41,6 +41,9 @@ __all__ = [
     "patient_overlap",
     "find_images",
     "IMAGE_EXTENSIONS",
+    "read_table",
+    "require_columns",
+    "check_images_exist",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,73 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", 
 
 class DatalistError(ValueError):
     """A label table or datalist is malformed (missing columns, unknown labels, missing files, leakage)."""
+
+
+def _hint(hint: str) -> str:
+    return f" ({hint})" if hint else ""
+
+
+def require_columns(
+    path: str, what: str, columns: Sequence[str], required: Sequence[str], hint: str = ""
+) -> None:
+    """Raises :class:`DatalistError` when `columns` (a table's column names, as the caller matches them)
+    lack some of `required`, naming the file, `what` it should be, the missing and required columns and the
+    first columns found."""
+    missing = [c for c in required if c not in columns]
+    if missing:
+        raise DatalistError(f"{path}: missing column(s) {missing}; {what} has {list(required)}, "
+                            f"found {list(columns)[:14]}{_hint(hint)}")
+
+
+def read_table(
+    path: str | os.PathLike, what: str, required: Sequence[str] = (), hint: str = "", **read_csv_kwargs: Any
+):
+    """Reads a label table with ``pandas.read_csv`` (plain or compressed) and checks its columns.
+
+    Every datalist builder reads its tables here, so that a missing, unreadable or wrongly shaped file is
+    reported the same way whatever the source.
+
+    Args:
+        path: the CSV file.
+        what: what the file should be, for messages (e.g. "the PadChest label table").
+        required: column names the table must have (exact match).
+        hint: extra guidance appended to every message (e.g. where the file is expected).
+        read_csv_kwargs: passed to ``pandas.read_csv`` (dtype, keep_default_na, low_memory, ...).
+
+    Returns:
+        the ``pandas.DataFrame``.
+
+    Raises:
+        DatalistError: the file is not found, cannot be parsed as CSV, or lacks a required column.
+    """
+    import pandas as pd
+
+    path = os.fspath(path)
+    try:
+        df = pd.read_csv(path, **read_csv_kwargs)
+    except FileNotFoundError:
+        raise DatalistError(f"{path}: {what} not found{_hint(hint)}") from None
+    except Exception as e:
+        raise DatalistError(f"{path}: {what} cannot be read as CSV ({type(e).__name__}: {e}){_hint(hint)}") from None
+    require_columns(path, what, list(df.columns), required, hint)
+    return df
+
+
+def check_images_exist(
+    images: Iterable[str], what: str, hint: str = "", exists: Callable[[str], bool] = os.path.exists
+) -> None:
+    """Raises :class:`DatalistError` when some of `images` do not exist: how many of how many `what`
+    (e.g. "PadChest image(s)") are missing, the first three, `hint` (where they were looked for, what to set)
+    and how to skip the check (``check_files=False`` / ``--no-check-files``).
+
+    `exists` tells whether one image exists (default: :func:`os.path.exists` on its path).
+    """
+    images = list(images)
+    missing = [p for p in images if not exists(p)]
+    if missing:
+        skip = "check_files=False / --no-check-files to write the datalist anyway"
+        raise DatalistError(f"{len(missing)} of {len(images)} {what} are missing, e.g. {missing[:3]} "
+                            f"({hint + '; or ' if hint else ''}{skip})")
 
 
 def _check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:

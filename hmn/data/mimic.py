@@ -31,7 +31,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from .chexpert import CHEXPERT_CLASSES
-from .datalist import SPLITS, DatalistError, make_datalist, patient_overlap, patient_split
+from .datalist import (
+    SPLITS, DatalistError, check_images_exist, make_datalist, patient_overlap, patient_split, read_table,
+)
 from .uncertain import apply_uncertainty, uncertainty_policies
 from .vocabulary import VOCABULARY_VERSION, canonical_name, normalize_sex, normalize_view, source_labels_for
 
@@ -65,18 +67,7 @@ def _find_table(folder: str | None, kind: str, given: str | os.PathLike | None) 
 
 def _read(path: str, required: Sequence[str], what: str, id_columns: Sequence[str] = _IDS):
     """Reads a CSV (plain or .gz; id columns as text) and checks that it has the `required` columns."""
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(path, dtype={c: str for c in id_columns}, low_memory=False)
-    except FileNotFoundError:
-        raise DatalistError(f"{path}: {what} not found") from None
-    except Exception as e:
-        raise DatalistError(f"{path}: cannot be read as CSV ({type(e).__name__}: {e})") from None
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise DatalistError(f"{path}: missing column(s) {missing}; a MIMIC {what} has {list(required)}, "
-                            f"found {list(df.columns)[:14]}")
+    df = read_table(path, f"the MIMIC-CXR {what}", required, dtype={c: str for c in id_columns}, low_memory=False)
     for c in id_columns:
         if c in df.columns:
             df[c] = df[c].map(_norm_id)
@@ -340,12 +331,8 @@ def mimic_cxr_datalist(
     for entry, s in zip(kept, kept_split):
         entries[s].append(entry)
     if check_files:
-        missing = [e["image"] for e in kept if not os.path.exists(e["image"])]
-        if missing:
-            raise DatalistError(
-                f"{len(missing)} of {len(kept)} MIMIC-CXR image(s) are missing under {files}, e.g. {missing[:3]} "
-                "(set image_root to the folder holding files/, or check_files=False / --no-check-files)"
-            )
+        check_images_exist([e["image"] for e in kept], "MIMIC-CXR image(s)",
+                           f"looked for under {files}; set image_root to the folder holding files/")
     extra = {"vocabulary": VOCABULARY_VERSION} if vocabulary else {}
     data = make_datalist(entries, classes, source=_SOURCE, **extra, labeler=labeler, uncertain_policy=policies)
     leaks = patient_overlap(data)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .datalist import SPLITS, DatalistError, make_datalist, patient_split
+from .datalist import SPLITS, DatalistError, check_images_exist, make_datalist, patient_split, read_table
 from .dicom_metadata import parse_dicom_age
 from .vocabulary import VOCABULARY_VERSION, canonical_name, normalize_sex, normalize_view
 
@@ -31,21 +31,8 @@ _REQUIRED = ("Image Index", "Finding Labels", "Patient ID")
 
 def read_nih_table(csv: str | os.PathLike):
     """Reads the label table (plain or .gz) and checks its columns; returns a pandas DataFrame."""
-    import pandas as pd
-
     csv = os.fspath(csv)
-    try:
-        df = pd.read_csv(csv, dtype={"Image Index": str, "Finding Labels": str, "Patient ID": str})
-    except FileNotFoundError:
-        raise DatalistError(f"{csv}: label table not found") from None
-    except Exception as e:
-        raise DatalistError(f"{csv}: cannot be read as CSV ({type(e).__name__}: {e})") from None
-    missing = [c for c in _REQUIRED if c not in df.columns]
-    if missing:
-        raise DatalistError(
-            f"{csv}: missing column(s) {missing}; an NIH Data_Entry_2017 table has {list(_REQUIRED)}, "
-            f"found {list(df.columns)[:12]}"
-        )
+    df = read_table(csv, "the NIH label table (Data_Entry_2017.csv)", _REQUIRED, dtype={c: str for c in _REQUIRED})
     if df["Finding Labels"].isna().any():
         row = int(np.flatnonzero(df["Finding Labels"].isna().to_numpy())[0])
         raise DatalistError(f"{csv}: empty 'Finding Labels' in row {row + 2} (use 'No Finding' for none)")
@@ -176,10 +163,6 @@ def _resolve_images(names: Sequence[str], root: str, check_files: bool) -> list[
         dirs.sort()
         for f in files:
             index.setdefault(f, os.path.join(folder, f))
-    missing = [n for n in names if n not in index]
-    if missing:
-        raise DatalistError(
-            f"{len(missing)} of {len(names)} images listed in the table were not found under {root}, "
-            f"e.g. {missing[:3]} (pass check_files=False / --no-check-files to write the datalist anyway)"
-        )
+    check_images_exist(names, "NIH image(s)", f"looked for by file name anywhere under {root}",
+                       exists=index.__contains__)
     return [index[n] for n in names]

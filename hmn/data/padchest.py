@@ -34,7 +34,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from .datalist import SPLITS, DatalistError, make_datalist, patient_split
+from .datalist import SPLITS, DatalistError, check_images_exist, make_datalist, patient_split, read_table
 from .vocabulary import (
     CANONICAL_FINDINGS,
     SOURCE_VOCABULARIES,
@@ -89,19 +89,7 @@ def parse_padchest_labels(text, where: str = "Labels") -> list[str] | None:
 
 
 def _read(csv: str):
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(csv, dtype=str, keep_default_na=True, low_memory=False)
-    except FileNotFoundError:
-        raise DatalistError(f"{csv}: PadChest label table not found") from None
-    except Exception as e:
-        raise DatalistError(f"{csv}: cannot be read as CSV ({type(e).__name__}: {e})") from None
-    missing = [c for c in _REQUIRED if c not in df.columns]
-    if missing:
-        raise DatalistError(f"{csv}: missing column(s) {missing}; the PadChest table has {list(_REQUIRED)} "
-                            f"among others, found {list(df.columns)[:14]}")
-    return df
+    return read_table(csv, "the PadChest label table", _REQUIRED, dtype=str, keep_default_na=True, low_memory=False)
 
 
 def _text(value) -> str:
@@ -302,13 +290,9 @@ def padchest_datalist(
         raise DatalistError(f"{csv}: {len(blank_ids)} row(s) have no PatientID, e.g. {blank_ids[:3]}; "
                             "a patient-wise split needs one per row")
     if check_files:
-        missing = [e["image"] for e in kept if not os.path.exists(e["image"])]
-        if missing:
-            raise DatalistError(
-                f"{len(missing)} of {len(kept)} PadChest image(s) are missing under {root} "
-                f"(looked {'in <ImageDir>/ folders' if in_dirs else 'flat'}), e.g. {missing[:3]} "
-                "(set image_root, or check_files=False / --no-check-files)"
-            )
+        layout = "in <ImageDir>/ folders" if in_dirs else "flat"
+        check_images_exist([e["image"] for e in kept], "PadChest image(s)",
+                           f"looked for under {root}, {layout}; set image_root")
     entries: dict[str, list[dict]] = {s: [] for s in SPLITS}
     for entry, s in zip(kept, patient_split([e["patient_id"] for e in kept], fractions, seed)):
         entries[s].append(entry)

@@ -23,7 +23,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .datalist import SPLITS, DatalistError, make_datalist, patient_split
+from .datalist import (
+    SPLITS, DatalistError, check_images_exist, make_datalist, patient_split, read_table, require_columns,
+)
 from .dicom_metadata import add_dicom_metadata
 from .vocabulary import VOCABULARY_VERSION, canonical_name
 
@@ -38,19 +40,10 @@ _BOX = ("x", "y", "width", "height")
 
 
 def _read_csv(csv: str, required: Sequence[str], what: str):
-    import pandas as pd
-
-    try:
-        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise DatalistError(f"{csv}: RSNA {what} not found") from None
-    except Exception as e:
-        raise DatalistError(f"{csv}: cannot be read as CSV ({type(e).__name__}: {e})") from None
+    what = f"the RSNA {what}"
+    df = read_table(csv, what, dtype=str, keep_default_na=False)
     df.columns = [str(c).strip() for c in df.columns]
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise DatalistError(f"{csv}: missing column(s) {missing}; the RSNA {what} has {list(required)}, "
-                            f"found {list(df.columns)[:12]}")
+    require_columns(csv, what, list(df.columns), required)
     df = df.apply(lambda col: col.str.strip())
     blank = np.flatnonzero((df["patientId"] == "").to_numpy())
     if blank.size:
@@ -187,12 +180,8 @@ def rsna_pneumonia_datalist(
         entries.append({"image": os.path.join(root, pid + ".dcm"), "label": label, "patient_id": pid})
     assign = patient_split(pids, fractions, seed)
     if check_files:
-        missing = [e["image"] for e in entries if not os.path.exists(e["image"])]
-        if missing:
-            raise DatalistError(
-                f"{len(missing)} of {len(entries)} RSNA image(s) are missing, e.g. {missing[:3]} (images are looked "
-                "for at <image_root>/<patientId>.dcm; set image_root, or check_files=False / --no-check-files)"
-            )
+        check_images_exist([e["image"] for e in entries], "RSNA image(s)",
+                           "images are looked for at <image_root>/<patientId>.dcm; set image_root")
     if read_metadata:
         add_dicom_metadata(entries, "RSNA Pneumonia")
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}

@@ -25,7 +25,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .datalist import SPLITS, DatalistError, make_datalist, patient_split
+from .datalist import (
+    SPLITS, DatalistError, check_images_exist, make_datalist, patient_split, read_table, require_columns,
+)
 from .dicom_metadata import add_dicom_metadata
 from .vocabulary import CANONICAL_FINDINGS, VOCABULARY_VERSION, canonical_name, source_labels_for
 
@@ -58,16 +60,10 @@ class _Table:
     """One image-level label table: image ids (one per row) and its label columns by published name."""
 
     def __init__(self, csv: str, kind: str):
-        import pandas as pd
-
         self.csv = csv
-        try:
-            df = pd.read_csv(csv, dtype=str, keep_default_na=False)
-        except FileNotFoundError:
-            raise DatalistError(f"{csv}: VinDr-CXR {kind} label table not found "
-                                f"(expected annotations/image_labels_{kind}.csv under the data set's root)") from None
-        except Exception as e:
-            raise DatalistError(f"{csv}: cannot be read as CSV ({type(e).__name__}: {e})") from None
+        what = f"the VinDr-CXR {kind} label table"
+        hint = f"expected annotations/image_labels_{kind}.csv under the data set's root"
+        df = read_table(csv, what, hint=hint, dtype=str, keep_default_na=False)
         lower = {str(c).strip().lower(): c for c in df.columns}
         if _KAGGLE_COLUMNS & set(lower):
             raise DatalistError(
@@ -75,9 +71,8 @@ class _Table:
                 "VinBigData train.csv or VinDr-CXR's annotations_*.csv), which is not read; give the image-level "
                 "tables of VinDr-CXR 1.0.0, annotations/image_labels_train.csv and annotations/image_labels_test.csv"
             )
-        if "image_id" not in lower:
-            raise DatalistError(f"{csv}: no 'image_id' column; a VinDr-CXR image-level table has image_id, rad_id "
-                                f"and the label columns, found {list(df.columns)[:12]}")
+        if "image_id" not in lower:  # matched stripped and in any case; the message shows the columns as found
+            require_columns(csv, what, list(df.columns), ("image_id",), hint)
         self.ids = df[lower["image_id"]].str.strip().tolist()
         blank = [i for i, v in enumerate(self.ids) if not v]
         if blank:
@@ -307,13 +302,8 @@ def vindr_cxr_datalist(
                                 "patient_id": image_id})
     everything = [e for s in SPLITS for e in out[s]]
     if check_files:
-        missing = [e["image"] for e in everything if not os.path.exists(e["image"])]
-        if missing:
-            raise DatalistError(
-                f"{len(missing)} of {len(everything)} VinDr-CXR image(s) are missing, e.g. {missing[:3]} (images are "
-                f"looked for at <image_root>/train/<image_id>{ext} and test/...; set image_root / extension, or "
-                "check_files=False / --no-check-files)"
-            )
+        check_images_exist([e["image"] for e in everything], "VinDr-CXR image(s)", f"images are looked for at "
+                           f"<image_root>/train/<image_id>{ext} and test/...; set image_root / extension")
     if read_metadata:
         add_dicom_metadata(everything, "VinDr-CXR")
     logger.info("VinDr-CXR: %d training, %d validation, %d test image(s); readers combined by %s",

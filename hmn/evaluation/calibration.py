@@ -18,14 +18,13 @@ temperature scaling.
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .metrics import _as_arrays, _float, _masks
+from .metrics import _as_arrays, _float, _load_per_class, _masks
 
 __all__ = ["apply_temperature", "calibration_report", "fit_temperature", "load_temperatures", "plot_reliability",
            "reliability_bins"]
@@ -140,17 +139,8 @@ def load_temperatures(path: str | os.PathLike, class_names: Sequence[str]) -> np
     Raises:
         ValueError: the file is not such a report, or lacks some of the classes (both named).
     """
-    path = os.fspath(path)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-        fitted = {c["class"]: c.get("temperature_fitted") for c in data["calibration"]["per_class"]}
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a metrics.json with a calibration section ({type(e).__name__}: {e})") from None
-    missing = [c for c in class_names if c not in fitted]
-    if missing:
-        raise ValueError(f"{path} has no temperatures for classes {missing}; it has {sorted(fitted)}")
-    return np.array([np.nan if fitted[c] is None else float(fitted[c]) for c in class_names])
+    return _load_per_class(path, class_names, lambda data: data["calibration"]["per_class"], "temperature_fitted",
+                           "temperatures", "with a calibration section")
 
 
 def calibration_report(

@@ -98,7 +98,7 @@ from scipy.stats import norm, rankdata
 from hmn.durable import atomic_write
 
 from .metrics import _BLOCK_ELEMENTS, _absent_reason, _interval, _RankedLabels
-from .report import _num
+from .report import _num, _table
 
 __all__ = [
     "COMPARISON_COLUMNS",
@@ -833,12 +833,7 @@ def write_comparison(result: dict[str, Any], out_dir: str | os.PathLike) -> dict
     text = json.dumps(result, indent=2, allow_nan=False)
     atomic_write(paths["comparison_json"], lambda f: f.write(text + "\n"))
 
-    def comparison_csv(f: Any) -> None:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(COMPARISON_COLUMNS)
-        w.writerows(_csv_rows(result))
-
-    atomic_write(paths["comparison_csv"], comparison_csv)
+    _table(paths["comparison_csv"], COMPARISON_COLUMNS, _csv_rows(result))
     plot_comparison(result, paths["comparison_png"])
     logger.info("model comparison written to %s", out_dir)
     return paths

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -241,16 +241,27 @@ def operating_points(
 def load_thresholds(path: str | os.PathLike, class_names: Sequence[str]) -> np.ndarray:
     """The per-class thresholds recorded in a ``metrics.json`` written by :func:`hmn.evaluation.write_report`
     (e.g. on the validation split), in `class_names` order (NaN where the file has none)."""
+    return _load_per_class(path, class_names, lambda data: data["per_class"], "threshold", "thresholds",
+                           "written by hmn.evaluation.write_report")
+
+
+def _load_per_class(
+    path: str | os.PathLike, class_names: Sequence[str], section: Callable[[Any], Any], key: str, plural: str, expected: str
+) -> np.ndarray:
+    """One value per class from a ``metrics.json``: ``section(data)`` is its list of ``{"class", key}`` entries;
+    returns the values of `key` in `class_names` order (NaN where null). ValueError naming the file when it
+    cannot be read or parsed (a ``metrics.json`` `expected`), or when it lacks some classes (the `plural`
+    values are missing for them)."""
     path = os.fspath(path)
     try:
         with open(path) as f:
             data = json.load(f)
-        recorded = {c["class"]: c.get("threshold") for c in data["per_class"]}
+        recorded = {c["class"]: c.get(key) for c in section(data)}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a metrics.json written by hmn.evaluation.write_report ({e})") from None
+        raise ValueError(f"{path}: not a metrics.json {expected} ({type(e).__name__}: {e})") from None
     missing = [c for c in class_names if c not in recorded]
     if missing:
-        raise ValueError(f"{path} has no thresholds for classes {missing}; it has {sorted(recorded)}")
+        raise ValueError(f"{path} has no {plural} for classes {missing}; it has {sorted(recorded)}")
     return np.array([np.nan if recorded[c] is None else float(recorded[c]) for c in class_names])
 
 

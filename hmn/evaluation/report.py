@@ -220,6 +220,7 @@ def plot_roc(
 
 
 def _table(path: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Writes one CSV file (header `columns`, then `rows`) atomically, as every table of the report is written."""
     def write(f: Any) -> None:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(columns)
@@ -306,12 +307,7 @@ def write_report(
     text = json.dumps(report, indent=2, allow_nan=False)
     atomic_write(paths["metrics_json"], lambda f: f.write(text + "\n"))
 
-    def metrics_csv(f: Any) -> None:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(METRICS_COLUMNS)
-        w.writerows(_metrics_rows(report))
-
-    atomic_write(paths["metrics_csv"], metrics_csv)
+    _table(paths["metrics_csv"], METRICS_COLUMNS, _metrics_rows(report))
 
     valid, pos = _masks(lab)
 

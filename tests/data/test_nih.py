@@ -93,7 +93,7 @@ def test_images_found_in_subfolders_and_missing_reported(nih_csv, tmp_path):
     for e in _all(d):
         assert os.path.isfile(e["image"]) and "images_00" in e["image"]
     os.remove(_all(d)[0]["image"])
-    with pytest.raises(DatalistError, match="1 of 6 images .* not found"):
+    with pytest.raises(DatalistError, match=r"1 of 6 NIH image\(s\) are missing"):
         nih_datalist(csv)
 
 
