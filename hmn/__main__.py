@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack-bundle": ("hmn.bundles:pack_main", "zip a bundle with its trained models/model.pt for sharing"),
     "datalist": ("hmn.data.cli:datalist_main", "write a datalist JSON from NIH, CheXpert, MIMIC-CXR, PadChest, VinDr-CXR, RSNA tables, class folders or a MONAI JSON"),
     "demo-data": ("hmn.data.cli:demo_main", "write (or reuse) the synthetic demo chest-radiograph dataset"),
+    "bench": ("hmn.bench:bench_main", "training/inference speed and peak memory of HybridMedNet against the bare backbone"),
     "compare": ("hmn.evaluation.compare:compare_main",
                 "compare two models' per-class ROC AUCs from their predictions.csv (DeLong test, paired bootstrap)"),
 }

@@ -1,0 +1,64 @@
+"""``python -m hmn bench``: well-formed measurements on tiny sizes, and the naive cross-scale reference
+computing the same function as the project's full-resolution cross-scale attention."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hmn.bench import CONFIGS, NaiveCrossScaleAttention, bench_main, build_config
+from hmn.networks.attention import CrossScaleAttention
+
+
+def test_naive_reference_equals_the_full_resolution_attention():
+    torch.manual_seed(0)
+    fast = CrossScaleAttention(32, num_levels=3, num_heads=4, context_size=None).eval()
+    naive = NaiveCrossScaleAttention.from_module(fast)
+    feats = [torch.randn(2, 32, s, s) for s in (8, 4, 2)]
+    with torch.no_grad():
+        for a, b in zip(fast(feats), naive(feats)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert naive.attn is fast.attn  # the same parameters, not a copy
+
+
+def test_reference_config_replaces_only_the_attention():
+    net = build_config("reference:cross_scale_naive", "convnext_tiny", 64)
+    assert type(net.attention.stages[0]).__name__ == "_Naive"
+    ref = build_config("hmn:cross_scale_full", "convnext_tiny", 64)
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+def test_bench_writes_one_json_line_per_measurement(capsys, tmp_path):
+    out = tmp_path / "bench.jsonl"
+    rc = bench_main(["--backbones", "convnext_tiny", "--size", "32", "--batch", "2", "--rounds", "2", "--warmup", "1",
+                     "--configs", "bare", "hmn:none", "--no-memory", "--json", str(out)])
+    assert rc == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [(r["config"], r["mode"]) for r in lines] == [("bare", "train"), ("bare", "infer"), ("hmn:none", "train"),
+                                                          ("hmn:none", "infer")]
+    assert [json.loads(x) for x in out.read_text().splitlines()] == lines
+    for r in lines:
+        assert len(r["step_s_all"]) == 2 and r["step_s"] == pytest.approx(sorted(r["step_s_all"])[0] / 2 + sorted(r["step_s_all"])[1] / 2)
+        assert r["images_per_s"] == pytest.approx(2 / r["step_s"])
+        assert r["device"] == "cpu" and r["precision"] == "fp32" and r["peak_mib"] is None
+    bare = {r["mode"]: r["step_s"] for r in lines if r["config"] == "bare"}
+    for r in lines:
+        assert r["time_ratio_to_bare"] == pytest.approx(r["step_s"] / bare[r["mode"]])
+
+
+def test_cpu_memory_is_measured_in_a_child_process(capsys):
+    assert bench_main(["--backbones", "convnext_tiny", "--size", "32", "--batch", "2", "--rounds", "1", "--warmup", "1",
+                       "--configs", "bare", "--modes", "train", "--precision", "bf16"]) == 0
+    (r,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert r["peak_kind"] == "cpu peak RSS growth over one step" and r["peak_mib"] >= 0
+    assert r["precision"] == "bf16"
+
+
+def test_bad_arguments_are_refused(capsys):
+    assert bench_main(["--backbones", "convnext_tinyy", "--no-memory"]) == 2
+    assert "unknown backbone(s) ['convnext_tinyy']" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown configuration 'hmn:bogus'"):
+        build_config("hmn:bogus", "convnext_tiny", 64)
+    assert set(CONFIGS) >= {"bare", "hmn:bundle", "reference:cross_scale_naive"}
