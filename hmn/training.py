@@ -35,6 +35,8 @@ __all__ = [
     "cpu_bf16_supported",
     "label_tensor",
     "latest_checkpoint",
+    "available_memory",
+    "cache_plan",
     "make_dataset",
     "pos_weight",
     "pretrained_given",
@@ -45,7 +47,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CACHE_MODES = ("none", "memory", "persistent")
+CACHE_MODES = ("auto", "none", "memory", "persistent")
+# share of the memory available at start that "auto" lets the in-memory caches of one process take: the
+# network, optimizer, loader workers and the rest of the run need the remainder
+AUTO_CACHE_SHARE = 0.5
+_CACHE_RESERVED: list[int] = []  # bytes promised to the in-memory caches built so far in this process
 
 
 def resolve_datalist(dataset_dir: str, datalist: str | None = None, demo: Mapping[str, Any] | None = None) -> str:
@@ -140,14 +146,103 @@ def pos_weight(items: Sequence[Mapping[str, Any]], enabled: bool = True, max_wei
     return pos_weight_from_labels([it["label"] for it in items], max_weight=max_weight)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux ``MemAvailable``; elsewhere ``psutil``'s
+    ``available`` where installed), or None when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except Exception:
+        return None
+
+
+def cache_plan(
+    n_items: int, item_shape: Sequence[int] | None, cache: str, cache_dir: str | None, name: str = "dataset",
+) -> str:
+    """The cache a dataset of `n_items` gets, and a log line saying how big it will be.
+
+    The cached item is the output of the deterministic transforms: a float32 image of `item_shape`
+    (channels and spatial size at the run's image size), ``4 * prod(item_shape)`` bytes.
+
+    * ``"auto"`` (the bundles' default): ``"memory"`` when every item fits in :data:`AUTO_CACHE_SHARE` of
+      the memory available (less what the caches built before in this process take, and divided among
+      the processes of a ``torchrun`` node); else ``"persistent"`` (a disk cache in `cache_dir`) when the
+      disk has room for it; else ``"none"``. The choice and the sizes are logged.
+    * ``"memory"`` given explicitly: refused when it cannot fit in the memory available.
+    * ``"none"``, ``"persistent"``: taken as given.
+
+    Returns:
+        the cache mode to build (``"none"``, ``"memory"`` or ``"persistent"``).
+
+    Raises:
+        ValueError: an unknown `cache`; or ``"memory"`` that needs more than the memory available (the
+            message gives both sizes and what to pass instead).
+    """
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache={cache!r}; accepted: {', '.join(CACHE_MODES)}")
+    if cache in ("none", "persistent") or not item_shape:
+        return "memory" if cache == "auto" else cache
+    need = int(n_items) * 4 * int(np.prod([int(d) for d in item_shape]))
+    avail = available_memory()
+    per_node = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    gb = 1e9
+    shape = "x".join(str(int(d)) for d in item_shape)
+    if avail is None:
+        logger.info("%s cache: %d images x %s float32 = %.2f GB (available memory unknown)", name, n_items, shape, need / gb)
+        return "memory"
+    room = avail / per_node - sum(_CACHE_RESERVED)
+    if cache == "memory":
+        if need > room:
+            raise ValueError(
+                f"cache='memory' for the {name} needs about {need / gb:.1f} GB ({n_items} images x {shape} float32) "
+                f"but about {max(room, 0) / gb:.1f} GB of memory is available; pass --cache persistent (a disk cache "
+                f"of about {need / gb:.1f} GB in {cache_dir}), --cache none (decode every epoch), or --cache auto"
+            )
+        _CACHE_RESERVED.append(need)
+        logger.info("%s cache in memory: %d images x %s float32 = %.2f GB (%.1f GB available)", name, n_items, shape,
+                    need / gb, room / gb)
+        return "memory"
+    if need <= AUTO_CACHE_SHARE * room:
+        _CACHE_RESERVED.append(need)
+        logger.info("%s cache in memory: %d images x %s float32 = %.2f GB (%.1f GB available; filled during the "
+                    "first epoch)", name, n_items, shape, need / gb, room / gb)
+        return "memory"
+    import shutil
+
+    folder = cache_dir or "."
+    probe = folder
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe) or "."
+    free = shutil.disk_usage(probe or ".").free
+    if need * 1.1 <= free:
+        logger.warning("%s cache on disk in %s: %d images x %s float32 = %.1f GB would not fit in %.0f%% of the "
+                       "%.1f GB of memory available (pass --cache memory to insist, --cache none for no cache)",
+                       name, folder, n_items, shape, need / gb, 100 * AUTO_CACHE_SHARE, room / gb)
+        return "persistent"
+    logger.warning("%s: no cache: %d images x %s float32 = %.1f GB fits neither in memory (%.1f GB available) nor "
+                   "on disk in %s (%.1f GB free); every epoch decodes the images again", name, n_items, shape,
+                   need / gb, room / gb, folder, free / gb)
+    return "none"
+
+
 def make_dataset(
     data: Sequence[Mapping[str, Any]],
     transform: Callable,
-    cache: str = "memory",
+    cache: str = "auto",
     cache_dir: str | None = None,
     cache_rate: float = 1.0,
     num_workers: int = 0,
     skip_bad_files: bool = False,
+    item_shape: Sequence[int] | None = None,
+    name: str = "dataset",
 ) -> torch.utils.data.Dataset:
     """A MONAI dataset over ``data`` with the chosen caching.
 
@@ -156,16 +251,19 @@ def make_dataset(
         transform: a ``monai.transforms.Compose``; caching stores the output of its leading
             deterministic transforms (loading, resizing, normalization), so epochs after the first do
             not decode images again.
-        cache: ``"none"`` (``Dataset``), ``"memory"`` (``CacheDataset``, ``cache_rate`` of the items) or
-            ``"persistent"`` (``PersistentDataset`` in ``cache_dir``, reused across runs).
+        cache: ``"auto"`` (memory when it fits, else disk, else none: :func:`cache_plan`), ``"none"``
+            (``Dataset``), ``"memory"`` (``CacheDataset``, ``cache_rate`` of the items; refused when it
+            cannot fit) or ``"persistent"`` (``PersistentDataset`` in ``cache_dir``, reused across runs).
+        item_shape: channels and spatial size of a cached image (e.g. ``[1, 224, 224]``), for the size
+            estimate of :func:`cache_plan`; None skips the estimate.
+        name: what the dataset is (``"training"``), for the log.
         skip_bad_files: wrap in :class:`hmn.data.SkipBadFilesDataset`, which logs each unreadable file once
             and carries on with the next item.
     """
     import monai.data as md
 
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache={cache!r}; accepted: {', '.join(CACHE_MODES)}")
     data = list(data)
+    cache = cache_plan(int(len(data) * (cache_rate if cache == "memory" else 1.0)), item_shape, cache, cache_dir, name)
     if cache == "none":
         ds: torch.utils.data.Dataset = md.Dataset(data, transform)
     elif cache == "memory":

@@ -458,3 +458,68 @@ def test_run_time_estimate_of_a_resumed_run_counts_its_own_iterations():
     assert seen[:2] == [None, None]  # three iterations of this process, not 13
     assert seen[2] == "2.00 s per training iteration: the remaining 7 iterations take about 14 s (validation not included)"
     assert estimate.last_message.startswith("epoch 3/4: 10 s per epoch with validation; 1 epoch(s) left")
+
+
+class TestCachePlan:
+    """The bundles' default cache ("auto") sized against the memory available, before anything is cached."""
+
+    GB = 10**9
+
+    @pytest.fixture(autouse=True)
+    def _fresh(self, monkeypatch):
+        import hmn.training as t
+
+        monkeypatch.setattr(t, "_CACHE_RESERVED", [])
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+
+    def _plan(self, monkeypatch, avail_gb, n, shape=(1, 224, 224), cache="auto", disk_gb=1000.0, tmp="/tmp"):
+        import shutil
+        from collections import namedtuple
+
+        import hmn.training as t
+
+        monkeypatch.setattr(t, "available_memory", lambda: int(avail_gb * self.GB))
+        usage = namedtuple("usage", "total used free")
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(0, 0, int(disk_gb * self.GB)))
+        return t.cache_plan(n, shape, cache, tmp, "training data")
+
+    def test_chestxray14_training_split_goes_to_disk_on_a_24_gb_machine(self, monkeypatch, caplog):
+        # 78,468 images (ChestX-ray14's train_val less validation) x 1x224x224 float32 = 15.7 GB
+        need = 78468 * 4 * 224 * 224
+        assert need == pytest.approx(15.75 * self.GB, rel=0.01)
+        with caplog.at_level("INFO"):
+            assert self._plan(monkeypatch, 20, 78468) == "persistent"
+        assert "15.7 GB" in caplog.text or "15.8 GB" in caplog.text
+        assert self._plan(monkeypatch, 20, 78468, disk_gb=10) == "none"  # neither memory nor disk has room
+
+    def test_a_small_split_stays_in_memory_and_reserves_its_share(self, monkeypatch):
+        import hmn.training as t
+
+        n = 10_000  # 2.0 GB at 224x224
+        assert self._plan(monkeypatch, 10, n) == "memory"
+        assert t._CACHE_RESERVED == [n * 4 * 224 * 224]
+        # the next split sees the room the first one took (10 - 2.0 = 8.0 GB, half of it 4.0 GB): 4.2 GB does
+        # not fit there, though it would have in half of the 10 GB
+        assert self._plan(monkeypatch, 10, 21_000) == "persistent"
+        t._CACHE_RESERVED.clear()
+        assert self._plan(monkeypatch, 10, 21_000) == "memory"
+
+    def test_processes_of_a_torchrun_node_share_the_memory(self, monkeypatch):
+        assert self._plan(monkeypatch, 10, 21_000) == "memory"
+        import hmn.training as t
+
+        t._CACHE_RESERVED.clear()
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 2.5 GB each, half of it 1.25 GB
+        assert self._plan(monkeypatch, 10, 21_000) == "persistent"
+
+    def test_explicit_memory_is_refused_when_it_cannot_fit(self, monkeypatch):
+        with pytest.raises(ValueError, match=r"needs about 15\.7 GB \(78468 images x 1x224x224 float32\) but about "
+                                             r"12\.0 GB .*--cache persistent .*--cache none"):
+            self._plan(monkeypatch, 12, 78468, cache="memory")
+        assert self._plan(monkeypatch, 20, 78468, cache="memory") == "memory"  # fits, though beyond auto's share
+
+    def test_given_modes_pass_through(self, monkeypatch):
+        assert self._plan(monkeypatch, 0.001, 10**6, cache="none") == "none"
+        assert self._plan(monkeypatch, 0.001, 10**6, cache="persistent") == "persistent"
+        with pytest.raises(ValueError, match="cache='ram'; accepted: auto, none, memory, persistent"):
+            self._plan(monkeypatch, 1, 1, cache="ram")
