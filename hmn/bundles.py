@@ -112,6 +112,9 @@ _TRAIN_RUN = [
     _WRITE_RECORD,
     "$@train#checkpoint.attach(@train#trainer)",
     "$@train#trainer.run()",
+    # the best model on the test split (runs/eval/), so the run ends with its report (not under torchrun:
+    # evaluate.json there)
+    "$hmn.training.evaluate_after_training(@test#evaluator, @ckpt_dir, @evaluate_after_training)",
 ]
 _DIST_TRAIN_RUN = [
     _CHECK_RECORD,
@@ -152,6 +155,8 @@ def _dataset(split: str, transform: str) -> dict:
         "cache_dir": "$os.path.join(@output_dir, 'cache')",
         "num_workers": "@num_workers",
         "skip_bad_files": "@skip_bad_files",
+        "item_shape": "$[@network_def#in_channels, @image_size, @image_size]",
+        "name": f"{split} data",
     }
 
 
@@ -368,7 +373,9 @@ def train_config(name: str) -> dict:
         "aspect": _trained("aspect", "'stretch'"),
         "batch_size": _trained("batch_size", repr(row.batch_size)),
         "num_workers": 0,
-        "cache": "memory",
+        # "auto": in memory when the split fits in half the memory available, else on disk (runs/cache), else
+        # none, with the expected size logged; "memory" (refused when it cannot fit), "persistent", "none"
+        "cache": "auto",
         "skip_bad_files": True,
         "max_epochs": _trained("max_epochs", "30"),
         "val_interval": 1,
@@ -467,7 +474,9 @@ def train_config(name: str) -> dict:
             # complete, and the staged best model promoted to model.pt once its epoch's checkpoint is complete.
             "checkpoint": {"_target_": "hmn.checkpoints.AtomicCheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": save_dict,
                            "save_interval": 1, "n_saved": 1, "best_model_saver": "@validate#best_saver"},
+            "epoch_loss": {"_target_": "hmn.training.EpochLoss"},
             "handlers": [
+                "@train#epoch_loss",
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "epoch_level": False, "print_lr": False},
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True, "interval": "@val_interval"},
                 {"_target_": "hmn.data.SkippedFilesReport", "dataset": "@train#dataset"},
@@ -491,6 +500,34 @@ def train_config(name: str) -> dict:
                 "amp": "@amp",
                 "compile": "@compile",
                 "accumulation_steps": "@accumulation_steps",
+            },
+        },
+        # after training: the best model on the test split (hmn.training.evaluate_after_training)
+        "evaluate_after_training": True,
+        "test": {
+            "dataset": {
+                "_target_": "hmn.training.make_dataset",
+                "data": "$hmn.data.load_datalist(@datalist, 'test')",
+                "transform": "@validate#preprocessing",
+                "cache": "none",
+                "skip_bad_files": "@skip_bad_files",
+            },
+            "dataloader": {"_target_": "DataLoader", "dataset": "@test#dataset", "batch_size": "@batch_size",
+                           "shuffle": False, "num_workers": "@num_workers"},
+            "evaluator": {
+                "_target_": "SupervisedEvaluator",
+                "device": "@device",
+                "val_data_loader": "@test#dataloader",
+                "network": "@network",
+                "inferer": {"_target_": "SimpleInferer"},
+                "amp": "@amp",
+                "val_handlers": [
+                    {"_target_": "CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')",
+                     "load_dict": {"model": "@network"}, "map_location": "@device"},
+                    {"_target_": "hmn.handlers.EvaluationReportHandler", "output_dir": "$os.path.join(@output_dir, 'eval')",
+                     "class_names": "@class_names", "num_classes": "@num_classes",
+                     "metadata": "$hmn.data.datalist_metadata(@datalist, 'test')"},
+                ],
             },
         },
         "validate": {
@@ -522,7 +559,8 @@ def train_config(name: str) -> dict:
                 {"_target_": "StatsHandler", "iteration_log": False},
                 {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
                 "@validate#best_saver",
-                {"_target_": "hmn.training.MetricHistory", "filename": "$os.path.join(@output_dir, 'history.csv')"},
+                {"_target_": "hmn.training.MetricHistory", "filename": "$os.path.join(@output_dir, 'history.csv')",
+                 "loss": "@train#epoch_loss"},
             ],
             "best_saver": {
                 "_target_": "hmn.checkpoints.AtomicCheckpointSaver",

@@ -38,6 +38,9 @@ __all__ = [
     "available_memory",
     "cache_plan",
     "make_dataset",
+    "EpochLoss",
+    "plot_history",
+    "evaluate_after_training",
     "pos_weight",
     "pretrained_given",
     "resolve_datalist",
@@ -699,10 +702,20 @@ class MetricHistory:
     belong to epochs a resumed run trains again, after a stop before their checkpoint was complete), and
     ``elapsed_s`` continues from the last row kept, so it is the training time summed over resumes (the
     time between a stop and the resume, and the lost part of the stopped epoch, are not counted).
+
+    Args:
+        filename: the CSV (``runs/history.csv`` in the bundles).
+        loss: an :class:`EpochLoss` attached to the trainer: its mean over the epoch goes into a
+            ``train_loss`` column (this process's iterations; under ``torchrun``, rank 0's share).
+        plot: also draw the curves (training loss and every validation metric against the epoch) into a
+            PNG beside the CSV (``history.png``), rewritten with every row, so a run always ends, or stops,
+            with its learning curve to look at.
     """
 
-    def __init__(self, filename: str) -> None:
+    def __init__(self, filename: str, loss: EpochLoss | None = None, plot: bool = True) -> None:
         self.filename = filename
+        self.loss = loss
+        self.plot = bool(plot)
         self._start = time.time()
         self._rows: list[dict[str, Any]] | None = None
         self._offset = 0.0
@@ -729,11 +742,117 @@ class MetricHistory:
                 except ValueError:
                     self._offset = 0.0
         row: dict[str, Any] = {"epoch": epoch, "elapsed_s": round(self._offset + time.time() - self._start, 1)}
+        if self.loss is not None and self.loss.mean() is not None:
+            row["train_loss"] = self.loss.mean()
         for k, v in engine.state.metrics.items():
             if isinstance(v, (int, float)):
                 row[k] = v
         self._rows.append(row)
         _write_history(self.filename, self._rows)
+        if self.plot:
+            try:
+                plot_history(self.filename, os.path.splitext(self.filename)[0] + ".png")
+            except Exception as e:  # a plot is never worth stopping a run for
+                logger.warning("could not draw the learning curve of %s: %s", self.filename, e)
+
+
+class EpochLoss:
+    """Ignite handler for the trainer: the mean training loss of the current epoch (reset when an epoch
+    starts), read by :class:`MetricHistory`. The loss is taken from the trainer's output with
+    ``monai.handlers.from_engine(["loss"], first=True)``, as MONAI's StatsHandler takes it."""
+
+    def __init__(self) -> None:
+        self._sum, self._count = 0.0, 0
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
+
+    def reset(self, engine: Any = None) -> None:
+        self._sum, self._count = 0.0, 0
+
+    def update(self, engine: Any) -> None:
+        from monai.handlers import from_engine
+
+        value = from_engine(["loss"], first=True)(engine.state.output)
+        if isinstance(value, (tuple, list)):  # a batched dict gives a tuple, a list of items the value itself
+            value = value[0]
+        value = float(value.item() if hasattr(value, "item") else value)
+        if np.isfinite(value):
+            self._sum += value
+            self._count += 1
+
+    def mean(self) -> float | None:
+        """The mean loss over the epoch's iterations so far (None before the first)."""
+        return self._sum / self._count if self._count else None
+
+
+def evaluate_after_training(evaluator: Any, ckpt_dir: str, enabled: Any = True) -> bool:
+    """After training, evaluates the best model (``<ckpt_dir>/model.pt``, loaded by the evaluator's
+    ``CheckpointLoader``) on the test split, so the run ends with its report (the bundles' ``test#evaluator``
+    writes ``runs/eval/``). Skipped, with a log line, when disabled, on other ranks than 0, without a
+    ``model.pt`` (no validation ran) or with an empty test split. Returns whether it ran."""
+    if not as_bool(enabled, "evaluate_after_training") or _rank_world()[0] != 0:
+        return False
+    if not os.path.isfile(os.path.join(ckpt_dir, "model.pt")):
+        logger.info("no %s: the test split is not evaluated", os.path.join(ckpt_dir, "model.pt"))
+        return False
+    n = len(evaluator.data_loader.dataset)
+    if n == 0:
+        logger.info("the datalist has no test split: nothing evaluated after training")
+        return False
+    logger.info("training done: evaluating the best model (%s) on the %d test images",
+                os.path.join(ckpt_dir, "model.pt"), n)
+    evaluator.run()
+    return True
+
+
+def plot_history(csv_path: str, png_path: str) -> str:
+    """Draws a ``history.csv``: the training loss (left axis) and each validation metric (right axis)
+    against the epoch, into a PNG written atomically. Returns `png_path`."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from hmn.durable import atomic_write
+
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        pts = [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    metrics = [k for k in (rows[0].keys() if rows else []) if k not in ("epoch", "elapsed_s", "train_loss")]
+    fig = Figure(figsize=(6.5, 4.0), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    x, y = series("train_loss") if rows and "train_loss" in rows[0] else ([], [])
+    if x:
+        ax.plot(x, y, marker="o", markersize=3, color="tab:red", label="training loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss", color="tab:red")
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    for i, key in enumerate(metrics):
+        mx, my = series(key)
+        if mx:
+            right.plot(mx, my, marker="s", markersize=3, color=f"C{i}" if i else "tab:blue", label=key)
+    right.set_ylabel("validation metric")
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
+    if handles:
+        ax.legend(handles, labels, loc="center right", fontsize=8)
+    last = rows[-1] if rows else {}
+    ax.set_title(f"learning curve ({len(rows)} epochs, {_duration(float(last.get('elapsed_s') or 0))} of training)",
+                 fontsize=9)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write(png_path, lambda f: f.write(buf.getvalue()), binary=True)
 
 
 def _duration(seconds: float) -> str:

@@ -308,7 +308,25 @@ def test_metric_history_drops_rows_of_epochs_trained_again_and_continues_the_ela
     assert rows[1] == ["1", "10.0", "0.61", ""]
     assert rows[2][0] == "2" and 15.0 <= float(rows[2][1]) < 16.0 and rows[2][2:] == ["0.65", ""]
     assert rows[3][0] == "3" and rows[3][2:] == ["0.7", "0.8"] and len(rows) == 4
-    assert os.listdir(tmp_path) == ["history.csv"]
+    assert sorted(os.listdir(tmp_path)) == ["history.csv", "history.png"]  # no temporary file left
+
+
+def test_metric_history_records_the_epoch_mean_training_loss_and_draws_the_curve(tmp_path):
+    from types import SimpleNamespace
+
+    from hmn.training import EpochLoss, MetricHistory
+
+    loss = EpochLoss()
+    history = MetricHistory(str(tmp_path / "history.csv"), loss=loss)
+    for epoch, losses, auc in ((1, [0.9, 0.7, float("nan")], 0.6), (2, [0.5, 0.3], 0.7)):
+        loss.reset()
+        for value in losses:  # the trainer's output as MONAI's SupervisedTrainer leaves it
+            loss.update(SimpleNamespace(state=SimpleNamespace(output=[{"loss": torch.tensor(value)}])))
+        history(SimpleNamespace(state=SimpleNamespace(epoch=epoch, metrics={"val_auc": auc})))
+    rows = [line.split(",") for line in (tmp_path / "history.csv").read_text().splitlines()]
+    assert rows[0] == ["epoch", "elapsed_s", "train_loss", "val_auc"]
+    assert float(rows[1][2]) == pytest.approx(0.8) and float(rows[2][2]) == pytest.approx(0.4)  # NaN left out
+    assert (tmp_path / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_check_validation_split_names_left_out_classes_once_and_refuses_an_undefined_split(caplog):

@@ -219,6 +219,8 @@ def test_readme_command_trains_and_records_the_curve(trained):
     history = _read_csv(trained / "runs" / "history.csv")
     assert [int(r["epoch"]) for r in history] == [1, 2]
     assert all(0.0 <= float(r["val_auc"]) <= 1.0 for r in history)
+    assert all(float(r["train_loss"]) > 0 for r in history)  # the epoch's mean training loss
+    assert (trained / "runs" / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = torch.load(trained / "models" / "checkpoint_epoch=2.pt", weights_only=True)
     assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model", "early_stop"}
     assert state["trainer"]["epoch_length"] > 0
@@ -406,6 +408,15 @@ def test_multi_process_training_on_gloo(demo_datalist, tmp_path):
     assert not any(k.startswith("module.") for k in state)  # saved unwrapped: loads without DDP
     # one history row: the handlers that write files ran on rank 0 only
     assert [r["epoch"] for r in _read_csv(tmp_path / "runs" / "history.csv")] == ["1"]
+
+
+def test_training_ends_with_the_best_model_evaluated_on_the_test_split(trained, demo_datalist):
+    """The README's command leaves the report of model.pt on the test split in runs/eval/, written before the
+    evaluate workflow ever runs (the fixture only trains)."""
+    report = json.load(open(trained / "runs" / "eval" / "metrics.json"))
+    assert report["n_images"] == len(json.load(open(demo_datalist))["test"])
+    preds = _read_csv(trained / "runs" / "eval" / "predictions.csv")
+    assert len(preds) == report["n_images"] and "age" in preds[0]
 
 
 def test_evaluation_report_files(trained, demo_datalist):
