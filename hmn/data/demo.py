@@ -30,7 +30,10 @@ Public entry points:
 * :data:`DEMO_CLASSES` - the rendered findings, in ChestX-ray14 order and spelling.
 * :func:`make_demo_dataset` ``(root, n_images=900, image_size=256, seed=0, ...) -> path of datalist.json``;
   a second call with the same arguments reuses the files already there.
-* :func:`render_phantom` - one image (float array in [0, 1]) and its findings, without writing files.
+* :func:`render_phantom` - one image (float array in [0, 1]) and its findings, without writing files,
+  optionally with masks of the lung fields and of each nodule and mass drawn.
+* :func:`render_demo_image` - one image of a written demo dataset rendered again, with those masks
+  (the heatmap benchmark checks where the network looked against them).
 * ``python -m hmn demo-data --root DIR`` on the command line.
 """
 
@@ -40,7 +43,9 @@ import csv
 import hashlib
 import json
 import logging
+import time
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -48,7 +53,7 @@ import numpy as np
 
 from .datalist import make_datalist, patient_split, write_datalist
 
-__all__ = ["DEMO_CLASSES", "DEMO_VERSION", "make_demo_dataset", "render_phantom", "PatientAnatomy"]
+__all__ = ["DEMO_CLASSES", "DEMO_VERSION", "make_demo_dataset", "render_demo_image", "render_phantom", "PatientAnatomy"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +163,7 @@ def render_phantom(
     rng: np.random.Generator,
     size: int = 256,
     findings: Sequence[str] = (),
+    masks: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict[str, str]]:
     """Renders one synthetic frontal chest radiograph.
 
@@ -167,6 +173,9 @@ def render_phantom(
         size: image side in pixels.
         findings: which of "Effusion", "Mass", "Nodule", "Pneumothorax" to draw (cardiomegaly follows
             from ``anatomy.ctr``).
+        masks: a dict to fill with ``size x size`` boolean masks of what was drawn: ``"lung"`` (aerated
+            lung, where nodules and masses are placed), ``"Nodule"`` and ``"Mass"`` (the pixels a lesion
+            made denser; present when drawn). The image and the random draws are the same with or without it.
 
     Returns:
         (image as float32 in [0, 1], air dark; details of what was drawn, for the manifest).
@@ -308,6 +317,8 @@ def render_phantom(
 
     # nodules and masses: projected spheres (lobulated for masses) inside the aerated lung
     candidates = np.nonzero(aerated > 0.95)
+    if masks is not None:
+        masks["lung"] = aerated > 0.5
 
     def place(radius: float) -> tuple[float, float] | None:
         ys, xs = candidates
@@ -337,6 +348,8 @@ def render_phantom(
             win = window(where[0], where[1], r * 1.05)
             rr = np.sqrt((u[win] - where[0]) ** 2 + (v[win] - where[1]) ** 2) / r
             dens[win] += rng.uniform(0.26, 0.38) * np.sqrt(np.clip(1.0 - rr**2, 0.0, 1.0)) ** 0.7
+            if masks is not None:
+                masks.setdefault("Nodule", np.zeros((size, size), bool))[win] |= rr < 1.0
             spots.append(f"{where[0]:.3f}/{where[1]:.3f}/{r:.3f}")
         details["nodules"] = ";".join(spots)
     if "Mass" in findings:
@@ -350,6 +363,8 @@ def render_phantom(
             lob = lob + 0.06 * np.cos(11 * ang + rng.uniform(0, 2 * np.pi))  # an irregular, spiculated edge
             rr = np.sqrt((uu - where[0]) ** 2 + (vv - where[1]) ** 2) / (r * lob)
             dens[win] += rng.uniform(0.3, 0.45) * np.sqrt(np.clip(1.0 - rr**2, 0.0, 1.0)) ** 0.6
+            if masks is not None:
+                masks.setdefault("Mass", np.zeros((size, size), bool))[win] |= rr < 1.0
             details["mass"] = f"{where[0]:.3f}/{where[1]:.3f}/{r:.3f}"
 
     # detector: exponential attenuation, random exposure, gamma, heel effect, noise
@@ -504,9 +519,9 @@ def make_demo_dataset(
         methods = multiprocessing.get_all_start_methods()
         ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
         with ctx.Pool(workers) as pool:
-            results = list(pool.imap(_make_patient, tasks, chunksize=4))
+            results = _with_progress(pool.imap(_make_patient, tasks, chunksize=4), counts, root)
     else:
-        results = [_make_patient(t) for t in tasks]
+        results = _with_progress(map(_make_patient, tasks), counts, root)
     entries = [e for r in results for e in r[0]]
     rows = [row for r in results for row in r[1]]
     splits = patient_split([e["patient_id"] for e in entries], fractions, seed)
@@ -531,21 +546,72 @@ def make_demo_dataset(
     return datalist_path
 
 
+def _patient_anatomy(seed: int, p: int) -> tuple[PatientAnatomy, bool]:
+    prng = np.random.default_rng([seed, p, 0])
+    cardio = bool(prng.random() < _P_CARDIOMEGALY)
+    return PatientAnatomy.draw(prng, cardio), cardio
+
+
+def _patient_image(seed: int, p: int, k: int, anatomy: PatientAnatomy, image_size: int,
+                   masks: dict[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, str], list[str], np.random.Generator]:
+    irng = np.random.default_rng([seed, p, k + 1])
+    present = [name for name, prob in _PREVALENCE.items() if irng.random() < prob]
+    img, details = render_phantom(anatomy, irng, image_size, present, masks=masks)
+    return img, details, present, irng
+
+
+def render_demo_image(
+    image: str, seed: int = 0, image_size: int = 256
+) -> tuple[np.ndarray, dict[str, str], dict[str, np.ndarray]]:
+    """Renders again one image of a demo dataset made by :func:`make_demo_dataset` with `seed` and
+    `image_size`, with the masks of what was drawn (see :func:`render_phantom`).
+
+    Args:
+        image: the image's file name or path (``P00012_03.png`` / ``.dcm``: patient 12, image 3).
+
+    Returns:
+        (image as float32 in [0, 1] before the file's quantization, details as in ``manifest.csv``, masks).
+
+    Raises:
+        ValueError: the name is not one the demo writes.
+    """
+    m = re.fullmatch(r"P(\d{5})_(\d{2})", os.path.splitext(os.path.basename(os.fspath(image)))[0])
+    if m is None:
+        raise ValueError(f"{image!r} is not a demo image name (P<5 digits>_<2 digits>.png or .dcm)")
+    p, k = int(m.group(1)), int(m.group(2))
+    masks: dict[str, np.ndarray] = {}
+    img, details, _, _ = _patient_image(int(seed), p, k, _patient_anatomy(int(seed), p)[0], int(image_size), masks)
+    return img, details, masks
+
+
+def _with_progress(results, counts: list[int], root: str) -> list:
+    """Collects the patients' results, logging how many images are written every ~10 % and at the end
+    (writing the default set takes a minute or two on a small machine: the user sees it move)."""
+    total, done, out = sum(counts), 0, []
+    start, next_mark = time.time(), 0.1
+    logger.info("writing %d synthetic demo images to %s ...", total, root)
+    for count, r in zip(counts, results):
+        out.append(r)
+        done += count
+        if done >= next_mark * total and done < total:
+            elapsed = time.time() - start
+            logger.info("demo images: %d / %d (%.0f s, about %.0f s left)", done, total, elapsed,
+                        elapsed * (total - done) / done)
+            next_mark = (int(10 * done / total) + 1) / 10
+    return out
+
+
 def _make_patient(task: tuple) -> tuple[list[dict], list[dict]]:
     """Renders and writes all images of one synthetic patient (a module-level function, for worker processes)."""
     seed, p, count, image_size, img_dir = task
     pid = f"P{p:05d}"
-    prng = np.random.default_rng([seed, p, 0])
     # metadata from streams of their own, so the images and findings stay those of demo version 1
     mrng = np.random.default_rng([seed, p, 1_000_000])
     sex, age = ("F", "M")[int(mrng.integers(2))], int(mrng.integers(18, 91))
-    cardio = bool(prng.random() < _P_CARDIOMEGALY)
-    anatomy = PatientAnatomy.draw(prng, cardio)
+    anatomy, cardio = _patient_anatomy(seed, p)
     entries, rows = [], []
     for k in range(count):
-        irng = np.random.default_rng([seed, p, k + 1])
-        present = [name for name, prob in _PREVALENCE.items() if irng.random() < prob]
-        img, details = render_phantom(anatomy, irng, image_size, present)
+        img, details, present, irng = _patient_image(seed, p, k, anatomy, image_size)
         fmt = _FORMATS[int(irng.integers(len(_FORMATS)))]
         stem = f"{pid}_{k:02d}"
         name = stem + (".dcm" if fmt.startswith("dicom") else ".png")
