@@ -161,3 +161,37 @@ def test_render_phantom_shapes():
     _, with_all = demo.render_phantom(anatomy, np.random.default_rng(1), 128, ["Nodule", "Mass", "Effusion", "Pneumothorax"])
     assert {"nodules", "mass", "effusion_sides", "pneumothorax"} <= set(with_all)
     assert "SYNTHETIC" in demo.__doc__
+
+
+def test_lesion_masks_match_the_manifest_and_change_nothing(tmp_path):
+    """The masks of render_phantom (used by the heatmap benchmark) lie where the manifest says the lesions are,
+    the images and draws are the same with or without them, and render_demo_image gives a written image again."""
+    anatomy = demo.PatientAnatomy.draw(np.random.default_rng(0), cardiomegaly=False)
+    findings = ["Nodule", "Mass"]
+    plain, details = demo.render_phantom(anatomy, np.random.default_rng(5), 128, findings)
+    masks = {}
+    img, details2 = demo.render_phantom(anatomy, np.random.default_rng(5), 128, findings, masks=masks)
+    assert np.array_equal(img, plain) and details == details2
+    assert set(masks) == {"lung", "Nodule", "Mass"} and all(m.shape == (128, 128) and m.dtype == bool for m in masks.values())
+    yy, xx = (np.mgrid[0:128, 0:128] + 0.5) / 128
+    near = np.zeros((128, 128), bool)
+    for spot in details["nodules"].split(";"):
+        u, v, r = map(float, spot.split("/"))
+        disk = (xx - u) ** 2 + (yy - v) ** 2 < (r * 0.95) ** 2  # the manifest rounds to 3 decimals
+        assert masks["Nodule"][disk].all()
+        near |= (xx - u) ** 2 + (yy - v) ** 2 <= (r * 1.05) ** 2
+    assert not masks["Nodule"][~near].any()
+    u, v, r = map(float, details["mass"].split("/"))
+    mass_r = np.sqrt((xx - u) ** 2 + (yy - v) ** 2)[masks["Mass"]]
+    assert mass_r.min() < 1.0 / 128 and mass_r.max() < 1.6 * r  # lobulated around the recorded centre
+    assert masks["lung"][masks["Mass"]].mean() > 0.9 and 0.1 < masks["lung"].mean() < 0.6
+
+    datalist = make_demo_dataset(tmp_path, n_images=6, image_size=64, seed=3, workers=1)
+    for row in _manifest(datalist).values():
+        again, det, _ = demo.render_demo_image(row["image"], seed=3, image_size=64)
+        assert det and all(row[k] == v for k, v in det.items())  # ctr, and the lesions where drawn
+        if row["format"] == "png8":
+            written = np.asarray(Image.open(tmp_path / row["image"]), dtype=np.float32) / 255
+            assert np.abs(written - again).max() <= 0.5 / 255 + 1e-6
+    with pytest.raises(ValueError, match="not a demo image name"):
+        demo.render_demo_image("chest.png")
