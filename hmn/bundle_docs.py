@@ -175,6 +175,17 @@ Predict over a folder (searched recursively; DICOM, PNG, JPEG) or a datalist JSO
 The class names, image size and network come from the model's run record (`models/run.json`); a model
 without one (trained before run records) gets the demo's classes unless `--class_names` is given.
 
+Heatmaps (Grad-CAM, `hmn.explain`): `--heatmaps True` also writes, per image, one overlay PNG (the map over
+the grey network input, the finding and its probability in the title) and the raw map (`.npy`) for each
+finding at or above its threshold. `--heatmap_findings` is `all` or a list (`"['Mass','Nodule']"`);
+`--heatmap_thresholds` a probability for every finding (default 0.5) or an evaluation `metrics.json`, whose
+per-finding thresholds are then used; `--heatmap_levels` `finest` (the stride-8 pyramid level after
+attention, the default) or `all` (every level, about three times the cost); `--heatmap_dir` the folder
+(default `runs/heatmaps`). Grad-CAM needs a backward pass per image and finding. One image from the
+command line: `python -m hmn explain IMAGE --bundle-root {root} [--findings Mass Nodule] [--out DIR]
+[--thresholds metrics.json] [--rollout]` (`--rollout`: the attention rollout, for models with `self` or
+`cross_scale` attention; CBAM moves nothing between positions and has none).
+
 Export TorchScript (traced) from the trained weights (the network from the run record, through
 `inference.json`; use the image size the model was trained at). The metadata embedded is the file given:
 this template's describes the demo model, the packed bundle's (below) describes the trained one:
@@ -236,6 +247,13 @@ Evaluation, in `runs/eval/`:
 Inference: one CSV (`--output_file`), one row per image: `image, error, <class>...` (probabilities).
 Rows are written as the run goes, so a stopped run keeps what it wrote; an unreadable file gets a row
 with its error message and empty probabilities, and the run continues.
+With `--heatmaps True`, in `heatmap_dir`: `<id>/<finding>.png` and `<id>/<finding>.npy` (float32, the
+network input's height and width, values in [0, 1], each map divided by its maximum) per image and finding
+at or above its threshold, where `<id>` is the first 16 hex digits of the SHA-256 of the image's path: no
+DICOM attribute and nothing readable from the path goes into a file name or a picture, and the PNGs carry
+no text chunks. `heatmaps.csv` lists them, one row per finding: `image, id, finding, probability, threshold,
+png, npy`. An iteration's heatmaps are written (each file atomically) before its CSV rows, so a stopped run
+never has a predictions row whose heatmaps are missing.
 
 ## Figures
 

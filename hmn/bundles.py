@@ -647,6 +647,13 @@ def inference_config(name: str) -> dict:
         "dataset_dir": "$hmn.data.cli.default_demo_root()",
         "input": "@dataset_dir",
         "output_file": "$os.path.join(@output_dir, 'predictions.csv')",
+        # Grad-CAM heatmaps (hmn.explain): per image, an overlay PNG and a .npy per chosen finding at or above its
+        # threshold (a number, or an evaluation metrics.json's per-finding thresholds), named by a hash of the path
+        "heatmaps": False,
+        "heatmap_dir": "$os.path.join(@output_dir, 'heatmaps')",
+        "heatmap_findings": "all",
+        "heatmap_thresholds": 0.5,
+        "heatmap_levels": "finest",
         # the model is rebuilt from its run record (models/run.json); the demo's classes without one
         "use_run_record": True,
         "model_sha256": "",
@@ -679,6 +686,18 @@ def inference_config(name: str) -> dict:
         "postprocessing": {"_target_": "Compose", "transforms": []},
         "handlers": [
             {"_target_": "CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')", "load_dict": {"model": "@network"}, "map_location": "@device"},
+            # before the CSV writer: an iteration's heatmaps are on disk before its rows (see HeatmapWriter)
+            {
+                "_target_": "hmn.handlers.HeatmapWriter",
+                "enabled": "@heatmaps",
+                "output_dir": "@heatmap_dir",
+                "network": "@network",
+                "class_names": "@class_names",
+                "num_classes": "@num_classes",
+                "findings": "@heatmap_findings",
+                "thresholds": "@heatmap_thresholds",
+                "levels": "@heatmap_levels",
+            },
             {
                 "_target_": "hmn.handlers.PredictionCSVWriter",
                 "output_file": "@output_file",

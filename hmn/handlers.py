@@ -9,6 +9,7 @@ of per-image input dicts, whose ``"image"`` MetaTensor carries the source path i
 * :class:`EvaluationReportHandler` (evaluate.json) collects predictions, labels and paths and, when
   the run completes, writes the report of :func:`hmn.evaluation.write_report`.
 * :class:`PredictionCSVWriter` (inference.json) appends one row per image after every iteration.
+* :class:`HeatmapWriter` (inference.json, ``heatmaps``) writes Grad-CAM overlays and maps per image and finding.
 
 Under ``torchrun`` the report handler gathers every rank's predictions and rank 0 writes the report
 (use a sampler that does not pad, e.g. ``monai.data.DistributedSampler(even_divisible=False)``, or
@@ -34,7 +35,7 @@ from hmn.evaluation import atomic_write, compute_report, macro_auc, write_report
 from hmn.inference import read_prediction_rows
 from hmn.training import _rank_world
 
-__all__ = ["EvaluationReportHandler", "MacroROCAUC", "PredictionCSVWriter", "stack_pred_label"]
+__all__ = ["EvaluationReportHandler", "HeatmapWriter", "MacroROCAUC", "PredictionCSVWriter", "stack_pred_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -512,3 +513,133 @@ class PredictionCSVWriter:
         level = logging.WARNING if self.errors else logging.INFO
         logger.log(level, "%s: %d rows, %d of this run's images could not be read", self.path, self.rows_written,
                    self.errors)
+
+
+class HeatmapWriter:
+    """Writes Grad-CAM heatmaps during an inference run (:mod:`hmn.explain`): for every readable image, one
+    overlay PNG and one ``.npy`` per chosen finding whose probability is at or above its threshold, under
+    ``output_dir/<id>/<finding>.png|.npy`` with ``<id>`` a hash of the image's path (no DICOM attribute, and
+    nothing readable from the path, goes into a name or a picture), and one row per file pair in
+    ``output_dir/heatmaps.csv`` (columns :data:`hmn.explain.HEATMAP_INDEX_COLUMNS`), appended and synced
+    after each iteration.
+
+    Attach it before :class:`PredictionCSVWriter`: an iteration's heatmaps are then on disk before its CSV
+    rows, so a run stopped in between leaves those images without rows, and a resumed run (which skips
+    images with rows) computes both again. Each file is written atomically.
+
+    Args:
+        output_dir: the heatmap folder (created).
+        network: the evaluator's network (a HybridMedNet, or one wrapped with ``.module``).
+        class_names: the class names, in the network's output order.
+        enabled: False (the bundles' default, ``heatmaps``) attaches nothing.
+        findings: ``"all"`` or a list of class names to explain.
+        thresholds: a probability for every finding, a ``{class: threshold}`` mapping, or the path of an
+            evaluation ``metrics.json`` with per-finding thresholds (:func:`hmn.explain.resolve_thresholds`).
+        levels: Grad-CAM pyramid levels, ``"finest"`` or ``"all"`` (:func:`hmn.explain.gradcam_pairs`).
+        pred_key, image_key, error_key: keys in the engine output / input batch.
+        num_classes: the first `num_classes` outputs are the classes (hierarchical heads add coarse logits).
+        batch_size: (image, finding) pairs per Grad-CAM pass.
+        resume: keep the index of an earlier run (pair with ``PredictionCSVWriter(resume=True)``); by default
+            the index starts afresh (heatmap files already there stay until overwritten).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        network: torch.nn.Module,
+        class_names: Sequence[str],
+        enabled: Any = False,
+        findings: str | Sequence[str] = "all",
+        thresholds: Any = 0.5,
+        levels: str = "finest",
+        pred_key: str = "pred",
+        image_key: str = "image",
+        error_key: str = "error",
+        num_classes: int | None = None,
+        batch_size: int = 8,
+        resume: bool = False,
+    ) -> None:
+        from hmn.explain import GRADCAM_LEVELS, resolve_findings, resolve_thresholds
+        from hmn.training import as_bool
+
+        self.enabled = as_bool(enabled, "heatmaps")
+        self.reader = _PredictionReader(class_names, pred_key, True, num_classes)
+        self.class_names = self.reader.class_names
+        self.output_dir = os.fspath(output_dir)
+        self.network = getattr(network, "module", network)
+        self.image_key, self.error_key = image_key, error_key
+        if levels not in GRADCAM_LEVELS:
+            raise ValueError(f"heatmap levels must be one of {GRADCAM_LEVELS}, got {levels!r}")
+        self.levels, self.batch_size, self.resume = levels, int(batch_size), as_bool(resume, "resume")
+        self.findings = resolve_findings(findings, self.class_names)
+        self.thresholds = resolve_thresholds(thresholds, self.class_names)
+        self.files_written = 0
+        self._seen = 0
+
+    @property
+    def index_file(self) -> str:
+        rank, world = _rank_world()
+        return os.path.join(self.output_dir, "heatmaps.csv" if world == 1 else f"heatmaps.rank{rank}.csv")
+
+    def attach(self, engine: Any) -> None:
+        """Registers the handler on `engine` (STARTED: start the index, ITERATION_COMPLETED: write); nothing when
+        not `enabled`."""
+        if not self.enabled:
+            return
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.start)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.write)
+        engine.add_event_handler(Events.COMPLETED, self.finish)
+
+    def start(self, engine: Any = None) -> None:
+        """Starts the index afresh unless `resume` (the files of an earlier run stay until overwritten)."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        if not self.resume and os.path.exists(self.index_file):
+            os.remove(self.index_file)
+        self.files_written, self._seen = 0, 0
+        logger.info("heatmaps of %s at or above %s into %s",
+                    ", ".join(self.class_names[k] for k in self.findings),
+                    ", ".join(f"{self.thresholds[k]:.3g}" for k in self.findings), self.output_dir)
+
+    def write(self, engine: Any) -> None:
+        """Computes and writes the current iteration's heatmaps, then appends their index rows."""
+        from hmn.explain import append_index, gradcam_pairs, write_heatmaps
+
+        device = next(self.network.parameters()).device
+        images, paths, probs, pairs = [], [], [], []
+        for batch_item, output_item in _iteration_items(engine):
+            items = (batch_item, output_item)
+            path = _image_path(items, self.image_key, f"item_{self._seen}")
+            self._seen += 1
+            if _text(items, self.error_key):
+                continue
+            p = self.reader.probabilities(output_item, path)
+            chosen = [k for k in self.findings if p[k] >= self.thresholds[k]]
+            if not chosen:
+                continue
+            x = next(item[self.image_key] for item in (output_item, batch_item)
+                     if item is not None and isinstance(item.get(self.image_key), torch.Tensor))
+            x = x.as_tensor() if isinstance(x, MetaTensor) else x
+            pairs += [(len(images), k) for k in chosen]
+            images.append(x.detach().to(device, torch.float32))
+            paths.append(path)
+            probs.append(p)
+        if not pairs:
+            return
+        x = torch.stack(images)
+        maps = gradcam_pairs(self.network, x, [i for i, _ in pairs], [k for _, k in pairs], self.levels,
+                             self.batch_size).cpu()
+        rows = []
+        for i, path in enumerate(paths):
+            sel = [j for j, (img, _) in enumerate(pairs) if img == i]
+            ks = [pairs[j][1] for j in sel]
+            rows += write_heatmaps(self.output_dir, path, x[i].cpu(), maps[sel], [self.class_names[k] for k in ks],
+                                   probs[i][ks], self.thresholds[ks])
+        append_index(self.index_file, rows)
+        self.files_written += 2 * len(rows)
+
+    def finish(self, engine: Any = None) -> None:
+        """Logs how many heatmaps were written."""
+        logger.info("%d heatmaps (PNG and .npy) written to %s, listed in %s", self.files_written // 2,
+                    self.output_dir, self.index_file)
