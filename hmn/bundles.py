@@ -474,9 +474,11 @@ def train_config(name: str) -> dict:
             # complete, and the staged best model promoted to model.pt once its epoch's checkpoint is complete.
             "checkpoint": {"_target_": "hmn.checkpoints.AtomicCheckpointSaver", "save_dir": "@ckpt_dir", "save_dict": save_dict,
                            "save_interval": 1, "n_saved": 1, "best_model_saver": "@validate#best_saver"},
-            "epoch_loss": {"_target_": "hmn.training.EpochLoss"},
+            # inline in the handler list, named here by reference: MONAI's check_properties reads every entry of
+            # train#handlers as a dict (a "@..." entry there stops it with a TypeError, so the zoo's checks fail)
+            "epoch_loss": "@train#handlers#0",
             "handlers": [
-                "@train#epoch_loss",
+                {"_target_": "hmn.training.EpochLoss"},
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "epoch_level": False, "print_lr": False},
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True, "interval": "@val_interval"},
                 {"_target_": "hmn.data.SkippedFilesReport", "dataset": "@train#dataset"},
