@@ -666,6 +666,14 @@ def explain_main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # a file that cannot be read comes wrapped by MONAI's Compose
+        from hmn.data.dataset import find_read_error
+        from hmn.inference import error_message
+
+        if find_read_error(e) is None:
+            raise
+        print(f"error: {error_message(e, args.image)}", file=sys.stderr)
+        return 1
     print(f"{args.image} (id {result['id']}):")
     for name, p in result["probabilities"].items():
         print(f"  {name:<24} {p:.4f}")

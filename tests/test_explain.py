@@ -281,3 +281,7 @@ def test_explain_cli_end_to_end(tmp_path, capsys):
 
     assert explain_main([dicom, "--bundle-root", str(tmp_path / "b"), "--findings", "Nodul"]) == 1
     assert "'Nodul'" in capsys.readouterr().err
+    (tmp_path / "broken.dcm").write_bytes(b"DICM" * 10)
+    assert explain_main([str(tmp_path / "broken.dcm"), "--bundle-root", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "broken.dcm" in err and len(err.strip().splitlines()) == 1
