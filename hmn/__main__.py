@@ -13,6 +13,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "bundles": ("hmn.bundles:main", "write (or --check) the MONAI bundles under bundles/ from the template"),
     "pack-bundle": ("hmn.bundles:pack_main", "zip a bundle with its trained models/model.pt for sharing"),
+    "fetch-large-files": ("hmn.bundles:fetch_main",
+                          "download and hash-check the files an unpacked bundle's large_files.yml links (model.pt)"),
     "datalist": ("hmn.data.cli:datalist_main", "write a datalist JSON from NIH, CheXpert, MIMIC-CXR, PadChest, VinDr-CXR, RSNA tables, class folders or a MONAI JSON"),
     "demo-data": ("hmn.data.cli:demo_main", "write (or reuse) the synthetic demo chest-radiograph dataset"),
     "bench": ("hmn.bench:bench_main", "training/inference speed and peak memory of HybridMedNet against the bare backbone"),

@@ -25,17 +25,33 @@ from hmn.networks.backbones import get_backbone_spec
 from hmn.runs import MODEL_SETTINGS, SCHEDULE_SETTINGS
 
 __all__ = ["BUNDLES", "BundleRow", "bundle_files", "check_bundles", "check_overrides", "download_bundle", "error_summary",
-           "install_error_summary", "main", "pack_bundle", "write_bundles", "SCHEMA_URL"]
+           "install_error_summary", "main", "pack_bundle", "write_bundles", "SCHEMA_URL",
+           "HASH_TYPES", "LARGE_FILES", "PLACEHOLDER_URL", "REQUIRED_PACKAGES", "TESTED_WITH", "ZOO_FILE_LIMIT",
+           "fetch_large_files", "file_hash", "installed_versions", "large_files_text", "read_large_files"]
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
-"""The MONAI bundle metadata schema that ``metadata.json`` names; the project ships its own offline copy
-of the fields it checks in ``bundles/meta_schema.json`` (see the README)."""
+"""The MONAI bundle metadata schema that ``metadata.json`` names (the MONAI model zoo's CI downloads it and
+validates against it; the tests hold a copy, tests/bundles/data/); the project also ships its own stricter
+offline check of the fields it fills in, ``bundles/meta_schema.json`` (see the README)."""
 
 SELF_CROSS = ["self", "cross_scale"]
 
 # The versions the bundles were generated and tested with (fixed here, not read from the running
-# environment, so that the generated files do not change from one machine to the next).
-TESTED_WITH = {"monai": "1.6.1", "torch": "2.14.1", "numpy": "2.4.6"}
+# environment, so that the generated files do not change from one machine to the next). Exact versions:
+# the MONAI model zoo's CI turns each metadata entry into a pip line "name==value" (ci/get_bundle_requirements.py),
+# so a range such as ">=3.0" would become the invalid "pydicom==>=3.0". A packed bundle records the versions
+# installed where it was packed instead (installed_versions).
+TESTED_WITH = {"monai": "1.6.1", "torch": "2.14.1", "numpy": "2.4.6", "pydicom": "3.0.2", "timm": "1.0.31",
+               "pytorch-ignite": "0.5.5"}
+# metadata key -> distribution name; the packages of required_packages_version are those TESTED_WITH lists
+# beyond these three. The project itself (distribution "hybridmednet") is not among them: no package index has
+# it, and one line pip cannot install would fail the zoo's whole requirements file; the metadata's description
+# and docs/README.md say how to install it.
+_VERSION_KEYS = {"monai_version": "monai", "pytorch_version": "torch", "numpy_version": "numpy"}
+REQUIRED_PACKAGES = ("pydicom", "timm", "pytorch-ignite")
+INSTALL_NOTE = ("Needs the hybridmednet package (the configs name hmn.* targets), which is not on a package index: "
+                "install it from the project's source tree (pip install <path or git URL of HybridMedNet>), as "
+                "docs/README.md says under 'Sharing and the MONAI model zoo'.")
 
 
 @dataclass(frozen=True)
@@ -766,16 +782,14 @@ def metadata(name: str) -> dict:
         "pytorch_version": TESTED_WITH["torch"],
         "numpy_version": TESTED_WITH["numpy"],
         # MONAI renames the older "optional_packages_version" to this key (with a warning), so there is one.
-        "required_packages_version": {
-            "hybridmednet": __version__, "pydicom": ">=3.0", "timm": ">=1.0.9", "pytorch-ignite": ">=0.5",
-        },
+        "required_packages_version": {k: TESTED_WITH[k] for k in REQUIRED_PACKAGES},
         "name": f"HybridMedNet {name}",
         "task": "Multi-label classification of findings on chest radiographs",
         "description": (
             f"HybridMedNet over a {spec.description or name} backbone ({spec.params_m}M parameters as an ImageNet "
             f"classifier): feature pyramid, {' + '.join(row.attention)} attention, adaptive multi-scale fusion "
             "and a multi-label head. The default data is the project's SYNTHETIC demo dataset; no accuracy on "
-            "real radiographs is claimed."
+            "real radiographs is claimed. " + INSTALL_NOTE
         ),
         "authors": "HybridMedNet developers",
         "copyright": "Copyright (c) HybridMedNet developers",
@@ -919,12 +933,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def packed_metadata(metadata: dict, record: dict) -> dict:
+def installed_versions(packages: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The installed version of each distribution in `packages` (default: those of :data:`TESTED_WITH`), as
+    exact public versions (a local label such as ``+cu130`` dropped: no package index serves it). A package
+    that is not installed keeps its :data:`TESTED_WITH` version, with a warning naming it."""
+    import importlib.metadata
+    import logging
+
+    out = {}
+    for dist in packages or tuple(TESTED_WITH):
+        try:
+            out[dist] = importlib.metadata.version(dist).split("+", 1)[0]
+        except importlib.metadata.PackageNotFoundError:
+            logging.getLogger(__name__).warning("%s is not installed here: the packed metadata names the tested "
+                                                "version %s", dist, TESTED_WITH.get(dist))
+            if dist in TESTED_WITH:
+                out[dist] = TESTED_WITH[dist]
+    return out
+
+
+def packed_metadata(metadata: dict, record: dict, versions: dict[str, str] | None = None) -> dict:
     """``metadata.json`` describing the trained model of run record `record`, as MONAI model-zoo bundles do:
     the input's channels and spatial shape, and the output's channels with a ``channel_def`` naming each
-    class (then each coarse group of a hierarchical head)."""
+    class (then each coarse group of a hierarchical head).
+
+    `versions` (distribution -> exact version, e.g. :func:`installed_versions`) replaces the template's
+    ``monai_version``, ``pytorch_version``, ``numpy_version`` and the ``required_packages_version`` entries it
+    names, so that the packed bundle says what it was packed with; None keeps the template's."""
     settings = record["settings"]
     out = json.loads(json.dumps(metadata))
+    for key, dist in _VERSION_KEYS.items():
+        if versions and dist in versions:
+            out[key] = versions[dist]
+    required = out.get("required_packages_version", {})
+    for dist in required:
+        if versions and dist in versions:
+            required[dist] = versions[dist]
     fmt = out.setdefault("network_data_format", {})
     image = fmt.setdefault("inputs", {}).setdefault("image", {})
     image["num_channels"] = int(settings.get("in_channels", 1))
@@ -981,26 +1025,92 @@ def packed_inference_config(config: dict, record: dict, model_sha256: str = "") 
     return out
 
 
+# Files over this size the MONAI model zoo does not take into its repository: they are linked from
+# large_files.yml (the zoo's CONTRIBUTING.md, "Model storage": 25 MB).
+ZOO_FILE_LIMIT = 25_000_000
+LARGE_FILES = "large_files.yml"
+# what a packed bundle's large_files.yml says while the packer has given no URL; fetch_large_files refuses it
+PLACEHOLDER_URL = "<upload models/model.pt and put its download URL here>"
+HASH_TYPES = ("md5", "sha1", "sha256", "sha512")  # what MONAI's download_url (and so the zoo's CI) checks
+
+
+def file_hash(path: str | os.PathLike, hash_type: str = "sha256") -> str:
+    """The hex digest of the file at `path` (read in 1 MiB blocks).
+
+    Raises:
+        ValueError: `hash_type` is not one of :data:`HASH_TYPES`.
+    """
+    import hashlib
+
+    if hash_type not in HASH_TYPES:
+        raise ValueError(f"hash type {hash_type!r} is not supported; accepted: {', '.join(HASH_TYPES)}")
+    h = hashlib.new(hash_type)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def large_files_text(entries: list[dict[str, str]]) -> str:
+    """``large_files.yml`` listing `entries` (``path``, ``url``, ``hash_val``, ``hash_type`` each), in the MONAI
+    model zoo's layout, with a comment saying what the file is for and what to fill in."""
+    import yaml
+
+    head = (
+        "# Files of this bundle that are linked rather than included (the MONAI model zoo's large_files.yml).\n"
+        "# Each is downloaded to `path` (relative to the bundle folder) and checked against `hash_val` by\n"
+        "# `python -m hmn fetch-large-files BUNDLE_FOLDER`, hmn.bundles.download_bundle and the zoo's CI.\n"
+        f"# A url of {PLACEHOLDER_URL!r} is a placeholder: upload the file and put its download URL there.\n"
+    )
+    return head + yaml.safe_dump({"large_files": entries}, sort_keys=False, default_flow_style=False, width=1000)
+
+
 def pack_bundle(name: str, zip_path: str | os.PathLike, models_dir: str | os.PathLike | None = None,
-                bundles_dir: str | os.PathLike = "bundles") -> str:
+                bundles_dir: str | os.PathLike = "bundles", link_weights: bool = False, weights_url: str | None = None,
+                hash_type: str = "sha256") -> str:
     """Zips bundle ``name`` (configs, docs, LICENSE) with the trained ``models/model.pt`` and its run record
     ``models/run.json`` for sharing.
 
-    The archive holds one top-level folder ``<name>/``, the layout ``monai.bundle.download`` extracts.
-    ``models_dir`` is where the trained ``model.pt`` and ``run.json`` lie (default: the bundle's own
-    ``models/``); the full-state ``checkpoint_epoch=*.pt`` files are left out. The packed configs read the
-    run record (:mod:`hmn.runs`), so evaluation, inference and ``monai.bundle.load`` rebuild the trained
-    model; ``configs/metadata.json`` is rewritten to describe it (:func:`packed_metadata`) and
-    ``configs/inference.json`` carries the recorded settings itself (:func:`packed_inference_config`).
+    The archive holds one top-level folder ``<name>/``, the layout ``monai.bundle.download`` extracts and the
+    MONAI model zoo's ``models/<name>/``: ``configs/metadata.json``, ``configs/inference.json``, ``LICENSE``
+    and the weights at ``models/model.pt`` (the zoo's CI requires these). ``models_dir`` is where the trained
+    ``model.pt`` and ``run.json`` lie (default: the bundle's own ``models/``); the full-state
+    ``checkpoint_epoch=*.pt`` files are left out. The packed configs read the run record (:mod:`hmn.runs`), so
+    evaluation, inference and ``monai.bundle.load`` rebuild the trained model; ``configs/metadata.json`` is
+    rewritten to describe it and to name the package versions installed here (:func:`packed_metadata`,
+    :func:`installed_versions`), and ``configs/inference.json`` carries the recorded settings itself
+    (:func:`packed_inference_config`).
+
+    Args:
+        name: a bundle of :data:`BUNDLES`.
+        zip_path: the archive to write (its folder is created).
+        models_dir: the folder of ``model.pt`` and ``run.json``.
+        bundles_dir: the folder of the generated bundles.
+        link_weights: leave ``models/model.pt`` out of the archive and write ``large_files.yml`` at the
+            bundle's root instead (the zoo links files over 25 MB): ``path`` ``models/model.pt``, ``url``
+            `weights_url` or :data:`PLACEHOLDER_URL`, and ``hash_val`` / ``hash_type`` computed here.
+            The file to upload is ``models_dir/model.pt`` itself.
+        weights_url: where ``model.pt`` will be downloaded from; giving it implies `link_weights`.
+        hash_type: the digest written to ``large_files.yml``: one of :data:`HASH_TYPES` (the zoo's own
+            files use md5).
 
     Raises:
         FileNotFoundError: no bundle `name`, no ``model.pt``, or no ``run.json`` beside it (without the
             record a packed bundle could not know the model's classes and image size).
+        ValueError: `hash_type` is not one of :data:`HASH_TYPES`, or `weights_url` is empty or not an
+            http(s), ftp or file URL.
     """
     import zipfile
+    from urllib.parse import urlparse
 
     from hmn.runs import RUN_RECORD, read_run_record
 
+    if hash_type not in HASH_TYPES:
+        raise ValueError(f"hash type {hash_type!r} is not supported; accepted: {', '.join(HASH_TYPES)}")
+    if weights_url is not None:
+        if urlparse(weights_url).scheme not in ("http", "https", "ftp", "file"):
+            raise ValueError(f"weights URL {weights_url!r} is not an http(s), ftp or file URL")
+        link_weights = True
     src = Path(bundles_dir) / name
     if not (src / "configs" / "train.json").is_file():
         raise FileNotFoundError(f"{src} is not a bundle (no configs/train.json); known bundles: {', '.join(BUNDLES)}")
@@ -1015,16 +1125,14 @@ def pack_bundle(name: str, zip_path: str | os.PathLike, models_dir: str | os.Pat
             "image size and architecture (training writes it; a model trained before run records can be recorded "
             "with hmn.runs.write_run_record)"
         )
-    import hashlib
-
-    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    sha = file_hash(model, "sha256")
     zip_path = Path(zip_path)
     zip_path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         for rel in bundle_files(name):
             if rel == "configs/metadata.json":
                 meta = json.loads((src / rel).read_text())
-                zf.writestr(f"{name}/{rel}", json.dumps(packed_metadata(meta, record), indent=4) + "\n")
+                zf.writestr(f"{name}/{rel}", json.dumps(packed_metadata(meta, record, installed_versions()), indent=4) + "\n")
             elif rel == "configs/inference.json":
                 config = json.loads((src / rel).read_text())
                 zf.writestr(f"{name}/{rel}", json.dumps(packed_inference_config(config, record, sha), indent=4) + "\n")
@@ -1033,7 +1141,12 @@ def pack_bundle(name: str, zip_path: str | os.PathLike, models_dir: str | os.Pat
                 zf.writestr(f"{name}/{rel}", json.dumps(packed_config(config, record, sha), indent=4) + "\n")
             else:
                 zf.write(src / rel, f"{name}/{rel}")
-        zf.write(model, f"{name}/models/model.pt")
+        if link_weights:
+            entry = {"path": "models/model.pt", "url": weights_url or PLACEHOLDER_URL,
+                     "hash_val": sha if hash_type == "sha256" else file_hash(model, hash_type), "hash_type": hash_type}
+            zf.writestr(f"{name}/{LARGE_FILES}", large_files_text([entry]))
+        else:
+            zf.write(model, f"{name}/models/model.pt")
         # the recipient has their own data: the local datalist path stays here
         shared = {**record, "settings": {k: v for k, v in record["settings"].items() if k != "datalist"}}
         zf.writestr(f"{name}/models/{RUN_RECORD}", json.dumps(shared, indent=1) + "\n")
@@ -1041,34 +1154,169 @@ def pack_bundle(name: str, zip_path: str | os.PathLike, models_dir: str | os.Pat
 
 
 def pack_main(argv: list[str] | None = None) -> int:
-    """``python -m hmn pack-bundle NAME ZIP [--models-dir DIR]``."""
-    import hashlib
-
+    """``python -m hmn pack-bundle NAME ZIP [--models-dir DIR] [--link-weights] [--weights-url URL] [--hash-type T]``."""
     p = argparse.ArgumentParser(prog="python -m hmn pack-bundle",
                                 description="Zip a bundle with its trained model.pt and run record.")
     p.add_argument("name", choices=list(BUNDLES))
     p.add_argument("zip", help="output .zip")
     p.add_argument("--models-dir", default=None, help="folder holding model.pt and run.json (default: bundles/NAME/models)")
     p.add_argument("--bundles-dir", default="bundles")
+    p.add_argument("--link-weights", action="store_true",
+                   help="leave models/model.pt out of the zip and write large_files.yml (its URL, hash and hash type) "
+                   "instead, as the MONAI model zoo wants for files over 25 MB")
+    p.add_argument("--weights-url", default=None,
+                   help="where model.pt will be downloaded from (implies --link-weights; without it large_files.yml "
+                   "holds a placeholder that the loaders refuse until it is filled in)")
+    p.add_argument("--hash-type", default="sha256", choices=HASH_TYPES,
+                   help="digest of model.pt in large_files.yml (default: %(default)s; the zoo's own files use md5)")
     args = p.parse_args(argv)
     try:
-        path = pack_bundle(args.name, args.zip, args.models_dir, args.bundles_dir)
+        path = pack_bundle(args.name, args.zip, args.models_dir, args.bundles_dir, link_weights=args.link_weights,
+                           weights_url=args.weights_url, hash_type=args.hash_type)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    md5 = hashlib.md5(Path(path).read_bytes()).hexdigest()
+    md5 = file_hash(path, "md5")
+    model = Path(args.models_dir or Path(args.bundles_dir) / args.name / "models") / "model.pt"
     print(f"wrote {path}")
     print(f"md5 {md5}: give it to the download, hmn.bundles.download_bundle(url, bundle_dir, {args.name!r}, hash_val={md5!r})")
+    if args.link_weights or args.weights_url:
+        where = args.weights_url or f"an address of your choice, then replace the placeholder url in {args.name}/{LARGE_FILES}"
+        print(f"models/model.pt is linked, not included: upload {model} ({args.hash_type} in {LARGE_FILES}) to {where}")
+    elif model.stat().st_size > ZOO_FILE_LIMIT:
+        print(f"note: {model} is {model.stat().st_size / 1e6:.0f} MB; the MONAI model zoo takes files up to 25 MB: "
+              "pack with --link-weights --weights-url URL for a zoo submission")
+    return 0
+
+
+def _large_files_path(bundle: Path) -> Path | None:
+    # the zoo's CI looks for large_files with these suffixes, the last one found winning
+    found = None
+    for suffix in ("json", "yaml", "yml"):
+        if (bundle / f"large_files.{suffix}").is_file():
+            found = bundle / f"large_files.{suffix}"
+    return found
+
+
+def read_large_files(bundle: str | os.PathLike) -> list[dict[str, str]]:
+    """The entries of the bundle folder's ``large_files.yml`` (or ``.yaml``, ``.json``), checked; [] without one.
+
+    Raises:
+        ValueError: the file is unreadable or not in the zoo's layout: a ``large_files`` list of entries with
+            ``path`` (relative, inside the bundle) and ``url`` text, optional ``hash_val`` and ``hash_type``
+            (one of :data:`HASH_TYPES`), and no other keys; the message names the file and what is accepted.
+    """
+    import yaml
+
+    path = _large_files_path(Path(bundle))
+    if path is None:
+        return []
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is read as YAML too
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path} is not readable YAML/JSON ({type(e).__name__}: {e})") from e
+    entries = data.get("large_files") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f"{path} has no 'large_files' list; accepted: large_files: [{{path, url, hash_val, hash_type}}, ...]")
+    accepted = {"path", "url", "hash_val", "hash_type"}
+    for i, e in enumerate(entries):
+        where = f"{path}, entry {i + 1}"
+        if not isinstance(e, dict) or not isinstance(e.get("path"), str) or not isinstance(e.get("url"), str):
+            raise ValueError(f"{where}: needs 'path' and 'url' as text, got {e!r}")
+        if set(e) - accepted:
+            raise ValueError(f"{where}: unknown keys {sorted(set(e) - accepted)}; accepted: {', '.join(sorted(accepted))}")
+        rel = Path(e["path"])
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ValueError(f"{where}: path {e['path']!r} must be relative to the bundle folder and stay inside it")
+        if e.get("hash_type") and e["hash_type"] not in HASH_TYPES:
+            raise ValueError(f"{where}: hash_type {e['hash_type']!r} is not supported; accepted: {', '.join(HASH_TYPES)}")
+    return entries
+
+
+def fetch_large_files(bundle: str | os.PathLike) -> list[str]:
+    """Downloads the files the bundle folder's ``large_files.yml`` links (:func:`read_large_files`) to their
+    ``path`` and checks each against its ``hash_val``; a file already there is checked, not downloaded
+    again. Returns the files' paths ([] for a bundle without ``large_files.yml``).
+
+    Raises:
+        FileNotFoundError: `bundle` is not a folder.
+        ValueError: the list is malformed, or an entry's ``url`` is :data:`PLACEHOLDER_URL` (or any text that is
+            no http(s), ftp or file URL) while its file is absent: the message names the file and says what
+            to fill in.
+        RuntimeError: a download failed, or a file's digest differs from ``hash_val`` (the message names both).
+    """
+    from urllib.parse import urlparse
+
+    from monai.apps import download_url
+
+    bundle = Path(bundle)
+    if not bundle.is_dir():
+        raise FileNotFoundError(f"{bundle} is not a folder: give the unpacked bundle's folder (the one holding configs/)")
+    entries = read_large_files(bundle)
+    listed = _large_files_path(bundle)
+    out = []
+    for e in entries:
+        target = bundle / e["path"]
+        hash_val, hash_type = e.get("hash_val") or None, e.get("hash_type") or "md5"
+        if not target.is_file() and urlparse(e["url"]).scheme not in ("http", "https", "ftp", "file"):
+            what = "the placeholder" if e["url"] == PLACEHOLDER_URL else "not a URL:"
+            raise ValueError(
+                f"{listed}: the url of {e['path']} is {what} {e['url']!r}, so {target} cannot be downloaded. Put the "
+                f"file's download address in 'url' (the packer: python -m hmn pack-bundle ... --weights-url URL), or "
+                f"copy the file to {target}" + (f" ({hash_type} {hash_val})" if hash_val else "")
+            )
+        if hash_val is None:
+            import logging
+
+            logging.getLogger(__name__).warning("%s lists no hash_val for %s: the file is not checked", listed, e["path"])
+        if target.is_file():
+            got = file_hash(target, hash_type) if hash_val else None
+            if got != hash_val:
+                raise RuntimeError(
+                    f"{listed}: {target} is there but its {hash_type} is {got}, not the {hash_val} listed for {e['path']}: "
+                    f"it is not the file the bundle was packed with. Delete it to download it again, or copy in the right file"
+                )
+            out.append(str(target))
+            continue
+        try:
+            download_url(url=e["url"], filepath=str(target), hash_val=hash_val, hash_type=hash_type, progress=False)
+        except (RuntimeError, OSError, ValueError) as err:
+            raise RuntimeError(f"{listed}: {e['path']} from {e['url']}: {err}") from err
+        out.append(str(target))
+    return out
+
+
+def fetch_main(argv: list[str] | None = None) -> int:
+    """``python -m hmn fetch-large-files BUNDLE_FOLDER``: :func:`fetch_large_files`."""
+    p = argparse.ArgumentParser(prog="python -m hmn fetch-large-files",
+                                description="Download and check the files a bundle's large_files.yml links (model.pt).")
+    p.add_argument("bundle", help="the unpacked bundle's folder (the one holding large_files.yml and configs/)")
+    args = p.parse_args(argv)
+    try:
+        files = fetch_large_files(args.bundle)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{len(files)} file(s) present and checked" + "".join(f"\n  {f}" for f in files) if files
+          else f"{args.bundle} links no large files (no large_files.yml)")
     return 0
 
 
 def download_bundle(url: str, bundle_dir: str | os.PathLike, name: str, hash_val: str | None = None,
-                    hash_type: str = "md5") -> str:
-    """Fetches a packed bundle zip from ``url`` into ``bundle_dir/<name>``, checking its hash when given.
+                    hash_type: str = "md5", large_files: bool = True) -> str:
+    """Fetches a packed bundle zip from ``url`` into ``bundle_dir/<name>``, checking its hash when given, then
+    (`large_files`) the files its ``large_files.yml`` links (:func:`fetch_large_files`: ``model.pt`` of a
+    bundle packed with ``--link-weights``), each checked against its own hash.
 
-    ``monai.bundle.download(url=...)`` (MONAI 1.6) takes no hash; this does the same download through
-    ``monai.apps.download_and_extract``, which refuses a file whose ``hash_type`` digest differs from
-    ``hash_val``. Afterwards ``monai.bundle.load(name, bundle_dir=...)`` finds the bundle locally.
+    ``monai.bundle.download(url=...)`` (MONAI 1.6) takes no hash and fetches no large files; this does the
+    same download through ``monai.apps.download_and_extract``, which refuses a file whose ``hash_type``
+    digest differs from ``hash_val``. Afterwards ``monai.bundle.load(name, bundle_dir=...)`` finds the bundle
+    locally.
+
+    Raises:
+        ValueError: the archive holds no ``<name>/configs/``, or its ``large_files.yml`` is malformed or still
+            has the placeholder URL (see :func:`fetch_large_files`).
+        RuntimeError: a download failed or a digest differs.
     """
     from monai.apps import download_and_extract
 
@@ -1079,4 +1327,6 @@ def download_bundle(url: str, bundle_dir: str | os.PathLike, name: str, hash_val
                          hash_type=hash_type, progress=False)
     if not (bundle_dir / name / "configs").is_dir():
         raise ValueError(f"{url} did not contain a bundle folder {name}/ with configs/")
+    if large_files:
+        fetch_large_files(bundle_dir / name)
     return str(bundle_dir / name)

@@ -205,7 +205,7 @@ def check_model_file(ckpt_dir: str | os.PathLike, sha256: str | None, name: str 
 
     Raises:
         FileNotFoundError: the file is missing (the message says to run from the bundle's folder or pass
-            ``--bundle_root``).
+            ``--bundle_root``, or, where the bundle's ``large_files.yml`` links the weights, to fetch them).
         RunRecordMismatchError: it is another file: its predictions would carry this bundle's class names.
     """
     if not sha256:
@@ -214,6 +214,11 @@ def check_model_file(ckpt_dir: str | os.PathLike, sha256: str | None, name: str 
 
     path = os.path.join(os.fspath(ckpt_dir), name)
     if not os.path.isfile(path):
+        bundle = os.path.dirname(os.path.abspath(os.fspath(ckpt_dir)))
+        linked = [f for f in ("large_files.yml", "large_files.yaml", "large_files.json") if os.path.isfile(os.path.join(bundle, f))]
+        if linked:
+            raise FileNotFoundError(f"{path} does not exist: the bundle links it in {os.path.join(bundle, linked[0])}; "
+                                    f"download it with: python -m hmn fetch-large-files {bundle}")
         raise FileNotFoundError(f"{path} does not exist: run from the unpacked bundle's folder or pass --bundle_root")
     h = hashlib.sha256()
     with open(path, "rb") as f:
