@@ -56,11 +56,7 @@ def _read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(scope="session")
-def demo_datalist(tmp_path_factory):
-    from hmn.data import make_demo_dataset
-
-    return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_images=80, image_size=SIZE, seed=3)
+# demo_datalist (80 demo images at SIZE) and trained (convnext_tiny, 2 epochs) are in conftest.py
 
 
 @pytest.fixture(scope="session")
@@ -74,15 +70,6 @@ def tiny_datalist(demo_datalist, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "datalist.json"
     path.write_text(json.dumps(small))
     return str(path)
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory, demo_datalist):
-    """convnext_tiny trained for 2 epochs with the README's command; its bundle_root."""
-    root = tmp_path_factory.mktemp("convnext_tiny")
-    _run(_bundle_cmd("training", _configs("convnext_tiny", "train"), "--datalist", demo_datalist,
-                     "--bundle_root", str(root), "--max_epochs", "2", *SMALL))
-    return root
 
 
 def test_committed_bundles_match_the_generator():
