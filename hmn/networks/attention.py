@@ -7,7 +7,7 @@ into a stage; :data:`ATTENTION_MODES` lists the names.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn as nn
@@ -52,7 +52,9 @@ class CBAM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.flatten(2)
         gate = torch.sigmoid(self.mlp(flat.mean(-1)) + self.mlp(flat.amax(-1)))
-        x = x * gate.view(*gate.shape, *([1] * (x.ndim - 2)))
+        for _ in range(x.dim() - 2):  # N, C -> N, C, 1, ... (no shape arithmetic: TorchScript, dynamic ONNX axes)
+            gate = gate.unsqueeze(-1)
+        x = x * gate
         desc = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
         return x * torch.sigmoid(self.spatial(desc))
 
@@ -72,10 +74,11 @@ class _MultiHeadProjection(nn.Module):
         self.dropout = dropout
 
     def forward(self, queries: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        n, t, c = queries.shape
+        n, t, c = queries.shape[0], queries.shape[1], queries.shape[2]
         h = self.num_heads
         q = self.q(queries).view(n, t, h, c // h).transpose(1, 2)
-        k, v = self.kv(context).view(n, context.shape[1], 2, h, c // h).permute(2, 0, 3, 1, 4)
+        kv = self.kv(context).view(n, context.shape[1], 2, h, c // h).permute(2, 0, 3, 1, 4)
+        k, v = kv[0], kv[1]
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(n, t, c))
 
@@ -141,15 +144,17 @@ class CrossScaleAttention(nn.Module):
         self.norms = nn.ModuleList(nn.LayerNorm(channels) for _ in range(num_levels))
         self.attn = nn.ModuleList(_MultiHeadProjection(channels, num_heads, dropout) for _ in range(num_levels))
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        """``num_levels`` maps ``N, channels, *spatial`` -> as many, same shapes; another number raises ``ValueError``."""
         if len(feats) != len(self.attn):
             raise ValueError(f"CrossScaleAttention expects {len(self.attn)} scales, got {len(feats)}")
         # Each scale's reduced, normalized tokens, computed once and shared by the other scales' queries.
-        contexts = [norm(to_tokens(pool_to_at_most(f, self.context_size))) for norm, f in zip(self.norms, feats)]
-        out = []
-        for i, (f, norm, attn) in enumerate(zip(feats, self.norms, self.attn)):
+        contexts = [norm(to_tokens(pool_to_at_most(feats[i], self.context_size))) for i, norm in enumerate(self.norms)]
+        out: List[torch.Tensor] = []
+        for i, (norm, attn) in enumerate(zip(self.norms, self.attn)):
+            f = feats[i]
             tokens = to_tokens(f)
-            others = torch.cat([c for j, c in enumerate(contexts) if j != i], dim=1)
+            others = torch.cat(contexts[:i] + contexts[i + 1 :], dim=1)
             out.append(from_tokens(tokens + attn(norm(tokens), others), f.shape[2:]))
         return out
 
@@ -161,8 +166,9 @@ class PerScale(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(modules)
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return [block(f) for block, f in zip(self.blocks, feats)]
+    def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        """One map per block -> the blocks' outputs, in order."""
+        return [block(feats[i]) for i, block in enumerate(self.blocks)]
 
 
 class AttentionStack(nn.Module):
@@ -173,7 +179,8 @@ class AttentionStack(nn.Module):
         self.modes = list(modes)
         self.stages = nn.ModuleList(stages)
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        """A list of maps -> the list after every stage, in order (unchanged with no stage)."""
         feats = list(feats)
         for stage in self.stages:
             feats = stage(feats)

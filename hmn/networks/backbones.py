@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Sequence, Union
+from typing import Callable, List, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -61,6 +61,11 @@ class BackboneSpec:
         fixed_size: whether the model is built for one input size (Swin, ViT-like), so ``img_size``
             must be passed at construction.
         description: one line for the bundle docs.
+        torchscript: how the bundle's TorchScript export converts the network: ``"script"``
+            (``torch.jit.script``, what the MONAI model zoo's CI runs; the module keeps its control flow and
+            takes any input size the network takes) or ``"trace"`` (``torch.jit.trace`` at one input shape),
+            for a backbone whose code TorchScript cannot compile. The bundles' ``configs/export_torchscript.json``
+            is written from it (:mod:`hmn.bundles`).
     """
 
     name: str
@@ -73,6 +78,7 @@ class BackboneSpec:
     fixed_size: bool = False
     description: str = ""
     extra: dict = field(default_factory=dict)
+    torchscript: str = "script"
 
     @property
     def bare_params_m(self) -> float:
@@ -118,11 +124,15 @@ _ROWS: list[BackboneSpec] = [
 
 BACKBONES: dict[str, BackboneSpec] = {}
 
+TORCHSCRIPT_MODES = ("script", "trace")
+
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     """Adds one row to :data:`BACKBONES`; a name can be registered once."""
     if spec.name in BACKBONES:
         raise ValueError(f"backbone {spec.name!r} is already registered")
+    if spec.torchscript not in TORCHSCRIPT_MODES:
+        raise ValueError(f"backbone {spec.name!r}: torchscript={spec.torchscript!r} is not one of {TORCHSCRIPT_MODES}")
     BACKBONES[spec.name] = spec
     return spec
 
@@ -147,10 +157,12 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 
 
 class Backbone(nn.Module):
-    """Base class: ``forward(x)`` returns a list of ``N, C, H, W`` maps with ``channels`` and ``strides``."""
+    """Base class: ``forward(x)`` returns a list of ``N, C, H, W`` maps with ``channels`` and ``strides``.
 
-    channels: list[int]
-    strides: list[int]
+    Subclasses set ``channels`` and ``strides`` (lists of ints, one per output, finest first) in their
+    ``__init__``. They are not declared here as class annotations: under ``from __future__ import annotations``
+    those are strings, which TorchScript cannot read (``Unknown type annotation: 'list[int]'``).
+    """
 
     def keep_levels(self, levels: Sequence[int]) -> None:
         """Tells the backbone that only the outputs at ``levels`` (indices) are used downstream.
@@ -174,7 +186,8 @@ class TimmBackbone(Backbone):
         self.strides = list(model.feature_info.reduction())
         self._nhwc = channels_last_output
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """``N, in_channels, H, W`` -> one ``N, C, H / stride, W / stride`` map per level, finest first."""
         feats = self.model(x)
         if self._nhwc:
             feats = [f.permute(0, 3, 1, 2).contiguous() for f in feats]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ class AdaptiveScaleFusion(nn.Module):
     softmax weight per level for that sample; the weighted sum is projected to ``out_channels``.
     A radiograph whose finding is a small nodule can so lean on the fine levels, one with
     cardiomegaly on the coarse ones. The weights of the last forward pass are kept in
-    ``last_weights`` (``N, num_levels``) for inspection.
+    ``last_weights`` (``N, num_levels``) for inspection (by the Python module, not by its TorchScript).
 
     Args:
         channels: width of every level.
@@ -32,12 +32,15 @@ class AdaptiveScaleFusion(nn.Module):
         self.num_levels = num_levels
         self.gate = nn.Sequential(nn.Linear(num_levels * channels, hidden), nn.GELU(), nn.Linear(hidden, num_levels))
         self.proj = nn.Sequential(nn.Linear(channels, out_channels), nn.LayerNorm(out_channels), nn.GELU())
-        self.last_weights: torch.Tensor | None = None
+        self.last_weights = None
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(self, feats: List[torch.Tensor]) -> torch.Tensor:
+        """``feats``: ``num_levels`` maps ``N, channels, *spatial`` -> ``N, out_channels``; another number of
+        levels raises ``ValueError``."""
         if len(feats) != self.num_levels:
             raise ValueError(f"AdaptiveScaleFusion expects {self.num_levels} levels, got {len(feats)}")
         pooled = torch.stack([f.flatten(2).mean(-1) for f in feats], dim=1)  # N, L, C
         weights = torch.softmax(self.gate(pooled.flatten(1)), dim=-1)
-        self.last_weights = weights.detach()
+        if not torch.jit.is_scripting():  # a Python-side record; a scripted module keeps none
+            self.last_weights = weights.detach()
         return self.proj((weights.unsqueeze(-1) * pooled).sum(1))

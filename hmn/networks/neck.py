@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import List, Sequence
 
 import torch
 import torch.nn as nn
@@ -41,11 +41,16 @@ class FeaturePyramid(nn.Module):
             conv(out_channels, out_channels, kernel_size=3, padding=1, groups=out_channels) for _ in in_channels
         )
 
-    def forward(self, feats: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(self, feats: List[torch.Tensor]) -> List[torch.Tensor]:
+        """``feats``: one ``N, in_channels[i], *spatial`` map per scale, finest first -> as many
+        ``N, out_channels, *spatial`` maps; another number of scales raises ``ValueError``."""
         if len(feats) != len(self.lateral):
             raise ValueError(f"FeaturePyramid expects {len(self.lateral)} scales, got {len(feats)}")
-        laterals = [lat(f) for lat, f in zip(self.lateral, feats)]
+        laterals: List[torch.Tensor] = []
+        for i, lat in enumerate(self.lateral):  # indexed: TorchScript zips a ModuleList with no list
+            laterals.append(lat(feats[i]))
         out = [laterals[-1]]
-        for lat in reversed(laterals[:-1]):
-            out.insert(0, lat + F.interpolate(out[0], size=lat.shape[2:], mode="nearest"))
-        return [smooth(p) + p for smooth, p in zip(self.smooth, out)]
+        for i in range(len(laterals) - 2, -1, -1):  # coarse to fine (a loop TorchScript compiles)
+            level = laterals[i]
+            out.insert(0, level + F.interpolate(out[0], size=level.shape[2:], mode="nearest"))
+        return [smooth(out[i]) + out[i] for i, smooth in enumerate(self.smooth)]
