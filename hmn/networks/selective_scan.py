@@ -9,7 +9,7 @@ For every batch element ``b`` and channel ``d`` the scan runs the discretized st
 with a per-token step size ``delta`` (optionally ``softplus(delta + delta_bias)``), a fixed diagonal
 ``A < 0`` and input-dependent ``B`` and ``C`` (Mamba's zero-order hold for ``A``, Euler for ``B``).
 
-Four implementations with one signature, that of ``mamba_ssm``'s ``selective_scan_fn`` so the CUDA path
+Five implementations with one signature, that of ``mamba_ssm``'s ``selective_scan_fn`` so the CUDA path
 is a direct call:
 
 * :func:`selective_scan_ref`: the sequential recurrence, one token at a time; the reference for tests.
@@ -30,6 +30,10 @@ is a direct call:
   (needs a C++ compiler; about half a minute, then cached), with OpenMP where torch uses it, so it runs on
   torch's threads. Input-dependent ``B``/``C`` of one group only (Vim's case). Opt-in: ``"auto"`` never
   compiles anything.
+* :func:`selective_scan_export` (``impl="export"``): the blocked scan as plain out-of-place tensor
+  operations (no autograd function, no in-place update of a view, no buffer kept between calls), which
+  TorchScript compiles and the tracer and the ONNX exporter follow; what Vim runs when it is scripted,
+  traced or exported, whatever its ``scan_impl``.
 * ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` (``impl="cuda"``).
 
 :func:`selective_scan` dispatches: ``impl="auto"`` uses the CUDA kernel when ``mamba_ssm`` imports with its
@@ -46,7 +50,7 @@ import logging
 import math
 import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -60,12 +64,14 @@ __all__ = [
     "selective_scan",
     "selective_scan_chunked",
     "selective_scan_cpu_kernel",
+    "selective_scan_export",
+    "selective_scan_export_state",
     "selective_scan_ref",
 ]
 
 logger = logging.getLogger(__name__)
 
-SCAN_IMPLS = ("auto", "ref", "chunked", "cuda", "cpu_kernel")
+SCAN_IMPLS = ("auto", "ref", "chunked", "cuda", "cpu_kernel", "export")
 
 _LOG2E = 1.4426950408889634
 
@@ -524,6 +530,124 @@ def selective_scan_chunked(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# The export scan: plain tensor operations that TorchScript compiles and the tracer and ONNX exporter follow.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def selective_scan_export_state(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: Optional[torch.Tensor] = None,
+    z: Optional[torch.Tensor] = None,
+    delta_bias: Optional[torch.Tensor] = None,
+    delta_softplus: bool = False,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The selective scan as out-of-place tensor operations only, for TorchScript and ONNX export: returns
+    ``(out, last_state)``, as :func:`selective_scan_ref` with ``return_last_state=True``; arguments as there.
+
+    The chunked scan's speed comes from things an export cannot follow: a custom autograd function, in-place
+    updates of views and per-thread scratch buffers kept between calls (the tracer fails on them with
+    ``unordered_map::at``; the ONNX exporter cannot follow ``_Softplus``). This is the same blocked
+    recurrence written plainly: the sequence is cut into ``n`` chunks of ``k ~ sqrt(L)`` steps (zero-padded
+    at the end: a padded step has decay 1 and no input, so it changes no earlier state); ``k`` steps run
+    the local recurrence of every chunk at once, keeping also the decay accumulated since the chunk's
+    start; ``n - 1`` steps carry the state from chunk to chunk; each chunk then adds its entering state,
+    decayed. Only products of decays ``exp(delta A) <= 1`` appear, as in the other scans. A trace or an
+    ONNX graph holds ``k + n`` unrolled steps, about 30 for Vim's 197 tokens at 224 pixels. Memory is that
+    of the states, ``(length, batch, channels, state)``; no input shape is checked here (see
+    :func:`selective_scan_export`). Differentiable by autograd, but meant for inference.
+    """
+    dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    length = u.shape[2]
+    dim = u.shape[1]
+    step = delta.to(dtype)
+    if delta_bias is not None:
+        step = step + delta_bias.to(dtype).unsqueeze(-1)
+    if delta_softplus:
+        step = F.softplus(step)
+    uu = u.to(dtype)
+    # time-major: (length, batch, channels[, state]); B and C as (length, batch, channels or 1, state) or fixed
+    step_t = step.permute(2, 0, 1)
+    if B.dim() == 2:
+        b_t = B.to(dtype)
+    elif B.dim() == 3:
+        b_t = B.to(dtype).permute(2, 0, 1).unsqueeze(2)
+    else:
+        b_t = B.to(dtype).permute(3, 0, 1, 2).repeat_interleave(dim // B.shape[1], dim=2)
+    if C.dim() == 2:
+        c_t = C.to(dtype)
+    elif C.dim() == 3:
+        c_t = C.to(dtype).permute(2, 0, 1).unsqueeze(2)
+    else:
+        c_t = C.to(dtype).permute(3, 0, 1, 2).repeat_interleave(dim // C.shape[1], dim=2)
+    decay = torch.exp(step_t.unsqueeze(-1) * A.to(dtype))
+    drive = (step_t * uu.permute(2, 0, 1)).unsqueeze(-1) * b_t
+    state = A.shape[1]
+    k = max(1, int(math.ceil(math.sqrt(length))))
+    n = (length + k - 1) // k
+    pad = n * k - length
+    if pad > 0:
+        decay = torch.cat([decay, torch.ones_like(decay[:pad])], dim=0)
+        drive = torch.cat([drive, torch.zeros_like(drive[:pad])], dim=0)
+    decay = decay.reshape(n, k, -1, dim, state)
+    drive = drive.reshape(n, k, -1, dim, state)
+    # 1. every chunk's local recurrence, and the decay through each of its steps
+    h = drive[:, 0]
+    through = decay[:, 0]
+    hs = [h]
+    throughs = [through]
+    for t in range(1, k):
+        h = decay[:, t] * h + drive[:, t]
+        through = through * decay[:, t]
+        hs.append(h)
+        throughs.append(through)
+    local = torch.stack(hs, dim=1)  # (n, k, batch, channels, state)
+    decayed = torch.stack(throughs, dim=1)
+    # 2. the state entering each chunk (zero for the first)
+    carry = torch.zeros_like(local[0, 0])
+    entering = [carry]
+    for c in range(n - 1):
+        carry = decayed[c, k - 1] * carry + local[c, k - 1]
+        entering.append(carry)
+    # 3. every state: the local one plus the entering state decayed through the chunk so far
+    states = local + decayed * torch.stack(entering, dim=0).unsqueeze(1)
+    states = states.reshape(n * k, -1, dim, state)[:length]
+    y = (states * c_t).sum(-1).permute(1, 2, 0)  # (batch, channels, length)
+    if D is not None:
+        y = y + uu * D.to(dtype).unsqueeze(-1)
+    if z is not None:
+        y = y * F.silu(z.to(dtype))
+    return y.to(u.dtype), states[length - 1]
+
+
+@_outside_autocast
+def selective_scan_export(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The selective scan by :func:`selective_scan_export_state` (``impl="export"``), with the arguments
+    checked: same arguments and results as :func:`selective_scan_ref`. What Vim runs when it is scripted,
+    traced or exported to ONNX; selectable eagerly to compare it with the other scans.
+    """
+    _check_args(u, delta, A, B, C, D, z, delta_bias)
+    out, last = selective_scan_export_state(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    if return_last_state:
+        return out, last
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # The fused CPU kernel (C++, compiled on first use).
 # ----------------------------------------------------------------------------------------------------------
 
@@ -710,7 +834,8 @@ def selective_scan(
 
     Args:
         impl: ``"auto"`` (the ``mamba_ssm`` CUDA kernel for CUDA tensors where it imports, else
-            ``"chunked"``), ``"chunked"``, ``"ref"`` (sequential), ``"cuda"`` (``mamba_ssm``) or
+            ``"chunked"``), ``"chunked"``, ``"ref"`` (sequential), ``"export"`` (plain tensor operations,
+            what a scripted, traced or ONNX-exported Vim runs), ``"cuda"`` (``mamba_ssm``) or
             ``"cpu_kernel"`` (the fused C++ kernel, built on first use); the last two raise
             :class:`SelectiveScanUnavailableError` where they cannot run.
     """
@@ -727,6 +852,8 @@ def selective_scan(
         return selective_scan_chunked(*args)
     if impl == "ref":
         return selective_scan_ref(*args)
+    if impl == "export":
+        return selective_scan_export(*args)
     if impl == "cpu_kernel":
         return selective_scan_cpu_kernel(*args)
     if impl == "cuda":

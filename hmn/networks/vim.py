@@ -31,17 +31,18 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from hmn.networks.backbones import Backbone, BackboneSpec, Pretrained, PretrainedWeightsError, _as_size
-from hmn.networks.selective_scan import SCAN_IMPLS, selective_scan
+from hmn.networks.selective_scan import SCAN_IMPLS, selective_scan, selective_scan_export_state
 
 __all__ = [
     "BiMambaMixer",
+    "RMSNorm",
     "VimBlock",
     "VisionMamba",
     "VimBackbone",
@@ -126,31 +127,41 @@ class BiMambaMixer(nn.Module):
     def scan_direction(self, xz: torch.Tensor, backward: bool) -> torch.Tensor:
         """One direction's output ``(batch, inner, length)`` for ``xz = in_proj(x)`` as ``(batch, 2 inner,
         length)``; with ``backward`` the sequence is scanned from its end (the result is in scan order)."""
-        sfx = "_b" if backward else ""
-        conv: nn.Conv1d = getattr(self, f"conv1d{sfx}")
-        x_proj: nn.Linear = getattr(self, f"x_proj{sfx}")
-        dt_proj: nn.Linear = getattr(self, f"dt_proj{sfx}")
-        a_log: torch.Tensor = getattr(self, f"A{sfx}_log")
-        skip: torch.Tensor = getattr(self, f"D{sfx}")
         if backward:
-            xz = xz.flip(-1)
+            return self._direction(xz.flip(-1), self.conv1d_b.weight, self.conv1d_b.bias, self.x_proj_b.weight,
+                                   self.dt_proj_b.weight, self.dt_proj_b.bias, self.A_b_log, self.D_b)  # fmt: skip
+        return self._direction(xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                               self.dt_proj.bias, self.A_log, self.D)  # fmt: skip
+
+    def _direction(
+        self,
+        xz: torch.Tensor,
+        conv_weight: torch.Tensor,
+        conv_bias: Optional[torch.Tensor],
+        x_proj_weight: torch.Tensor,
+        dt_proj_weight: torch.Tensor,
+        dt_proj_bias: Optional[torch.Tensor],
+        a_log: torch.Tensor,
+        skip: torch.Tensor,
+    ) -> torch.Tensor:
+        # One direction's parameters are passed as tensors (not looked up by name) so TorchScript compiles it.
         x, z = xz.chunk(2, dim=1)
-        x = F.silu(causal_depthwise_conv1d(x, conv.weight, conv.bias))
-        x_dbl = x_proj(x.transpose(1, 2))  # (batch, length, rank + 2 N)
-        dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, dt_proj.weight).transpose(1, 2)  # the bias goes into the scan (delta_bias)
-        return selective_scan(
-            x,
-            delta,
-            -torch.exp(_fp32_at_least(a_log)),
-            b.transpose(1, 2).contiguous(),
-            c.transpose(1, 2).contiguous(),
-            D=_fp32_at_least(skip),
-            z=z,
-            delta_bias=_fp32_at_least(dt_proj.bias),
-            delta_softplus=True,
-            impl=self.scan_impl,
-        )
+        x = F.silu(causal_depthwise_conv1d(x, conv_weight, conv_bias))
+        x_dbl = F.linear(x.transpose(1, 2), x_proj_weight)  # (batch, length, rank + 2 N)
+        parts = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.linear(parts[0], dt_proj_weight).transpose(1, 2)  # the bias goes into the scan (delta_bias)
+        b = parts[1].transpose(1, 2).contiguous()
+        c = parts[2].transpose(1, 2).contiguous()
+        a = -torch.exp(_fp32_at_least(a_log))
+        bias: Optional[torch.Tensor] = None
+        if dt_proj_bias is not None:
+            bias = _fp32_at_least(dt_proj_bias)
+        if not torch.jit.is_scripting():  # TorchScript leaves this block out
+            if not _exporting():
+                return selective_scan(x, delta, a, b, c, D=_fp32_at_least(skip), z=z, delta_bias=bias,
+                                      delta_softplus=True, impl=self.scan_impl)  # fmt: skip
+        # scripted, traced or exported: plain tensor operations that all three follow, whatever scan_impl says
+        return selective_scan_export_state(x, delta, a, b, c, _fp32_at_least(skip), z, bias, True)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(batch, length, dim)`` -> ``(batch, length, dim)``."""
@@ -159,7 +170,13 @@ class BiMambaMixer(nn.Module):
         return self.out_proj((y / 2).transpose(1, 2))
 
 
-def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _exporting() -> bool:
+    """Whether this forward pass is being traced (``torch.jit.trace``, the TorchScript-based ONNX exporter)
+    or exported (``torch.onnx.export``, ``torch.export``)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """Mamba's short causal convolution, ``(batch, channels, length)`` with ``weight`` ``(channels, 1, k)``:
     ``out_t = bias + sum_j weight[:, j] * x_{t - (k - 1 - j)}``. Written as ``k`` shifted multiply-adds, which
     on CPUs is many times faster than a grouped ``conv1d`` (and needs no ``causal-conv1d`` package)."""
@@ -180,12 +197,28 @@ def _fp32_at_least(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` (Zhang & Sennrich, 2019), written out in basic operations while traced or exported: the
+    TorchScript-based ONNX exporter has no ``aten::rms_norm`` ("not supported" at opset 20). Eagerly and
+    scripted it is ``F.rms_norm``; the parameter is ``weight``, as hustvl/Vim's checkpoints name it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., normalized_shape)`` -> the same shape."""
+        if not torch.jit.is_scripting():  # TorchScript leaves this block out
+            if _exporting():
+                eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+                axes = list(range(-len(self.normalized_shape), 0))
+                out = x * torch.rsqrt(x.pow(2).mean(axes, keepdim=True) + eps)
+                return out * self.weight if self.weight is not None else out
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
 class VimBlock(nn.Module):
     """A pre-norm residual Vim block: ``x + drop_path(mixer(RMSNorm(x)))`` (Zhu et al., 2024)."""
 
     def __init__(self, dim: int, drop_path: float = 0.0, norm_eps: float = 1e-5, **mixer_kwargs) -> None:
         super().__init__()
-        self.norm = nn.RMSNorm(dim, eps=norm_eps)
+        self.norm = RMSNorm(dim, eps=norm_eps)
         self.mixer = BiMambaMixer(dim, **mixer_kwargs)
         self.drop_path = _drop_path_module(drop_path)
 
@@ -203,28 +236,31 @@ def _drop_path_module(rate: float) -> nn.Module:
 
 def resample_pos_embed(
     pos_embed: torch.Tensor,
-    old_grid: Sequence[int],
-    new_grid: Sequence[int],
+    old_grid: Tuple[int, int],
+    new_grid: Tuple[int, int],
 ) -> torch.Tensor:
     """Position embeddings ``(1, gh*gw + 1, dim)`` with the class token's entry in the middle (index
-    ``gh*gw // 2``, as Vim places it) resampled from ``old_grid`` to ``new_grid`` (bicubic on the patch
-    grid; the class token's entry is kept and moved to the middle of the new sequence)."""
-    old_grid, new_grid = tuple(int(g) for g in old_grid), tuple(int(g) for g in new_grid)
-    n_old = old_grid[0] * old_grid[1]
+    ``gh*gw // 2``, as Vim places it) resampled from ``old_grid`` to ``new_grid`` (``(rows, columns)``;
+    bicubic on the patch grid; the class token's entry is kept and moved to the middle of the new
+    sequence). The same grid returns ``pos_embed`` itself; a ``pos_embed`` that does not fit ``old_grid``
+    raises ``ValueError``. TorchScript compiles it."""
+    old_h, old_w = int(old_grid[0]), int(old_grid[1])
+    new_h, new_w = int(new_grid[0]), int(new_grid[1])
+    n_old = old_h * old_w
     if pos_embed.dim() != 3 or pos_embed.shape[1] != n_old + 1:
         raise ValueError(
-            f"pos_embed of shape {tuple(pos_embed.shape)} does not fit a {old_grid[0]}x{old_grid[1]} grid "
+            f"pos_embed of shape {list(pos_embed.shape)} does not fit a {old_h}x{old_w} grid "
             f"plus a class token (expected (1, {n_old + 1}, dim))"
         )
-    if old_grid == new_grid:
+    if old_h == new_h and old_w == new_w:
         return pos_embed
     mid = n_old // 2
     cls = pos_embed[:, mid : mid + 1]
     patches = torch.cat([pos_embed[:, :mid], pos_embed[:, mid + 1 :]], dim=1)
     dim = pos_embed.shape[-1]
-    grid = patches.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=new_grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
-    patches = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim)
+    grid = patches.reshape(1, old_h, old_w, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=[new_h, new_w], mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    patches = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim)
     new_mid = patches.shape[1] // 2
     return torch.cat([patches[:, :new_mid], cls, patches[:, new_mid:]], dim=1)
 
@@ -277,7 +313,7 @@ class VisionMamba(nn.Module):
         self.layers = nn.ModuleList(
             VimBlock(embed_dim, drop_path=r, d_state=d_state, expand=expand, scan_impl=scan_impl) for r in rates
         )
-        self.norm_f = nn.RMSNorm(embed_dim, eps=1e-5)
+        self.norm_f = RMSNorm(embed_dim, eps=1e-5)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -307,45 +343,50 @@ class VisionMamba(nn.Module):
         for block in self.layers:
             block.mixer.scan_impl = impl
 
-    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+    def pos_embed_for(self, grid: Tuple[int, int]) -> torch.Tensor:
         """The position embeddings for a patch grid, interpolated when it differs from the configured one."""
         return resample_pos_embed(self.pos_embed, self.grid_size, grid)
 
     def forward_features(
-        self, x: torch.Tensor, taps: Sequence[int] | None = None
-    ) -> tuple[list[torch.Tensor], tuple[int, int], int]:
+        self, x: torch.Tensor, taps: Optional[List[int]] = None
+    ) -> Tuple[List[torch.Tensor], Tuple[int, int], int]:
         """Token sequences ``(batch, tokens, dim)`` after the blocks in ``taps`` (0-based; default: the
-        last), the last one normalised by ``norm_f``; also the patch grid and the class token's index."""
+        last), the last one normalised by ``norm_f``; also the patch grid and the class token's index.
+        ``x`` is ``(batch, channels, height, width)``; another rank, or an image smaller than one patch,
+        raises ``ValueError``."""
         taps = [self.depth - 1] if taps is None else list(taps)
-        if type(x) is not torch.Tensor:
-            # A MONAI MetaTensor batch would try to slice its per-image metadata along with the tokens.
-            x = x.as_subclass(torch.Tensor)
+        if not torch.jit.is_scripting():
+            x = _plain_tensor(x)
         if x.dim() != 4:
-            raise ValueError(f"Vim expects images (batch, channels, height, width), got shape {tuple(x.shape)}")
+            raise ValueError(f"Vim expects images (batch, channels, height, width), got shape {list(x.shape)}")
         patches = self.patch_embed.proj(x)
         grid = (patches.shape[-2], patches.shape[-1])
         if grid[0] < 1 or grid[1] < 1:
-            raise ValueError(f"input {tuple(x.shape[-2:])} is smaller than one {self.patch_size}-pixel patch")
+            raise ValueError(f"input {list(x.shape[-2:])} is smaller than one {self.patch_size}-pixel patch")
         tokens = patches.flatten(2).transpose(1, 2)
         mid = tokens.shape[1] // 2  # the class token goes in the middle of the sequence
         cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
         tokens = torch.cat([tokens[:, :mid], cls, tokens[:, mid:]], dim=1)
         # The residual stream is kept in float32 under autocast (Vim's residual_in_fp32).
         h = _fp32_at_least(tokens) + _fp32_at_least(self.pos_embed_for(grid))
-        outs: list[torch.Tensor] = []
+        outs: List[torch.Tensor] = []
         last = max(taps)
         for i, block in enumerate(self.layers):
-            h = block(h)
-            if i in taps:
-                outs.append(self.norm_f(h) if i == self.depth - 1 else h)
-            if i == last:
-                break
+            if i <= last:  # the blocks after the last tap are skipped (no break: TorchScript unrolls this loop)
+                h = block(h)
+                if i in taps:
+                    outs.append(self.norm_f(h) if i == self.depth - 1 else h)
         return outs, grid, mid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The class token's final features ``(batch, dim)``, as Vim's classifier reads them."""
         outs, _, mid = self.forward_features(x)
         return outs[-1][:, mid]
+
+
+def _plain_tensor(x: torch.Tensor) -> torch.Tensor:
+    # A MONAI MetaTensor batch would try to slice its per-image metadata along with the tokens.
+    return x if type(x) is torch.Tensor else x.as_subclass(torch.Tensor)
 
 
 class VimBackbone(Backbone):
@@ -393,8 +434,9 @@ class VimBackbone(Backbone):
         d = embed_dim
         from timm.layers import LayerNorm2d
 
-        # Intermediate taps get their own LayerNorm (the last goes through the trunk's norm_f).
-        self.tap_norms = nn.ModuleList(nn.LayerNorm(d) for _ in out_indices[:-1])
+        # Intermediate taps get their own LayerNorm; the last goes through the trunk's norm_f, so its slot is an
+        # Identity (no parameters: the state_dict is that of three norms), which lets forward zip the two lists.
+        self.tap_norms = nn.ModuleList([nn.LayerNorm(d) for _ in out_indices[:-1]] + [nn.Identity()])
         self.adapters = nn.ModuleList(
             [
                 nn.Sequential(
@@ -415,15 +457,14 @@ class VimBackbone(Backbone):
         for i in range(len(self.adapters)):
             if i not in levels:
                 self.adapters[i] = nn.Identity()
-                if i < len(self.tap_norms):
-                    self.tap_norms[i] = nn.Identity()
+                self.tap_norms[i] = nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """``(batch, in_channels, H, W)`` -> four ``(batch, channels[i], H / strides[i], W / strides[i])`` maps."""
         tokens, grid, mid = self.trunk.forward_features(x, self.out_indices)
-        feats = []
-        for i, (t, adapter) in enumerate(zip(tokens, self.adapters)):
-            if i < len(self.tap_norms):
-                t = self.tap_norms[i](t)
+        feats: List[torch.Tensor] = []
+        for i, (norm, adapter) in enumerate(zip(self.tap_norms, self.adapters)):
+            t = norm(tokens[i])
             patches = torch.cat([t[:, :mid], t[:, mid + 1 :]], dim=1)  # drop the class token
             fmap = patches.transpose(1, 2).reshape(t.shape[0], t.shape[2], grid[0], grid[1])
             feats.append(adapter(fmap))

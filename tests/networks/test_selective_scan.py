@@ -444,3 +444,58 @@ def test_cpu_kernel_unavailable_is_an_error_not_a_fallback(monkeypatch):
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
     with pytest.raises(SelectiveScanUnavailableError, match=r"impl='cpu_kernel' was asked for but .*no compiler"):
         selective_scan(*args, impl="cpu_kernel")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The export scan (impl="export"): what a scripted, traced or ONNX-exported Vim runs.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["input", "grouped", "fixed_b"])
+@pytest.mark.parametrize("length", [1, 2, 9, 17, 50, 197])
+@pytest.mark.parametrize("options", ["plain", "full"])
+def test_export_scan_matches_the_reference(layout, length, options):
+    """float64 values, last state and gradients, at lengths that fill the last chunk and that leave it padded."""
+    full = options == "full"
+    inputs = make_inputs(layout=layout, length=length, seed=length + 100)
+    kw = dict(with_z=full, with_d=full, with_bias=full, softplus=full)
+    assert_same(run(ss.selective_scan_export, inputs, **kw), run(selective_scan_ref, inputs, **kw))
+    assert_same(run(lambda *a, **k: selective_scan(*a, **k, impl="export"), inputs, **kw),
+                run(selective_scan_ref, inputs, **kw))  # fmt: skip
+
+
+def test_export_scan_with_extreme_step_sizes():
+    """Decays that underflow to 0 next to decays of ~1, as for the chunked scan: only products of decays."""
+    inputs = make_inputs(dim=8, length=300, seed=7)
+    g = torch.Generator().manual_seed(8)
+    scale = torch.where(torch.rand(2, 8, 300, generator=g) < 0.5, 40.0, 1e-6).to(F64)
+    inputs["delta"] = torch.rand(2, 8, 300, generator=g, dtype=F64) * scale
+    inputs["A"] = inputs["A"] * 10
+    ref = run(selective_scan_ref, inputs, softplus=False, with_bias=False, grad=False)
+    got = run(ss.selective_scan_export, {k: v.float() for k, v in inputs.items()}, softplus=False, with_bias=False,
+              grad=False)  # fmt: skip
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1]).all()
+    scale_out = ref[0].abs().max()
+    torch.testing.assert_close(got[0].double() / scale_out, ref[0] / scale_out, rtol=1e-5, atol=1e-5)
+
+
+def test_export_scan_scripts_traces_and_follows_the_batch_size():
+    """TorchScript compiles the core; a trace at batch 1 runs at batch 3 (the batch axis stays symbolic), and
+    both equal the eager function."""
+    inputs = make_inputs(length=23, seed=4)
+    order = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+    args = [inputs[k] for k in order]
+    want_out, want_last = ss.selective_scan_export_state(*args, True)
+    out, last = torch.jit.script(ss.selective_scan_export_state)(*args, True)
+    torch.testing.assert_close(out, want_out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(last, want_last, rtol=1e-12, atol=1e-12)
+
+    def core(u, delta, A, B, C, D, z, bias):
+        return ss.selective_scan_export_state(u, delta, A, B, C, D, z, bias, True)
+
+    one = [a[:1] if a.dim() == 3 else a for a in args]
+    traced = torch.jit.trace(core, tuple(one))
+    three = make_inputs(batch=3, length=23, seed=5)
+    args3 = [three[k] for k in order]
+    for got, want in zip(traced(*args3), core(*args3)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

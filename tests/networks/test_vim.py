@@ -307,3 +307,40 @@ def test_vim_on_cuda_matches_cpu():
         gpu = net.cuda()(x.cuda())  # the mamba_ssm kernel where it imports, else the chunked scan
     for a, b in zip(cpu, gpu):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-3, atol=1e-3)
+
+
+def test_export_scan_gives_the_same_model():
+    torch.manual_seed(5)
+    assert_scans_give_the_same_model(randomize_(small_backbone(), seed=5).double(), ("ref", "export"))
+
+
+def test_scripted_and_traced_backbone_match_eager_whatever_the_scan_impl():
+    """TorchScript compiles the backbone (the mixer takes the export scan, TorchScript leaves the dispatcher
+    out); a trace follows the export scan and RMSNorm written out, the ops an ONNX export can write. Both equal
+    the eager model run with the reference scan, at batch sizes other than the traced one; the state_dict is
+    hustvl/Vim's plus the adapters (three tap norms, the fourth slot an Identity)."""
+    torch.manual_seed(6)
+    net = randomize_(small_backbone(scan_impl="ref"), seed=6).double().eval()
+    assert sorted({k.split(".")[1] for k in net.state_dict() if k.startswith("tap_norms.")}) == ["0", "1", "2"]
+    scripted = torch.jit.script(net)
+    traced = torch.jit.trace(net, torch.randn(1, 1, 64, 64, dtype=F64))
+    x = torch.randn(3, 1, 64, 64, dtype=F64)
+    with torch.no_grad():
+        want = net(x)
+        for module in (scripted, traced):
+            for got, expected in zip(module(x), want):
+                torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
+    assert "selective_scan_export_state" in getattr(scripted.trunk.layers, "0").mixer._direction.code
+
+
+def test_rms_norm_written_out_for_export_matches_torch():
+    from hmn.networks.vim import RMSNorm
+
+    norm = RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, 8))
+    x = torch.randn(2, 5, 8)
+    traced = torch.jit.trace(norm, x)
+    assert "rms_norm" not in str(traced.graph)  # basic operations only, which the ONNX exporter writes
+    torch.testing.assert_close(traced(x), F.rms_norm(x, (8,), norm.weight, 1e-5))
+    torch.testing.assert_close(norm(x), F.rms_norm(x, (8,), norm.weight, 1e-5))
