@@ -8,7 +8,7 @@ from typing import Any
 
 from hmn.networks.backbones import get_backbone_spec
 
-__all__ = ["bundle_readme", "license_text"]
+__all__ = ["bundle_readme", "export_section", "license_text"]
 
 
 def license_text() -> str:
@@ -25,6 +25,64 @@ def license_text() -> str:
         "See the License for the specific language governing permissions and\n"
         "limitations under the License.\n"
     )
+
+
+def export_section(name: str) -> str:
+    """The bundle docs' section on TorchScript and ONNX export, from the backbone table's row for ``name``
+    (``torchscript``, ``fixed_size``, ``family``) and the argument files of :func:`hmn.bundles.export_args`."""
+    import textwrap
+
+    from hmn.bundles import EXPORT_ARGS, ONNX_ATOL, ONNX_OPSET
+
+    spec = get_backbone_spec(name)
+    family = {"swin": "Swin", "vim": "Vision Mamba"}.get(spec.family, spec.family)
+    if spec.torchscript == "script":
+        how = ("The TorchScript module is scripted (`torch.jit.script`, as the MONAI model zoo's CI exports): it keeps "
+               "the network's control flow and takes any batch size" + (
+                   f" (and the image size it was built for: {family} is built for one)" if spec.fixed_size
+                   else " and image size"))
+    else:
+        how = ("The TorchScript module is traced (`torch.jit.trace`; TorchScript cannot compile this backbone's "
+               "code) at the metadata's input shape, whose image size it keeps")
+    if spec.fixed_size:
+        axes = (f"a dynamic batch axis; height and width stay those it was exported at, since {family} is built "
+                "for one input size")
+    else:
+        axes = "dynamic batch, height and width axes"
+    paragraphs = [
+        "Both commands build the network from the run record (`models/run.json`) through `configs/inference.json`, "
+        "load `models/model.pt` and write `models/model.ts` or `models/model.onnx`; for a model kept elsewhere add "
+        "`--bundle_root DIR --ckpt_file DIR/models/model.pt --filepath OUT`. The network's output is one logit per "
+        f"class (`N, classes`; sigmoid for probabilities). {how}. It embeds `configs/metadata.json` and the config "
+        "(this template's metadata describes the demo model, a packed bundle's the trained one).",
+        "ONNX (needs `pip install onnx onnxruntime`, or the project's `export` extra): traced by PyTorch's "
+        f"TorchScript-based exporter, opset {ONNX_OPSET}, input `image`, output `pred`, with {axes}. It is traced at "
+        "the metadata's input shape, `[1, 1, 224, 224]` in this template (a packed bundle's metadata has the "
+        "trained size); for a model trained at another size add `--input_shape \"[1, 1, SIZE, SIZE]\"`. The "
+        "command then runs the file in onnxruntime at batch 1 and stops with an error if any logit differs from "
+        f"the PyTorch network's by more than {ONNX_ATOL:g} (absolute); the repository's tests "
+        "(`tests/test_export.py`) check batch 1 and 4 for every backbone.",
+    ]
+    if spec.family == "vim":
+        paragraphs.append(
+            "Both exports run the selective scan as plain tensor operations "
+            "(`hmn.networks.selective_scan.selective_scan_export`: the chunked scan's blocked recurrence without "
+            "its autograd function and reused buffers, which the tracer and the exporter cannot follow), whatever "
+            "`scan_impl` the model was trained with; the outputs match the PyTorch network's to about 1e-6."
+        )
+    body = "\n\n".join(textwrap.fill(p, 110, break_on_hyphens=False, break_long_words=False) for p in paragraphs)
+    return f"""## Export
+
+TorchScript and ONNX, one command each, from the bundle's folder (the same commands for every bundle, and in
+a packed bundle). MONAI reads the arguments from `{EXPORT_ARGS['torchscript']}` and `{EXPORT_ARGS['onnx']}`
+(`--args_file`; an argument given on the command line wins):
+
+    cd bundles/{name}
+    python -m monai.bundle ckpt_export --args_file {EXPORT_ARGS['torchscript']}
+    python -m monai.bundle onnx_export --args_file {EXPORT_ARGS['onnx']}
+
+{body}
+"""
 
 
 def bundle_readme(name: str, row: Any, train: dict) -> str:
@@ -187,14 +245,7 @@ command line: `python -m hmn explain IMAGE --bundle-root {root} [--findings Mass
 [--thresholds metrics.json] [--rollout]` (`--rollout`: the attention rollout, for models with `self` or
 `cross_scale` attention; CBAM moves nothing between positions and has none).
 
-Export TorchScript (traced) from the trained weights (the network from the run record, through
-`inference.json`; use the image size the model was trained at). The metadata embedded is the file given:
-this template's describes the demo model, the packed bundle's (below) describes the trained one:
-
-    python -m monai.bundle ckpt_export network_def --filepath {root}/models/model.ts \\
-        --ckpt_file {root}/models/model.pt --meta_file {cfg}/metadata.json \\
-        --config_file {cfg}/inference.json --use_trace True --input_shape "[1, 1, 224, 224]"
-
+{export_section(name)}
 ## Sharing and the MONAI model zoo
 
 Share a trained bundle: `python -m hmn pack-bundle {name} {name}.zip` zips the configs, docs, `LICENSE`,

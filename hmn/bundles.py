@@ -25,6 +25,7 @@ from hmn.networks.backbones import get_backbone_spec
 from hmn.runs import MODEL_SETTINGS, SCHEDULE_SETTINGS
 
 __all__ = ["BUNDLES", "BundleRow", "bundle_files", "check_bundles", "check_overrides", "download_bundle", "error_summary",
+           "EXPORT_ARGS", "ONNX_ATOL", "export_args",
            "install_error_summary", "main", "pack_bundle", "write_bundles", "SCHEMA_URL",
            "HASH_TYPES", "LARGE_FILES", "PLACEHOLDER_URL", "REQUIRED_PACKAGES", "TESTED_WITH", "ZOO_FILE_LIMIT",
            "fetch_large_files", "file_hash", "installed_versions", "large_files_text", "read_large_files"]
@@ -770,6 +771,67 @@ def multi_gpu_config(name: str) -> dict:
     }
 
 
+# The argument files of the export commands (MONAI's `ckpt_export` and `onnx_export` take `--args_file`), relative to
+# the bundle's folder like the model zoo's commands: one line, the same for every bundle, exports it from its folder,
+# in the repository or packed. How each bundle converts comes from the backbone table (BackboneSpec.torchscript,
+# BackboneSpec.fixed_size).
+EXPORT_ARGS = {"torchscript": "configs/export_torchscript.json", "onnx": "configs/export_onnx.json"}
+
+ONNX_ATOL = 1e-4
+"""The largest absolute difference between onnxruntime's logits and the PyTorch network's that the ONNX export
+accepts: its own check at export time (batch 1) and the tests' (batch 1 and 4). Measured at 64x64 with random
+weights (tests/test_export.py): at most 1.9e-5 (EfficientNetV2-M, batch 4), 4.2e-6 for EfficientNetV2-S and -L,
+at most 1.2e-6 for the other backbones."""
+
+# opset 17: the first with LayerNormalization; read by onnxruntime since 1.11 and by TensorRT 8.6
+ONNX_OPSET = 17
+
+
+def export_args(name: str, fmt: str) -> dict:
+    """The ``--args_file`` content of bundle ``name``'s export: ``fmt`` ``"torchscript"`` for
+    ``python -m monai.bundle ckpt_export``, ``"onnx"`` for ``python -m monai.bundle onnx_export``.
+
+    Both build ``network_def`` of ``configs/inference.json`` with ``bundle_root`` ``"."`` (so the network comes
+    from ``models/run.json`` and ``models/model.pt`` of the folder the command runs in) and write
+    ``models/model.ts`` or ``models/model.onnx``; any argument given on the command line wins over the file's.
+    TorchScript: scripted (``use_trace`` false), or traced at the metadata's input shape where the backbone
+    row says ``torchscript="trace"``. ONNX: traced by PyTorch's TorchScript-based exporter (``dynamo`` false: the
+    newer exporter needs the ``onnxscript`` package), at the metadata's input shape (``--input_shape`` for
+    another), with a dynamic batch axis, dynamic height and width unless the backbone is built for one size
+    (Swin, Vim), and checked with onnxruntime against the PyTorch network within :data:`ONNX_ATOL`.
+    An unknown ``fmt`` raises ``ValueError``.
+    """
+    spec = get_backbone_spec(name)
+    common = {
+        "net_id": "network_def",
+        "bundle_root": ".",
+        "config_file": "configs/inference.json",
+        "meta_file": "configs/metadata.json",
+        "ckpt_file": "models/model.pt",
+    }
+    if fmt == "torchscript":
+        return {**common, "filepath": "models/model.ts", "use_trace": spec.torchscript == "trace"}
+    if fmt == "onnx":
+        return {
+            **common,
+            "filepath": "models/model.onnx",
+            "use_trace": True,
+            "converter_kwargs": {
+                "dynamo": False,
+                "opset_version": ONNX_OPSET,
+                "input_names": ["image"],
+                "output_names": ["pred"],
+                # axis lists (JSON has no integer keys); the exporter names them
+                "dynamic_axes": {"image": [0] if spec.fixed_size else [0, 2, 3], "pred": [0]},
+                "verify": True,
+                "use_ort": True,
+                "rtol": 0.0,
+                "atol": ONNX_ATOL,
+            },
+        }
+    raise ValueError(f"unknown export format {fmt!r}; valid: {', '.join(EXPORT_ARGS)}")
+
+
 def metadata(name: str) -> dict:
     """``configs/metadata.json`` following MONAI's bundle specification."""
     spec = get_backbone_spec(name)
@@ -825,7 +887,8 @@ def metadata(name: str) -> dict:
             },
             "outputs": {
                 "pred": {
-                    "type": "probabilities",
+                    # one logit per class, not probabilities (the schema's "tabular": one row of values per image)
+                    "type": "tabular",
                     "format": "classes",
                     "num_channels": len(DEMO_CLASSES),
                     "spatial_shape": [1],
@@ -853,6 +916,7 @@ def bundle_files(name: str) -> dict[str, str]:
         "configs/evaluate.json": _dump(evaluate_config(name)),
         "configs/inference.json": _dump(inference_config(name)),
         "configs/multi_gpu_train.json": _dump(multi_gpu_config(name)),
+        **{path: _dump(export_args(name, fmt)) for fmt, path in EXPORT_ARGS.items()},
         "configs/logging.conf": LOGGING_CONF,
         "docs/README.md": bundle_readme(name, BUNDLES[name], train_config(name)),
         "LICENSE": license_text(),

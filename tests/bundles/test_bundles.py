@@ -586,22 +586,41 @@ def test_inference_csv_rows_and_bad_file(trained, demo_datalist, tmp_path):
         np.testing.assert_allclose([float(r[c]) for c in classes], want, rtol=1e-4, atol=1e-5)
 
 
-def test_torchscript_export_matches_eager(trained, demo_datalist):
-    ts = trained / "models" / "model.ts"
-    _run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
-          "--ckpt_file", str(trained / "models" / "model.pt"),
-          "--meta_file", "bundles/convnext_tiny/configs/metadata.json",
-          "--config_file", "bundles/convnext_tiny/configs/train.json", "--bundle_root", str(trained),
-          "--datalist", demo_datalist, "--image_size", str(SIZE), "--use_trace", "True",
-          "--input_shape", f"[1, 1, {SIZE}, {SIZE}]"])
+def test_export_commands_of_the_docs_match_eager(trained, tmp_path):
+    """The two export commands of the bundle docs, run as written from a bundle folder holding the trained
+    convnext_tiny (configs, models/model.pt, models/run.json): TorchScript scripted, as its export_torchscript.json
+    says, with the metadata and config inside; ONNX with dynamic batch and spatial axes, checked by the command
+    itself at batch 1 (224x224, the metadata's shape) and here at batch 1 and 4 (64x64) in onnxruntime."""
+    import onnxruntime as ort
+
+    from hmn.bundles import ONNX_ATOL
     from hmn.networks import HybridMedNet
 
-    scripted = torch.jit.load(str(ts))
+    folder = tmp_path / "convnext_tiny"
+    shutil.copytree(ROOT / "bundles" / "convnext_tiny" / "configs", folder / "configs")
+    (folder / "models").mkdir()
+    for f in ("model.pt", "run.json"):
+        (folder / "models" / f).symlink_to(trained / "models" / f)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    for command, args in (("ckpt_export", "configs/export_torchscript.json"), ("onnx_export", "configs/export_onnx.json")):
+        cmd = [sys.executable, "-m", "monai.bundle", command, "--args_file", args]
+        out = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{out.stdout[-3000:]}\n--- stderr\n{out.stderr[-6000:]}"
+
     net = HybridMedNet("convnext_tiny", num_classes=5, img_size=SIZE, attention="cbam", backbone_options=SCRATCH).eval()
     net.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
-    x = torch.rand(2, 1, SIZE, SIZE)
+    extra = {"metadata.json": "", "inference.json": ""}
+    module = torch.jit.load(str(folder / "models" / "model.ts"), _extra_files=extra)
+    assert "FeaturePyramid expects" in module.neck.code  # scripted: the checks and control flow are kept
+    assert json.loads(extra["metadata.json"])["network_data_format"]["outputs"]["pred"]["type"] == "tabular"
+    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "hmn.networks.HybridMedNet"
+    session = ort.InferenceSession(str(folder / "models" / "model.onnx"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
-        torch.testing.assert_close(scripted(x), net(x), rtol=1e-4, atol=1e-5)
+        for batch in (1, 4):
+            x = torch.rand(batch, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
+            want = net(x)
+            torch.testing.assert_close(module(x), want, rtol=1e-4, atol=1e-5)
+            np.testing.assert_allclose(session.run(None, {"image": x.numpy()})[0], want.numpy(), rtol=0, atol=ONNX_ATOL)
 
 
 def _serve(folder: Path):
