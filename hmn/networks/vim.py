@@ -173,7 +173,10 @@ class BiMambaMixer(nn.Module):
 def _exporting() -> bool:
     """Whether this forward pass is being traced (``torch.jit.trace``, the TorchScript-based ONNX exporter)
     or exported (``torch.onnx.export``, ``torch.export``)."""
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.6; the project allows 2.4
+    return bool(is_exporting is not None and is_exporting())
 
 
 def causal_depthwise_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
