@@ -170,11 +170,30 @@ def test_train_evaluate_and_infer_workflow_properties(zoo_bundle, demo_datalist)
                                   {"input": os.path.dirname(demo_datalist)})
 
 
-@pytest.mark.xfail(strict=False, reason="the zoo scripts the network (ckpt_export without use_trace or an args file); "
-                   "scripting the backbones is the export work of issue 13, item 2, not landed yet")
 def test_torchscript_export_as_the_zoo_runs_it(zoo_bundle):
-    out = zoo.check_torchscript_export(zoo_bundle["bundle"])
-    assert torch.jit.load(out) is not None
+    """The zoo's step 5 scripts the network (ckpt_export without use_trace): the file it writes is a scripted
+    module, and it gives the eager network's logits (weights from the fetched model.pt) at two batch sizes."""
+    from monai.bundle import ConfigParser
+
+    b = zoo_bundle["bundle"]
+    out = zoo.check_torchscript_export(b)
+    scripted = torch.jit.load(out)
+    assert isinstance(scripted, torch.jit.RecursiveScriptModule) and "forward" in scripted.code
+    parser = ConfigParser()
+    parser.read_config(str(b / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(b)})
+    eager = parser.get_parsed_content("network_def")
+    state = torch.load(b / "models" / "model.pt", map_location="cpu", weights_only=True)
+    eager.load_state_dict(state.get("model", state))  # a bare state dict, or a checkpoint holding one
+    eager.eval()
+    shape = json.loads((b / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
+    torch.manual_seed(0)
+    for batch in (1, 3):
+        x = torch.randn(batch, shape["num_channels"], *shape["spatial_shape"])
+        with torch.no_grad():
+            want, got = eager(x), scripted(x)
+        assert got.shape == want.shape == (batch, len(json.loads((b / "models" / "run.json").read_text())["settings"]["class_names"]))
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_template_metadata_pins_the_tested_versions_and_validates():
