@@ -159,6 +159,12 @@ forward passes on a GPU. On a CPU, `cpu_bf16` (default: on when the CPU computes
 autocast through `hmn.training.CPUAutocastInferer`; the loss, optimizer, validation, evaluation and
 inference stay float32. `--cpu_bf16 False` turns it off.
 
+The GPU fast path, on by default when CUDA is available, each switch off with `False`: `amp_dtype`
+(`bfloat16` where the GPU computes it, Ampere and later, else `float16`: the training autocast's type),
+`channels_last` (the network's weights in NHWC, the layout of the tensor-core convolution kernels; a saved
+`model.pt` loads into a contiguous network as before) and `fused_optimizer` (AdamW's fused kernel).
+`--compile True` adds `torch.compile` (its compile time falls in the first iterations).
+
 What a run records: `models/run.json` (`hmn.runs`) holds the settings that define the trained network
 and its preprocessing (class names, channels, image size, VOI, aspect, backbone and options, attention,
 pyramid, head), the datalist and the schedule. Evaluation, inference and a resume take them from it (a
@@ -233,6 +239,16 @@ Predict over a folder (searched recursively; DICOM, PNG, JPEG) or a datalist JSO
 
 The class names, image size and network come from the model's run record (`models/run.json`); a model
 without one (trained before run records) gets the demo's classes unless `--class_names` is given.
+
+Rows are appended and synced as the run goes. After a stop, `--resume True` keeps the CSV's complete
+error-free rows and predicts only the other images (failed ones are tried again); the heatmap index keeps one
+row per image and finding. On several GPUs (or CPU processes on gloo), each process predicts every
+world-size-th image into `<stem>.rank<r>.csv`, and when all are done rank 0 merges them into the one
+`--output_file`, sorted by path (and the heatmap indexes into `heatmaps.csv`), and removes the shares;
+`--resume True` works the same way under torchrun:
+
+    torchrun --nproc_per_node=2 -m monai.bundle run inference \\
+        --config_file "['{cfg}/inference.json','{cfg}/multi_gpu_inference.json']" --input /path/to/folder
 
 Heatmaps (Grad-CAM, `hmn.explain`): `--heatmaps True` also writes, per image, one overlay PNG (the map over
 the grey network input, the finding and its probability in the title) and the raw map (`.npy`) for each

@@ -118,8 +118,14 @@ _EVAL_RUN = [
     "$@finding_match",
     "$@validate#evaluator.run()",
 ]
+# an empty list of items (every image already predicted, on a resume; or a torchrun share of a short list) runs nothing
 _INFER_RUN = ["$hmn.runs.check_model_file(@ckpt_dir, @model_sha256)",
-              "$hmn.runs.check_run_record(@ckpt_dir, @model_settings, @use_run_record)", "$@evaluator.run()"]
+              "$hmn.runs.check_run_record(@ckpt_dir, @model_settings, @use_run_record)",
+              "$@evaluator.run() if len(@dataset) else None"]
+# under torchrun: every rank predicts its share, then rank 0 merges the shares into output_file (and heatmaps.csv)
+_DIST_INFER_RUN = [*_INFER_RUN,
+                   "$hmn.inference.merge_rank_outputs(@output_file, @heatmap_dir if hmn.training.as_bool(@heatmaps) else None, "
+                   "keep_existing=hmn.training.as_bool(@resume))"]
 _TRAIN_RUN = [
     _CHECK_RECORD,
     _CHECK_RESUME_CLASSES,
@@ -402,6 +408,12 @@ def train_config(name: str) -> dict:
         "warmup_epochs": _trained("warmup_epochs", "1"),
         "accumulation_steps": _trained("accumulation_steps", "1"),
         "amp": "$torch.cuda.is_available()",
+        # the GPU fast path (issue 12): the training autocast's type (bfloat16 where the GPU computes it, Ampere
+        # and later; float16 before), the network's weights in channels_last (NHWC; convolutions then run in it
+        # on the tensor cores), and the fused AdamW kernel; each can be switched off from the command line
+        "amp_dtype": "$'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'",
+        "channels_last": "$torch.cuda.is_available()",
+        "fused_optimizer": "$torch.cuda.is_available()",
         # bfloat16 autocast of the training forward pass on a CPU that computes bfloat16 natively (the
         # CUDA counterpart is "amp"); validation, evaluation and inference stay float32.
         "cpu_bf16": "$hmn.training.cpu_bf16_supported()",
@@ -433,13 +445,14 @@ def train_config(name: str) -> dict:
         "model_settings": dict(_MODEL_SETTINGS),
         "schedule_settings": dict(_SCHEDULE_SETTINGS),
         "run_settings": "$dict(@model_settings, **@schedule_settings)",
-        "network": "$@network_def.to(@device)",
+        "network": "$hmn.training.to_device(@network_def, @device, @channels_last)",
         "loss": "$hmn.losses.MultiLabelBCELoss(pos_weight=hmn.training.pos_weight(@train#dataset#data, @use_pos_weight)).to(@device) if not @hierarchical else hmn.losses.HierarchicalLoss(@num_classes, hmn.losses.fine_to_coarse_indices(@class_names)[0], pos_weight=hmn.training.pos_weight(@train#dataset#data, @use_pos_weight)).to(@device)",
         "optimizer": {
             "_target_": "torch.optim.AdamW",
             "params": "$@network.parameters()",
             "lr": "@learning_rate",
             "weight_decay": "@weight_decay",
+            "fused": "$hmn.training.as_bool(@fused_optimizer) or None",
         },
         "lr_scheduler": {
             "_target_": "monai.optimizers.WarmupCosineSchedule",
@@ -517,6 +530,7 @@ def train_config(name: str) -> dict:
                 "postprocessing": "@train#postprocessing",
                 "train_handlers": "@train#handlers",
                 "amp": "@amp",
+                "amp_kwargs": "$hmn.training.amp_kwargs(@amp_dtype)",
                 "compile": "@compile",
                 "accumulation_steps": "@accumulation_steps",
             },
@@ -666,6 +680,9 @@ def inference_config(name: str) -> dict:
         "dataset_dir": "$hmn.data.cli.default_demo_root()",
         "input": "@dataset_dir",
         "output_file": "$os.path.join(@output_dir, 'predictions.csv')",
+        # --resume True after a stop: images with an error-free row in output_file (or, under torchrun, in a
+        # rank's share) are not predicted again, and the rows (and heatmap index) written so far are kept
+        "resume": False,
         # Grad-CAM heatmaps (hmn.explain): per image, an overlay PNG and a .npy per chosen finding at or above its
         # threshold (a number, or an evaluation metrics.json's per-finding thresholds), named by a hash of the path
         "heatmaps": False,
@@ -696,7 +713,7 @@ def inference_config(name: str) -> dict:
         "preprocessing": {"_target_": "Compose", "transforms": _load_transforms()},
         "dataset": {
             "_target_": "hmn.inference.InferenceDataset",
-            "data": "$hmn.inference.inference_items(@input)",
+            "data": "$hmn.inference.inference_items(@input, skip_done=@output_file if hmn.training.as_bool(@resume) else None)",
             "transform": "@preprocessing",
             "placeholder_shape": [1, "@image_size", "@image_size"],
         },
@@ -716,12 +733,14 @@ def inference_config(name: str) -> dict:
                 "findings": "@heatmap_findings",
                 "thresholds": "@heatmap_thresholds",
                 "levels": "@heatmap_levels",
+                "resume": "$hmn.training.as_bool(@resume)",
             },
             {
                 "_target_": "hmn.handlers.PredictionCSVWriter",
                 "output_file": "@output_file",
                 "class_names": "@class_names",
                 "num_classes": "@num_classes",
+                "resume": "$hmn.training.as_bool(@resume)",
             },
         ],
         "evaluator": {
@@ -747,7 +766,7 @@ def multi_gpu_config(name: str) -> dict:
         "backend": "$'nccl' if torch.cuda.is_available() else 'gloo'",
         "network": {
             "_target_": "torch.nn.parallel.DistributedDataParallel",
-            "module": "$@network_def.to(@device)",
+            "module": "$hmn.training.to_device(@network_def, @device, @channels_last)",
             "device_ids": "$[@device] if torch.cuda.is_available() else None",
         },
         "train#sampler": {"_target_": "DistributedSampler", "dataset": "@train#dataset", "even_divisible": True, "shuffle": True},
@@ -767,6 +786,29 @@ def multi_gpu_config(name: str) -> dict:
         ],
         "run": _DIST_TRAIN_RUN,
         "training": _DIST_TRAIN_RUN,
+        "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
+    }
+
+
+def multi_gpu_inference_config(name: str) -> dict:
+    """``configs/multi_gpu_inference.json``: overrides ``inference.json`` for ``torchrun``. Each process
+    predicts every world_size-th image (``hmn.inference.shard_items``) into ``<stem>.rank<r>.csv``; rank 0
+    merges the shares into the one ``output_file`` when all are done (``hmn.inference.merge_rank_outputs``).
+    No DDP wrapper: inference needs no gradient synchronisation."""
+    return {
+        "device": "$torch.device('cuda:' + os.environ['LOCAL_RANK']) if torch.cuda.is_available() else torch.device('cpu')",
+        "backend": "$'nccl' if torch.cuda.is_available() else 'gloo'",
+        "dataset#data": "$hmn.inference.shard_items(hmn.inference.inference_items(@input, "
+                        "skip_done=hmn.inference.run_outputs(@output_file) if hmn.training.as_bool(@resume) else None))",
+        "initialize": [
+            "$import torch.distributed as dist",
+            "$hmn.bundles.install_error_summary()",
+            "$dist.is_initialized() or dist.init_process_group(backend=@backend)",
+            "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+            "$hmn.bundles.check_overrides() if dist.get_rank() == 0 else None",
+        ],
+        "run": _DIST_INFER_RUN,
+        "inference": _DIST_INFER_RUN,
         "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
     }
 
@@ -916,6 +958,7 @@ def bundle_files(name: str) -> dict[str, str]:
         "configs/evaluate.json": _dump(evaluate_config(name)),
         "configs/inference.json": _dump(inference_config(name)),
         "configs/multi_gpu_train.json": _dump(multi_gpu_config(name)),
+        "configs/multi_gpu_inference.json": _dump(multi_gpu_inference_config(name)),
         **{path: _dump(export_args(name, fmt)) for fmt, path in EXPORT_ARGS.items()},
         "configs/logging.conf": LOGGING_CONF,
         "docs/README.md": bundle_readme(name, BUNDLES[name], train_config(name)),

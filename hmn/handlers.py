@@ -640,6 +640,11 @@ class HeatmapWriter:
         self.files_written += 2 * len(rows)
 
     def finish(self, engine: Any = None) -> None:
-        """Logs how many heatmaps were written."""
+        """Logs how many heatmaps were written; with `resume`, leaves one index row per image and finding
+        (an image explained again after a stop has a row from each run; the newer is kept)."""
+        if self.resume and os.path.exists(self.index_file):
+            from hmn.inference import merge_csv_files
+
+            merge_csv_files(self.index_file, [self.index_file], ("image", "finding"), error_column=None)
         logger.info("%d heatmaps (PNG and .npy) written to %s, listed in %s", self.files_written // 2,
                     self.output_dir, self.index_file)

@@ -10,6 +10,12 @@
   collate works). The network still runs on the zeros; :class:`hmn.handlers.PredictionCSVWriter`
   writes an error row for the item and ignores its output.
 
+* Under ``torchrun`` (``configs/multi_gpu_inference.json``) every process predicts its share of the
+  items (:func:`shard_items`) into ``<stem>.rank<r><suffix>``, and :func:`merge_rank_outputs` joins the
+  shares into the one CSV asked for when all have finished (and the heatmap indexes, likewise). A run
+  stopped part-way is resumed with ``--resume True``: images that already have an error-free row, in the
+  CSV or in any share, are left out (:func:`run_outputs`, ``inference_items(skip_done=...)``).
+
 In a bundle's inference.json::
 
     "datalist": {"_target_": "hmn.inference.inference_items", "source": "@input_dir"},
@@ -20,9 +26,11 @@ In a bundle's inference.json::
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,8 +41,20 @@ from torch.utils.data import Dataset
 
 from hmn.data.dataset import find_read_error
 from hmn.data.datalist import IMAGE_EXTENSIONS, find_images, load_datalist
+from hmn.durable import atomic_write
 
-__all__ = ["InferenceDataset", "inference_items", "completed_images", "read_prediction_rows", "error_message"]
+__all__ = [
+    "InferenceDataset",
+    "completed_images",
+    "error_message",
+    "inference_items",
+    "merge_csv_files",
+    "merge_rank_outputs",
+    "rank_files",
+    "read_prediction_rows",
+    "run_outputs",
+    "shard_items",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +155,7 @@ class InferenceDataset(Dataset):
 def inference_items(
     source: str | os.PathLike | Sequence[str | os.PathLike],
     split: str | None = "test",
-    skip_done: str | os.PathLike | None = None,
+    skip_done: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     image_key: str = "image",
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
 ) -> list[dict[str, str]]:
@@ -146,8 +166,9 @@ def inference_items(
             extension, as DICOM files often are), a datalist JSON (the `split`'s images; ``split=None``:
             all splits), a single image file, or a list of paths.
         split: the datalist split to take (``"training"``, ``"validation"``, ``"test"`` or None for all).
-        skip_done: a predictions CSV from an interrupted run: images with a row there and no error
-            are left out (see :func:`completed_images`); use with ``PredictionCSVWriter(resume=True)``.
+        skip_done: a predictions CSV from an interrupted run, or a list of them (e.g. :func:`run_outputs`:
+            the CSV and its per-rank shares): images with an error-free row in any of them are left out
+            (see :func:`completed_images`); use with ``PredictionCSVWriter(resume=True)``.
         image_key: the key of the path in each item.
         extensions: the file extensions searched for in a folder.
 
@@ -180,12 +201,136 @@ def inference_items(
                 f"{source}: no such file or folder; give a folder of images, a datalist JSON or an image file"
             )
     paths = sorted(dict.fromkeys(paths))  # deterministic order, duplicates once
-    if skip_done is not None and os.path.exists(skip_done):
-        done = completed_images(skip_done)
-        before = len(paths)
-        paths = [p for p in paths if p not in done]
-        logger.info("%d of %d images already have predictions in %s", before - len(paths), before, skip_done)
+    if skip_done is not None:
+        done_files = [skip_done] if isinstance(skip_done, (str, os.PathLike)) else list(skip_done)
+        done_files = [os.fspath(f) for f in done_files if os.path.exists(f)]
+        if done_files:
+            done = set().union(*(completed_images(f) for f in done_files))
+            before = len(paths)
+            paths = [p for p in paths if p not in done]
+            logger.info("%d of %d images already have predictions in %s", before - len(paths), before,
+                        ", ".join(done_files))
     return [{image_key: p} for p in paths]
+
+
+def shard_items(items: Sequence[Any], rank: int | None = None, world_size: int | None = None) -> list[Any]:
+    """This process's share of `items` under ``torchrun``: every `world_size`-th item from `rank`
+    (``items[rank::world_size]``), so the shares are disjoint, cover every item and differ in size by at
+    most one. `rank` and `world_size` default to ``torch.distributed``'s (all items in a single process).
+
+    Raises:
+        ValueError: `rank` is not in ``[0, world_size)``.
+    """
+    if rank is None or world_size is None:
+        from hmn.training import _rank_world
+
+        rank, world_size = _rank_world()
+    rank, world_size = int(rank), int(world_size)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must lie in [0, world_size), got rank {rank} of world_size {world_size}")
+    return list(items)[rank::world_size]
+
+
+_RANK_SUFFIX = re.compile(r"\.rank(\d+)$")
+
+
+def rank_files(output_file: str | os.PathLike) -> list[str]:
+    """The per-rank shares ``<stem>.rank<r><suffix>`` of `output_file` that exist, in rank order."""
+    stem, suffix = os.path.splitext(os.fspath(output_file))
+    found = []
+    for f in glob.glob(glob.escape(stem) + ".rank*" + glob.escape(suffix)):
+        m = _RANK_SUFFIX.search(os.path.splitext(f)[0])
+        if m and os.path.splitext(f)[0][: m.start()] == stem:
+            found.append((int(m.group(1)), f))
+    return [f for _, f in sorted(found)]
+
+
+def run_outputs(output_file: str | os.PathLike) -> list[str]:
+    """`output_file` and its per-rank shares (whether they exist or not, the file first): what an
+    interrupted run, single-process or under torchrun, may have written."""
+    return [os.fspath(output_file), *rank_files(output_file)]
+
+
+def merge_csv_files(
+    output_file: str | os.PathLike,
+    parts: Sequence[str | os.PathLike],
+    key_columns: Sequence[str] = ("image",),
+    error_column: str | None = "error",
+) -> int:
+    """Joins CSV files with one header into `output_file` (written atomically), one row per key, sorted
+    by key. A later part's row replaces an earlier one with the same key, except that an error row
+    (non-empty `error_column`) never replaces an error-free one. Rows cut off by a crash are dropped
+    (:func:`read_prediction_rows`). `output_file` may be one of `parts`. Returns the number of rows.
+
+    Raises:
+        ValueError: the parts' headers differ, or lack a key column.
+    """
+    header: list[str] | None = None
+    rows: dict[tuple[str, ...], list[str]] = {}
+    for part in parts:
+        part = os.fspath(part)
+        if not os.path.exists(part):
+            continue
+        h, part_rows = read_prediction_rows(part)
+        if h is None:
+            continue
+        if header is None:
+            missing = [c for c in key_columns if c not in h]
+            if missing:
+                raise ValueError(f"{part}: no {missing} column in the header {h}")
+            header = h
+        elif h != header:
+            raise ValueError(f"{part} has columns {h}, not {header} as {parts[0]}: these files cannot be merged")
+        keys = [header.index(c) for c in key_columns]
+        i_err = header.index(error_column) if error_column in header else None
+        for r in part_rows:
+            key = tuple(r[i] for i in keys)
+            old = rows.get(key)
+            if old is not None and i_err is not None and r[i_err] and not old[i_err]:
+                continue
+            rows[key] = r
+    if header is None:
+        return 0
+    ordered = [rows[k] for k in sorted(rows)]
+
+    def write(f: Any) -> None:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(header)
+        w.writerows(ordered)
+
+    atomic_write(output_file, write)
+    return len(ordered)
+
+
+def merge_rank_outputs(
+    output_file: str | os.PathLike, heatmap_dir: str | os.PathLike | None = None, keep_existing: bool = False
+) -> None:
+    """After a ``torchrun`` inference: waits for every process, then rank 0 merges the per-rank predictions
+    CSVs into `output_file` (one row per image, sorted by path) and, when `heatmap_dir` is given, the
+    per-rank ``heatmaps.rank<r>.csv`` indexes into ``heatmaps.csv`` (one row per image and finding), and
+    removes the shares once the merged file is on disk. With `keep_existing` (a resumed run) the rows
+    already in `output_file` are kept; otherwise it is replaced. Call it on every rank; in a single
+    process (where the writers write `output_file` itself) it does nothing.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    dist.barrier()
+    if dist.get_rank() == 0:
+        jobs = [(os.fspath(output_file), ("image",), "error")]
+        if heatmap_dir is not None:
+            jobs.append((os.path.join(os.fspath(heatmap_dir), "heatmaps.csv"), ("image", "finding"), None))
+        for out, keys, err in jobs:
+            shares = rank_files(out)
+            if not shares:
+                continue
+            previous = [out] if keep_existing and os.path.exists(out) else []
+            n = merge_csv_files(out, previous + shares, keys, err)
+            for f in shares:
+                os.remove(f)
+            logger.info("%s: %d rows merged from %d per-rank files", out, n, len(shares))
+    dist.barrier()
 
 
 def read_prediction_rows(csv_path: str | os.PathLike) -> tuple[list[str] | None, list[list[str]]]:

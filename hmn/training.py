@@ -28,6 +28,7 @@ __all__ = [
     "MetricHistory",
     "ResumeFromLatest",
     "RunTimeEstimate",
+    "amp_kwargs",
     "as_bool",
     "class_names",
     "check_validation_split",
@@ -45,6 +46,7 @@ __all__ = [
     "pretrained_given",
     "resolve_datalist",
     "set_aside",
+    "to_device",
     "trim_history",
 ]
 
@@ -297,6 +299,31 @@ def as_bool(value: Any, name: str = "value") -> bool:
     if text in ("false", "0", "no", "none", ""):
         return False
     raise ValueError(f"{name}={value!r} is not a boolean; accepted: true/false, 1/0, yes/no")
+
+
+AMP_DTYPES = ("bfloat16", "float16")
+
+
+def amp_kwargs(dtype: Any) -> dict[str, Any]:
+    """The ``amp_kwargs`` of MONAI's ``SupervisedTrainer`` (``torch.autocast`` arguments) for the bundles'
+    ``amp_dtype``: ``{"dtype": torch.bfloat16}`` or ``{"dtype": torch.float16}``.
+
+    Raises:
+        ValueError: `dtype` is not one of :data:`AMP_DTYPES` (a ``torch.dtype`` of those is accepted too).
+    """
+    name = str(dtype).removeprefix("torch.").strip().lower()
+    if name not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype={dtype!r} is not accepted; use one of {AMP_DTYPES}")
+    return {"dtype": getattr(torch, name)}
+
+
+def to_device(network: torch.nn.Module, device: Any, channels_last: Any = False) -> torch.nn.Module:
+    """`network` moved to `device`; with `channels_last` its 4-D weights are stored channels-last (NHWC), so
+    that convolutions (whose output follows the weight's layout) run in NHWC, the layout of the GPUs'
+    tensor-core kernels. Values are unchanged; a state dict saved from it loads into a contiguous network."""
+    if as_bool(channels_last, "channels_last"):
+        return network.to(device=device, memory_format=torch.channels_last)
+    return network.to(device)
 
 
 def pretrained_given(value: Any) -> bool:

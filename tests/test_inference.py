@@ -16,7 +16,16 @@ from PIL import Image
 
 from hmn.data import make_datalist, write_datalist
 from hmn.handlers import PredictionCSVWriter
-from hmn.inference import InferenceDataset, completed_images, inference_items
+from hmn.inference import (
+    InferenceDataset,
+    completed_images,
+    inference_items,
+    merge_csv_files,
+    merge_rank_outputs,
+    rank_files,
+    run_outputs,
+    shard_items,
+)
 from hmn.transforms import LoadXrayd
 
 CLASSES = ["Effusion", "Mass"]
@@ -161,3 +170,97 @@ def test_inference_items_sources(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no image files under"):
         inference_items(tmp_path / "empty")
+
+
+# ------------------------------------------------------------------ torchrun: shares, per-rank files, the merge
+
+
+def test_shard_items_split_every_list_into_disjoint_balanced_shares():
+    for n in range(8):
+        items = [{"image": f"/x/{i}.png"} for i in range(n)]
+        for world in (1, 2, 3):
+            shares = [shard_items(items, r, world) for r in range(world)]
+            flat = [i["image"] for s in shares for i in s]
+            assert sorted(flat) == sorted(i["image"] for i in items) and len(set(flat)) == n
+            assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    assert shard_items([1, 2, 3]) == [1, 2, 3]  # no process group: one process takes everything
+    with pytest.raises(ValueError, match="rank must lie in"):
+        shard_items([1, 2], 2, 2)
+
+
+def test_rank_files_are_the_outputs_shares_in_rank_order(tmp_path):
+    for name in ("pred.rank10.csv", "pred.rank1.csv", "pred.rank0.csv", "pred.rankx.csv", "other.rank0.csv",
+                 "pred.csv", "pred.rank2.csv.tmp", "pred.rank3.json"):
+        (tmp_path / name).write_text("image,error\n")
+    assert rank_files(tmp_path / "pred.csv") == [str(tmp_path / f"pred.rank{r}.csv") for r in (0, 1, 10)]
+    assert run_outputs(tmp_path / "pred.csv")[0] == str(tmp_path / "pred.csv")
+    assert rank_files(tmp_path / "none.csv") == []
+
+
+def test_merge_csv_files_one_row_per_key_error_free_rows_win(tmp_path):
+    a, b, out = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "out.csv"
+    a.write_text("image,error,Mass\n/z.png,,0.1\n/y.png,,0.2\n/x.png,/x.png: bad,\n")
+    b.write_text("image,error,Mass\n/y.png,/y.png: bad,\n/x.png,,0.3\n/z.png,,0.4\n/w.png,,0.5")  # last row cut off
+    assert merge_csv_files(out, [a, b, tmp_path / "missing.csv"]) == 3
+    header, rows = _read(out)
+    # sorted by path; the later file's z wins, its error row for y does not replace a's value, /w.png was cut off
+    assert header == ["image", "error", "Mass"]
+    assert rows == [["/x.png", "", "0.3"], ["/y.png", "", "0.2"], ["/z.png", "", "0.4"]]
+    assert merge_csv_files(out, [out]) == 3 and _read(out)[1] == rows  # the output may be one of the parts
+    (tmp_path / "c.csv").write_text("image,error,Nodule\n/v.png,,0.1\n")
+    with pytest.raises(ValueError, match="c.csv has columns"):
+        merge_csv_files(out, [a, tmp_path / "c.csv"])
+    with pytest.raises(ValueError, match="no \\['finding'\\] column"):
+        merge_csv_files(out, [a], key_columns=("image", "finding"))
+
+
+def _sharded_inference_worker(rank, world, init_file, root, out, resume):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        items = shard_items(inference_items(root, skip_done=run_outputs(out) if resume else None))
+        if items:
+            _evaluate(items, PredictionCSVWriter(out, CLASSES, resume=resume), _network(), batch_size=1)
+        merge_rank_outputs(out, keep_existing=resume)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _two_processes(tmp_path, *args):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    init = tmp_path / f"init{len(list(tmp_path.glob('init*')))}"
+    procs = [ctx.Process(target=_sharded_inference_worker, args=(r, 2, init, *args)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
+def test_two_processes_write_the_single_process_csv_and_resume(tmp_path):
+    root = _folder(tmp_path)
+    for i in range(3):  # 6 files: shares of 3 images each
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(root / f"d{i}.png")
+    single = tmp_path / "single.csv"
+    _evaluate(inference_items(root), PredictionCSVWriter(single, CLASSES), _network(), batch_size=1)
+    want = _read(single)
+
+    out = tmp_path / "pred.csv"
+    _two_processes(tmp_path, root, out, False)
+    assert _read(out) == want  # one file, every image once, sorted by path, the same numbers
+    assert rank_files(out) == []  # the shares are gone once merged
+
+    # a stopped run: two images done (merged earlier), one rank's share written part-way, a row cut off
+    rows = want[1]
+    out.write_text("image,error,Effusion,Mass\n" + "".join(",".join(r) + "\n" for r in rows[:2]))
+    (tmp_path / "pred.rank1.csv").write_text("image,error,Effusion,Mass\n" + ",".join(rows[3]) + "\n" + rows[4][0] + ",,0.")
+    done = {r[0] for r in (rows[0], rows[1], rows[3]) if r[1] == ""}  # an error row (b.png) is tried again
+    assert len(done) == 2 and {i["image"] for i in inference_items(root, skip_done=run_outputs(out))} == {
+        r[0] for r in rows} - done
+    _two_processes(tmp_path, root, out, True)
+    assert _read(out) == want and rank_files(out) == []
+
+    # nothing left to do: every rank has an empty share, and the file stays as it is
+    _two_processes(tmp_path, root, out, True)
+    assert _read(out) == want

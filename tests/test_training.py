@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from hmn.losses import MultiLabelBCELoss
-from hmn.training import CPUAutocastInferer, as_bool, cpu_bf16_supported, label_tensor, latest_checkpoint, resolve_datalist
+from hmn.training import (
+    CPUAutocastInferer,
+    amp_kwargs,
+    as_bool,
+    cpu_bf16_supported,
+    label_tensor,
+    latest_checkpoint,
+    resolve_datalist,
+    to_device,
+)
 
 
 def test_label_mask_becomes_ignored_entries():
@@ -541,3 +550,30 @@ class TestCachePlan:
         assert self._plan(monkeypatch, 0.001, 10**6, cache="persistent") == "persistent"
         with pytest.raises(ValueError, match="cache='ram'; accepted: auto, none, memory, persistent"):
             self._plan(monkeypatch, 1, 1, cache="ram")
+
+
+def test_amp_kwargs_accepts_the_two_autocast_types():
+    assert amp_kwargs("bfloat16") == {"dtype": torch.bfloat16}
+    assert amp_kwargs(" Float16 ") == {"dtype": torch.float16}
+    assert amp_kwargs(torch.bfloat16) == {"dtype": torch.bfloat16}
+    with pytest.raises(ValueError, match=r"amp_dtype='float32' is not accepted; use one of \('bfloat16', 'float16'\)"):
+        amp_kwargs("float32")
+
+
+def test_channels_last_network_computes_the_same_and_saves_a_loadable_state():
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                   torch.nn.Conv2d(8, 4, 3, stride=2), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+
+    plain, nhwc = to_device(build(), "cpu"), to_device(build(), "cpu", channels_last="true")
+    # the 8 -> 4 convolution: a 1-channel weight is both layouts at once
+    assert plain[3].weight.is_contiguous() and not plain[3].weight.is_contiguous(memory_format=torch.channels_last)
+    assert nhwc[3].weight.is_contiguous(memory_format=torch.channels_last) and not nhwc[3].weight.is_contiguous()
+    x = torch.randn(3, 1, 17, 19)
+    torch.testing.assert_close(nhwc(x), plain(x), rtol=1e-5, atol=1e-6)
+    fresh = build()
+    fresh.load_state_dict(nhwc.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="channels_last='maybe' is not a boolean"):
+        to_device(build(), "cpu", channels_last="maybe")

@@ -716,3 +716,129 @@ def test_reuse_rehearsal_packed_bundle_rebuilds_the_trained_model(demo_datalist,
     for e, p in zip(test, expected):
         assert [float(rows[e["image"]][c]) for c in picks] == p.tolist()
         assert [float(report[e["image"]][f"{c}_prob"]) for c in picks] == p.tolist()
+
+
+def test_inference_heatmaps_on_demo_dicoms(trained, demo_datalist, tmp_path):
+    """--heatmaps True: per image, a PNG and a .npy per finding at or above its threshold, listed in heatmaps.csv
+    and named by a hash of the path. The demo's DICOMs carry a synthetic PatientName and PatientID, and their
+    file names hold the ID: neither reaches a heatmap file name or a picture."""
+    import pydicom
+    from PIL import Image
+
+    from hmn.data import load_datalist
+    from hmn.explain import heatmap_id
+
+    dicoms = [e["image"] for e in load_datalist(demo_datalist, "test") if e["image"].endswith(".dcm")][:2]
+    ids = {str(pydicom.dcmread(d).PatientID) for d in dicoms} | {str(pydicom.dcmread(d).PatientName) for d in dicoms}
+    heat = tmp_path / "heat"
+    _run(_bundle_cmd("inference", _configs("convnext_tiny", "inference"), "--input", f"{dicoms!r}",
+                     "--output_file", str(tmp_path / "pred.csv"), "--bundle_root", str(trained), *SMALL,
+                     "--heatmaps", "True", "--heatmap_dir", str(heat), "--heatmap_findings", "['Mass','Nodule']",
+                     "--heatmap_thresholds", "0"))
+    assert [r["image"] for r in _read_csv(tmp_path / "pred.csv")] == sorted(dicoms)
+    index = _read_csv(heat / "heatmaps.csv")
+    assert sorted((r["image"], r["finding"]) for r in index) == sorted((d, f) for d in dicoms for f in ("Mass", "Nodule"))
+    names = sorted(str(p.relative_to(heat)) for p in heat.rglob("*") if p.is_file())
+    assert names == sorted(["heatmaps.csv"] + [f"{heatmap_id(d)}/{f}.{x}" for d in dicoms for f in ("Mass", "Nodule")
+                                               for x in ("png", "npy")])
+    for r in index:
+        m = np.load(heat / r["npy"])
+        assert m.shape == (SIZE, SIZE) and m.dtype == np.float32 and 0 <= m.min() and m.max() <= 1
+        png = Image.open(heat / r["png"])
+        assert not png.text and not any(i in (heat / r["png"]).read_bytes().decode("latin-1") for i in ids)
+    assert not any(i in n for i in ids for n in names)
+
+
+def test_gpu_fast_path_switches_reach_the_network_optimizer_and_trainer(demo_datalist):
+    """amp_dtype, channels_last and fused_optimizer (on by default only with CUDA) as the trainer gets them; a
+    training step with channels_last weights and the fused AdamW kernel gives the default step's loss and
+    weights (float32, CPU)."""
+    from monai.bundle import ConfigParser
+
+    def parsed(**overrides):
+        parser = ConfigParser()
+        parser.read_config(str(ROOT / "bundles" / "convnext_tiny" / "configs" / "train.json"))
+        parser.update({"datalist": demo_datalist, "image_size": SIZE, "bundle_root": "/nonexistent", **overrides})
+        return parser
+
+    default = parsed()
+    cuda = torch.cuda.is_available()
+    assert default.get_parsed_content("channels_last") is cuda and default.get_parsed_content("fused_optimizer") is cuda
+    assert default.get_parsed_content("train#trainer#amp_kwargs")["dtype"] in (torch.bfloat16, torch.float16)
+    fast = parsed(channels_last=True, fused_optimizer="True", amp_dtype="float16")
+    assert fast.get_parsed_content("train#trainer#amp_kwargs") == {"dtype": torch.float16}
+    with pytest.raises(RuntimeError) as err:  # MONAI wraps the expression's error; ours is its cause
+        parsed(amp_dtype="int8").get_parsed_content("train#trainer#amp_kwargs")
+    assert "amp_dtype='int8' is not accepted; use one of ('bfloat16', 'float16')" in str(err.value.__cause__)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 1, SIZE, SIZE), torch.tensor([[1.0, 0, 0, 1, 0], [0, 1, 0, 0, 0]])
+    runs = []
+    for p in (default, fast):
+        torch.manual_seed(0)
+        net, opt = p.get_parsed_content("network"), p.get_parsed_content("optimizer")
+        # a weight with only one stride order of each layout (more than one input channel per group, not 1x1)
+        conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1 and m.kernel_size != (1, 1))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) is (p is fast or cuda)
+        assert bool(opt.defaults["fused"]) is (p is fast or cuda)
+        net.train()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), y)
+        loss.backward()
+        runs.append((net, opt, loss.item()))
+    (net0, opt0, loss0), (net1, opt1, loss1) = runs
+    assert loss1 == pytest.approx(loss0, rel=1e-5)
+    scale = max(p.grad.abs().max().item() for p in net0.parameters() if p.grad is not None)
+    for (k, p0), p1 in zip(net0.named_parameters(), net1.parameters()):
+        torch.testing.assert_close(p1.grad, p0.grad, rtol=1e-3, atol=1e-5 * scale, msg=lambda m, k=k: f"{k}: {m}")
+        p1.grad.copy_(p0.grad)  # the same gradients, in the layout autograd gave: the fused step must give the same weights
+    opt0.step()
+    opt1.step()
+    for (k, p0), p1 in zip(net0.named_parameters(), net1.parameters()):
+        torch.testing.assert_close(p1.detach(), p0.detach(), rtol=1e-5, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _same_predictions(got, want, demo_datalist):
+    """The same rows (image, error) and probabilities within 1e-6 (batches of other sizes round differently)."""
+    assert [(r["image"], r["error"]) for r in got] == [(r["image"], r["error"]) for r in want]
+    for g, w in zip(got, want):
+        for c in json.load(open(demo_datalist))["class_names"]:
+            assert (g[c] == w[c] == "") or float(g[c]) == pytest.approx(float(w[c]), abs=1e-6)
+
+
+def test_inference_under_torchrun_writes_one_merged_csv_and_resumes(trained, demo_datalist, tmp_path):
+    """Two gloo processes: each predicts its share, and the run ends with the one CSV (and heatmap index) a
+    single process writes, sorted by path, with no per-rank file left. A single-process run cut off after two
+    rows resumes with --resume True: the other images are predicted, the two kept, the file the same."""
+    from hmn.data import load_datalist
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for e in load_datalist(demo_datalist, "test")[:5]:
+        shutil.copy(e["image"], folder / Path(e["image"]).name)
+    (folder / "broken.dcm").write_bytes(b"DICM" * 10)
+    common = ["--input", str(folder), "--bundle_root", str(trained), *SMALL, "--heatmaps", "True",
+              "--heatmap_findings", "['Mass']", "--heatmap_thresholds", "0"]
+    single, merged = tmp_path / "single.csv", tmp_path / "merged.csv"
+    _run(_bundle_cmd("inference", _configs("convnext_tiny", "inference"), *common, "--output_file", str(single),
+                     "--heatmap_dir", str(tmp_path / "heat1")))
+    want = _read_csv(single)
+    assert len(want) == 6 and sum(bool(r["error"]) for r in want) == 1
+
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29537",
+          "-m", "monai.bundle", "run", "inference", "--config_file", _configs("convnext_tiny", "inference", "multi_gpu_inference"),
+          *common, "--output_file", str(merged), "--heatmap_dir", str(tmp_path / "heat2")])
+    got = _read_csv(merged)
+    assert [r["image"] for r in got] == sorted(r["image"] for r in want)
+    _same_predictions(got, want, demo_datalist)
+    assert sorted(p.name for p in tmp_path.iterdir() if ".rank" in p.name) == []
+    index = lambda d: sorted((r["image"], r["finding"]) for r in _read_csv(tmp_path / d / "heatmaps.csv"))  # noqa: E731
+    assert index("heat2") == index("heat1") and len(index("heat1")) == 5
+    assert not list((tmp_path / "heat2").glob("heatmaps.rank*"))
+
+    lines = single.read_text().splitlines(keepends=True)
+    single.write_text("".join(lines[:3]) + lines[3][:20])  # header, two rows, a row cut off mid-write
+    out = _run(_bundle_cmd("inference", _configs("convnext_tiny", "inference"), *common, "--output_file", str(single),
+                           "--heatmap_dir", str(tmp_path / "heat1"), "--resume", "True"))
+    assert "2 of 6 images already have predictions" in out.stdout + out.stderr
+    _same_predictions(sorted(_read_csv(single), key=lambda r: r["image"]), want, demo_datalist)
+    assert index("heat1") == sorted({(r["image"], "Mass") for r in want if not r["error"]})
