@@ -163,7 +163,10 @@ The GPU fast path, on by default when CUDA is available, each switch off with `F
 (`bfloat16` where the GPU computes it, Ampere and later, else `float16`: the training autocast's type),
 `channels_last` (the network's weights in NHWC, the layout of the tensor-core convolution kernels; a saved
 `model.pt` loads into a contiguous network as before) and `fused_optimizer` (AdamW's fused kernel).
-`--compile True` adds `torch.compile` (its compile time falls in the first iterations).
+`--compile True` adds `torch.compile` (its compile time falls in the first iterations). `num_workers`
+(DataLoader worker processes) is 0 on the CPU, where the model and not loading limits training, and with
+CUDA the node's CPUs shared among its torchrun processes, one left to each main process, at most 8
+(`hmn.training.default_num_workers`).
 
 What a run records: `models/run.json` (`hmn.runs`) holds the settings that define the trained network
 and its preprocessing (class names, channels, image size, VOI, aspect, backbone and options, attention,

@@ -395,7 +395,9 @@ def train_config(name: str) -> dict:
         # other aspect ratios than square: "stretch" to image_size, or keep proportions and "pad" / "crop"
         "aspect": _trained("aspect", "'stretch'"),
         "batch_size": _trained("batch_size", repr(row.batch_size)),
-        "num_workers": 0,
+        # loader worker processes: none on the CPU (loading runs at 100-600 images/s there, the model at about 7,
+        # benchmarks/bench_data.py), the node's CPUs shared among its processes with CUDA (hmn.training.default_num_workers)
+        "num_workers": "$hmn.training.default_num_workers()",
         # "auto": in memory when the split fits in half the memory available, else on disk (runs/cache), else
         # none, with the expected size logged; "memory" (refused when it cannot fit), "persistent", "none"
         "cache": "auto",
@@ -701,7 +703,7 @@ def inference_config(name: str) -> dict:
         "voi": train["voi"],
         "aspect": train["aspect"],
         "batch_size": train["batch_size"],
-        "num_workers": 0,
+        "num_workers": "$hmn.training.default_num_workers()",
         "pretrained": False,
         "backbone_options": train["backbone_options"],
         "hierarchical": train["hierarchical"],

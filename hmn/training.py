@@ -34,6 +34,7 @@ __all__ = [
     "check_validation_split",
     "checkpoints_by_epoch",
     "cpu_bf16_supported",
+    "default_num_workers",
     "label_tensor",
     "latest_checkpoint",
     "available_memory",
@@ -315,6 +316,34 @@ def amp_kwargs(dtype: Any) -> dict[str, Any]:
     if name not in AMP_DTYPES:
         raise ValueError(f"amp_dtype={dtype!r} is not accepted; use one of {AMP_DTYPES}")
     return {"dtype": getattr(torch, name)}
+
+
+def default_num_workers(cuda: bool | None = None, cpus: int | None = None, local_processes: int | None = None,
+                        maximum: int = 8) -> int:
+    """The bundles' default number of DataLoader worker processes.
+
+    Without CUDA, 0: on the CPU the model, not loading, limits training (``benchmarks/bench_data.py``:
+    the bundles' transforms load 100-600 images/s on 2 cores, a convnext_tiny training step runs at about
+    7), and workers would only take cores from it. With CUDA, the CPUs this process may use
+    (``os.sched_getaffinity``), shared among the node's torchrun processes (``LOCAL_WORLD_SIZE``), one left
+    to the main process, between 1 and `maximum`.
+
+    Args:
+        cuda: whether CUDA is used (default: ``torch.cuda.is_available()``).
+        cpus: the CPUs available (default: this process's affinity).
+        local_processes: processes on this node (default: ``LOCAL_WORLD_SIZE``, else 1).
+        maximum: the most workers per process.
+    """
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if not cuda:
+        return 0
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if local_processes is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    share = max(1, int(cpus) // max(1, int(local_processes)))
+    return max(1, min(int(maximum), share - 1))
 
 
 def to_device(network: torch.nn.Module, device: Any, channels_last: Any = False) -> torch.nn.Module:

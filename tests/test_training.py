@@ -577,3 +577,15 @@ def test_channels_last_network_computes_the_same_and_saves_a_loadable_state():
     torch.testing.assert_close(fresh.eval()(x), plain.eval()(x), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="channels_last='maybe' is not a boolean"):
         to_device(build(), "cpu", channels_last="maybe")
+
+
+def test_default_num_workers_none_on_the_cpu_shared_among_processes_with_cuda(monkeypatch):
+    from hmn.training import default_num_workers
+
+    assert default_num_workers(cuda=False, cpus=64) == 0
+    assert default_num_workers(cuda=True, cpus=16, local_processes=1) == 8  # capped
+    assert default_num_workers(cuda=True, cpus=16, local_processes=4) == 3  # 4 CPUs each, one for the main process
+    assert default_num_workers(cuda=True, cpus=2, local_processes=1) == 1
+    assert default_num_workers(cuda=True, cpus=4, local_processes=8) == 1  # never 0 with CUDA
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert default_num_workers(cuda=True, cpus=10) == 4
