@@ -31,6 +31,15 @@ Peak memory: on a GPU, ``torch.cuda.max_memory_allocated`` over one more step af
 runs in a fresh subprocess and the growth of the process's peak resident set over one step after a
 warm-up step is reported (Linux ``/proc/self/clear_refs``): activations and gradients, not the weights.
 
+Model FLOPs utilisation (unless ``--no-flops``): the floating-point operations of one forward pass counted
+by PyTorch's ``torch.utils.flop_counter.FlopCounterMode`` on the eager model (matrix products and
+convolutions, two per multiply-add), three times that for a training step (:data:`TRAIN_FLOPS_PER_FORWARD`,
+the usual convention), divided by the median step time
+(``model_tflops_per_s``), and that against the device's measured matrix-product rate at the run's
+precision (``matmul_tflops``: the median of 5 square products of side 8192 on a GPU, 2048 on the CPU,
+bfloat16 with ``--precision bf16``), ``mfu = model_tflops_per_s / matmul_tflops``. Element-wise work
+(normalisation, activations, the optimizer) is not counted, as in the usual MFU definition.
+
 Output: one JSON line per measurement on stdout (``--json FILE`` also appends them to FILE), then a table.
 """
 
@@ -47,11 +56,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["CONFIGS", "NaiveCrossScaleAttention", "bench_main", "build_config", "measure"]
+__all__ = ["CONFIGS", "NaiveCrossScaleAttention", "bench_main", "build_config", "count_flops", "matmul_tflops", "measure"]
 
 CONFIGS = ("bare", "hmn:none", "hmn:cbam", "hmn:self", "hmn:cross_scale", "hmn:bundle", "hmn:cross_scale_full",
            "reference:cross_scale_naive")
 _DEFAULT_CONFIGS = CONFIGS[:-1]
+# a training step's FLOPs as a multiple of the forward pass's: the backward computes the gradients of the inputs and
+# of the weights, each about one forward (the usual MFU convention). Counted, not assumed, PyTorch's FlopCounterMode
+# gives convnext_tiny's step 8.7x its forward: its formula for the backward of grouped (depthwise) convolutions
+# ignores the groups
+TRAIN_FLOPS_PER_FORWARD = 3
 NUM_CLASSES = 14
 
 
@@ -207,6 +221,38 @@ def _sync(device: Any) -> None:
         _torch().cuda.synchronize(device)
 
 
+def count_flops(step: Callable[[], None]) -> int:
+    """Floating-point operations of one call of `step` (matrix products and convolutions, 2 per multiply-add),
+    counted by ``torch.utils.flop_counter.FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return int(counter.get_total_flops())
+
+
+def matmul_tflops(device: Any, precision: str = "fp32", n: int | None = None, repeats: int = 5) -> float:
+    """The device's measured matrix-product rate in TFLOP/s: the median over `repeats` of one ``n x n`` by
+    ``n x n`` product (``2 n^3`` operations) in bfloat16 (`precision` ``"bf16"``) or float32, after one untimed
+    product; `n` defaults to 8192 on a GPU and 2048 on the CPU."""
+    torch = _torch()
+    device = torch.device(device)
+    n = int(n or (8192 if device.type == "cuda" else 2048))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
+    a @ b
+    times = []
+    for _ in range(int(repeats)):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Runs the interleaved timing (and, on a GPU, the memory) measurements; returns one dict per
     (backbone, configuration, mode)."""
@@ -215,10 +261,12 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     records: list[dict[str, Any]] = []
+    peak_rate = matmul_tflops(device, args.precision) if args.flops else None
     for backbone in args.backbones:
         steps: dict[tuple[str, str], Callable[[], None]] = {}
         models: dict[tuple[str, str], Any] = {}
         compile_s: dict[tuple[str, str], float | None] = {}
+        flops: dict[tuple[str, str], int] = {}
         for name in args.configs:
             for mode in args.modes:
                 key = (name, mode)
@@ -232,6 +280,11 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for _ in range(max(args.warmup - 1, 0)):
                     steps[key]()
                 _sync(device)
+                if args.flops:  # on the eager model: the compiled graph hides its operations from the counter
+                    eager = getattr(models[key], "_orig_mod", models[key])
+                    forward = count_flops(_step_fn(eager, "infer", args.batch, args.size, device, args.precision,
+                                                   args.channels_last))
+                    flops[key] = forward * (TRAIN_FLOPS_PER_FORWARD if mode == "train" else 1)
         times: dict[tuple[str, str], list[float]] = {k: [] for k in steps}
         for _ in range(args.rounds):
             for key, step in steps.items():
@@ -261,6 +314,9 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "step_s_all": ts, "compile_s": compile_s[key],
                 "peak_mib": peak[key], "peak_kind": "cuda max allocated" if device.type == "cuda" else (
                     "cpu peak RSS growth over one step" if peak[key] is not None else None),
+                "flops_per_step": flops.get(key), "matmul_tflops": peak_rate,
+                "model_tflops_per_s": flops[key] / med / 1e12 if key in flops else None,
+                "mfu": flops[key] / med / 1e12 / peak_rate if key in flops and peak_rate else None,
             })
         bare = {r["mode"]: r for r in records if r["backbone"] == backbone and r["config"] == "bare"}
         for r in records:
@@ -321,8 +377,8 @@ def _status_kib(field: str) -> int:
 
 
 def _table(records: Sequence[dict[str, Any]]) -> str:
-    lines = ["| backbone | configuration | mode | images/s | step (s) | time vs bare | peak MiB | memory vs bare |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| backbone | configuration | mode | images/s | step (s) | time vs bare | peak MiB | memory vs bare | TFLOP/s | MFU |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         ratio = r.get("time_ratio_to_bare")
         mem = r.get("memory_ratio_to_bare")
@@ -330,7 +386,9 @@ def _table(records: Sequence[dict[str, Any]]) -> str:
             f"| {r['backbone']} | {r['config']} | {r['mode']} | {r['images_per_s']:.1f} | {r['step_s']:.3f} | "
             + (f"{ratio:.2f}x" if ratio is not None else "-") + " | "
             + (f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-") + " | "
-            + (f"{mem:.2f}x" if mem is not None else "-") + " |")
+            + (f"{mem:.2f}x" if mem is not None else "-") + " | "
+            + (f"{r['model_tflops_per_s']:.3g}" if r.get("model_tflops_per_s") is not None else "-") + " | "
+            + (f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-") + " |")
     return "\n".join(lines)
 
 
@@ -352,6 +410,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration first")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the CPU memory measurement (a subprocess per configuration)")
+    p.add_argument("--no-flops", dest="flops", action="store_false",
+                   help="skip the FLOP count and the matrix-product rate (model FLOPs utilisation)")
     p.add_argument("--json", help="also append the JSON lines to this file")
     p.add_argument("--_memory_child", help=argparse.SUPPRESS)
     return p
@@ -387,6 +447,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     print(f"\n{first['device_name']} ({first['device']}), torch {torch.__version__}, {args.threads} threads, "
           f"{args.precision}, batch {args.batch}, {args.size}x{args.size}, 1 channel, "
           f"median of {args.rounds} interleaved steps" + (", channels_last" if args.channels_last else "")
-          + (", torch.compile" if args.compile else ""))
+          + (", torch.compile" if args.compile else "")
+          + (f"; matrix products {first['matmul_tflops']:.3g} TFLOP/s" if first.get("matmul_tflops") else ""))
     print(_table(records))
     return 0

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from hmn.bench import CONFIGS, NaiveCrossScaleAttention, bench_main, build_config
+from hmn.bench import CONFIGS, NaiveCrossScaleAttention, bench_main, build_config, count_flops, matmul_tflops
 from hmn.networks.attention import CrossScaleAttention
 
 
@@ -62,3 +62,29 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(ValueError, match="unknown configuration 'hmn:bogus'"):
         build_config("hmn:bogus", "convnext_tiny", 64)
     assert set(CONFIGS) >= {"bare", "hmn:bundle", "reference:cross_scale_naive"}
+
+
+def test_flop_count_and_model_flops_utilisation(capsys):
+    lin = torch.nn.Linear(8, 4)
+    x = torch.randn(2, 8)
+    assert count_flops(lambda: lin(x)) == 2 * 2 * 8 * 4  # one multiply-add per weight and sample
+    assert count_flops(lambda: torch.nn.functional.conv2d(torch.randn(1, 3, 5, 5), torch.randn(6, 3, 3, 3))) == 2 * 6 * 3 * 9 * 3 * 3
+    assert 0 < matmul_tflops("cpu", n=256, repeats=2) < 100
+    assert bench_main(["--backbones", "convnext_tiny", "--size", "32", "--batch", "2", "--rounds", "1", "--warmup", "1",
+                       "--configs", "bare", "--no-memory"]) == 0
+    out = capsys.readouterr().out
+    rows = {r["mode"]: r for r in (json.loads(x) for x in out.splitlines() if x.startswith("{"))}
+    train, infer = rows["train"], rows["infer"]
+    # the forward pass of convnext_tiny at 32x32: 4.5 GMAC per image at 224x224 (timm's figure for the ImageNet
+    # model) scaled by (32/224)^2, two images, two operations per multiply-add: about 0.37 GFLOP (the stem sees one
+    # channel here, not three, and the head 14 classes, not 1000)
+    assert infer["flops_per_step"] == pytest.approx(4.5e9 * (32 / 224) ** 2 * 2 * 2, rel=0.05)
+    assert train["flops_per_step"] == 3 * infer["flops_per_step"]  # backward counted as twice the forward
+    for r in (train, infer):
+        assert r["model_tflops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_s"] / 1e12)
+        assert r["mfu"] == pytest.approx(r["model_tflops_per_s"] / r["matmul_tflops"]) and 0 < r["mfu"] < 1
+    assert "matrix products" in out and "| MFU |" in out
+    assert bench_main(["--backbones", "convnext_tiny", "--size", "32", "--batch", "2", "--rounds", "1", "--warmup", "1",
+                       "--configs", "bare", "--modes", "infer", "--no-memory", "--no-flops"]) == 0
+    (r,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert r["flops_per_step"] is None and r["mfu"] is None and r["matmul_tflops"] is None
