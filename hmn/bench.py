@@ -311,7 +311,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "device": str(device), "device_name": _device_name(device), "precision": args.precision,
                 "channels_last": bool(args.channels_last), "compile": bool(args.compile), "threads": args.threads,
                 "rounds": args.rounds, "step_s": med, "images_per_s": args.batch / med,
-                "step_s_all": ts, "compile_s": compile_s[key],
+                "step_s_all": ts, "step_spread": max(ts) / min(ts), "compile_s": compile_s[key],
                 "peak_mib": peak[key], "peak_kind": "cuda max allocated" if device.type == "cuda" else (
                     "cpu peak RSS growth over one step" if peak[key] is not None else None),
                 "flops_per_step": flops.get(key), "matmul_tflops": peak_rate,
@@ -374,6 +374,16 @@ def _memory_child(args: argparse.Namespace) -> None:
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+SPREAD_LIMIT = 1.5
+
+
+def noisy_rows(records: Sequence[dict[str, Any]], limit: float = SPREAD_LIMIT) -> list[str]:
+    """The measurements whose slowest timed step took more than `limit` times their fastest (``step_spread``):
+    a busy machine (or too few rounds) makes their medians, and every ratio taken from them, unreliable."""
+    return [f"{r['backbone']} {r['config']} {r['mode']} ({r['step_spread']:.1f}x)" for r in records
+            if r.get("step_spread") is not None and r["step_spread"] > limit]
 
 
 def _table(records: Sequence[dict[str, Any]]) -> str:
@@ -450,4 +460,10 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
           + (", torch.compile" if args.compile else "")
           + (f"; matrix products {first['matmul_tflops']:.3g} TFLOP/s" if first.get("matmul_tflops") else ""))
     print(_table(records))
+    noisy = noisy_rows(records)
+    if noisy:
+        print(f"\nwarning: the timed steps of {len(noisy)} measurement(s) varied by more than {SPREAD_LIMIT}x "
+              f"(slowest / fastest): {', '.join(noisy)}. Another process was probably using the machine; these "
+              "times and the ratios taken from them are unreliable: rerun on a quiet machine, with more --rounds.",
+              file=sys.stderr)
     return 0

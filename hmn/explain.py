@@ -310,7 +310,8 @@ def attention_rollout(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"attention rollout needs attention between positions ('self' or 'cross_scale'); this network's "
             f"attention is {modes or ['none']}: CBAM gates each position by its own statistics and moves nothing "
-            "between positions, so there is no attention flow to roll out. Use Grad-CAM (gradcam) instead"
+            "between positions, so there is no attention flow to roll out. Use Grad-CAM instead (hmn.explain.gradcam; "
+            "python -m hmn explain without --rollout)"
         )
     stages = list(network.attention.stages)
     captured: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -623,15 +624,17 @@ def explain_image(
     with torch.no_grad():
         probs = torch.sigmoid(network(x)[0, : len(names)].float()).cpu().numpy()
     above = [k for k in chosen if probs[k] >= thr[k]]
+    # every map before any file: a refused rollout (a CBAM network) leaves nothing half-written
+    rollout_map = attention_rollout(network, x)[0, 0].cpu().numpy() if rollout else None
     maps = gradcam_pairs(network, x, [0] * len(above), above, levels=levels)
     rows = write_heatmaps(out_dir, image_path, x[0], maps, [names[k] for k in above], probs[above], thr[above])
     if rows:
         append_index(os.path.join(out_dir, "heatmaps.csv"), rows)
     rollout_png = None
-    if rollout:
+    if rollout_map is not None:
         from hmn.durable import atomic_write
 
-        m = attention_rollout(network, x)[0, 0].cpu().numpy()
+        m = rollout_map
         hid = heatmap_id(image_path)
         rollout_png = os.path.join(out_dir, hid, "attention_rollout.png")
         data = render_overlay(x[0, 0].cpu().numpy(), m, "attention rollout (all findings)")

@@ -469,7 +469,9 @@ class PredictionCSVWriter:
             logger.info("resuming %s: %d predictions kept, %d rows dropped (errors or cut off, tried again)",
                         path, len(kept), len(rows) - len(kept))
         elif os.path.exists(path):
-            logger.info("overwriting %s", path)
+            _, earlier = read_prediction_rows(path)
+            logger.warning("overwriting %s and its %d rows from an earlier run (--resume True would keep its error-free "
+                           "rows and predict only the other images)", path, len(earlier))
 
         def write(f: Any) -> None:
             w = csv.writer(f, lineterminator="\n")

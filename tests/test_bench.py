@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from hmn.bench import CONFIGS, NaiveCrossScaleAttention, bench_main, build_config, count_flops, matmul_tflops
+from hmn.bench import CONFIGS, NaiveCrossScaleAttention, bench_main, build_config, count_flops, matmul_tflops, noisy_rows
 from hmn.networks.attention import CrossScaleAttention
 
 
@@ -42,6 +42,7 @@ def test_bench_writes_one_json_line_per_measurement(capsys, tmp_path):
     for r in lines:
         assert len(r["step_s_all"]) == 2 and r["step_s"] == pytest.approx(sorted(r["step_s_all"])[0] / 2 + sorted(r["step_s_all"])[1] / 2)
         assert r["images_per_s"] == pytest.approx(2 / r["step_s"])
+        assert r["step_spread"] == pytest.approx(max(r["step_s_all"]) / min(r["step_s_all"]))
         assert r["device"] == "cpu" and r["precision"] == "fp32" and r["peak_mib"] is None
     bare = {r["mode"]: r["step_s"] for r in lines if r["config"] == "bare"}
     for r in lines:
@@ -88,3 +89,10 @@ def test_flop_count_and_model_flops_utilisation(capsys):
                        "--configs", "bare", "--modes", "infer", "--no-memory", "--no-flops"]) == 0
     (r,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
     assert r["flops_per_step"] is None and r["mfu"] is None and r["matmul_tflops"] is None
+
+
+def test_noisy_measurements_are_named():
+    rows = [{"backbone": "convnext_tiny", "config": c, "mode": "train", "step_spread": sp}
+            for c, sp in (("bare", 1.1), ("hmn:self", 9.3 / 0.6), ("hmn:none", None))]
+    assert noisy_rows(rows) == ["convnext_tiny hmn:self train (15.5x)"]
+    assert noisy_rows(rows, limit=1.05) == ["convnext_tiny bare train (1.1x)", "convnext_tiny hmn:self train (15.5x)"]

@@ -153,6 +153,21 @@ def test_attention_rollout_shape_and_where_it_has_no_meaning(attn_net):
         attention_rollout(cbam, torch.rand(1, 1, 64, 64))
 
 
+
+def test_explain_refuses_a_rollout_before_writing_anything(tmp_path):
+    from hmn.explain import explain_image
+
+    torch.manual_seed(0)
+    cbam = HybridMedNet("convnext_tiny", num_classes=2, img_size=64, attention="cbam", **SMALL).eval()
+    bundle = {"network": cbam, "class_names": ["Effusion", "Mass"],
+              "preprocessing": lambda item: {"image": torch.rand(1, 64, 64)}}
+    with pytest.raises(ValueError, match=r"Use Grad-CAM instead \(hmn.explain.gradcam; python -m hmn explain without --rollout\)"):
+        explain_image(bundle, tmp_path / "a.png", tmp_path / "out", thresholds=0.0, rollout=True)
+    assert not (tmp_path / "out").exists()
+    result = explain_image(bundle, tmp_path / "a.png", tmp_path / "out", thresholds=0.0)  # Grad-CAM alone works
+    assert len(result["rows"]) == 2 and result["rollout"] is None
+
+
 def test_findings_and_thresholds(tmp_path):
     names = ["Effusion", "Mass", "Nodule"]
     assert resolve_findings("all", names) == [0, 1, 2] and resolve_findings(["Nodule", "Mass"], names) == [1, 2]

@@ -99,7 +99,7 @@ def test_folder_with_a_broken_file(tmp_path):
     assert writer.errors == 1 and writer.rows_written == 3
 
 
-def test_resume_keeps_finished_rows_and_retries_errors(tmp_path):
+def test_resume_keeps_finished_rows_and_retries_errors(tmp_path, caplog):
     root = _folder(tmp_path)
     paths = [str(root / "a.png"), str(root / "b.png"), str(root / "sub" / "c.png")]
     out = tmp_path / "predictions.csv"
@@ -120,8 +120,10 @@ def test_resume_keeps_finished_rows_and_retries_errors(tmp_path):
     _, again = _read(out)
     assert [r[0] for r in again] == [paths[0], paths[2], paths[1]]  # the error row was dropped and retried
 
-    # without resume the file is rewritten from scratch
-    _evaluate([{"image": paths[0]}], PredictionCSVWriter(out, CLASSES), _network(), batch_size=1)
+    # without resume the file is rewritten from scratch, with a warning saying how many rows go
+    with caplog.at_level("WARNING", logger="hmn.handlers"):
+        _evaluate([{"image": paths[0]}], PredictionCSVWriter(out, CLASSES), _network(), batch_size=1)
+    assert f"overwriting {out} and its 3 rows from an earlier run (--resume True would keep" in caplog.text
     _, fresh = _read(out)
     assert [r[0] for r in fresh] == [paths[0]] and fresh[0][2] != "0.25"
 
