@@ -57,6 +57,10 @@ CACHE_MODES = ("auto", "none", "memory", "persistent")
 # share of the memory available at start that "auto" lets the in-memory caches of one process take: the
 # network, optimizer, loader workers and the rest of the run need the remainder
 AUTO_CACHE_SHARE = 0.5
+# resident memory an in-memory cache takes per byte of its float32 images: the process grew by 339 KiB per cached
+# 196 KiB image over an epoch of 1,000 and by 547 KiB over 2,000, 755 KiB for each of the second thousand
+# (benchmarks/bench_scale.py --cache-items, convnext_tiny bundle at 224x224, MONAI CacheDataset); planned with 4
+CACHE_RESIDENT_FACTOR = 4.0
 _CACHE_RESERVED: list[int] = []  # bytes promised to the in-memory caches built so far in this process
 
 
@@ -176,7 +180,8 @@ def cache_plan(
     """The cache a dataset of `n_items` gets, and a log line saying how big it will be.
 
     The cached item is the output of the deterministic transforms: a float32 image of `item_shape`
-    (channels and spatial size at the run's image size), ``4 * prod(item_shape)`` bytes.
+    (channels and spatial size at the run's image size), ``4 * prod(item_shape)`` bytes on disk; in memory
+    :data:`CACHE_RESIDENT_FACTOR` times that (the process's measured growth per cached image).
 
     * ``"auto"`` (the bundles' default): ``"memory"`` when every item fits in :data:`AUTO_CACHE_SHARE` of
       the memory available (less what the caches built before in this process take, and divided among
@@ -196,30 +201,31 @@ def cache_plan(
         raise ValueError(f"cache={cache!r}; accepted: {', '.join(CACHE_MODES)}")
     if cache in ("none", "persistent") or not item_shape:
         return "memory" if cache == "auto" else cache
-    need = int(n_items) * 4 * int(np.prod([int(d) for d in item_shape]))
+    size = int(n_items) * 4 * int(np.prod([int(d) for d in item_shape]))  # the float32 images: the disk cache's size
+    need = int(size * CACHE_RESIDENT_FACTOR)  # what holding them in memory takes, as measured
     avail = available_memory()
     per_node = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     gb = 1e9
     shape = "x".join(str(int(d)) for d in item_shape)
+    what = f"{n_items} images x {shape} float32 = {size / gb:.2f} GB, about {need / gb:.1f} GB resident in memory"
     if avail is None:
-        logger.info("%s cache: %d images x %s float32 = %.2f GB (available memory unknown)", name, n_items, shape, need / gb)
+        logger.info("%s cache: %s (available memory unknown)", name, what)
         return "memory"
     room = avail / per_node - sum(_CACHE_RESERVED)
     if cache == "memory":
         if need > room:
             raise ValueError(
-                f"cache='memory' for the {name} needs about {need / gb:.1f} GB ({n_items} images x {shape} float32) "
-                f"but about {max(room, 0) / gb:.1f} GB of memory is available; pass --cache persistent (a disk cache "
-                f"of about {need / gb:.1f} GB in {cache_dir}), --cache none (decode every epoch), or --cache auto"
+                f"cache='memory' for the {name} needs about {need / gb:.1f} GB of memory ({what}: "
+                f"{CACHE_RESIDENT_FACTOR:g}x the images' size, as measured) but about {max(room, 0) / gb:.1f} GB is "
+                f"available; pass --cache persistent (a disk cache of about {size / gb:.1f} GB in {cache_dir}), "
+                "--cache none (decode every epoch), or --cache auto"
             )
         _CACHE_RESERVED.append(need)
-        logger.info("%s cache in memory: %d images x %s float32 = %.2f GB (%.1f GB available)", name, n_items, shape,
-                    need / gb, room / gb)
+        logger.info("%s cache in memory: %s (%.1f GB available)", name, what, room / gb)
         return "memory"
     if need <= AUTO_CACHE_SHARE * room:
         _CACHE_RESERVED.append(need)
-        logger.info("%s cache in memory: %d images x %s float32 = %.2f GB (%.1f GB available; filled during the "
-                    "first epoch)", name, n_items, shape, need / gb, room / gb)
+        logger.info("%s cache in memory: %s (%.1f GB available; filled during the first epoch)", name, what, room / gb)
         return "memory"
     import shutil
 
@@ -228,14 +234,13 @@ def cache_plan(
     while probe and not os.path.exists(probe):
         probe = os.path.dirname(probe) or "."
     free = shutil.disk_usage(probe or ".").free
-    if need * 1.1 <= free:
-        logger.warning("%s cache on disk in %s: %d images x %s float32 = %.1f GB would not fit in %.0f%% of the "
-                       "%.1f GB of memory available (pass --cache memory to insist, --cache none for no cache)",
-                       name, folder, n_items, shape, need / gb, 100 * AUTO_CACHE_SHARE, room / gb)
+    if size * 1.1 <= free:
+        logger.warning("%s cache on disk in %s: %s would not fit in %.0f%% of the %.1f GB of memory available "
+                       "(pass --cache memory to insist, --cache none for no cache)",
+                       name, folder, what, 100 * AUTO_CACHE_SHARE, room / gb)
         return "persistent"
-    logger.warning("%s: no cache: %d images x %s float32 = %.1f GB fits neither in memory (%.1f GB available) nor "
-                   "on disk in %s (%.1f GB free); every epoch decodes the images again", name, n_items, shape,
-                   need / gb, room / gb, folder, free / gb)
+    logger.warning("%s: no cache: %s fits neither in memory (%.1f GB available) nor on disk in %s (%.1f GB free); "
+                   "every epoch decodes the images again", name, what, room / gb, folder, free / gb)
     return "none"
 
 
