@@ -398,8 +398,9 @@ def train_config(name: str) -> dict:
         # loader worker processes: none on the CPU (loading runs at 100-600 images/s there, the model at about 7,
         # benchmarks/bench_data.py), the node's CPUs shared among its processes with CUDA (hmn.training.default_num_workers)
         "num_workers": "$hmn.training.default_num_workers()",
-        # "auto": in memory when the split fits in half the memory available (counting 4x the float32 images' size,
-        # the resident cost measured per cached image), else on disk (runs/cache), else none, with the sizes logged; "memory" (refused when it cannot fit), "persistent", "none"
+        # "auto": in memory when the split fits in half the memory available (counting 4x the float32 images'
+        # size, the resident cost measured per cached image), else on disk (runs/cache), else none, with the sizes
+        # logged; "memory" (refused when it cannot fit), "persistent", "none"
         "cache": "auto",
         "skip_bad_files": True,
         "max_epochs": _trained("max_epochs", "30"),
@@ -410,7 +411,7 @@ def train_config(name: str) -> dict:
         "warmup_epochs": _trained("warmup_epochs", "1"),
         "accumulation_steps": _trained("accumulation_steps", "1"),
         "amp": "$torch.cuda.is_available()",
-        # the GPU fast path (issue 12): the training autocast's type (bfloat16 where the GPU computes it, Ampere
+        # the GPU fast path: the training autocast's type (bfloat16 where the GPU computes it, Ampere
         # and later; float16 before), the network's weights in channels_last (NHWC; convolutions then run in it
         # on the tensor cores), and the fused AdamW kernel; each can be switched off from the command line
         "amp_dtype": "$'bfloat16' if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else 'float16'",

@@ -210,7 +210,7 @@ def test_template_metadata_pins_the_tested_versions_and_validates():
 
 
 def test_the_checks_catch_what_the_zoo_refuses(tmp_path):
-    """The zoo-check functions fail where the zoo's CI failed on the bundles before (issue 13): the unpacked
+    """The zoo-check functions fail where the zoo's CI failed on the bundles before this project packed them for it: the unpacked
     bundle has no models/model.pt, and range strings become invalid pip lines."""
     bundle = tmp_path / "convnext_tiny"
     shutil.copytree(ROOT / "bundles" / "convnext_tiny" / "configs", bundle / "configs")
