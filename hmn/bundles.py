@@ -762,6 +762,17 @@ def inference_config(name: str) -> dict:
     }
 
 
+# the start of every torchrun workflow: the process group (NCCL on GPUs, gloo on CPUs), this rank's GPU, and the
+# override check on rank 0 only
+_DIST_INIT = [
+    "$import torch.distributed as dist",
+    "$hmn.bundles.install_error_summary()",
+    "$dist.is_initialized() or dist.init_process_group(backend=@backend)",
+    "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+    "$hmn.bundles.check_overrides() if dist.get_rank() == 0 else None",
+]
+
+
 def multi_gpu_config(name: str) -> dict:
     """``configs/multi_gpu_train.json``: overrides ``train.json`` for ``torchrun`` (DDP, DistributedSampler)."""
     return {
@@ -779,14 +790,7 @@ def multi_gpu_config(name: str) -> dict:
         "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset", "even_divisible": False, "shuffle": False},
         "validate#dataloader#sampler": "@validate#sampler",
         "validate#evaluator#val_handlers": f"$@validate#handlers[: -{_RANK0_VAL_HANDLERS} if dist.get_rank() > 0 else None]",
-        "initialize": [
-            "$import torch.distributed as dist",
-            "$hmn.bundles.install_error_summary()",
-            "$dist.is_initialized() or dist.init_process_group(backend=@backend)",
-            "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
-            "$hmn.bundles.check_overrides() if dist.get_rank() == 0 else None",
-            "$monai.utils.set_determinism(seed=@seed)",
-        ],
+        "initialize": [*_DIST_INIT, "$monai.utils.set_determinism(seed=@seed)"],
         "run": _DIST_TRAIN_RUN,
         "training": _DIST_TRAIN_RUN,
         "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
@@ -803,13 +807,7 @@ def multi_gpu_inference_config(name: str) -> dict:
         "backend": "$'nccl' if torch.cuda.is_available() else 'gloo'",
         "dataset#data": "$hmn.inference.shard_items(hmn.inference.inference_items(@input, "
                         "skip_done=hmn.inference.run_outputs(@output_file) if hmn.training.as_bool(@resume) else None))",
-        "initialize": [
-            "$import torch.distributed as dist",
-            "$hmn.bundles.install_error_summary()",
-            "$dist.is_initialized() or dist.init_process_group(backend=@backend)",
-            "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
-            "$hmn.bundles.check_overrides() if dist.get_rank() == 0 else None",
-        ],
+        "initialize": _DIST_INIT,
         "run": _DIST_INFER_RUN,
         "inference": _DIST_INFER_RUN,
         "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
