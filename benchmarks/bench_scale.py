@@ -3,6 +3,7 @@ ChestX-ray14's 112,120 images, and the per-image cost of the in-memory cache.
 
     python benchmarks/bench_scale.py [--entries 1000 10000 112120] [--bundle convnext_tiny] [--size 224]
     python benchmarks/bench_scale.py --cache-items 3000        # the per-image cost of cache "memory"
+    python benchmarks/bench_scale.py --entries --cache-items 3000 --cache-mode none   # the control: no cache
 
 The datalists are written from a few hundred demo images linked many times (every entry a distinct path:
 a symbolic link), split 70/10/20 patient-wise as a real datalist would be. Each measurement runs in a fresh
@@ -13,7 +14,8 @@ what the cache plan chose (from the log).
 
 ``--cache-items N`` runs one epoch over N training images with ``--cache memory`` and batch 16 and reports
 the resident memory growth per image once the cache is full (the projection's per-item figure), beside
-the float32 size of one cached image.
+the float32 size of one cached image. ``--cache-mode none`` runs the same epoch without a cache: the growth
+that is not the cache's.
 
 One JSON line per measurement, then a table. Figures go to BENCHMARKS.md with the machine named.
 """
@@ -112,6 +114,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--work", default="/tmp/hmn_scale")
     ap.add_argument("--cache-items", type=int, default=0)
+    ap.add_argument("--cache-mode", default="memory", choices=("memory", "none"), help="the --cache-items run's cache")
     ap.add_argument("--_child", action="store_true")
     ap.add_argument("--datalist")
     ap.add_argument("--root")
@@ -152,7 +155,7 @@ def main() -> None:
         n = int(args.cache_items / 0.7) + 1
         batch = 16
         iters = args.cache_items // batch
-        rec = run(n, cache="memory", batch=batch, iterations=iters)
+        rec = run(n, cache=args.cache_mode, batch=batch, iterations=iters)
         per = (rec["rss_end_mib"] - rec["rss_first_mib"]) * 2**20 / max((iters - 1) * batch, 1)
         rec["rss_growth_per_image_kib"] = per / 1024
         rec["float32_image_kib"] = 4 * args.size * args.size / 1024

@@ -398,7 +398,7 @@ def train_config(name: str) -> dict:
         # loader worker processes: none on the CPU (loading runs at 100-600 images/s there, the model at about 7,
         # benchmarks/bench_data.py), the node's CPUs shared among its processes with CUDA (hmn.training.default_num_workers)
         "num_workers": "$hmn.training.default_num_workers()",
-        # "auto": in memory when the split fits in half the memory available (counting 4x the float32 images'
+        # "auto": in memory when the split fits in half the memory available (counting 2x the float32 images'
         # size, the resident cost measured per cached image), else on disk (runs/cache), else none, with the sizes
         # logged; "memory" (refused when it cannot fit), "persistent", "none"
         "cache": "auto",

@@ -57,10 +57,11 @@ CACHE_MODES = ("auto", "none", "memory", "persistent")
 # share of the memory available at start that "auto" lets the in-memory caches of one process take: the
 # network, optimizer, loader workers and the rest of the run need the remainder
 AUTO_CACHE_SHARE = 0.5
-# resident memory an in-memory cache takes per byte of its float32 images: the process grew by 339 KiB per cached
-# 196 KiB image over an epoch of 1,000 and by 547 KiB over 2,000, 755 KiB for each of the second thousand
-# (benchmarks/bench_scale.py --cache-items, convnext_tiny bundle at 224x224, MONAI CacheDataset); planned with 4
-CACHE_RESIDENT_FACTOR = 4.0
+# resident memory an in-memory cache takes per byte of its float32 images: over one training epoch with --cache memory
+# the process grew by 324 MiB (1,000 cached 196 KiB images) and 1,061 MiB (2,000); the same epochs without a cache
+# grew by 18 and 386 MiB; the difference, the cache's own cost, is 313 and 346 KiB per image, 1.6x and 1.8x
+# (benchmarks/bench_scale.py --cache-items N [--cache-mode none], convnext_tiny bundle at 224x224); planned with 2
+CACHE_RESIDENT_FACTOR = 2.0
 _CACHE_RESERVED: list[int] = []  # bytes promised to the in-memory caches built so far in this process
 
 
