@@ -32,7 +32,7 @@ from monai.data import MetaTensor, decollate_batch
 from scipy.special import expit
 
 from hmn.evaluation import atomic_write, compute_report, macro_auc, write_report
-from hmn.inference import read_prediction_rows
+from hmn.inference import rank_file, read_prediction_rows
 from hmn.training import _rank_world
 
 __all__ = ["EvaluationReportHandler", "HeatmapWriter", "MacroROCAUC", "PredictionCSVWriter", "stack_pred_label"]
@@ -446,16 +446,9 @@ class PredictionCSVWriter:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.write)
         engine.add_event_handler(Events.COMPLETED, self.finish)
 
-    def _rank_path(self) -> str:
-        rank, world = _rank_world()
-        if world == 1:
-            return self.output_file
-        stem, suffix = os.path.splitext(self.output_file)
-        return f"{stem}.rank{rank}{suffix}"
-
     def start(self, engine: Any = None) -> None:
         """Creates (or, with `resume`, cleans up) the CSV with its header."""
-        path = self._rank_path()
+        path = rank_file(self.output_file)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         kept: list[list[str]] = []
         if self.resume and os.path.exists(path):
@@ -580,8 +573,7 @@ class HeatmapWriter:
 
     @property
     def index_file(self) -> str:
-        rank, world = _rank_world()
-        return os.path.join(self.output_dir, "heatmaps.csv" if world == 1 else f"heatmaps.rank{rank}.csv")
+        return rank_file(os.path.join(self.output_dir, "heatmaps.csv"))
 
     def attach(self, engine: Any) -> None:
         """Registers the handler on `engine` (STARTED: start the index, ITERATION_COMPLETED: write); nothing when

@@ -50,6 +50,7 @@ __all__ = [
     "inference_items",
     "merge_csv_files",
     "merge_rank_outputs",
+    "rank_file",
     "rank_files",
     "read_prediction_rows",
     "run_outputs",
@@ -231,17 +232,25 @@ def shard_items(items: Sequence[Any], rank: int | None = None, world_size: int |
     return list(items)[rank::world_size]
 
 
-_RANK_SUFFIX = re.compile(r"\.rank(\d+)$")
+def rank_file(output_file: str | os.PathLike, rank: int | None = None, world_size: int | None = None) -> str:
+    """The file a process writes for `output_file`: `output_file` itself in a single process, else its
+    share ``<stem>.rank<r><suffix>``. `rank` and `world_size` default to ``torch.distributed``'s."""
+    if rank is None or world_size is None:
+        from hmn.training import _rank_world
+
+        rank, world_size = _rank_world()
+    if int(world_size) == 1:
+        return os.fspath(output_file)
+    stem, suffix = os.path.splitext(os.fspath(output_file))
+    return f"{stem}.rank{int(rank)}{suffix}"
 
 
 def rank_files(output_file: str | os.PathLike) -> list[str]:
-    """The per-rank shares ``<stem>.rank<r><suffix>`` of `output_file` that exist, in rank order."""
+    """The per-rank shares of `output_file` (:func:`rank_file`) that exist, in rank order."""
     stem, suffix = os.path.splitext(os.fspath(output_file))
-    found = []
-    for f in glob.glob(glob.escape(stem) + ".rank*" + glob.escape(suffix)):
-        m = _RANK_SUFFIX.search(os.path.splitext(f)[0])
-        if m and os.path.splitext(f)[0][: m.start()] == stem:
-            found.append((int(m.group(1)), f))
+    share = re.compile(re.escape(stem) + r"\.rank(\d+)" + re.escape(suffix))
+    found = [(int(m.group(1)), f) for f in glob.glob(glob.escape(stem) + ".rank*" + glob.escape(suffix))
+             if (m := share.fullmatch(f))]
     return [f for _, f in sorted(found)]
 
 

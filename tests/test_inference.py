@@ -22,6 +22,7 @@ from hmn.inference import (
     inference_items,
     merge_csv_files,
     merge_rank_outputs,
+    rank_file,
     rank_files,
     run_outputs,
     shard_items,
@@ -197,6 +198,10 @@ def test_rank_files_are_the_outputs_shares_in_rank_order(tmp_path):
     assert rank_files(tmp_path / "pred.csv") == [str(tmp_path / f"pred.rank{r}.csv") for r in (0, 1, 10)]
     assert run_outputs(tmp_path / "pred.csv")[0] == str(tmp_path / "pred.csv")
     assert rank_files(tmp_path / "none.csv") == []
+    # what each process writes: the file itself alone, its share under torchrun (which rank_files finds)
+    assert rank_file(tmp_path / "pred.csv", 0, 1) == str(tmp_path / "pred.csv")
+    assert rank_file(tmp_path / "pred.csv", 10, 12) == str(tmp_path / "pred.rank10.csv")
+    assert rank_file(tmp_path / "pred.csv") == str(tmp_path / "pred.csv")  # no process group
 
 
 def test_merge_csv_files_one_row_per_key_error_free_rows_win(tmp_path):
