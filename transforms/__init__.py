@@ -4,6 +4,8 @@ Loading: :class:`LoadXray` / :class:`LoadXrayd` (DICOM, PNG/JPEG/TIFF, NIfTI, DI
 Intensity: :class:`PercentileRescale`, :class:`WindowIntensity`, :class:`ZScoreNormalize`,
 :class:`ImageNetNormalize`, :class:`XRVScale`, each with a ``...d`` dictionary wrapper usable from a
 bundle config as ``{"_target_": "hmn.transforms.<Name>d", "keys": ["image"], ...}``.
+Volumes (CT/MR): :func:`volume_transforms` (bundle-config list) and :func:`volume_compose` (``Compose``):
+load -> RAS orientation -> resampling -> CT window or MR percentiles -> fixed size.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ from .intensity import (
     ZScoreNormalized,
 )
 from .loading import COLOR_MODES, VOI_MODES, ImageReadError, LoadXray, LoadXrayd, sniff_format
+from .volume import CROP_MODES, VOLUME_INTENSITIES, CropOrPadd, VolumeIntensityd, volume_compose, volume_transforms
 
 __all__ = [
     "COLOR_MODES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "VOI_MODES",
+    "VOLUME_INTENSITIES",
     "WINDOW_PRESETS",
     "ImageNetNormalize",
     "ImageNetNormalized",
@@ -45,4 +49,9 @@ __all__ = [
     "ZScoreNormalize",
     "ZScoreNormalized",
     "sniff_format",
+    "CROP_MODES",
+    "CropOrPadd",
+    "VolumeIntensityd",
+    "volume_compose",
+    "volume_transforms",
 ]

@@ -11,8 +11,12 @@ Conventions of the output:
 * 2D images (radiographs, PNG/JPEG, one DICOM frame) are ``(C, H, W)``: rows first, exactly as the
   pixels are stored, so a plotted tensor looks like the radiograph (no transposition, unlike MONAI's
   ``PILReader``). The affine is ``diag(row spacing, column spacing, 1, 1)`` in millimetres.
-* 3D volumes (NIfTI, DICOM series, all frames of a multi-frame DICOM) follow MONAI's convention
-  ``(C, X, Y, Z)`` with the affine in RAS millimetres.
+* 3D volumes (NIfTI, DICOM series folders) follow MONAI's convention ``(C, X, Y, Z)`` with the affine
+  in RAS millimetres, the arrays and affines MONAI's ``NibabelReader`` and ``PydicomReader`` give (a
+  series may come with its slice axis reversed and a negative slice step; the voxel-to-world mapping is
+  the same), so that ``Orientationd`` and ``Spacingd`` act on them correctly. All frames of a
+  multi-frame DICOM (``frame="all"``) are ``(C, columns, rows, frames)`` with a diagonal affine of the
+  pixel spacing and SliceThickness: that affine is not placed in patient space.
 * DICOM grey levels: stored values -> Modality LUT (RescaleSlope/Intercept or Modality LUT Sequence)
   -> VOI (``voi="apply"``: VOI LUT Sequence or WindowCenter/WindowWidth with the file's VOI LUT
   Function; ``"ignore"``: modality values unchanged; ``"full_range"``: a linear window over the
@@ -360,6 +364,43 @@ def _to_grey(rgb: np.ndarray) -> np.ndarray:
     return rgb[..., 0] * _LUMA[0] + rgb[..., 1] * _LUMA[1] + rgb[..., 2] * _LUMA[2]
 
 
+def _check_series_geometry(headers: Sequence[tuple[str, Any]], iop: Sequence[float], normal: np.ndarray) -> None:
+    """Refuses sorted series slices that cannot form one regular grid; warns when their spacing is uneven.
+
+    One affine describes the whole volume, so every slice must share the first slice's
+    ImageOrientationPatient and no two slices may sit at the same position along the slice normal
+    (multi-echo, multi-phase or duplicated files). Uneven gaps (a missing slice) leave the affine's
+    mean step wrong for part of the volume: logged as a warning.
+
+    Raises:
+        ImageReadError: naming the offending slice file.
+    """
+    for full, ds in headers[1:]:
+        other = [float(v) for v in ds.get("ImageOrientationPatient", iop)]
+        if not np.allclose(other, iop, atol=1e-4):
+            raise ImageReadError(
+                full, f"ImageOrientationPatient {other} differs from the series' first slice {list(iop)}: slices of "
+                "different orientations (a localizer?) cannot be stacked into one volume"
+            )
+    if len(headers) < 2 or any("ImagePositionPatient" not in ds for _, ds in headers):
+        return
+    offsets = np.array([np.dot(normal, [float(v) for v in ds.ImagePositionPatient]) for _, ds in headers])
+    gaps = np.diff(offsets)
+    same = np.flatnonzero(gaps < 1e-3)
+    if same.size:
+        i = int(same[0])
+        raise ImageReadError(
+            headers[i + 1][0], f"lies at the same position along the slice normal ({offsets[i]:.3f} mm) as "
+            f"{os.path.basename(headers[i][0])}: a folder must hold one volume, not several echoes, phases or copies"
+        )
+    mean = float(gaps.mean())
+    if float(np.abs(gaps - mean).max()) > 0.01 * mean:
+        logger.warning(
+            "DICOM series in %s: slice spacing varies from %.4g to %.4g mm (missing slices?); the affine uses the "
+            "mean, %.4g mm", os.path.dirname(headers[0][0]), float(gaps.min()), float(gaps.max()), mean,
+        )
+
+
 class _Loaded:
     """What a reader returns before it becomes a MetaTensor."""
 
@@ -692,6 +733,7 @@ class LoadXray(Transform):
             return float(ds.get("InstanceNumber", 0) or 0)
 
         headers.sort(key=position)
+        _check_series_geometry(headers, iop, normal)
         slices, meta = [], None
         single = LoadXray(voi=self.voi, voi_index=self.voi_index, invert_monochrome1=self.invert_monochrome1,
                           frame=None, color=self.color, dicom_tags=self.dicom_tags)
