@@ -1,4 +1,4 @@
-"""HybridMedNet and its parts: backbone registry, feature pyramid, attention, fusion and heads."""
+"""HybridMedNet and its parts: backbone registry (2D and 3D backbones), feature pyramid, attention, fusion and heads."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from hmn.networks.attention import (
     resolve_attention_modes,
 )
 from hmn.networks.backbones import (
+    BACKBONE_OPTIONS,
     BACKBONES,
     BackboneSpec,
     PretrainedWeightsError,
@@ -18,17 +19,21 @@ from hmn.networks.backbones import (
     build_backbone,
     get_backbone_spec,
 )
+from hmn.networks.convnext3d import ConvNeXt3d, inflate_2d_state_dict
 from hmn.networks.fusion import AdaptiveScaleFusion
 from hmn.networks.heads import HierarchicalHead, MultiLabelHead, split_hierarchical
 from hmn.networks.hybrid import HybridMedNet
 from hmn.networks.neck import FeaturePyramid
+from hmn.networks.swin3d import SwinTransformer3d
 
 __all__ = [
     "ATTENTION_MODES",
+    "BACKBONE_OPTIONS",
     "BACKBONES",
     "AdaptiveScaleFusion",
     "BackboneSpec",
     "CBAM",
+    "ConvNeXt3d",
     "CrossScaleAttention",
     "FeaturePyramid",
     "HierarchicalHead",
@@ -36,10 +41,12 @@ __all__ = [
     "MultiLabelHead",
     "PretrainedWeightsError",
     "ScaleSelfAttention",
+    "SwinTransformer3d",
     "backbone_names",
     "build_attention",
     "build_backbone",
     "get_backbone_spec",
+    "inflate_2d_state_dict",
     "resolve_attention_modes",
     "split_hierarchical",
 ]

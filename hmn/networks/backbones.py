@@ -1,13 +1,15 @@
 """Backbone registry: one table row per backbone name, the single source of truth.
 
 Every backbone is an ``nn.Module`` whose ``forward`` returns a list of channel-first feature maps
-(``N, C, H, W``), finest first, with the channels and strides it promises in ``.channels`` and
-``.strides``. The registry, the bundles, their docs and the parametrized tests all read
-:data:`BACKBONES`, so adding a backbone is one row.
+(``N, C, H, W`` for the 2D rows, ``N, C, D, H, W`` for the 3D ones), finest first, with the channels and
+strides it promises in ``.channels`` and ``.strides``. The registry, the bundles, their docs and the
+parametrized tests all read :data:`BACKBONES`, so adding a backbone is one row; a row's ``spatial_dims``
+says whether it takes images or volumes.
 
 ``pretrained`` is ``False``, ``True`` (timm's own download, which works where the weights are cached or
 a model hub is reachable) or the path of a local checkpoint file (a timm/torchvision ``state_dict``, a
 ``.pth``/``.bin``/``.safetensors``; the classifier is dropped and the stem adapted to ``in_channels``).
+The 3D ConvNeXt takes the same 2D checkpoints and inflates them (:mod:`hmn.networks.convnext3d`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import importlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Callable, List, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -49,44 +51,54 @@ class BackboneSpec:
 
     Attributes:
         name: the name users write in configs (``convnext_base``).
-        family: ``convnext``, ``swin``, ``efficientnetv2``, ``resnet``, ``vim``.
+        family: ``convnext``, ``swin``, ``efficientnetv2``, ``resnet``, ``vim``, ``convnext3d``, ``swin3d``.
         builder: ``"module:function"`` building the module; called as
-            ``fn(spec, in_channels=..., img_size=..., pretrained=...)``.
+            ``fn(spec, in_channels=..., img_size=..., pretrained=...)`` (and ``options=...`` when options are given).
         params_m: the published parameter count, in millions, of the ImageNet-1k classifier of this
-            name (what users of the original project know).
+            name (what users of the original project know); ``None`` for an architecture with no published
+            classifier (the 3D rows: nobody published an ImageNet count for them, and none is made up here).
         head_in_features: width of that classifier's final linear layer (1000 classes), so that the
-            bare backbone's expected size is ``params_m - (head_in_features * 1000 + 1000) / 1e6``.
+            bare backbone's expected size is ``params_m - (head_in_features * 1000 + 1000) / 1e6``;
+            ``None`` where ``params_m`` is.
         timm_name: the timm architecture, for timm-built backbones.
         out_indices: which timm feature levels to return (strides 4, 8, 16, 32 for every 2D entry).
         fixed_size: whether the model is built for one input size (Swin, ViT-like), so ``img_size``
             must be passed at construction.
         description: one line for the bundle docs.
+        extra: builder arguments of the row (widths, depths, ...).
         torchscript: how the bundle's TorchScript export converts the network: ``"script"``
             (``torch.jit.script``, what the MONAI model zoo's CI runs; the module keeps its control flow and
             takes any input size the network takes) or ``"trace"`` (``torch.jit.trace`` at one input shape),
             for a backbone whose code TorchScript cannot compile. The bundles' ``configs/export_torchscript.json``
             is written from it (:mod:`hmn.bundles`).
+        spatial_dims: 2 for a backbone of images (``N, C, H, W``), 3 for one of volumes (``N, C, D, H, W``).
     """
 
     name: str
     family: str
     builder: str
-    params_m: float
-    head_in_features: int
+    params_m: Optional[float]
+    head_in_features: Optional[int]
     timm_name: str | None = None
     out_indices: tuple[int, ...] = (0, 1, 2, 3)
     fixed_size: bool = False
     description: str = ""
     extra: dict = field(default_factory=dict)
     torchscript: str = "script"
+    spatial_dims: int = 2
 
     @property
-    def bare_params_m(self) -> float:
-        """Expected parameter count (millions) of the backbone without its ImageNet classifier."""
+    def bare_params_m(self) -> float | None:
+        """Expected parameter count (millions) of the backbone without its ImageNet classifier, or ``None``
+        for a row without a published count (:attr:`params_m`)."""
+        if self.params_m is None or self.head_in_features is None:
+            return None
         return self.params_m - (self.head_in_features * 1000 + 1000) / 1e6
 
 
 _TIMM = "hmn.networks.backbones:build_timm_backbone"
+_CONVNEXT3D = "hmn.networks.convnext3d:build_convnext3d"
+_SWIN3D = "hmn.networks.swin3d:build_swin3d"
 
 # Published ImageNet-1k parameter counts: ConvNeXt (Liu et al., 2022), Swin (Liu et al., 2021),
 # EfficientNetV2 (Tan & Le, 2021), ResNet (He et al., 2016; torchvision figures).
@@ -120,6 +132,28 @@ _ROWS: list[BackboneSpec] = [
                  description="Vision Mamba small (Vim-S), patch 16", extra={"embed_dim": 384, "depth": 24}),
     BackboneSpec("vim_base", "vim", "hmn.networks.vim:build_vim", 98.0, 768, fixed_size=True,
                  description="Vision Mamba base (Vim-B), patch 16", extra={"embed_dim": 768, "depth": 24}),
+    # 3D: no published ImageNet counts exist for these architectures, so params_m is None.
+    # The 3D ConvNeXt (our own code) has the widths and depths of its 2D twin, whose ImageNet weights it inflates.
+    BackboneSpec("convnext3d_tiny", "convnext3d", _CONVNEXT3D, None, None, spatial_dims=3,
+                 description="3D ConvNeXt-T, 7x7x7 depthwise kernels",
+                 extra={"dims": (96, 192, 384, 768), "depths": (3, 3, 9, 3), "inflate_from": "convnext_tiny"}),
+    BackboneSpec("convnext3d_small", "convnext3d", _CONVNEXT3D, None, None, spatial_dims=3,
+                 description="3D ConvNeXt-S, 7x7x7 depthwise kernels",
+                 extra={"dims": (96, 192, 384, 768), "depths": (3, 3, 27, 3), "inflate_from": "convnext_small"}),
+    BackboneSpec("convnext3d_base", "convnext3d", _CONVNEXT3D, None, None, spatial_dims=3,
+                 description="3D ConvNeXt-B, 7x7x7 depthwise kernels",
+                 extra={"dims": (128, 256, 512, 1024), "depths": (3, 3, 27, 3), "inflate_from": "convnext_base"}),
+    # MONAI's 3D Swin Transformer blocks (the SwinUNETR encoder) at the Swin-T/S/B widths and depths; its code
+    # (einops, NumPy) does not compile with TorchScript, so its bundles trace.
+    BackboneSpec("swin3d_tiny", "swin3d", _SWIN3D, None, None, spatial_dims=3, torchscript="trace",
+                 description="3D Swin-T (MONAI's SwinUNETR encoder blocks), patch 4, window 7",
+                 extra={"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24)}),
+    BackboneSpec("swin3d_small", "swin3d", _SWIN3D, None, None, spatial_dims=3, torchscript="trace",
+                 description="3D Swin-S (MONAI's SwinUNETR encoder blocks), patch 4, window 7",
+                 extra={"embed_dim": 96, "depths": (2, 2, 18, 2), "num_heads": (3, 6, 12, 24)}),
+    BackboneSpec("swin3d_base", "swin3d", _SWIN3D, None, None, spatial_dims=3, torchscript="trace",
+                 description="3D Swin-B (MONAI's SwinUNETR encoder blocks), patch 4, window 7",
+                 extra={"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32)}),
 ]
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -133,6 +167,8 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
         raise ValueError(f"backbone {spec.name!r} is already registered")
     if spec.torchscript not in TORCHSCRIPT_MODES:
         raise ValueError(f"backbone {spec.name!r}: torchscript={spec.torchscript!r} is not one of {TORCHSCRIPT_MODES}")
+    if spec.spatial_dims not in (2, 3):
+        raise ValueError(f"backbone {spec.name!r}: spatial_dims={spec.spatial_dims!r} is not 2 or 3")
     BACKBONES[spec.name] = spec
     return spec
 
@@ -141,9 +177,13 @@ for _row in _ROWS:
     register_backbone(_row)
 
 
-def backbone_names(family: str | None = None) -> list[str]:
-    """Registered backbone names, in table order, optionally of one family."""
-    return [n for n, s in BACKBONES.items() if family is None or s.family == family]
+def backbone_names(family: str | None = None, spatial_dims: int | None = None) -> list[str]:
+    """Registered backbone names, in table order, optionally of one family and/or one ``spatial_dims`` (2 or 3)."""
+    return [
+        n
+        for n, s in BACKBONES.items()
+        if (family is None or s.family == family) and (spatial_dims is None or s.spatial_dims == spatial_dims)
+    ]
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
@@ -157,10 +197,11 @@ def get_backbone_spec(name: str) -> BackboneSpec:
 
 
 class Backbone(nn.Module):
-    """Base class: ``forward(x)`` returns a list of ``N, C, H, W`` maps with ``channels`` and ``strides``.
+    """Base class: ``forward(x)`` returns a list of ``N, C, *spatial`` maps with ``channels`` and ``strides``.
 
     Subclasses set ``channels`` and ``strides`` (lists of ints, one per output, finest first) in their
-    ``__init__``. They are not declared here as class annotations: under ``from __future__ import annotations``
+    ``__init__``; a 3D backbone whose strides differ between axes also sets ``axis_strides`` (one tuple of
+    per-axis strides per output) and reports the largest of each tuple in ``strides``. They are not declared here as class annotations: under ``from __future__ import annotations``
     those are strings, which TorchScript cannot read (``Unknown type annotation: 'list[int]'``).
     """
 
@@ -204,6 +245,21 @@ def _as_size(img_size: int | Sequence[int]) -> tuple[int, int]:
     return size  # type: ignore[return-value]
 
 
+def _as_size_3d(img_size: int | Sequence[int]) -> tuple[int, int, int]:
+    """``img_size`` as three positive ints, one per spatial axis of an ``N, C, D, H, W`` tensor; shared by
+    the 3D backbone builders.
+
+    Raises:
+        ValueError: neither a positive int nor three positive ints.
+    """
+    size = (img_size,) * 3 if isinstance(img_size, int) else tuple(img_size)
+    if len(size) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size):
+        raise ValueError(
+            f"img_size must be a positive int or three positive ints (D, H, W) for a 3D backbone, got {img_size!r}"
+        )
+    return size  # type: ignore[return-value]
+
+
 # Options a family's builder accepts through ``build_backbone(..., options=...)``, with what they do.
 BACKBONE_OPTIONS: dict[str, dict[str, str]] = {
     "convnext": {
@@ -212,6 +268,23 @@ BACKBONE_OPTIONS: dict[str, dict[str, str]] = {
         "ls_init_value": "initial layer-scale value of every block (timm's default 1e-6)",
         "stem": "'patch' (the published ConvNeXt: one 4x4 convolution at stride 4) or 'conv': two overlapping 3x3 "
         "convolutions at stride 2 (BatchNorm and GELU between them), same output; for training from scratch",
+    },
+    "convnext3d": {
+        "norm": "'layer' (default: LayerNorms, as the published ConvNeXt) or 'batch': every norm a BatchNorm3d; "
+        "for training from scratch (no pretrained weights)",
+        "ls_init_value": "initial layer-scale value (gamma) of every block (default 1e-6, the published one)",
+        "stem": "'patch' (default: one convolution with kernel = stride = stem_stride) or 'conv': two overlapping "
+        "3x3x3 convolutions (BatchNorm and GELU between them), same total stride; for training from scratch",
+        "stem_stride": "the stem's stride, an int or one per axis (default 4); e.g. (1, 4, 4) keeps the depth of "
+        "thick-slice N, C, D, H, W volumes",
+        "downsample_stride": "the stride between stages, an int or one per axis (default 2)",
+        "drop_path_rate": "stochastic depth rate of the last block, rising linearly from 0 (default 0)",
+        "depth_axis": "the spatial axis (0, 1 or 2) along which 2D pretrained kernels are inflated; default: the one "
+        "axis whose strides differ from the others' (0 for (1, 4, 4) on N, C, D, H, W; 2 for (4, 4, 2) on MONAI's "
+        "X, Y, Z), else 2 (Z, the slice axis of the RAS-oriented X, Y, Z volumes the project's pipeline gives)",
+    },
+    "swin3d": {
+        "drop_path_rate": "stochastic depth rate of the last block, rising linearly from 0 (default 0)",
     },
     "vim": {
         "scan_impl": "the selective scan of every block: 'auto' (default: mamba_ssm's kernel on CUDA where it "
@@ -368,11 +441,22 @@ def build_backbone(
 
     Args:
         name: a name from :func:`backbone_names`.
-        in_channels: 1 for radiographs (the stem is adapted, pretrained weights summed over RGB), or 3.
-        img_size: the input size the model will see; fixed-size models (Swin) are built for it.
-        pretrained: ``False``, ``True`` or the path of a local checkpoint file.
+        in_channels: 1 for radiographs and CT/MR volumes (the stem is adapted, pretrained weights summed over
+            RGB), or 3.
+        img_size: the input size the model will see: an int, ``(H, W)`` for a 2D backbone or ``(D, H, W)``
+            for a 3D one; fixed-size models (Swin, Vim) are built for it.
+        pretrained: ``False``, ``True`` or the path of a local checkpoint file (a 3D ConvNeXt inflates a 2D
+            ConvNeXt checkpoint).
         options: family-specific build options (:data:`BACKBONE_OPTIONS`); an option the family does not
             take raises ``ValueError`` naming the accepted ones.
+
+    Returns:
+        A :class:`Backbone` whose ``forward`` maps ``N, in_channels, *spatial`` (``spec.spatial_dims`` axes)
+        to a list of channel-first maps, finest first.
+
+    Raises:
+        ValueError: an unknown name, ``in_channels`` < 1, a bad option or ``img_size``.
+        PretrainedWeightsError: pretrained weights asked for but not to be had.
     """
     spec = get_backbone_spec(name)
     if in_channels < 1:

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from hmn.networks._utils import check_spatial_dims
 from hmn.networks.attention import build_attention, resolve_attention_modes
-from hmn.networks.backbones import build_backbone, get_backbone_spec
+from hmn.networks.backbones import backbone_names, build_backbone, get_backbone_spec
 from hmn.networks.fusion import AdaptiveScaleFusion
 from hmn.networks.heads import HierarchicalHead, MultiLabelHead
 from hmn.networks.neck import FeaturePyramid
@@ -21,8 +21,9 @@ __all__ = ["HybridMedNet"]
 class HybridMedNet(nn.Module):
     """Multi-label medical image classifier over a registered backbone.
 
-    An image passes through the backbone (a list of maps at strides 4 to 32), a feature pyramid that
-    takes every scale to ``fpn_channels``, one or more attention stages (CBAM, per-scale
+    An image (``N, in_channels, H, W``) or, over a 3D backbone, a volume (``N, in_channels, D, H, W``) passes
+    through the backbone (a list of maps at strides 4 to 32), a feature pyramid that takes every scale to
+    ``fpn_channels``, one or more attention stages (CBAM, per-scale
     self-attention, cross-scale attention), an adaptive fusion that weighs the scales per image into a
     ``fusion_channels`` vector, and a multi-label or hierarchical head. The output is a logits tensor
     ``N, num_classes`` (hierarchical: ``N, num_classes + num_coarse_classes``, fine first; see
@@ -31,10 +32,14 @@ class HybridMedNet(nn.Module):
     Args:
         backbone: a name from :func:`hmn.networks.backbone_names`.
         num_classes: number of findings (14 for ChestX-ray14).
-        in_channels: 1 for radiographs, 3 for RGB; the backbone's stem is adapted.
-        img_size: the input size; fixed-size backbones (Swin, Vim) are built for it.
-        pretrained: ``False``, ``True`` (timm's weights, where cached or reachable) or a checkpoint path.
-        spatial_dims: 2 (3D backbones come with the 3D variants).
+        in_channels: 1 for radiographs and CT/MR volumes, 3 for RGB; the backbone's stem is adapted.
+        img_size: the input size, an int or ``(H, W)`` (2D) or ``(D, H, W)`` (3D); fixed-size backbones
+            (Swin, Vim) are built for it.
+        pretrained: ``False``, ``True`` (timm's weights, where cached or reachable) or a checkpoint path (a
+            3D ConvNeXt inflates 2D ConvNeXt weights).
+        spatial_dims: ``None`` (the backbone's: 2 for images, 3 for the ``convnext3d_*`` and ``swin3d_*``
+            volume backbones), or 2 or 3, which must then be the backbone's; the neck and attention are
+            built with it.
         feature_strides: which backbone scales, by stride, feed the pyramid; ``None`` takes all of them.
             The default leaves out stride 4: at 224x224 it holds three quarters of all positions, and
             the neck and attention over it would cost more than the rest of the network beside the
@@ -44,7 +49,8 @@ class HybridMedNet(nn.Module):
         attention: a mode or list of modes from ``("none", "cbam", "self", "cross_scale")``, applied in order.
         num_heads: heads of the self and cross-scale attention.
         context_size: largest side of the pooled key/value grid of each scale in the self and cross-scale
-            attention, or ``None`` for full resolution (exact, and much more expensive).
+            attention, or ``None`` for full resolution (exact, and much more expensive: in 3D the number of
+            positions grows with the cube of the side, so keep the reduced context there).
         dropout: dropout before the head.
         hierarchical: use the hierarchical (coarse, fine) head.
         num_coarse_classes: number of coarse groups for the hierarchical head.
@@ -52,7 +58,12 @@ class HybridMedNet(nn.Module):
         use_cross_scale_attention: the original project's flag; True adds ``cross_scale`` attention.
         backbone_options: family-specific backbone build options
             (:data:`hmn.networks.backbones.BACKBONE_OPTIONS`), e.g. ``{"norm": "batch", "ls_init_value": 1.0}``
-            for a ConvNeXt trained from scratch.
+            for a ConvNeXt trained from scratch, ``{"stem_stride": (1, 4, 4)}`` for a 3D ConvNeXt over
+            thick-slice volumes.
+
+    Raises:
+        ValueError: an unknown backbone or attention mode, a ``spatial_dims`` other than the backbone's (both
+            named), feature strides the backbone does not have, or another invalid argument.
     """
 
     def __init__(
@@ -62,7 +73,7 @@ class HybridMedNet(nn.Module):
         in_channels: int = 1,
         img_size: int | Sequence[int] = 224,
         pretrained: Union[bool, str, os.PathLike] = False,
-        spatial_dims: int = 2,
+        spatial_dims: int | None = None,
         feature_strides: Sequence[int] | None = (8, 16, 32),
         fpn_channels: int = 256,
         fusion_channels: int = 512,
@@ -77,12 +88,18 @@ class HybridMedNet(nn.Module):
         backbone_options: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        check_spatial_dims(spatial_dims)
         spec = get_backbone_spec(backbone)
-        if spatial_dims != 2:
+        if spatial_dims is None:
+            spatial_dims = spec.spatial_dims
+        check_spatial_dims(spatial_dims)
+        if spatial_dims != spec.spatial_dims:
+            fitting = backbone_names(spatial_dims=spatial_dims)
             raise ValueError(
-                f"backbone {backbone!r} is 2D; spatial_dims={spatial_dims} needs a 3D backbone, and none is registered yet"
+                f"backbone {backbone!r} is {spec.spatial_dims}D; spatial_dims={spatial_dims} needs a {spatial_dims}D "
+                + (f"backbone ({', '.join(fitting)})" if fitting else "backbone, and none is registered")
+                + f", or pass spatial_dims={spec.spatial_dims} (or None) for {backbone!r}"
             )
+        self.spatial_dims = spatial_dims
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.modes = resolve_attention_modes(attention, use_modern_attention, use_cross_scale_attention)

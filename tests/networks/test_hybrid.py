@@ -11,7 +11,7 @@ from hmn.networks import HybridMedNet, backbone_names
 
 IMG = 64
 MODES = ["cbam", "self", "cross_scale", ["self", "cross_scale"]]
-ALL_NAMES = backbone_names()  # the timm backbones and Vision Mamba
+ALL_NAMES = backbone_names(spatial_dims=2)  # the timm backbones and Vision Mamba (3D: test_backbones3d.py)
 
 
 def _mode_id(mode):
