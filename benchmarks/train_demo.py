@@ -1,5 +1,7 @@
 """Validation macro ROC AUC against wall time for a bundle trained on the synthetic demo data, on this machine.
 
+A 3D bundle (``--bundle convnext3d_tiny``) trains on the synthetic demo volumes (:mod:`hmn.data.demo3d`).
+
     python benchmarks/train_demo.py [--bundle convnext_tiny] [--budget 600] [--out runs/train_demo] [-- OVERRIDES...]
 
 Runs ``python -m monai.bundle run training`` from the repository root with the given overrides (default:
@@ -36,10 +38,18 @@ def main() -> None:
     overrides = args.overrides or ["--image_size", "128", "--max_epochs", "40"]
 
     sys.path.insert(0, str(ROOT))
-    from hmn.data import make_demo_dataset
-    from hmn.data.cli import default_demo_root
+    import json
 
-    datalist = make_demo_dataset(default_demo_root())  # the bundles' default demo set, made before the clock
+    from hmn.bundles import is_volume_bundle
+    from hmn.data import make_demo3d_dataset, make_demo_dataset
+    from hmn.data.cli import default_demo3d_root, default_demo_root
+
+    # the bundle's default demo set (radiographs, or volumes for a 3D bundle), made before the clock starts
+    demo = json.loads((ROOT / "bundles" / args.bundle / "configs" / "train.json").read_text())["demo"]
+    if is_volume_bundle(args.bundle):
+        datalist = make_demo3d_dataset(default_demo3d_root(), **demo)
+    else:
+        datalist = make_demo_dataset(default_demo_root(), **demo)
     out = Path(args.out)
     # every run starts afresh (the bundles refuse a new run in a folder that holds an earlier one)
     for sub in ("runs", "models"):

@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                           "download and hash-check the files an unpacked bundle's large_files.yml links (model.pt)"),
     "datalist": ("hmn.data.cli:datalist_main", "write a datalist JSON from NIH, CheXpert, MIMIC-CXR, PadChest, VinDr-CXR, RSNA tables, class folders or a MONAI JSON"),
     "demo-data": ("hmn.data.cli:demo_main", "write (or reuse) the synthetic demo chest-radiograph dataset"),
+    "demo3d-data": ("hmn.data.cli:demo3d_main", "write (or reuse) the synthetic 3D demo dataset (CT-like volumes, NIfTI and DICOM)"),
     "bench": ("hmn.bench:bench_main", "training/inference speed and peak memory of HybridMedNet against the bare backbone"),
     "compare": ("hmn.evaluation.compare:compare_main",
                 "compare two models' per-class ROC AUCs from their predictions.csv (DeLong test, paired bootstrap)"),

@@ -8,7 +8,7 @@ from typing import Any
 
 from hmn.networks.backbones import get_backbone_spec
 
-__all__ = ["bundle_readme", "export_section", "license_text"]
+__all__ = ["bundle_readme", "export_section", "license_text", "volume_bundle_readme"]
 
 
 def license_text() -> str:
@@ -35,7 +35,7 @@ def export_section(name: str) -> str:
     from hmn.bundles import EXPORT_ARGS, ONNX_ATOL, ONNX_OPSET
 
     spec = get_backbone_spec(name)
-    family = {"swin": "Swin", "vim": "Vision Mamba"}.get(spec.family, spec.family)
+    family = {"swin": "Swin", "swin3d": "the 3D Swin", "vim": "Vision Mamba"}.get(spec.family, spec.family)
     if spec.torchscript == "script":
         how = ("The TorchScript module is scripted (`torch.jit.script`, as the MONAI model zoo's CI exports): it keeps "
                "the network's control flow and takes any batch size" + (
@@ -44,11 +44,17 @@ def export_section(name: str) -> str:
     else:
         how = ("The TorchScript module is traced (`torch.jit.trace`; TorchScript cannot compile this backbone's "
                "code) at the metadata's input shape, whose image size it keeps")
+    sides = "the three spatial axes" if spec.spatial_dims == 3 else "height and width"
     if spec.fixed_size:
-        axes = (f"a dynamic batch axis; height and width stay those it was exported at, since {family} is built "
+        axes = (f"a dynamic batch axis; {sides} stay those it was exported at, since {family} is built "
                 "for one input size")
+    elif spec.torchscript == "trace":
+        axes = (f"a dynamic batch axis; {sides} stay those it was exported at, since the trace fixes the "
+                "backbone's window arithmetic to that size")
     else:
-        axes = "dynamic batch, height and width axes"
+        axes = f"dynamic batch axis and {sides}" if spec.spatial_dims == 3 else "dynamic batch, height and width axes"
+    shape = "`[1, 1, 64, 64, 32]`" if spec.spatial_dims == 3 else "`[1, 1, 224, 224]`"
+    other = "`--input_shape \"[1, 1, X, Y, Z]\"`" if spec.spatial_dims == 3 else "`--input_shape \"[1, 1, SIZE, SIZE]\"`"
     paragraphs = [
         "Both commands build the network from the run record (`models/run.json`) through `configs/inference.json`, "
         "load `models/model.pt` and write `models/model.ts` or `models/model.onnx`; for a model kept elsewhere add "
@@ -57,8 +63,8 @@ def export_section(name: str) -> str:
         "(this template's metadata describes the demo model, a packed bundle's the trained one).",
         "ONNX (needs `pip install onnx onnxruntime`, or the project's `export` extra): traced by PyTorch's "
         f"TorchScript-based exporter, opset {ONNX_OPSET}, input `image`, output `pred`, with {axes}. It is traced at "
-        "the metadata's input shape, `[1, 1, 224, 224]` in this template (a packed bundle's metadata has the "
-        "trained size); for a model trained at another size add `--input_shape \"[1, 1, SIZE, SIZE]\"`. The "
+        f"the metadata's input shape, {shape} in this template (a packed bundle's metadata has the "
+        f"trained size); for a model trained at another size add {other}. The "
         "command then runs the file in onnxruntime at batch 1 and stops with an error if any logit differs from "
         f"the PyTorch network's by more than {ONNX_ATOL:g} (absolute); the repository's tests "
         "(`tests/test_export.py`) check batch 1 and 4 for every backbone.",
@@ -364,4 +370,109 @@ never has a predictions row whose heatmaps are missing.
 
 No accuracy on real radiographs is claimed for this bundle: none was measured. See the repository's
 README and BENCHMARKS.md for what was measured, on which machine.
+"""
+
+
+def volume_bundle_readme(name: str, row: Any, train: dict) -> str:
+    """``docs/README.md`` of the 3D (CT/MR volume) bundle ``name``."""
+    from hmn.bundles import VOLUME_DEFAULTS
+    from hmn.data.demo3d import DEMO3D_CLASSES
+
+    spec = get_backbone_spec(name)
+    root = f"bundles/{name}"
+    cfg = f"{root}/configs"
+    attention = " + ".join(row.attention)
+    options = dict(getattr(row, "backbone_options", ()) or ())
+    size = " x ".join(str(v) for v in VOLUME_DEFAULTS["image_size"])
+    spacing = " x ".join(f"{v:g}" for v in VOLUME_DEFAULTS["spacing"])
+    center, width = VOLUME_DEFAULTS["window"]
+    lo, hi = VOLUME_DEFAULTS["percentiles"]
+    if spec.family == "convnext3d":
+        source = "the project's own 3D ConvNeXt, `hmn.networks.convnext3d`"
+        scratch = (
+            "\n\nTrained from scratch by default, the backbone is built with `backbone_options` "
+            f"`{json.dumps(options)}`: BatchNorm in place of ConvNeXt's LayerNorms, layer scale starting at 1, a stem "
+            "of two overlapping 3x3x3 convolutions, and a stem stride of 4 x 4 x 2 voxels, so that the demo's "
+            "1.5 x 1.5 x 3 mm voxels become 6 mm cubes. With `--pretrained PATH` (a 2D timm ConvNeXt checkpoint, "
+            "inflated into 3D: each kernel repeated along the third axis and divided by its depth) the published "
+            "architecture the weights fit is built instead (`backbone_options` `{}`, stride 4 on every axis); add "
+            "`--backbone_options '{\"stem_stride\": [4, 4, 2]}'` to keep the anisotropic stem."
+        )
+    else:
+        source = "MONAI's 3D Swin Transformer, the encoder of `monai.networks.nets.SwinUNETR`"
+        scratch = ""
+    classes = ", ".join(DEMO3D_CLASSES)
+    return f"""# HybridMedNet bundle: `{name}` (CT and MR volumes)
+
+Multi-label classification of findings on CT and MR volumes with HybridMedNet over a {spec.description or name}
+backbone ({source}), a feature pyramid at strides 8, 16 and 32 (256 channels), `{attention}` attention
+(self and cross-scale attention over a pooled context of at most 7 x 7 x 7 positions per scale), adaptive
+multi-scale fusion and a multi-label head (one logit per class). Research use only: this is not a medical
+device.{scratch}
+
+This bundle was generated by `python -m hmn bundles` from the template in `hmn/bundles.py`; edit the
+template, not these files. It needs the `hybridmednet` package installed (`pip install -e .` in the
+repository); its configs name `hmn.*` targets.
+
+## Data
+
+By default the bundle trains on the project's **synthetic** 3D demo dataset (CT-like phantoms, no real
+patient; findings {classes}), which it writes on first use into `~/.cache/hmn/demo3d` (or
+`$HMN_CACHE/demo3d`): NIfTI files and a few DICOM series. For your own studies, write a datalist JSON
+(`{{"class_names": [...], "training": [{{"image": PATH, "label": [...], "patient_id": ...}}], "validation": [...],
+"test": [...]}}`, or `python -m hmn datalist json ...`) whose `image` entries are NIfTI files (`.nii`, `.nii.gz`)
+or folders holding one DICOM series each, and pass `--datalist path/to/datalist.json`.
+
+Every volume is read by `hmn.transforms.LoadXrayd` (modality values: Hounsfield units for CT), oriented to
+RAS (`Orientationd`), resampled to `spacing` ({spacing} mm along X, Y, Z by default; `Spacingd`), mapped to
+[0, 1] by `intensity` (`ct`: the window `window` = [center, width] in HU, {center:g}/{width:g} by default;
+`mr`: the `percentiles` {lo:g} and {hi:g} of each volume) and centre-cropped or padded to `image_size`
+({size} voxels, X, Y, Z, by default). The network sees `N, 1, X, Y, Z`. All of these are in the run record.
+
+## Commands (from the repository root)
+
+Train (checkpoints in `{root}/models`, TensorBoard logs and `history.csv` in `{root}/runs`):
+
+    python -m monai.bundle run training --config_file {cfg}/train.json
+
+Common overrides: `--max_epochs 10`, `--image_size "[96, 96, 48]"`, `--spacing "[1.0, 1.0, 2.0]"`,
+`--intensity mr`, `--window "[-600, 1500]"`, `--batch_size 4`, `--learning_rate 1e-4`,
+`--datalist DATALIST.json`, `--cache none|memory|persistent`, `--pretrained /path/to/convnext_2d.pth`
+(3D ConvNeXt only). The mixed-precision, GPU fast-path, caching and run-record settings are those of the 2D
+bundles (see `bundles/convnext_tiny/docs/README.md`); the run record also holds `spacing`, `intensity`,
+`window` and `percentiles`.
+
+Resume a stopped run (after its last complete epoch): add `--resume True`. Several GPUs:
+
+    torchrun --nproc_per_node=2 -m monai.bundle run training \\
+        --config_file "['{cfg}/train.json','{cfg}/multi_gpu_train.json']"
+
+Evaluate `models/model.pt` on the test split (the report of the 2D bundles, in `{root}/runs/eval/`):
+
+    python -m monai.bundle run evaluating \\
+        --config_file "['{cfg}/train.json','{cfg}/evaluate.json']"
+
+Predict over a folder (NIfTI files and DICOM series folders, searched recursively) or a datalist JSON:
+
+    python -m monai.bundle run inference --config_file {cfg}/inference.json \\
+        --input /path/to/folder --output_file predictions.csv
+
+Whole studies larger than `image_size`: `--sliding_window True` (evaluation, inference, and validation during
+training) pads each resampled study to at least `image_size` instead of cropping it, classifies it by
+windows of `image_size` overlapping by `sliding_window_overlap` (0.25), and aggregates their logits into one
+row per study by `sliding_window_aggregate`: `max` (default; a finding in one place, such as a lesion) or
+`mean` (diffuse findings) (`hmn.inferers.SlidingWindowClassifier`). Studies then differ in size, so they
+are classified one at a time. Heatmaps (`--heatmaps True`) are for radiographs only and are refused here.
+
+{export_section(name)}
+## Sharing and the MONAI model zoo
+
+`python -m hmn pack-bundle {name} {name}.zip` packs the trained bundle as for the 2D bundles (with
+`--link-weights` / `--weights-url` for the MONAI model zoo's `large_files.yml`), and
+`monai.bundle.load("{name}", bundle_dir=..., workflow_type="inference")` returns the trained network.
+
+## Figures
+
+No accuracy on real CT or MR studies is claimed for this bundle: none was measured. See the repository's
+README and BENCHMARKS.md for what was measured on the synthetic volumes, on which machine.
 """

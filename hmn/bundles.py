@@ -22,7 +22,7 @@ from typing import Any
 from hmn import __version__
 from hmn.data.demo import DEMO_CLASSES
 from hmn.networks.backbones import get_backbone_spec
-from hmn.runs import MODEL_SETTINGS, SCHEDULE_SETTINGS
+from hmn.runs import MODEL_SETTINGS, SCHEDULE_SETTINGS, VOLUME_SETTINGS
 
 __all__ = ["BUNDLES", "BundleRow", "bundle_files", "check_bundles", "check_overrides", "download_bundle", "error_summary",
            "EXPORT_ARGS", "ONNX_ATOL", "export_args",
@@ -57,7 +57,11 @@ INSTALL_NOTE = ("Needs the hybridmednet package (the configs name hmn.* targets)
 
 @dataclass(frozen=True)
 class BundleRow:
-    """One bundle: the backbone and the settings that differ between bundles."""
+    """One bundle: the backbone and the settings that differ between bundles.
+
+    Whether a bundle takes radiographs or volumes follows from its backbone's ``spatial_dims``
+    (:class:`hmn.networks.backbones.BackboneSpec`); :func:`is_volume_bundle`.
+    """
 
     backbone: str
     attention: tuple[str, ...]
@@ -97,6 +101,28 @@ BUNDLES: dict[str, BundleRow] = {
         BundleRow("vim_base", ("cbam",), batch_size=8, learning_rate=1e-4),
     ]
 }
+
+# The 3D bundles (CT and MR volumes). The demo volumes (hmn.data.demo3d) are 1.5 x 1.5 x 3 mm voxels; the
+# network sees 64 x 64 x 32 of them (96 x 96 x 96 mm), so the 3D ConvNeXt's stem takes 4 x 4 x 2 voxels
+# (6 mm on each side) and every stage stays isotropic in millimetres.
+_CONVNEXT3D_SCRATCH = _CONVNEXT_SCRATCH + (("stem_stride", [4, 4, 2]),)
+VOLUME_BUNDLES: dict[str, BundleRow] = {
+    r.backbone: r
+    for r in [
+        BundleRow("convnext3d_tiny", ("cbam",), batch_size=8, learning_rate=1e-3, backbone_options=_CONVNEXT3D_SCRATCH),
+        BundleRow("swin3d_small", tuple(SELF_CROSS), batch_size=4, learning_rate=2e-4),
+    ]
+}
+BUNDLES.update(VOLUME_BUNDLES)
+# what the 3D bundles see by default (image_size is X, Y, Z after orientation to RAS; spacing in mm)
+VOLUME_DEFAULTS = {"image_size": [64, 64, 32], "spacing": [1.5, 1.5, 3.0], "intensity": "ct", "window": [40, 400],
+                   "percentiles": [1.0, 99.0]}
+
+
+def is_volume_bundle(name: str) -> bool:
+    """Whether bundle ``name`` takes volumes (its backbone is 3D)."""
+    return get_backbone_spec(BUNDLES[name].backbone).spatial_dims == 3
+
 
 _LOSS = "$monai.handlers.from_engine(['loss'], first=True)"
 _RANK0_TRAIN_HANDLERS = 4  # the last entries of train#handlers run on rank 0 only (see multi_gpu_train.json)
@@ -346,6 +372,90 @@ def _scratch_default(row: BundleRow) -> str:
     return f"{{}} if hmn.training.pretrained_given(@pretrained) else {dict(row.backbone_options)!r}"
 
 
+# -- the 3D bundles: what differs from the 2D template -----------------------------------------------------
+_VOLUME_MODEL_SETTINGS = {**{k: v for k, v in _MODEL_SETTINGS.items() if k not in ("voi", "aspect")},
+                          **{k: f"@{k}" for k in VOLUME_SETTINGS}}
+
+
+def _volume_load_transforms(training: bool = False) -> list[dict]:
+    """Volume loading as the 3D bundles run it (:func:`hmn.transforms.volume_transforms`, with every setting a
+    reference): modality values as stored (HU for CT), oriented to RAS, resampled to ``spacing``, CT window or
+    MR percentiles to [0, 1], and centre-cropped or padded to ``image_size`` (outside training only padded where
+    the study is classified by sliding windows)."""
+    from hmn.transforms import volume_transforms
+
+    mode = "crop_or_pad" if training else "$'pad' if hmn.training.as_bool(@sliding_window) else 'crop_or_pad'"
+    return volume_transforms("image", spacing="@spacing", spatial_size="@image_size", intensity="@intensity",
+                             window="@window", percentiles="@percentiles", crop_mode=mode)
+
+
+def _volume_augmentation() -> list[dict]:
+    # small rotations about the body axis (S-I), scaling and shifts; no flips (left and right differ in anatomy)
+    return [
+        {"_target_": "RandAffined", "keys": "image", "prob": 0.7, "rotate_range": [0.0, 0.0, 0.15],
+         "scale_range": [0.1, 0.1, 0.1], "translate_range": "$[s * 0.05 for s in @image_size]",
+         "padding_mode": "zeros"},
+        {"_target_": "RandAdjustContrastd", "keys": "image", "prob": 0.3, "gamma": [0.7, 1.5]},
+    ]
+
+
+def _volume_inferer() -> str:
+    # a whole study at the training spacing, classified by windows of image_size whose logits are aggregated
+    return ("$hmn.inferers.SlidingWindowClassifier(roi_size=@image_size, overlap=@sliding_window_overlap, "
+            "aggregate=@sliding_window_aggregate) if hmn.training.as_bool(@sliding_window) else monai.inferers.SimpleInferer()")
+
+
+_VOLUME_KEYS = {
+    "image_size": _trained("image_size", repr(VOLUME_DEFAULTS["image_size"])),
+    # voxel spacing in mm along X, Y, Z (RAS) that every volume is resampled to
+    "spacing": _trained("spacing", repr(VOLUME_DEFAULTS["spacing"])),
+    # "ct": a window in Hounsfield units, [center, width], to [0, 1]; "mr": the [lower, upper] percentiles to [0, 1]
+    "intensity": _trained("intensity", repr(VOLUME_DEFAULTS["intensity"])),
+    "window": _trained("window", repr(VOLUME_DEFAULTS["window"])),
+    "percentiles": _trained("percentiles", repr(VOLUME_DEFAULTS["percentiles"])),
+    # evaluation and inference: classify the whole resampled study by windows of image_size (batch size 1),
+    # aggregating their logits by "max" (a finding in one place, as a lesion) or "mean"
+    "sliding_window": False,
+    "sliding_window_overlap": 0.25,
+    "sliding_window_aggregate": "max",
+}
+
+
+def _volume_eval_batch_size() -> str:
+    return "$1 if hmn.training.as_bool(@sliding_window) else @batch_size"
+
+
+def _volume_common(config: dict) -> dict:
+    """The keys every 3D config shares, replacing the radiograph ones (``voi``, ``aspect``, square sizes)."""
+    for key in ("voi", "aspect"):
+        config.pop(key, None)
+    config.update({k: v for k, v in _VOLUME_KEYS.items()})
+    config["imports"] = [*config["imports"], "$import hmn.inferers"]
+    config["model_settings"] = dict(_VOLUME_MODEL_SETTINGS)
+    config["dataset_dir"] = "$hmn.data.cli.default_demo3d_root()"
+    return config
+
+
+def _volume_train_config(config: dict) -> dict:
+    config = _volume_common(config)
+    config["demo"] = {"n_volumes": 480, "seed": 0}
+    config["datalist"] = (
+        "$hmn.runs.trained(@ckpt_dir, 'datalist', None, @use_run_record) or hmn.training.resolve_datalist(@dataset_dir, "
+        "demo=@demo if @dataset_dir == hmn.data.cli.default_demo3d_root() else None, volumes=True)")
+    train, validate, test = config["train"], config["validate"], config["test"]
+    train["preprocessing"]["transforms"] = (_volume_load_transforms(training=True) + [_label_transform()] + _volume_augmentation()
+                                            + [{"_target_": "EnsureTyped", "keys": ["image", "label"], "track_meta": False}])
+    validate["preprocessing"]["transforms"] = _volume_load_transforms() + [_label_transform()]
+    for split in (train, validate):
+        split["dataset"]["item_shape"] = "$[@network_def#in_channels, *@image_size]"
+    # validation, the test split after training and evaluate.json classify studies as sliding_window says
+    for split in (validate, test):
+        split["dataloader"]["batch_size"] = _volume_eval_batch_size()
+    validate["inferer"] = _volume_inferer()
+    test["evaluator"]["inferer"] = _volume_inferer()
+    return config
+
+
 def train_config(name: str) -> dict:
     """``configs/train.json`` of bundle ``name``."""
     row = BUNDLES[name]
@@ -354,7 +464,7 @@ def train_config(name: str) -> dict:
     save_dict = {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "trainer": "@train#trainer",
                  "best_model": "$hmn.training.BestModelRecord(@validate#best_saver)",
                  "early_stop": "$hmn.training.EarlyStopRecord(@validate#early_stop)"}
-    return {
+    config = {
         "imports": [
             "$import os",
             "$import torch",
@@ -623,6 +733,7 @@ def train_config(name: str) -> dict:
         "run": _TRAIN_RUN,
         "training": _TRAIN_RUN,
     }
+    return _volume_train_config(config) if is_volume_bundle(name) else config
 
 
 def evaluate_config(name: str) -> dict:
@@ -675,7 +786,7 @@ def evaluate_config(name: str) -> dict:
 def inference_config(name: str) -> dict:
     """``configs/inference.json``: a folder or datalist of unlabelled images to a predictions CSV (standalone)."""
     train = train_config(name)
-    return {
+    config = {
         "imports": ["$import os", "$import torch", "$import monai", "$import hmn", "$import hmn.bundles", "$import hmn.data.cli", "$import hmn.inference", "$import hmn.networks", "$import hmn.handlers", "$import hmn.losses", "$import hmn.runs", "$import hmn.training", "$import hmn.transforms"],
         "bundle_root": train["bundle_root"],
         "ckpt_dir": train["ckpt_dir"],
@@ -701,8 +812,8 @@ def inference_config(name: str) -> dict:
         "num_classes": "$len(@class_names)",
         "device": train["device"],
         "image_size": train["image_size"],
-        "voi": train["voi"],
-        "aspect": train["aspect"],
+        "voi": train.get("voi"),
+        "aspect": train.get("aspect"),
         "batch_size": train["batch_size"],
         "num_workers": "$hmn.training.default_num_workers()",
         "pretrained": False,
@@ -760,6 +871,25 @@ def inference_config(name: str) -> dict:
         "run": _INFER_RUN,
         "inference": _INFER_RUN,
     }
+    return _volume_inference_config(config) if is_volume_bundle(name) else config
+
+
+def _volume_inference_config(config: dict) -> dict:
+    from hmn.data.demo3d import DEMO3D_CLASSES
+
+    config = _volume_common(config)
+    config["class_names"] = _trained("class_names", repr(list(DEMO3D_CLASSES)))
+    config["preprocessing"]["transforms"] = _volume_load_transforms()
+    dataset = config["dataset"]
+    # a folder is searched for NIfTI files and DICOM series folders (one study each), not for single files
+    dataset["data"] = dataset["data"].replace("hmn.inference.inference_items(@input, ", "hmn.inference.inference_items(@input, volumes=True, ")
+    dataset["placeholder_shape"] = "$[1, *@image_size]"
+    config["dataloader"]["batch_size"] = _volume_eval_batch_size()
+    config["inferer"] = _volume_inferer()
+    # Grad-CAM overlays are drawn on radiographs; a 3D model has none
+    config["heatmaps"] = False
+    config["run"] = config["inference"] = ["$hmn.inference.refuse_volume_heatmaps(@heatmaps)", *_INFER_RUN]
+    return config
 
 
 # the start of every torchrun workflow: the process group (NCCL on GPUs, gloo on CPUs), this rank's GPU, and the
@@ -802,14 +932,16 @@ def multi_gpu_inference_config(name: str) -> dict:
     predicts every world_size-th image (``hmn.inference.shard_items``) into ``<stem>.rank<r>.csv``; rank 0
     merges the shares into the one ``output_file`` when all are done (``hmn.inference.merge_rank_outputs``).
     No DDP wrapper: inference needs no gradient synchronisation."""
+    volumes = is_volume_bundle(name)
+    run = ["$hmn.inference.refuse_volume_heatmaps(@heatmaps)", *_DIST_INFER_RUN] if volumes else _DIST_INFER_RUN
     return {
         "device": "$torch.device('cuda:' + os.environ['LOCAL_RANK']) if torch.cuda.is_available() else torch.device('cpu')",
         "backend": "$'nccl' if torch.cuda.is_available() else 'gloo'",
-        "dataset#data": "$hmn.inference.shard_items(hmn.inference.inference_items(@input, "
-                        "skip_done=hmn.inference.run_outputs(@output_file) if hmn.training.as_bool(@resume) else None))",
+        "dataset#data": "$hmn.inference.shard_items(hmn.inference.inference_items(@input, " + ("volumes=True, " if volumes else "")
+                        + "skip_done=hmn.inference.run_outputs(@output_file) if hmn.training.as_bool(@resume) else None))",
         "initialize": _DIST_INIT,
-        "run": _DIST_INFER_RUN,
-        "inference": _DIST_INFER_RUN,
+        "run": run,
+        "inference": run,
         "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
     }
 
@@ -865,7 +997,9 @@ def export_args(name: str, fmt: str) -> dict:
                 "input_names": ["image"],
                 "output_names": ["pred"],
                 # axis lists (JSON has no integer keys); the exporter names them
-                "dynamic_axes": {"image": [0] if spec.fixed_size else [0, 2, 3], "pred": [0]},
+                # a traced backbone (3D Swin) bakes the traced size into its window arithmetic, as a fixed-size one does
+                "dynamic_axes": {"image": [0] if spec.fixed_size or spec.torchscript == "trace"
+                                 else [0, *range(2, spec.spatial_dims + 2)], "pred": [0]},
                 "verify": True,
                 "use_ort": True,
                 "rtol": 0.0,
@@ -879,7 +1013,7 @@ def metadata(name: str) -> dict:
     """``configs/metadata.json`` following MONAI's bundle specification."""
     spec = get_backbone_spec(name)
     row = BUNDLES[name]
-    return {
+    meta = {
         "schema": SCHEMA_URL,
         "version": __version__,
         "changelog": {__version__: f"first HybridMedNet bundle over {spec.description or name}"},
@@ -943,6 +1077,34 @@ def metadata(name: str) -> dict:
             },
         },
     }
+    return _volume_metadata(meta) if is_volume_bundle(name) else meta
+
+
+def _volume_metadata(meta: dict) -> dict:
+    from hmn.data.demo3d import DEMO3D_CLASSES
+
+    meta["task"] = "Multi-label classification of findings on CT and MR volumes"
+    description = meta["description"]
+    meta["description"] = (description[: description.index(" (")] + " (no published ImageNet size: a 3D network)"
+                           + description[description.index("): ") + 1:]).replace(
+        "SYNTHETIC demo dataset", "SYNTHETIC 3D demo dataset (CT-like volumes)").replace(
+        "no accuracy on real radiographs is claimed", "no accuracy on real CT or MR studies is claimed")
+    meta["data_source"] = ("Synthetic CT phantoms generated by hmn.data.make_demo3d_dataset (default); your own NIfTI "
+                           "files or DICOM series through a datalist JSON (`python -m hmn datalist json`).")
+    meta["data_type"] = "nifti, dicom"
+    meta["image_classes"] = ("one channel, oriented to RAS, resampled to 1.5 x 1.5 x 3 mm, CT window 40/400 HU (or MR "
+                             "1-99 percentiles) to [0, 1], cropped or padded to image_size (X, Y, Z)")
+    meta["references"] = [r for r in meta["references"] if "Mamba" not in r and "ChestX-ray8" not in r] + [
+        "Hatamizadeh A. et al., Swin UNETR, BrainLes 2021 (MONAI's 3D Swin Transformer encoder)",
+        "Carreira J., Zisserman A., Quo Vadis, Action Recognition? (I3D weight inflation), CVPR 2017",
+    ]
+    image = meta["network_data_format"]["inputs"]["image"]
+    image["modality"] = "CT"
+    image["spatial_shape"] = list(VOLUME_DEFAULTS["image_size"])
+    pred = meta["network_data_format"]["outputs"]["pred"]
+    pred["num_channels"] = len(DEMO3D_CLASSES)
+    pred["channel_def"] = {str(i): c for i, c in enumerate(DEMO3D_CLASSES)}
+    return meta
 
 
 def _dump(obj: Any) -> str:
@@ -951,7 +1113,7 @@ def _dump(obj: Any) -> str:
 
 def bundle_files(name: str) -> dict[str, str]:
     """Relative path -> content of every generated file of bundle ``name``."""
-    from hmn.bundle_docs import bundle_readme, license_text
+    from hmn.bundle_docs import bundle_readme, license_text, volume_bundle_readme
 
     return {
         "configs/metadata.json": _dump(metadata(name)),
@@ -962,7 +1124,7 @@ def bundle_files(name: str) -> dict[str, str]:
         "configs/multi_gpu_inference.json": _dump(multi_gpu_inference_config(name)),
         **{path: _dump(export_args(name, fmt)) for fmt, path in EXPORT_ARGS.items()},
         "configs/logging.conf": LOGGING_CONF,
-        "docs/README.md": bundle_readme(name, BUNDLES[name], train_config(name)),
+        "docs/README.md": (volume_bundle_readme if is_volume_bundle(name) else bundle_readme)(name, BUNDLES[name], train_config(name)),
         "LICENSE": license_text(),
     }
 
@@ -1080,7 +1242,9 @@ def packed_metadata(metadata: dict, record: dict, versions: dict[str, str] | Non
     fmt = out.setdefault("network_data_format", {})
     image = fmt.setdefault("inputs", {}).setdefault("image", {})
     image["num_channels"] = int(settings.get("in_channels", 1))
-    image["spatial_shape"] = [int(settings["image_size"])] * 2
+    size = settings["image_size"]
+    # a radiograph model records one side (square images), a volume model its X, Y, Z sizes
+    image["spatial_shape"] = [int(v) for v in size] if isinstance(size, (list, tuple)) else [int(size)] * 2
     classes = list(settings["class_names"])
     coarse = int(settings.get("num_coarse_classes") or 0) if settings.get("hierarchical") else 0
     pred = fmt.setdefault("outputs", {}).setdefault("pred", {})

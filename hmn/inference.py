@@ -40,7 +40,7 @@ from monai.transforms import apply_transform
 from torch.utils.data import Dataset
 
 from hmn.data.dataset import find_read_error
-from hmn.data.datalist import IMAGE_EXTENSIONS, find_images, load_datalist
+from hmn.data.datalist import IMAGE_EXTENSIONS, find_images, find_volumes, load_datalist
 from hmn.durable import atomic_write
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "rank_file",
     "rank_files",
     "read_prediction_rows",
+    "refuse_volume_heatmaps",
     "run_outputs",
     "shard_items",
 ]
@@ -159,6 +160,7 @@ def inference_items(
     skip_done: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     image_key: str = "image",
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    volumes: bool = False,
 ) -> list[dict[str, str]]:
     """The items to predict, as ``[{"image": path}]`` sorted by path.
 
@@ -172,6 +174,8 @@ def inference_items(
             (see :func:`completed_images`); use with ``PredictionCSVWriter(resume=True)``.
         image_key: the key of the path in each item.
         extensions: the file extensions searched for in a folder.
+        volumes: a folder holds volumes (the 3D bundles): NIfTI files and DICOM series, one folder per series
+            (:func:`hmn.data.datalist.find_volumes`), instead of one image per file.
 
     Raises:
         FileNotFoundError: `source` does not exist. ValueError: it holds no image files.
@@ -181,11 +185,11 @@ def inference_items(
     else:
         source = os.fspath(source)
         if os.path.isdir(source):
-            paths = find_images(source, extensions=extensions)
+            paths = find_volumes(source) if volumes else find_images(source, extensions=extensions)
             if not paths:
-                raise ValueError(
-                    f"no image files under {source} (looked for {', '.join(extensions)} and extensionless files)"
-                )
+                looked = ("NIfTI files and folders of DICOM files" if volumes
+                          else f"{', '.join(extensions)} and extensionless files")
+                raise ValueError(f"no image files under {source} (looked for {looked})")
         elif os.path.isfile(source) and source.lower().endswith(".json"):
             if split is None:
                 data = load_datalist(source, check_files=False)
@@ -368,3 +372,17 @@ def completed_images(csv_path: str | os.PathLike, image_column: str = "image", e
     i_img = header.index(image_column)
     i_err = header.index(error_column) if error_column in header else None
     return {row[i_img] for row in rows if i_err is None or row[i_err] == ""}
+
+
+def refuse_volume_heatmaps(heatmaps: Any) -> None:
+    """Stops a 3D bundle's inference run asked for ``heatmaps``: the Grad-CAM overlays
+    (:class:`hmn.handlers.HeatmapWriter`) are drawn on 2D radiographs and have no volume counterpart yet.
+
+    Raises:
+        ValueError: ``heatmaps`` is true (as ``hmn.training.as_bool`` reads it).
+    """
+    from hmn.training import as_bool
+
+    if as_bool(heatmaps, "heatmaps"):
+        raise ValueError("heatmaps=True: Grad-CAM heatmaps are drawn on radiographs (2D bundles); a 3D bundle's "
+                         "inference writes predictions only. Drop --heatmaps")

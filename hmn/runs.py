@@ -30,6 +30,7 @@ __all__ = [
     "REFUSED",
     "RUN_RECORD",
     "SCHEDULE_SETTINGS",
+    "VOLUME_SETTINGS",
     "RunRecordMismatchError",
     "check_classes",
     "check_model_file",
@@ -45,6 +46,9 @@ RUN_RECORD = "run.json"
 MODEL_SETTINGS = ("class_names", "in_channels", "image_size", "voi", "aspect", "backbone", "backbone_options",
                   "attention", "fpn_channels", "fusion_channels", "num_heads", "context_size", "dropout",
                   "hierarchical", "num_coarse_classes", "label_vocabulary")
+# the preprocessing of the 3D (volume) bundles, recorded beside MODEL_SETTINGS (which then lack voi and aspect):
+# voxel spacing (mm), "ct" or "mr" intensity, the CT window [center, width] (HU) and the MR percentiles
+VOLUME_SETTINGS = ("spacing", "intensity", "window", "percentiles")
 SCHEDULE_SETTINGS = ("datalist", "max_epochs", "batch_size", "learning_rate", "weight_decay", "warmup_epochs",
                      "accumulation_steps", "seed", "pretrained")
 # settings whose change makes the weights mean something else or not fit: refused, never honoured

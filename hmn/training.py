@@ -65,12 +65,14 @@ CACHE_RESIDENT_FACTOR = 2.0
 _CACHE_RESERVED: list[int] = []  # bytes promised to the in-memory caches built so far in this process
 
 
-def resolve_datalist(dataset_dir: str, datalist: str | None = None, demo: Mapping[str, Any] | None = None) -> str:
+def resolve_datalist(dataset_dir: str, datalist: str | None = None, demo: Mapping[str, Any] | None = None,
+                     volumes: bool = False) -> str:
     """The datalist JSON a run uses.
 
     ``datalist`` given: it must exist. Otherwise ``dataset_dir/datalist.json`` if present; otherwise, when
     ``demo`` settings are given (the bundles' default), the SYNTHETIC demo dataset is written into
-    ``dataset_dir`` (or reused) by :func:`hmn.data.make_demo_dataset`. Anything else is an error that
+    ``dataset_dir`` (or reused) by :func:`hmn.data.make_demo_dataset`, or with ``volumes`` (the 3D bundles)
+    the SYNTHETIC demo volumes by :func:`hmn.data.make_demo3d_dataset`. Anything else is an error that
     says how to make a datalist.
     """
     if datalist:
@@ -81,10 +83,10 @@ def resolve_datalist(dataset_dir: str, datalist: str | None = None, demo: Mappin
     if os.path.isfile(candidate) and not demo:
         return os.path.abspath(candidate)
     if demo:
-        from hmn.data import make_demo_dataset
+        from hmn.data import make_demo3d_dataset, make_demo_dataset
 
-        logger.info("using the SYNTHETIC demo dataset in %s", dataset_dir)
-        return make_demo_dataset(dataset_dir, **dict(demo))
+        logger.info("using the SYNTHETIC demo %s in %s", "volumes" if volumes else "dataset", dataset_dir)
+        return (make_demo3d_dataset if volumes else make_demo_dataset)(dataset_dir, **dict(demo))
     raise FileNotFoundError(
         f"no datalist.json in dataset_dir {dataset_dir!r}; pass --datalist PATH, or write one with "
         "`python -m hmn datalist nih|chexpert|folder|json ...`"

@@ -60,6 +60,8 @@ def test_cpu_memory_is_measured_in_a_child_process(capsys):
 def test_bad_arguments_are_refused(capsys):
     assert bench_main(["--backbones", "convnext_tinyy", "--no-memory"]) == 2
     assert "unknown backbone(s) ['convnext_tinyy']" in capsys.readouterr().err
+    assert bench_main(["--backbones", "convnext3d_tiny", "--no-memory"]) == 2  # volumes: benchmarks/bench_3d.py
+    assert "(3D backbones: benchmarks/bench_3d.py)" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown configuration 'hmn:bogus'"):
         build_config("hmn:bogus", "convnext_tiny", 64)
     assert set(CONFIGS) >= {"bare", "hmn:bundle", "reference:cross_scale_naive"}

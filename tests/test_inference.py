@@ -271,3 +271,30 @@ def test_two_processes_write_the_single_process_csv_and_resume(tmp_path):
     # nothing left to do: every rank has an empty share, and the file stays as it is
     _two_processes(tmp_path, root, out, True)
     assert _read(out) == want
+
+
+def test_a_folder_of_volumes_lists_each_nifti_file_and_each_dicom_series_once(tmp_path):
+    """3D bundles: a DICOM series is one study (its folder), not one item per slice; NIfTI files are one each."""
+    from hmn.inference import inference_items
+
+    (tmp_path / "a" / "series1").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "a" / "series1" / f"IM{i:04d}").write_bytes(b"")  # extensionless slices, as scanners write them
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "ct.nii.gz").write_bytes(b"")
+    (tmp_path / "b" / "mr.nii").write_bytes(b"")
+    (tmp_path / "b" / "notes.txt").write_bytes(b"")
+    (tmp_path / "c").mkdir()
+    for i in range(2):
+        (tmp_path / "c" / f"{i}.dcm").write_bytes(b"")
+    items = inference_items(tmp_path, volumes=True)
+    assert [e["image"] for e in items] == [str(tmp_path / "a" / "series1"), str(tmp_path / "b" / "ct.nii.gz"),
+                                           str(tmp_path / "b" / "mr.nii"), str(tmp_path / "c")]
+    # the 2D search lists the slices one by one
+    assert len(inference_items(tmp_path)) == 3 + 2 + 2
+    (tmp_path / "c" / "x.nii").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds both volume files .* and DICOM slices"):
+        inference_items(tmp_path, volumes=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="looked for NIfTI files and folders of DICOM files"):
+        inference_items(tmp_path / "empty", volumes=True)

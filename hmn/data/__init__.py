@@ -1,6 +1,6 @@
 """Datalists (NIH ChestX-ray14, CheXpert, MIMIC-CXR-JPG, PadChest, VinDr-CXR, RSNA Pneumonia, folder per class,
 MONAI JSON), one finding vocabulary across them (:mod:`hmn.data.vocabulary`), patient-wise splits, the
-synthetic demo dataset, and a dataset wrapper that skips unreadable files.
+synthetic demo datasets (2D radiographs, 3D CT-like volumes), and a dataset wrapper that skips unreadable files.
 
 Every builder returns MONAI's datalist form with the class names beside the splits:
 ``{"class_names": [...], "training": [{"image", "label" (multi-hot), "patient_id"}], "validation": [...], "test": [...]}``;
@@ -26,6 +26,7 @@ from .datalist import (
 )
 from .dataset import SkipBadFilesDataset, SkippedFilesReport, find_read_error
 from .demo import DEMO_CLASSES, make_demo_dataset
+from .demo3d import DEMO3D_CLASSES, make_demo3d_dataset, render_demo_volume
 from .folder import folder_datalist, json_datalist
 from .mimic import mimic_cxr_datalist
 from .nih import NIH_CLASSES, nih_datalist
@@ -41,6 +42,7 @@ __all__ = [
     "SOURCE_VOCABULARIES",
     "VOCABULARY_VERSION",
     "DEMO_CLASSES",
+    "DEMO3D_CLASSES",
     "NIH_CLASSES",
     "PADCHEST_CLASSES",
     "SPLITS",
@@ -58,6 +60,7 @@ __all__ = [
     "load_datalist",
     "make_datalist",
     "make_demo_dataset",
+    "make_demo3d_dataset",
     "match_findings",
     "mimic_cxr_datalist",
     "nih_datalist",
@@ -65,6 +68,7 @@ __all__ = [
     "patient_overlap",
     "patient_split",
     "read_datalist",
+    "render_demo_volume",
     "rsna_pneumonia_datalist",
     "split_entries",
     "summarize",

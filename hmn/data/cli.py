@@ -1,4 +1,5 @@
-"""Command line for datalists and the demo dataset (``python -m hmn datalist ...``, ``python -m hmn demo-data ...``).
+"""Command line for datalists and the demo datasets (``python -m hmn datalist ...``, ``python -m hmn demo-data ...``,
+``python -m hmn demo3d-data ...``).
 
     python -m hmn datalist nih --csv Data_Entry_2017.csv --images /data/nih --out nih.json
     python -m hmn datalist nih --csv Data_Entry_2017.csv --images /data/nih --split official \\
@@ -14,6 +15,7 @@
     python -m hmn datalist folder --root /data/by_class --negative-class normal --out folder.json
     python -m hmn datalist json --input dataset.json --out datalist.json
     python -m hmn demo-data --root ~/.cache/hmn/demo --n-images 900 --size 256
+    python -m hmn demo3d-data --root ~/.cache/hmn/demo3d --n-volumes 600 --size 64,64,32 --spacing 1.5,1.5,3.0
 
 Each writes the datalist JSON and prints images, patients and positives per class for every split.
 """
@@ -27,7 +29,7 @@ import sys
 
 from .datalist import DatalistError, classes_without_positives, summarize, write_datalist
 
-__all__ = ["datalist_main", "demo_main", "default_demo_root"]
+__all__ = ["datalist_main", "demo_main", "demo3d_main", "default_demo_root", "default_demo3d_root"]
 
 
 def _fractions(text: str) -> tuple[float, float, float]:
@@ -251,10 +253,18 @@ def datalist_main(argv: list[str]) -> int:
     return 0
 
 
+def _cache_base() -> str:
+    return os.environ.get("HMN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hmn")
+
+
 def default_demo_root() -> str:
     """``$HMN_CACHE/demo`` or ``~/.cache/hmn/demo``: where the demo dataset goes by default."""
-    base = os.environ.get("HMN_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hmn")
-    return os.path.join(base, "demo")
+    return os.path.join(_cache_base(), "demo")
+
+
+def default_demo3d_root() -> str:
+    """``$HMN_CACHE/demo3d`` or ``~/.cache/hmn/demo3d``: where the 3D demo dataset goes by default."""
+    return os.path.join(_cache_base(), "demo3d")
 
 
 def demo_main(argv: list[str]) -> int:
@@ -279,6 +289,53 @@ def demo_main(argv: list[str]) -> int:
         return 2
     path = make_demo_dataset(args.root, n_images=args.n_images, image_size=args.size, seed=args.seed,
                              fractions=args.fractions, overwrite=args.overwrite)
+    print(f"datalist: {path}")
+    print(summarize(read_datalist(path)))
+    return 0
+
+
+def _triple(kind: type, what: str):
+    def parse(text: str):
+        try:
+            parts = tuple(kind(p) for p in text.split(","))
+        except ValueError:
+            parts = ()
+        if len(parts) != 3 or any(p <= 0 for p in parts):
+            raise argparse.ArgumentTypeError(f"{what} {text!r}: expected three positive numbers like "
+                                             + ("64,64,32" if kind is int else "1.5,1.5,3.0"))
+        return parts
+    return parse
+
+
+def demo3d_main(argv: list[str]) -> int:
+    """``python -m hmn demo3d-data``: writes (or reuses) the synthetic 3D demo dataset and prints its counts."""
+    from .datalist import read_datalist
+    from .demo3d import DEFAULT_SIZE, DEFAULT_SPACING, make_demo3d_dataset
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(
+        prog="python -m hmn demo3d-data",
+        description="Write the SYNTHETIC 3D demo dataset (CT-like phantoms in HU, not patients) and its datalist.",
+    )
+    p.add_argument("--root", default=default_demo3d_root(), help="output folder (default: %(default)s)")
+    p.add_argument("--n-volumes", type=int, default=600)
+    p.add_argument("--size", type=_triple(int, "size"), default=DEFAULT_SIZE,
+                   help="voxels along X,Y,Z, each >= 16 (default %(default)s)")
+    p.add_argument("--spacing", type=_triple(float, "spacing"), default=DEFAULT_SPACING,
+                   help="voxel spacing in mm along X,Y,Z (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fractions", type=_fractions, default=(0.7, 0.15, 0.15))
+    p.add_argument("--overwrite", action="store_true", help="regenerate even if a matching dataset exists")
+    args = p.parse_args(argv)
+    if args.n_volumes < 1 or min(args.size) < 16:
+        print("error: --n-volumes must be >= 1 and every --size >= 16", file=sys.stderr)
+        return 2
+    try:
+        path = make_demo3d_dataset(args.root, n_volumes=args.n_volumes, size=args.size, spacing=args.spacing,
+                                   seed=args.seed, fractions=args.fractions, overwrite=args.overwrite)
+    except (ValueError, DatalistError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"datalist: {path}")
     print(summarize(read_datalist(path)))
     return 0

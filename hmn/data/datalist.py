@@ -411,3 +411,30 @@ def find_images(root: str, extensions: Iterable[str] = IMAGE_EXTENSIONS, extensi
             if low.endswith(exts) or (extensionless and "." not in name):
                 out.append(os.path.join(folder, name))
     return out
+
+
+VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".hdr")  # NIfTI, and Analyze by its header file
+_SERIES_EXTENSIONS = (".dcm", ".dicom", ".ima")
+
+
+def find_volumes(root: str) -> list[str]:
+    """The volumes under `root` (recursively, sorted): NIfTI/Analyze files, and every folder that directly
+    holds DICOM files (``.dcm``, ``.dicom``, ``.ima`` or extensionless), taken as one DICOM series, as
+    :class:`hmn.transforms.LoadXray` reads a series folder. The slices of a series are not listed apart.
+
+    Raises:
+        ValueError: a folder holds both DICOM slices and volume files, so which is the study is ambiguous.
+    """
+    out = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        names = [n for n in sorted(files) if not n.startswith(".")]
+        vols = [n for n in names if n.lower().endswith(VOLUME_EXTENSIONS)]
+        slices = [n for n in names if n.lower().endswith(_SERIES_EXTENSIONS) or "." not in n]
+        if vols and slices:
+            raise ValueError(f"{folder} holds both volume files ({vols[0]}, ...) and DICOM slices ({slices[0]}, ...); "
+                             "put each DICOM series in a folder of its own")
+        out.extend(os.path.join(folder, n) for n in vols)
+        if slices:
+            out.append(folder)
+    return out

@@ -65,7 +65,7 @@ def _infer_depth_axis(stem_stride: Tuple[int, int, int], downsample_stride: Tupl
 
 
 class LayerNormChannelsFirst(nn.LayerNorm):
-    """LayerNorm over the channels of an ``N, C, *spatial`` tensor (the slot of timm's ``LayerNorm2d``).
+    """LayerNorm over the channels of an ``N, C, D, H, W`` tensor (the slot of timm's ``LayerNorm2d``).
 
     Args:
         num_channels: ``C``.
@@ -76,13 +76,14 @@ class LayerNormChannelsFirst(nn.LayerNorm):
         super().__init__(num_channels, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``N, C, *spatial`` -> the same shape (contiguous), each position's ``C`` values normalized."""
-        x = x.movedim(1, -1)
+        """``N, C, D, H, W`` -> the same shape (contiguous), each position's ``C`` values normalized."""
+        # explicit permutations: the ONNX exporter writes movedim's negative axes into an invalid Transpose
+        x = x.permute(0, 2, 3, 4, 1)
         x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         # Contiguous channels-first, not the channels-last view movedim gives: the whole network would run
         # channels-last from here, and oneDNN's backward of a channels-last depthwise 3D convolution whose
         # kernel exceeds the map (7^3 over 2^3) took 12 s a call on 2 threads, against 0.09 s channels-first.
-        return x.movedim(-1, 1).contiguous()
+        return x.permute(0, 4, 1, 2, 3).contiguous()
 
 
 class _BatchNormChannelsLast(nn.Module):
@@ -93,7 +94,7 @@ class _BatchNormChannelsLast(nn.Module):
         self.bn = nn.BatchNorm3d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(x.movedim(-1, 1)).movedim(1, -1)
+        return self.bn(x.permute(0, 4, 1, 2, 3)).permute(0, 2, 3, 4, 1)
 
 
 def _channels_first_norm(norm: str, channels: int) -> nn.Module:

@@ -32,12 +32,13 @@ from hmn.networks.backbones import (
 __all__ = ["SwinTransformer3d", "build_swin3d"]
 
 
-def _layer_norm_channels(x: torch.Tensor) -> torch.Tensor:
+def _layer_norm_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     """LayerNorm without affine over the channels of ``N, C, D, H, W`` (MONAI's ``proj_out(normalize=True)``),
     returned contiguous channels-first: oneDNN's backward of a depthwise 3D convolution downstream (the neck's)
     can take seconds a call on a channels-last map."""
-    x = x.movedim(1, -1)
-    return F.layer_norm(x, [x.shape[-1]]).movedim(-1, 1).contiguous()
+    x = x.permute(0, 2, 3, 4, 1)  # explicit: the ONNX exporter mistranslates movedim's negative axes
+    # channels given, not read from x: the ONNX exporter needs a constant normalized_shape
+    return F.layer_norm(x, [channels]).permute(0, 4, 1, 2, 3).contiguous()
 
 
 class SwinTransformer3d(Backbone):
@@ -134,7 +135,7 @@ class SwinTransformer3d(Backbone):
         feats: List[torch.Tensor] = []
         for i, stage in enumerate(self.stages):
             x = stage(x.contiguous())  # N, C, D, H, W (no downsample inside)
-            feats.append(_layer_norm_channels(x))
+            feats.append(_layer_norm_channels(x, self.channels[i]))
             if i < len(self.merges):
                 x = self.merges[i](x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
         return feats

@@ -58,7 +58,7 @@ def _serve(folder: Path):
     return server
 
 
-def _untrained_models(name: str, models: Path, datalist: str) -> None:
+def _untrained_models(name: str, models: Path, datalist: str, size) -> None:
     """model.pt (the untrained network's state dict) and run.json as training the bundle would write them."""
     from monai.bundle import ConfigParser
 
@@ -66,7 +66,7 @@ def _untrained_models(name: str, models: Path, datalist: str) -> None:
 
     parser = ConfigParser()
     parser.read_config(str(ROOT / "bundles" / name / "configs" / "train.json"))
-    parser.update({"datalist": datalist, "image_size": SIZE, "bundle_root": str(models.parent)})
+    parser.update({"datalist": datalist, "image_size": size, "bundle_root": str(models.parent)})
     models.mkdir(parents=True)
     torch.manual_seed(0)
     torch.save(parser.get_parsed_content("network_def").state_dict(), models / "model.pt")
@@ -82,11 +82,11 @@ def _digest(path: Path, kind: str) -> str:
 
 
 # the bundles whose backbone has over 50M parameters build for seconds each time: labelled slow
-PARAMS = [pytest.param(n, marks=pytest.mark.slow) if get_backbone_spec(n).params_m > 50 else n for n in BUNDLES]
+PARAMS = [pytest.param(n, marks=pytest.mark.slow) if (get_backbone_spec(n).params_m or 0) > 50 else n for n in BUNDLES]
 
 
 @pytest.fixture(scope="module", params=PARAMS)
-def zoo_bundle(request, demo_datalist, tmp_path_factory):
+def zoo_bundle(request, datalist_for, size_for, tmp_path_factory):
     """The bundle packed with its weights linked (large_files.yml), unzipped as the zoo's ``models/<name>/``,
     and the weights fetched by the zoo's step 1: over loopback HTTP for the trained convnext_tiny (md5, as the
     zoo's own files), from a file URL for the others (sha256, the packer's default)."""
@@ -100,7 +100,7 @@ def zoo_bundle(request, demo_datalist, tmp_path_factory):
             url, hash_type = f"http://127.0.0.1:{server.server_address[1]}/model.pt", "md5"
         else:
             models = work / "run" / "models"
-            _untrained_models(name, models, demo_datalist)
+            _untrained_models(name, models, datalist_for(name), size_for(name))
             url, hash_type = (models / "model.pt").as_uri(), "sha256"
         packed = Path(pack_bundle(name, work / f"{name}.zip", models, ROOT / "bundles", weights_url=url, hash_type=hash_type))
         with zipfile.ZipFile(packed) as zf:
@@ -134,13 +134,14 @@ def test_weights_are_linked_fetched_and_hash_checked(zoo_bundle):
         assert max(i.file_size for i in zf.infolist()) < zoo.ZOO_FILE_LIMIT
 
 
-def test_required_files_version_and_metadata_schema(zoo_bundle):
+def test_required_files_version_and_metadata_schema(zoo_bundle, size_for):
     b = zoo_bundle["bundle"]
     zoo.verify_min(b, OFFICIAL_SCHEMA)  # large files (present: hash-checked), files, version, official schema
     zoo.check_metadata_schema(b, PROJECT_SCHEMA)
     meta = json.loads((b / "configs" / "metadata.json").read_text())
     record = json.loads((b / "models" / "run.json").read_text())["settings"]
-    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [SIZE, SIZE]
+    size = size_for(zoo_bundle["name"])
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == (size if isinstance(size, list) else [size, size])
     assert list(meta["network_data_format"]["outputs"]["pred"]["channel_def"].values()) == record["class_names"]
 
 
@@ -165,16 +166,20 @@ def test_network_in_out_matches_the_metadata(zoo_bundle):
     zoo.check_net_in_out(zoo_bundle["bundle"])
 
 
-def test_train_evaluate_and_infer_workflow_properties(zoo_bundle, demo_datalist):
-    zoo.check_workflow_properties(zoo_bundle["bundle"], {"datalist": demo_datalist},
-                                  {"input": os.path.dirname(demo_datalist)})
+def test_train_evaluate_and_infer_workflow_properties(zoo_bundle, datalist_for):
+    datalist = datalist_for(zoo_bundle["name"])
+    zoo.check_workflow_properties(zoo_bundle["bundle"], {"datalist": datalist}, {"input": os.path.dirname(datalist)})
 
 
-def test_torchscript_export_as_the_zoo_runs_it(zoo_bundle):
+def test_torchscript_export_as_the_zoo_runs_it(zoo_bundle, request):
     """The zoo's step 5 scripts the network (ckpt_export without use_trace): the file it writes is a scripted
     module, and it gives the eager network's logits (weights from the fetched model.pt) at two batch sizes."""
     from monai.bundle import ConfigParser
 
+    if get_backbone_spec(zoo_bundle["name"]).torchscript == "trace":
+        # a known limitation, kept visible: MONAI's 3D Swin blocks (einops, NumPy) do not compile with
+        # TorchScript, so the zoo's scripted export fails for the swin3d bundles (their own export traces)
+        request.applymarker(pytest.mark.xfail(strict=True, reason="MONAI's SwinTransformer blocks are not scriptable"))
     b = zoo_bundle["bundle"]
     out = zoo.check_torchscript_export(b)
     scripted = torch.jit.load(out)

@@ -1,0 +1,217 @@
+"""The 3D (CT/MR volume) bundles end to end, as a user runs them: training on the synthetic demo volumes with
+the README's command, resume, evaluation (also by sliding windows), inference over a folder of NIfTI files and
+DICOM series, and a packed bundle rebuilt elsewhere with the user's own classes, size and spacing.
+
+Runs use small volumes (``SMALL``: the demo's whole 96 mm field of view resampled to 32 x 32 x 16 voxels of
+3 x 3 x 6 mm) and a few iterations.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hmn.bundles import VOLUME_BUNDLES
+
+ROOT = Path(__file__).resolve().parents[2]
+SIZE = [32, 32, 16]
+SPACING = [3.0, 3.0, 6.0]
+SMALL = ["--image_size", json.dumps(SIZE), "--spacing", json.dumps(SPACING), "--batch_size", "4", "--num_workers", "0"]
+
+
+def _configs(name: str, *files: str) -> str:
+    paths = [f"bundles/{name}/configs/{f}.json" for f in files]
+    return paths[0] if len(paths) == 1 else "[" + ",".join(f"'{p}'" for p in paths) + "]"
+
+
+def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{out.stdout[-3000:]}\n--- stderr\n{out.stderr[-6000:]}"
+    return out
+
+
+def _bundle(run_id: str, config: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config, *overrides]
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def demo3d(demo3d_datalist):
+    """40 demo volumes (conftest.py), shared with the zoo checks."""
+    return demo3d_datalist
+
+
+@pytest.fixture(scope="module")
+def trained3d(tmp_path_factory, demo3d):
+    """convnext3d_tiny trained for 2 epochs with the README's command on the demo volumes; its bundle_root."""
+    root = tmp_path_factory.mktemp("convnext3d_tiny")
+    _run(_bundle("training", _configs("convnext3d_tiny", "train"), "--datalist", demo3d, "--bundle_root", str(root),
+                 "--max_epochs", "2", *SMALL))
+    return root
+
+
+def test_training_records_the_volume_settings_and_the_curve(trained3d, demo3d):
+    record = json.load(open(trained3d / "models" / "run.json"))["settings"]
+    assert record["image_size"] == SIZE and record["spacing"] == SPACING
+    assert record["intensity"] == "ct" and record["window"] == [40, 400]
+    assert "voi" not in record and "aspect" not in record
+    assert record["backbone"] == "convnext3d_tiny"
+    assert record["class_names"] == json.load(open(demo3d))["class_names"]
+    history = _read_csv(trained3d / "runs" / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    assert all(0.0 <= float(r["val_auc"]) <= 1.0 for r in history)
+    # the test-split report written after training
+    assert (trained3d / "runs" / "eval" / "metrics.json").is_file()
+
+
+def test_resume_with_a_changed_setting_warns_and_records_it(trained3d, demo3d, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained3d, run)
+    out = _run(_bundle("training", _configs("convnext3d_tiny", "train"), "--bundle_root", str(run), "--resume", "True",
+                       "--max_epochs", "3", "--window", "[50, 350]", "--num_workers", "0"))
+    log = out.stdout + out.stderr
+    assert "window" in log and "WARNING" in log
+    record = json.load(open(run / "models" / "run.json"))
+    # the recorded size and spacing were used without being given again; the changed window is named
+    assert record["settings"]["image_size"] == SIZE and record["settings"]["spacing"] == SPACING
+    assert record["starts"][-1]["changed"] == {"max_epochs": [2, 3], "window": [[40, 400], [50, 350]]}
+    assert [r["epoch"] for r in _read_csv(run / "runs" / "history.csv")] == ["1", "2", "3"]
+
+
+def test_evaluation_and_sliding_window_evaluation(trained3d, demo3d, tmp_path):
+    evaluate = _configs("convnext3d_tiny", "train", "evaluate")
+    _run(_bundle("evaluating", evaluate, "--bundle_root", str(trained3d), "--n_bootstrap", "0",
+                 "--eval_dir", str(tmp_path / "crop")))
+    _run(_bundle("evaluating", evaluate, "--bundle_root", str(trained3d), "--n_bootstrap", "0",
+                 "--eval_dir", str(tmp_path / "sw"), "--sliding_window", "True", "--sliding_window_aggregate", "mean"))
+    test = json.load(open(demo3d))["test"]
+    classes = json.load(open(demo3d))["class_names"]
+    for sub in ("crop", "sw"):
+        rows = _read_csv(tmp_path / sub / "predictions.csv")
+        assert sorted(r["image"] for r in rows) == sorted(os.path.join(os.path.dirname(demo3d), e["image"])
+                                                           if not os.path.isabs(e["image"]) else e["image"] for e in test)
+        assert all(0.0 <= float(r[f"{c}_prob"]) <= 1.0 for r in rows for c in classes)
+
+
+def test_inference_over_a_folder_of_nifti_files_and_dicom_series(trained3d, demo3d, tmp_path):
+    from hmn.data.datalist import find_volumes
+
+    folder = os.path.dirname(demo3d)
+    volumes = find_volumes(folder)
+    series = [v for v in volumes if os.path.isdir(v)]
+    assert series and len(volumes) == 40  # every study once: a DICOM series is one item, not one per slice
+    out = tmp_path / "pred.csv"
+    _run(_bundle("inference", _configs("convnext3d_tiny", "inference"), "--bundle_root", str(trained3d),
+                 "--input", folder, "--output_file", str(out)))
+    rows = _read_csv(out)
+    assert sorted(r["image"] for r in rows) == sorted(volumes)
+    assert all(r["error"] == "" for r in rows)
+    bad = subprocess.run(_bundle("inference", _configs("convnext3d_tiny", "inference"), "--bundle_root", str(trained3d),
+                                 "--input", folder, "--output_file", str(tmp_path / "h.csv"), "--heatmaps", "True"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "heatmaps" in bad.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", [n for n in VOLUME_BUNDLES if n != "convnext3d_tiny"])
+def test_every_other_volume_bundle_trains(name, demo3d, tmp_path):
+    from monai.bundle import run
+
+    run("training", config_file=str(ROOT / _configs(name, "train")), datalist=demo3d, bundle_root=str(tmp_path),
+        max_epochs=1, image_size=SIZE, spacing=SPACING, batch_size=2, cache="none", num_workers=0,
+        evaluate_after_training=False)
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert [r["epoch"] for r in _read_csv(tmp_path / "runs" / "history.csv")] == ["1"]
+
+
+@pytest.mark.parametrize("name", list(VOLUME_BUNDLES))
+def test_volume_bundle_is_valid_for_monai_tooling(name, demo3d):
+    from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
+
+    for f in (ROOT / "bundles" / name / "configs").glob("*.json"):
+        ConfigParser.load_config_file(f)
+    verify_metadata(meta_file=str(ROOT / f"bundles/{name}/configs/metadata.json"),
+                    filepath=str(ROOT / "bundles/meta_schema.json"))
+    for wtype, cfg in (("train", "train"), ("infer", "inference")):
+        overrides = ({"datalist": demo3d, "image_size": SIZE} if wtype == "train"
+                     else {"image_size": SIZE, "input": os.path.dirname(demo3d)})
+        workflow = ConfigWorkflow(config_file=str(ROOT / f"bundles/{name}/configs/{cfg}.json"), workflow_type=wtype,
+                                  meta_file=str(ROOT / f"bundles/{name}/configs/metadata.json"), **overrides)
+        workflow.initialize()
+        assert workflow.check_properties() == [], f"{name} {cfg}.json"
+
+
+def test_reuse_rehearsal_packed_volume_bundle_rebuilds_the_trained_model(demo3d, tmp_path):
+    """A user's run (two classes named otherwise than the demo's, in another order, their own size and spacing,
+    MR-style percentile normalisation) is trained, packed, loaded with monai.bundle.load, and run for inference
+    from the unpacked bundle with no setting given: every prediction equals the trained model's own, computed
+    here from model.pt and the settings written out in this test."""
+    import zipfile
+
+    from monai.bundle import load
+    from scipy.special import expit
+
+    from hmn.data import load_datalist
+    from hmn.networks import HybridMedNet
+    from hmn.transforms import volume_compose
+
+    data = load_datalist(demo3d)
+    src = data["class_names"]
+    picks = {"Liver enlarged": src.index("Hepatomegaly"), "Low-density lesion": src.index("Hypodense lesion")}
+    user = {"class_names": list(picks)}
+    for split in ("training", "validation", "test"):
+        user[split] = [{"image": e["image"], "label": [e["label"][k] for k in picks.values()], "patient_id": e["patient_id"]}
+                       for e in data[split]]
+    datalist = tmp_path / "user.json"
+    datalist.write_text(json.dumps(user))
+    size, spacing = [32, 32, 16], [3.5, 3.5, 6.0]
+    run = tmp_path / "run"
+    _run(_bundle("training", _configs("convnext3d_tiny", "train"), "--datalist", str(datalist), "--bundle_root", str(run),
+                 "--max_epochs", "1", "--image_size", json.dumps(size), "--spacing", json.dumps(spacing),
+                 "--intensity", "mr", "--percentiles", "[2, 98]", "--batch_size", "4", "--num_workers", "0",
+                 "--evaluate_after_training", "False"))
+    out = subprocess.run([sys.executable, "-m", "hmn", "pack-bundle", "convnext3d_tiny", str(tmp_path / "p.zip"),
+                          "--models-dir", str(run / "models")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    with zipfile.ZipFile(tmp_path / "p.zip") as zf:
+        zf.extractall(tmp_path / "unpacked")
+    bundle = tmp_path / "unpacked" / "convnext3d_tiny"
+    meta = json.load(open(bundle / "configs" / "metadata.json"))["network_data_format"]
+    assert meta["inputs"]["image"]["spatial_shape"] == size
+    assert meta["outputs"]["pred"]["channel_def"] == {"0": "Liver enlarged", "1": "Low-density lesion"}
+
+    net = load(name="convnext3d_tiny", bundle_dir=str(tmp_path / "unpacked"), workflow_type="inference", device="cpu")
+    want = torch.load(run / "models" / "model.pt", weights_only=True)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=0, atol=0)
+
+    # the settings written out here, independently of the bundle's configs
+    scratch = {"norm": "batch", "ls_init_value": 1.0, "stem": "conv", "stem_stride": [4, 4, 2]}
+    ref = HybridMedNet("convnext3d_tiny", num_classes=2, in_channels=1, img_size=size, attention=["cbam"],
+                       backbone_options=scratch).eval()
+    ref.load_state_dict(want, strict=True)
+    pre = volume_compose(spacing=spacing, spatial_size=size, intensity="mr", percentiles=(2, 98))
+    root = os.path.dirname(demo3d)
+    test = [e["image"] if os.path.isabs(e["image"]) else os.path.join(root, e["image"]) for e in user["test"]]
+    with torch.no_grad():
+        images = torch.stack([torch.as_tensor(pre({"image": p})["image"]) for p in test]).float()
+        expected = expit(ref(images).double().numpy())
+    _run(_bundle("inference", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
+                 "--input", str(datalist), "--output_file", str(tmp_path / "pred.csv")))
+    rows = {r["image"]: r for r in _read_csv(tmp_path / "pred.csv")}
+    for path, p in zip(test, expected):
+        np.testing.assert_allclose([float(rows[path][c]) for c in picks], p, rtol=0, atol=1e-6)
