@@ -14,8 +14,9 @@ resolution (``context_size=None``), side by side: the same step with a BCE loss 
 Times: the configurations of a part run interleaved in one process, round by round, after one warm-up step
 each, so a busy neighbour slows them alike; each figure is the median of ``--rounds``. Peak memory: on a
 GPU ``torch.cuda.max_memory_allocated`` over one more step; on the CPU each configuration runs once more in
-a fresh subprocess, which reports the growth of its peak resident set (``ru_maxrss``) over one step after a
-warm-up step: activations, gradients and the allocator's caches, not the weights. ``--rounds 0`` (CPU, for a
+a fresh subprocess, which reports its peak resident set during one step after a warm-up step above its resident
+set before that step (Linux: ``/proc/self/clear_refs`` resets the peak, ``VmHWM`` minus ``VmRSS``): what the
+step allocates beyond the weights, gradients and optimizer state kept from the warm-up. ``--rounds 0`` (CPU, for a
 short run) times only that one step of each fresh process, one configuration after the other.
 
 Output: one JSON line per measurement (``--json FILE`` also appends them there), then a table.
@@ -79,21 +80,27 @@ def step_fn(config: str, size: int, batch: int, device: torch.device):
     return step
 
 
+def status_kib(field: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``; Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def cpu_peak_mib(config: str, size: int, batch: int, threads: int) -> tuple[float, float]:
     """Peak resident-set growth (MiB) over one step after a warm-up step, in a fresh process, and that step's
     time (s)."""
     code = (
-        "import sys, resource, torch; sys.argv = ['x']; torch.set_num_threads(%d);"
+        "import sys, torch; sys.argv = ['x']; torch.set_num_threads(%d);"
         "sys.path.insert(0, %r); import bench_3d as b;"
         "import time; s = b.step_fn(%r, %d, %d, torch.device('cpu')); s();"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; t = time.perf_counter(); s();"
-        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)"
+        "base = b.status_kib('VmRSS'); open('/proc/self/clear_refs', 'w').write('5');"
+        "t = time.perf_counter(); s(); print(time.perf_counter() - t, b.status_kib('VmHWM') - base)"
     ) % (threads, os.path.dirname(os.path.abspath(__file__)), config, size, batch)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:
         raise RuntimeError(f"memory run of {config} at {size}^3 failed:\n{out.stderr[-2000:]}")
     step_s, kib = out.stdout.strip().splitlines()[-1].split()
-    return int(kib) / 1024, float(step_s)  # ru_maxrss is in KiB on Linux
+    return int(kib) / 1024, float(step_s)
 
 
 def measure(configs: list[str], size: int, args, device: torch.device) -> list[dict]:
@@ -150,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--sizes", type=int, nargs="+", default=[96, 128])
     p.add_argument("--backbones", nargs="+", default=BACKBONES)
-    p.add_argument("--attention-backbone", default="convnext3d_tiny")
+    p.add_argument("--attention-backbone", default="convnext3d_tiny", help="'none' skips part 2")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--rounds", type=int, default=3,
                    help="timed rounds; 0 (CPU): time the one step of each configuration's memory run instead")
@@ -169,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     for size in args.sizes:
         records += measure(list(args.backbones), size, args, device)
         b = args.attention_backbone
-        records += measure([f"hybrid:{b}:7", f"hybrid:{b}:full"], size, args, device)
+        if b != "none":
+            records += measure([f"hybrid:{b}:7", f"hybrid:{b}:full"], size, args, device)
     for r in records:
         line = json.dumps(r)
         print(line)

@@ -438,7 +438,7 @@ def _volume_common(config: dict) -> dict:
 
 def _volume_train_config(config: dict) -> dict:
     config = _volume_common(config)
-    config["demo"] = {"n_volumes": 480, "seed": 0}
+    config["demo"] = {"n_volumes": 600, "seed": 0}
     config["datalist"] = (
         "$hmn.runs.trained(@ckpt_dir, 'datalist', None, @use_run_record) or hmn.training.resolve_datalist(@dataset_dir, "
         "demo=@demo if @dataset_dir == hmn.data.cli.default_demo3d_root() else None, volumes=True)")
