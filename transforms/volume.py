@@ -27,13 +27,13 @@ the direction its axis runs towards).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from monai.config import KeysCollection
-from monai.transforms import Compose, MapTransform
+from monai.transforms import Compose
 
-from .intensity import WINDOW_PRESETS, PercentileRescale, WindowIntensity
+from .intensity import WINDOW_PRESETS, PercentileRescale, WindowIntensity, _Dict
 
 __all__ = ["CROP_MODES", "CropOrPadd", "VOLUME_INTENSITIES", "VolumeIntensityd", "volume_compose", "volume_transforms"]
 
@@ -104,7 +104,7 @@ def _percentiles(percentiles: Any) -> tuple[float, float]:
     return lower, upper
 
 
-class VolumeIntensityd(MapTransform):
+class VolumeIntensityd(_Dict):
     """Maps volume intensities to [0, 1] by modality: CT by a window in Hounsfield units
     (:class:`~hmn.transforms.WindowIntensity`, clipped), MR by each channel's own percentiles
     (:class:`~hmn.transforms.PercentileRescale`, clipped). One transform for both, so that a bundle switches
@@ -135,17 +135,11 @@ class VolumeIntensityd(MapTransform):
             self.transform = PercentileRescale(lower, upper, channel_wise=True)
         self.intensity = intensity
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.transform(d[key])
-        return d
-
 
 CROP_MODES = ("crop_or_pad", "pad")
 
 
-class CropOrPadd(MapTransform):
+class CropOrPadd(_Dict):
     """Brings volumes to a fixed shape (``"crop_or_pad"``: MONAI's ``ResizeWithPadOrCrop``, centred), or only
     pads them to at least that shape (``"pad"``: MONAI's ``SpatialPad``, centred), as a whole study classified
     by sliding windows (:class:`hmn.inferers.SlidingWindowClassifier`) needs. Pads with 0.
@@ -169,12 +163,6 @@ class CropOrPadd(MapTransform):
             raise ValueError(f"mode={mode!r} is not one of {CROP_MODES}")
         self.mode = mode
         self.transform = ResizeWithPadOrCrop(spatial_size) if mode == "crop_or_pad" else SpatialPad(spatial_size)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.transform(d[key])
-        return d
 
 
 def volume_transforms(
