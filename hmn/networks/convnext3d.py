@@ -36,7 +36,14 @@ from hmn.networks.backbones import (
     _scratch_choice,
 )
 
-__all__ = ["ConvNeXt3d", "ConvNeXtBlock3d", "LayerNormChannelsFirst", "build_convnext3d", "inflate_2d_state_dict"]
+__all__ = [
+    "ConvNeXt3d",
+    "ConvNeXtBlock3d",
+    "DepthwiseConv3d",
+    "LayerNormChannelsFirst",
+    "build_convnext3d",
+    "inflate_2d_state_dict",
+]
 
 # the published ConvNeXt's in-plane strides, which 2D pretrained kernels fit
 _PUBLISHED_STEM_STRIDE = 4
@@ -62,6 +69,76 @@ def _infer_depth_axis(stem_stride: Tuple[int, int, int], downsample_stride: Tupl
         if others[0] == others[1] != pairs[a]:
             return a
     return 2
+
+
+class _DepthwiseConv3dFunction(torch.autograd.Function):
+    """A stride-1, "same"-padded depthwise 3D convolution whose backward is two forward convolutions."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.padding = padding
+        ctx.has_bias = bias is not None
+        return F.conv3d(x, weight, bias, padding=padding, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        n, c = x.shape[:2]
+        grad_x = grad_w = grad_b = None
+        # float32 whatever the forward's autocast dtype: the gradient of the float32 convolution
+        with torch.autocast("cpu", enabled=False):
+            dtype = torch.promote_types(torch.promote_types(x.dtype, weight.dtype), torch.float32)
+            g = grad_out.to(dtype).contiguous()
+            if ctx.needs_input_grad[0]:
+                # the transposed convolution of stride 1 is the convolution with the kernel flipped on every axis
+                grad_x = F.conv3d(g, weight.to(dtype).flip(2, 3, 4), padding=ctx.padding, groups=c).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                # each (sample, channel) pair is a group: the padded input correlated with its output gradient
+                # gives that pair's kernel-sized weight gradient, summed over the batch
+                xs = x.to(dtype).contiguous().reshape(1, n * c, *x.shape[2:])
+                corr = F.conv3d(xs, g.reshape(n * c, 1, *g.shape[2:]), padding=ctx.padding, groups=n * c)
+                grad_w = corr.reshape(n, c, 1, *weight.shape[2:]).sum(0).to(weight.dtype)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = g.sum((0, 2, 3, 4)).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+class DepthwiseConv3d(nn.Conv3d):
+    """Depthwise 3D convolution (``groups = channels``), stride 1, zero "same" padding, with a faster CPU backward.
+
+    The module is an ``nn.Conv3d(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels)``,
+    parameters and state-dict names included. Only the backward differs, on the CPU while gradients are
+    recorded: PyTorch's CPU backward of a depthwise 3D convolution is many times slower than its forward (an
+    open PyTorch issue, pytorch/pytorch#37406; 0.70 s against 0.03 s for 8 x 96 channels at 16^3 on 2 threads
+    here, ``benchmarks/bench_3d.py --depthwise``), and it was most of a 3D ConvNeXt's training step. Both
+    gradients are forward convolutions instead: the input's is the convolution with the flipped kernel, the
+    weight's a correlation of the input with the output gradient, one group per sample and channel. They are
+    computed in float32 under bfloat16 autocast. On a GPU, while scripting or tracing and without gradients,
+    the forward is ``nn.Conv3d``'s.
+
+    Args:
+        channels: input and output channels.
+        kernel_size: odd side of the cubic kernel (7 in ConvNeXt); an even one raises ``ValueError``.
+        bias: whether the convolution adds a bias per channel.
+
+    Shapes: ``N, channels, D, H, W`` -> the same shape.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 7, bias: bool = True) -> None:
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"DepthwiseConv3d needs an odd kernel_size for same padding, got kernel_size={kernel_size}")
+        super().__init__(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():  # a branch TorchScript does not compile
+            if not torch.jit.is_tracing() and self._fast_backward(x):
+                return _DepthwiseConv3dFunction.apply(x, self.weight, self.bias, self.padding)
+        return self._conv_forward(x, self.weight, self.bias)
+
+    def _fast_backward(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and (x.requires_grad or self.weight.requires_grad))
 
 
 class LayerNormChannelsFirst(nn.LayerNorm):
@@ -129,7 +206,7 @@ class ConvNeXtBlock3d(nn.Module):
         super().__init__()
         from timm.layers import DropPath, Mlp
 
-        self.conv_dw = nn.Conv3d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.conv_dw = DepthwiseConv3d(dim, kernel_size)
         self.norm = nn.LayerNorm(dim, eps=1e-6) if norm == "layer" else _BatchNormChannelsLast(dim)
         self.mlp = Mlp(dim, mlp_ratio * dim, act_layer=nn.GELU)
         self.gamma = nn.Parameter(ls_init_value * torch.ones(dim))

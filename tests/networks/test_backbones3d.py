@@ -460,3 +460,83 @@ def test_spatial_dims_must_be_the_backbones(cached_backbones):
     model = HybridMedNet("convnext3d_tiny", img_size=VOL, fpn_channels=16, fusion_channels=8)
     with pytest.raises(ValueError, match=r"takes N, C, D, H, W volumes, got a tensor of shape \[1, 1, 64, 64\]"):
         model(torch.randn(1, 1, 64, 64))
+
+
+# ---- the depthwise convolution with a CPU backward made of forward convolutions ----
+
+DW_CASES = [  # (input shape, kernel, bias): anisotropic, a map smaller than the kernel, batch 1, kernel 3
+    ((2, 4, 9, 6, 5), 7, True),
+    ((1, 3, 2, 3, 4), 7, True),
+    ((3, 2, 5, 5, 5), 3, False),
+]
+
+
+@pytest.mark.parametrize("shape,kernel,bias", DW_CASES)
+def test_depthwise_conv3d_gradients_pass_gradcheck(shape, kernel, bias):
+    from hmn.networks.convnext3d import DepthwiseConv3d
+
+    torch.manual_seed(0)
+    conv = DepthwiseConv3d(shape[1], kernel, bias=bias).double()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert "DepthwiseConv3d" in conv(x).grad_fn.name()  # the custom backward is the one checked
+    params = (conv.weight, conv.bias) if bias else (conv.weight,)
+    # gradcheck perturbs the parameters in place, so conv(x) sees each perturbation
+    assert torch.autograd.gradcheck(lambda x, *p: conv(x), (x, *params))
+
+
+def test_depthwise_conv3d_equals_pytorchs_convolution_forward_and_backward():
+    """At a ConvNeXt stage's size in float32, and in bfloat16 autocast, against nn.Conv3d's own autograd."""
+    from hmn.networks.convnext3d import DepthwiseConv3d
+
+    torch.manual_seed(0)
+    conv = DepthwiseConv3d(16, 7)
+    ref = nn.Conv3d(16, 16, 7, padding=3, groups=16)
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 16, 12, 10, 6)
+    g = torch.randn(2, 16, 12, 10, 6)
+    for autocast, dtype in ((False, torch.float32), (True, torch.float32), (True, torch.bfloat16)):
+        outs = []
+        for module in (conv, ref):
+            module.zero_grad()
+            xi = x.to(dtype).clone().requires_grad_()  # bfloat16 in: a previous layer's output under autocast
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                y = module(xi)
+            (y.float() * g).sum().backward()
+            outs.append((y, xi.grad, module.weight.grad, module.bias.grad))
+        assert outs[0][1].dtype == dtype and outs[0][2].dtype == torch.float32
+        assert outs[0][0].dtype == outs[1][0].dtype == (torch.bfloat16 if autocast else torch.float32)
+        tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-4, atol=1e-4)
+        for mine, theirs in zip(*outs):
+            assert mine.dtype == theirs.dtype
+            scale = theirs.float().abs().max()
+            torch.testing.assert_close(mine.float() / scale, theirs.float() / scale, **tol)
+
+
+def test_depthwise_conv3d_is_a_plain_convolution_without_gradients_and_when_scripted():
+    from hmn.networks.convnext3d import DepthwiseConv3d
+
+    conv = DepthwiseConv3d(4, 7)
+    x = torch.randn(1, 4, 8, 8, 8)
+    assert "DepthwiseConv3d" in conv(x).grad_fn.name()  # the weight's gradient alone takes the fast backward
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x), F.conv3d(x, conv.weight, conv.bias, padding=3, groups=4))
+    conv.requires_grad_(False)
+    assert conv(x).grad_fn is None
+    conv.requires_grad_(True)
+    scripted = torch.jit.script(conv)
+    torch.testing.assert_close(scripted(x), F.conv3d(x, conv.weight, conv.bias, padding=3, groups=4))
+    assert state_dict_keys(conv) == ["bias", "weight"]  # nn.Conv3d's, so checkpoints keep their names
+    with pytest.raises(ValueError, match="kernel_size=4"):
+        DepthwiseConv3d(4, 4)
+
+
+def state_dict_keys(module: nn.Module) -> list:
+    return sorted(module.state_dict())
+
+
+def test_convnext3d_blocks_use_the_depthwise_convolution():
+    from hmn.networks.convnext3d import DepthwiseConv3d
+
+    net = ConvNeXt3d(in_channels=1, **TINY)
+    dws = [m for m in net.modules() if isinstance(m, nn.Conv3d) and m.groups > 1]
+    assert dws and all(isinstance(m, DepthwiseConv3d) for m in dws)
