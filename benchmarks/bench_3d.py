@@ -3,6 +3,7 @@
     python benchmarks/bench_3d.py                     # CPU, 2 threads: every 3D backbone at 96^3 and 128^3
     python benchmarks/bench_3d.py --device cuda       # the same on a GPU
     python benchmarks/bench_3d.py --quick             # a smoke run at 32^3
+    python benchmarks/bench_3d.py --depthwise         # the depthwise 7x7x7 convolution alone: PyTorch's against ours
 
 Part 1, the backbones as the registry builds them (one input channel, random weights, train mode): for each
 of ``convnext3d_tiny/small/base`` and ``swin3d_tiny/small/base`` and each cubic size, the time of one
@@ -18,6 +19,12 @@ a fresh subprocess, which reports its peak resident set during one step after a 
 set before that step (Linux: ``/proc/self/clear_refs`` resets the peak, ``VmHWM`` minus ``VmRSS``): what the
 step allocates beyond the weights, gradients and optimizer state kept from the warm-up. ``--rounds 0`` (CPU, for a
 short run) times only that one step of each fresh process, one configuration after the other.
+
+``--depthwise`` runs only part 3 instead: one forward + backward pass of the 3D ConvNeXt's depthwise 7x7x7
+convolution alone, ``nn.Conv3d(C, C, 7, padding=3, groups=C)`` against :class:`hmn.networks.convnext3d.DepthwiseConv3d`
+(the same convolution, its CPU backward made of forward convolutions), at the four stage shapes of
+``convnext3d_tiny`` in the 3D demo bundle (batch 8, 64 x 64 x 32 volumes, stem stride 4 x 4 x 2: 96 channels at
+16^3 down to 768 at 2^3), interleaved round by round; the two are checked to give the same gradients first.
 
 Output: one JSON line per measurement (``--json FILE`` also appends them there), then a table.
 """
@@ -78,6 +85,45 @@ def step_fn(config: str, size: int, batch: int, device: torch.device):
         loss(x).backward()
 
     return step
+
+
+DEPTHWISE_SHAPES = [(8, 96, 16), (8, 192, 8), (8, 384, 4), (8, 768, 2)]  # (batch, channels, side)
+
+
+def depthwise_records(args, device: torch.device) -> list[dict]:
+    """Part 3: nn.Conv3d's depthwise 7^3 convolution against DepthwiseConv3d, forward + backward, interleaved."""
+    from hmn.networks.convnext3d import DepthwiseConv3d
+
+    records = []
+    for n, c, side in DEPTHWISE_SHAPES:
+        ours = DepthwiseConv3d(c, 7).to(device)
+        theirs = torch.nn.Conv3d(c, c, 7, padding=3, groups=c).to(device)
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(n, c, side, side, side, device=device, requires_grad=True)
+        g = torch.randn(n, c, side, side, side, device=device)
+
+        def step(conv: torch.nn.Module) -> list[torch.Tensor]:
+            conv.zero_grad(set_to_none=True)
+            x.grad = None
+            (conv(x) * g).sum().backward()
+            return [x.grad, conv.weight.grad, conv.bias.grad]
+
+        for a, b in zip(step(ours), step(theirs)):  # also the warm-up
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * float(b.abs().max()))
+        times: dict[str, list[float]] = {"nn.Conv3d": [], "DepthwiseConv3d": []}
+        for _ in range(args.rounds):
+            for name, conv in (("nn.Conv3d", theirs), ("DepthwiseConv3d", ours)):
+                _sync(device)
+                t0 = time.perf_counter()
+                step(conv)
+                _sync(device)
+                times[name].append(time.perf_counter() - t0)
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            records.append({"config": f"depthwise:{name}:{c}ch", "size": side, "batch": n, "step_s": med, "step_s_all": ts,
+                            "voxels_per_s": n * side**3 / med, "peak_mib": None, "device": str(device),
+                            "device_name": _device_name(device), "threads": args.threads})
+    return records
 
 
 def status_kib(field: str) -> int:
@@ -164,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-memory", dest="memory", action="store_false", help="CPU: skip the memory subprocesses")
     p.add_argument("--quick", action="store_true", help="32^3, one round, no memory runs")
+    p.add_argument("--depthwise", action="store_true", help="only the depthwise convolution alone (part 3)")
     p.add_argument("--json", help="append the JSON lines to this file")
     args = p.parse_args(argv)
     if args.quick:
@@ -172,8 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     print(f"# {_device_name(device)}, torch {torch.__version__}, {args.threads} threads, python {platform.python_version()}",
           file=sys.stderr)
-    records = []
-    for size in args.sizes:
+    records = depthwise_records(args, device) if args.depthwise else []
+    for size in [] if args.depthwise else args.sizes:
         records += measure(list(args.backbones), size, args, device)
         b = args.attention_backbone
         if b != "none":

@@ -77,22 +77,19 @@ def test_committed_bundles_match_the_generator():
     assert sorted(p.name for p in (ROOT / "bundles").iterdir() if p.is_dir()) == sorted(BUNDLES)
 
 
-# the 3D bundles' counterparts of these two are in test_bundles3d.py
-RADIOGRAPH_BUNDLES = [n for n in BUNDLES if n not in VOLUME_BUNDLES]
-
-
-@pytest.mark.parametrize("name", RADIOGRAPH_BUNDLES)
-def test_bundle_is_valid_for_monai_tooling(name, demo_datalist):
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_bundle_is_valid_for_monai_tooling(name, datalist_for, size_for):
     from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
 
+    datalist, size = datalist_for(name), size_for(name)
     for f in (ROOT / "bundles" / name / "configs").glob("*.json"):
         ConfigParser.load_config_file(f)  # valid JSON that MONAI reads
     verify_metadata(meta_file=str(ROOT / f"bundles/{name}/configs/metadata.json"),
                     filepath=str(ROOT / "bundles/meta_schema.json"))
     for wtype, cfg in (("train", "train"), ("infer", "inference")):
         # the inference default input is the demo folder in the user's cache, which a fresh machine lacks
-        overrides = ({"datalist": demo_datalist, "image_size": SIZE} if wtype == "train"
-                     else {"image_size": SIZE, "input": os.path.dirname(demo_datalist)})
+        overrides = ({"datalist": datalist, "image_size": size} if wtype == "train"
+                     else {"image_size": size, "input": os.path.dirname(datalist)})
         workflow = ConfigWorkflow(config_file=str(ROOT / f"bundles/{name}/configs/{cfg}.json"), workflow_type=wtype,
                                   meta_file=str(ROOT / f"bundles/{name}/configs/metadata.json"), **overrides)
         workflow.initialize()
@@ -216,6 +213,10 @@ def test_readme_command_trains_and_records_the_curve(trained):
     assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model", "early_stop"}
     assert state["trainer"]["epoch_length"] > 0
     assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]
+
+
+# the 3D bundles' counterpart is test_bundles3d.py's test_every_other_volume_bundle_trains
+RADIOGRAPH_BUNDLES = [n for n in BUNDLES if n not in VOLUME_BUNDLES]
 
 
 @pytest.mark.parametrize("name", [n for n in RADIOGRAPH_BUNDLES if n != "convnext_tiny"])

@@ -138,23 +138,6 @@ def test_every_other_volume_bundle_trains(name, demo3d, tmp_path):
     assert [r["epoch"] for r in _read_csv(tmp_path / "runs" / "history.csv")] == ["1"]
 
 
-@pytest.mark.parametrize("name", list(VOLUME_BUNDLES))
-def test_volume_bundle_is_valid_for_monai_tooling(name, demo3d):
-    from monai.bundle import ConfigParser, ConfigWorkflow, verify_metadata
-
-    for f in (ROOT / "bundles" / name / "configs").glob("*.json"):
-        ConfigParser.load_config_file(f)
-    verify_metadata(meta_file=str(ROOT / f"bundles/{name}/configs/metadata.json"),
-                    filepath=str(ROOT / "bundles/meta_schema.json"))
-    for wtype, cfg in (("train", "train"), ("infer", "inference")):
-        overrides = ({"datalist": demo3d, "image_size": SIZE} if wtype == "train"
-                     else {"image_size": SIZE, "input": os.path.dirname(demo3d)})
-        workflow = ConfigWorkflow(config_file=str(ROOT / f"bundles/{name}/configs/{cfg}.json"), workflow_type=wtype,
-                                  meta_file=str(ROOT / f"bundles/{name}/configs/metadata.json"), **overrides)
-        workflow.initialize()
-        assert workflow.check_properties() == [], f"{name} {cfg}.json"
-
-
 def test_reuse_rehearsal_packed_volume_bundle_rebuilds_the_trained_model(demo3d, tmp_path):
     """A user's run (two classes named otherwise than the demo's, in another order, their own size and spacing,
     MR-style percentile normalisation) is trained, packed, loaded with monai.bundle.load, and run for inference
