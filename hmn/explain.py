@@ -615,8 +615,14 @@ def explain_image(
 
     Returns:
         ``{"id", "probabilities": {class: p}, "rows": [index rows written], "rollout": path or None}``.
+
+    Raises:
+        ValueError: a 3D (volume) bundle's network, an unknown finding or a bad threshold.
     """
     network, names = bundle["network"], bundle["class_names"]
+    if getattr(network, "spatial_dims", 2) != 2:
+        raise ValueError(f"{os.fspath(image_path)}: the bundle is a 3D bundle (spatial_dims={network.spatial_dims}); "
+                         "Grad-CAM heatmaps are drawn on radiographs (2D bundles) and have no volume counterpart yet")
     chosen = resolve_findings(findings, names)
     thr = resolve_thresholds(thresholds, names)
     item = bundle["preprocessing"]({"image": os.fspath(image_path)})

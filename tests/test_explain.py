@@ -300,3 +300,15 @@ def test_explain_cli_end_to_end(tmp_path, capsys):
     assert explain_main([str(tmp_path / "broken.dcm"), "--bundle-root", str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err
     assert "broken.dcm" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_3d_bundle_is_refused_with_what_heatmaps_are_for(tmp_path):
+    """Grad-CAM overlays are drawn on radiographs; a volume bundle gets a one-line reason, before any file is read."""
+    from hmn.explain import explain_image
+
+    net = HybridMedNet("convnext3d_tiny", num_classes=2, img_size=[32, 32, 32], attention=["none"]).eval()
+    bundle = {"network": net, "preprocessing": lambda d: pytest.fail("the volume was read"), "class_names": ["a", "b"],
+              "image_size": [32, 32, 32]}
+    with pytest.raises(ValueError, match="3D bundle.*radiographs"):
+        explain_image(bundle, tmp_path / "ct.nii.gz", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
