@@ -381,12 +381,14 @@ def _volume_load_transforms(training: bool = False) -> list[dict]:
     """Volume loading as the 3D bundles run it (:func:`hmn.transforms.volume_transforms`, with every setting a
     reference): modality values as stored (HU for CT), oriented to RAS, resampled to ``spacing``, CT window or
     MR percentiles to [0, 1], and centre-cropped or padded to ``image_size`` (outside training only padded where
-    the study is classified by sliding windows)."""
+    the study is classified by sliding windows); a file that is not a volume of ``in_channels`` channels is a
+    named read error (an error row in inference, skipped in training)."""
     from hmn.transforms import volume_transforms
 
     mode = "crop_or_pad" if training else "$'pad' if hmn.training.as_bool(@sliding_window) else 'crop_or_pad'"
     return volume_transforms("image", spacing="@spacing", spatial_size="@image_size", intensity="@intensity",
-                             window="@window", percentiles="@percentiles", crop_mode=mode)
+                             window="@window", percentiles="@percentiles", crop_mode=mode,
+                             channels="@network_def#in_channels")
 
 
 def _volume_augmentation() -> list[dict]:

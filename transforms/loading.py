@@ -464,6 +464,11 @@ class LoadXray(Transform):
             resizes so the image covers the size (the scale of the axis that needs the least) and keeps
             the centre as MONAI's ``CenterSpatialCrop`` does. The affine follows the resize and the
             pad or crop.
+        spatial_dims: ``None`` (any), or the number of spatial axes the image must have, each longer than
+            one voxel: with 3 (a volume pipeline) a 2D image or a single slice raises :class:`ImageReadError`.
+        channels: ``None`` (any), or the number of channels the image must have after ``color`` (the
+            network's ``in_channels``): a 4D NIfTI holding several volumes, or a colour image kept as
+            ``"rgb"``, raises :class:`ImageReadError` naming the count when it differs.
     """
 
     def __init__(
@@ -478,7 +483,13 @@ class LoadXray(Transform):
         spatial_size: int | Sequence[int] | None = None,
         resize_mode: str = "area",
         aspect: str = "stretch",
+        spatial_dims: int | None = None,
+        channels: int | None = None,
     ) -> None:
+        for name, value in (("spatial_dims", spatial_dims), ("channels", channels)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}={value!r}: accepted are None or a positive int")
+        self.spatial_dims, self.channels = spatial_dims, channels
         if voi not in VOI_MODES:
             raise ValueError(f"voi={voi!r} is not one of {VOI_MODES}")
         if color not in COLOR_MODES:
@@ -527,6 +538,7 @@ class LoadXray(Transform):
         arr = loaded.array
         if arr.size == 0:
             raise ImageReadError(path, f"image has no pixels (shape {tuple(arr.shape)})")
+        self._check_shape(path, tuple(arr.shape))
         if loaded.from_float and arr.dtype.kind == "f":
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
             if bad:
@@ -555,6 +567,21 @@ class LoadXray(Transform):
         if self.spatial_size is not None:
             tensor, affine = self._resize(path, tensor, affine, meta)
         return MetaTensor(tensor, affine=affine, meta=meta)
+
+    def _check_shape(self, path: str, shape: tuple) -> None:
+        """``spatial_dims`` and ``channels`` against the loaded ``(C, *spatial)`` shape."""
+        spatial = shape[1:]
+        if self.spatial_dims is not None:
+            if len(spatial) != self.spatial_dims:
+                raise ImageReadError(path, f"has {len(spatial)} spatial axes (shape {shape}, channels first), "
+                                           f"not the {self.spatial_dims} this pipeline takes")
+            if self.spatial_dims == 3 and min(spatial) < 2:
+                raise ImageReadError(path, f"is a single slice (shape {shape}, channels first), not a volume: "
+                                           "a 3D bundle takes NIfTI volumes or folders of DICOM series")
+        if self.channels is not None and shape[0] != self.channels:
+            what = f"is a 4D file of {shape[0]} volumes" if len(spatial) == 3 else f"has {shape[0]} channels"
+            raise ImageReadError(path, f"{what} (shape {shape}, channels first); the model takes {self.channels} "
+                                       "(in_channels): give one file per study holding that many")
 
     def _resize(self, path: str, tensor: torch.Tensor, affine: torch.Tensor, meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Resizes ``tensor`` (C, *spatial) to ``spatial_size`` as MONAI's ``Resized`` would, affine included."""
@@ -910,10 +937,13 @@ class LoadXrayd(MapTransform):
         resize_mode: str = "area",
         aspect: str = "stretch",
         allow_missing_keys: bool = False,
+        spatial_dims: int | None = None,
+        channels: int | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.loader = LoadXray(
-            voi, voi_index, invert_monochrome1, frame, color, dicom_tags, dtype, spatial_size, resize_mode, aspect
+            voi, voi_index, invert_monochrome1, frame, color, dicom_tags, dtype, spatial_size, resize_mode, aspect,
+            spatial_dims, channels,
         )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

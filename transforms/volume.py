@@ -174,6 +174,7 @@ def volume_transforms(
     percentiles: Sequence[float] = (1.0, 99.0),
     axcodes: str = "RAS",
     crop_mode: str = "crop_or_pad",
+    channels: int | str | None = None,
 ) -> list[dict[str, Any]]:
     """The CT/MR volume preprocessing as a list of MONAI bundle-config dictionaries (JSON-serialisable).
 
@@ -197,6 +198,9 @@ def volume_transforms(
             Y anterior, Z superior).
         crop_mode: ``"crop_or_pad"`` to ``spatial_size``, or ``"pad"`` only (a study classified by sliding
             windows keeps its whole extent; :class:`CropOrPadd`).
+        channels: ``None`` (any), or the channels every file must hold (the network's ``in_channels``). Whatever
+            it is, a file that is not a volume (a 2D image, a single slice) raises :class:`ImageReadError`
+            naming it, as does, with ``channels``, one with another number of volumes (a 4D NIfTI).
 
     Every argument but ``keys`` and ``axcodes`` may also be a bundle-config reference (``"@spacing"``) or
     expression (``"$..."``): it is passed through unchecked, and checked by the transform when the config is
@@ -227,7 +231,7 @@ def volume_transforms(
         raise ValueError(f"crop_mode={crop_mode!r} is not one of {CROP_MODES}")
 
     steps: list[dict[str, Any]] = [
-        {"_target_": "hmn.transforms.LoadXrayd", "keys": names, "voi": "ignore"},
+        {"_target_": "hmn.transforms.LoadXrayd", "keys": names, "voi": "ignore", "spatial_dims": 3, "channels": channels},
         # labels=None: axis letters from the MetaTensor's space (RAS), MONAI's announced default
         {"_target_": "monai.transforms.Orientationd", "keys": names, "axcodes": codes, "labels": None},
     ]
@@ -252,6 +256,7 @@ def volume_compose(
     percentiles: Sequence[float] = (1.0, 99.0),
     axcodes: str = "RAS",
     crop_mode: str = "crop_or_pad",
+    channels: int | None = None,
 ) -> Compose:
     """:func:`volume_transforms` instantiated by MONAI's ``ConfigParser`` into a ``Compose``.
 
@@ -261,5 +266,5 @@ def volume_compose(
     """
     from monai.bundle import ConfigParser
 
-    steps = volume_transforms(keys, spacing, spatial_size, intensity, window, percentiles, axcodes, crop_mode)
+    steps = volume_transforms(keys, spacing, spatial_size, intensity, window, percentiles, axcodes, crop_mode, channels)
     return Compose(ConfigParser({"transforms": steps}).get_parsed_content("transforms"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,8 +79,6 @@ def test_training_records_the_volume_settings_and_the_curve(trained3d, demo3d):
 
 
 def test_resume_with_a_changed_setting_warns_and_records_it(trained3d, demo3d, tmp_path):
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(trained3d, run)
     out = _run(_bundle("training", _configs("convnext3d_tiny", "train"), "--bundle_root", str(run), "--resume", "True",
@@ -125,6 +124,67 @@ def test_inference_over_a_folder_of_nifti_files_and_dicom_series(trained3d, demo
                                  "--input", folder, "--output_file", str(tmp_path / "h.csv"), "--heatmaps", "True"),
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "heatmaps" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_inference_gives_files_that_are_not_volumes_an_error_row(trained3d, demo3d, tmp_path):
+    """A 4D NIfTI (nibabel's two-volume example) and a one-slice DICOM series among the studies: each gets an
+    error row saying what it is; the run finishes and the real volumes are predicted."""
+    import nibabel
+
+    volumes = os.path.join(os.path.dirname(demo3d), "volumes")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in [n for n in sorted(os.listdir(volumes)) if n.endswith(".nii.gz")][:2]:
+        shutil.copy(os.path.join(volumes, name), folder / name)
+    shutil.copy(os.path.join(os.path.dirname(nibabel.__file__), "tests", "data", "example4d.nii.gz"), folder / "fmri.nii.gz")
+    series = next(os.path.join(volumes, n) for n in sorted(os.listdir(volumes)) if not n.endswith(".nii.gz"))
+    (folder / "one_slice").mkdir()
+    shutil.copy(os.path.join(series, sorted(os.listdir(series))[0]), folder / "one_slice" / "IM0001.dcm")
+    out = tmp_path / "pred.csv"
+    _run(_bundle("inference", _configs("convnext3d_tiny", "inference"), "--bundle_root", str(trained3d),
+                 "--input", str(folder), "--output_file", str(out)))
+    rows = {os.path.basename(r["image"]): r for r in _read_csv(out)}
+    assert len(rows) == 4
+    assert "is a 4D file of 2 volumes" in rows["fmri.nii.gz"]["error"]
+    assert "is a single slice" in rows["one_slice"]["error"]
+    assert sum(r["error"] == "" for r in rows.values()) == 2
+
+
+def test_multi_process_training_and_inference_on_gloo(trained3d, demo3d, tmp_path):
+    """The 3D bundle's multi_gpu_train.json and multi_gpu_inference.json under torchrun, two gloo processes on
+    the CPU: the training saves an unwrapped model and one history; the inference's merged CSV equals a single
+    process's predictions over the same folder of NIfTI files and DICOM series."""
+    root = tmp_path / "ddp"
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+          "-m", "monai.bundle", "run", "training", "--config_file", _configs("convnext3d_tiny", "train", "multi_gpu_train"),
+          "--datalist", demo3d, "--bundle_root", str(root), "--max_epochs", "1", *SMALL])
+    state = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert state and not any(k.startswith("module.") for k in state)
+    assert [r["epoch"] for r in _read_csv(root / "runs" / "history.csv")] == ["1"]
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    studies = sorted(os.listdir(os.path.join(os.path.dirname(demo3d), "volumes")))
+    series = [s for s in studies if not s.endswith(".nii.gz")][:1]
+    for name in [s for s in studies if s.endswith(".nii.gz")][:4] + series:
+        src = os.path.join(os.path.dirname(demo3d), "volumes", name)
+        (shutil.copytree if os.path.isdir(src) else shutil.copy)(src, folder / name)
+    assert series
+    single, merged = tmp_path / "single.csv", tmp_path / "merged.csv"
+    common = ["--bundle_root", str(trained3d), "--input", str(folder)]
+    _run(_bundle("inference", _configs("convnext3d_tiny", "inference"), *common, "--output_file", str(single)))
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29543",
+          "-m", "monai.bundle", "run", "inference", "--config_file",
+          _configs("convnext3d_tiny", "inference", "multi_gpu_inference"), *common, "--output_file", str(merged)])
+    want, got = _read_csv(single), _read_csv(merged)
+    assert len(want) == 5 and [r["image"] for r in got] == sorted(r["image"] for r in want)
+    by_image = {r["image"]: r for r in want}
+    classes = json.load(open(demo3d))["class_names"]
+    for row in got:
+        assert row["error"] == by_image[row["image"]]["error"] == ""
+        for c in classes:
+            assert float(row[c]) == pytest.approx(float(by_image[row["image"]][c]), abs=1e-6), (row["image"], c)
+    assert not [p.name for p in tmp_path.iterdir() if ".rank" in p.name]
 
 
 @pytest.mark.parametrize("name", [n for n in VOLUME_BUNDLES if n != "convnext3d_tiny"])

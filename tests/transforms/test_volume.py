@@ -284,3 +284,35 @@ def test_crop_or_pad_modes():
 def test_bad_arguments_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         volume_transforms(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# files that are not volumes of the model's channels
+
+
+def test_what_is_not_a_volume_of_the_models_channels_is_a_named_read_error(realfile, ct_series, tmp_path):
+    """A 4D NIfTI (two volumes), a 2D image and a one-slice DICOM series: each an ImageReadError naming the file
+    and what it holds, from the pipeline's first step; a 3D volume and the 4D file with channels=2 go through."""
+    from PIL import Image
+
+    from hmn.data.dataset import find_read_error
+
+    four_d = realfile("example4d.nii.gz")  # 128 x 96 x 24 voxels, 2 volumes
+    png = tmp_path / "slice.png"
+    Image.fromarray(np.zeros((40, 30), np.uint8)).save(png)
+    one = tmp_path / "one_slice"
+    one.mkdir()
+    shutil.copy(sorted(ct_series.iterdir())[0], one / "IM0001")
+    pipeline = volume_compose(spacing=None, spatial_size=(16, 16, 8), intensity="mr", channels=1)
+    cases = [(four_d, "is a 4D file of 2 volumes"), (png, "has 2 spatial axes"), (one, "is a single slice")]
+    for path, says in cases:
+        with pytest.raises(RuntimeError) as info:  # MONAI's Compose wraps what a step raises
+            pipeline({"image": str(path)})
+        error = find_read_error(info.value)
+        assert error is not None and error.path == str(path) and says in error.reason, info.value
+    assert pipeline({"image": realfile("anatomical.nii")})["image"].shape == (1, 16, 16, 8)
+    assert pipeline({"image": str(ct_series)})["image"].shape == (1, 16, 16, 8)
+    two = volume_compose(spacing=None, spatial_size=(16, 16, 8), intensity="mr", channels=2)
+    assert two({"image": four_d})["image"].shape == (2, 16, 16, 8)
+    with pytest.raises(ValueError, match="channels=0"):
+        LoadXray(channels=0)
