@@ -146,6 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     fol.add_argument("--root", required=True)
     fol.add_argument("--negative-class", help="folder whose images have no finding (all-zero label)")
     fol.add_argument("--patient-regex", help="regex on file names; group 1 is the patient id")
+    fol.add_argument("--volumes", action="store_true",
+                     help="CT/MR studies for the 3D bundles: each NIfTI file and each folder of one DICOM series is "
+                          "one entry (without it, each image file is one)")
     _common(fol, check=False)
 
     js = sub.add_parser("json", help="an existing MONAI datalist JSON")
@@ -232,8 +235,8 @@ def datalist_main(argv: list[str]) -> int:
         elif args.source == "folder":
             from .folder import folder_datalist
 
-            data = folder_datalist(args.root, negative_class=args.negative_class,
-                                   patient_regex=args.patient_regex, fractions=args.fractions, seed=args.seed)
+            data = folder_datalist(args.root, negative_class=args.negative_class, patient_regex=args.patient_regex,
+                                   fractions=args.fractions, seed=args.seed, volumes=args.volumes)
         else:
             from .folder import json_datalist
 

@@ -21,6 +21,7 @@ from .datalist import (
     SPLITS,
     DatalistError,
     find_images,
+    find_volumes,
     make_datalist,
     patient_overlap,
     read_datalist,
@@ -56,6 +57,7 @@ def folder_datalist(
     fractions: Sequence[float] = (0.7, 0.1, 0.2),
     seed: int = 0,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    volumes: bool = False,
 ) -> dict:
     """Builds a datalist from a folder per class.
 
@@ -68,6 +70,9 @@ def folder_datalist(
         fractions: (training, validation, test) fractions when there are no split folders.
         seed: seed of the patient shuffle.
         extensions: image file extensions (files without an extension, as DICOMs often are, count too).
+        volumes: take CT/MR studies instead of images (the 3D bundles): each NIfTI/Analyze file and each
+            folder directly holding DICOM files (one series) is one entry (:func:`hmn.data.datalist.find_volumes`);
+            `extensions` is then unused. A series folder's name is its file name for `patient_regex`.
 
     Returns:
         the datalist dict; ``class_names`` are the sorted class folder names without `negative_class`.
@@ -98,7 +103,7 @@ def folder_datalist(
     for c, locations in class_dirs.items():
         label = [int(c == k) for k in classes]
         for s, folder in locations:
-            files = find_images(folder, extensions)
+            files = find_volumes(folder) if volumes else find_images(folder, extensions)
             if not files:
                 logger.warning("%s: class folder holds no images", folder)
             for f in files:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -152,3 +153,25 @@ def test_chexpert_distributed_layouts(chexpert_csv, tmp_path, monkeypatch):
         data = load_datalist(str(out))
         found = sorted(e["image"] for s in ("training", "validation", "test") for e in data[s])
         assert len(found) == 12 and str(first) in found, (csv, images)
+
+
+def test_folder_command_takes_volumes_each_dicom_series_as_one_study(tmp_path):
+    """--volumes: NIfTI files and DICOM-series folders, one entry per study (the slices of a series are not
+    entries of their own, as they are for radiographs)."""
+    root = tmp_path / "root"
+    for cls, studies in (("liver lesion", ["p1_a.nii.gz", "p2_b.nii.gz"]), ("normal", ["p3_c.nii.gz"])):
+        (root / cls).mkdir(parents=True)
+        for s in studies:
+            (root / cls / s).write_bytes(b"")
+    series = root / "liver lesion" / "p4_series"
+    series.mkdir()
+    for i in range(5):
+        (series / f"IM{i:04d}.dcm").write_bytes(b"")
+    out = tmp_path / "ct.json"
+    assert main(["datalist", "folder", "--root", str(root), "--volumes", "--negative-class", "normal",
+                 "--patient-regex", "^(p\\d)_", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    entries = {os.path.basename(e["image"]): e for s in ("training", "validation", "test") for e in data[s]}
+    assert sorted(entries) == ["p1_a.nii.gz", "p2_b.nii.gz", "p3_c.nii.gz", "p4_series"]
+    assert entries["p4_series"]["label"] == [1] and entries["p3_c.nii.gz"]["label"] == [0]
+    assert entries["p4_series"]["patient_id"] == "p4"
