@@ -614,6 +614,8 @@ def train_config(name: str) -> dict:
                 "map_location": "@device",
                 "saver": "@train#checkpoint",
                 "history": "$os.path.join(@output_dir, 'history.csv')",
+                # read before this run's start is recorded ("run" attaches the resume first)
+                "input_changes": "$hmn.runs.input_changes(@ckpt_dir, @run_settings, @use_run_record)",
             },
             # Crash-safe (hmn.checkpoints): atomic writes, the previous checkpoint kept until the next is
             # complete, and the staged best model promoted to model.pt once its epoch's checkpoint is complete.

@@ -30,11 +30,13 @@ __all__ = [
     "REFUSED",
     "RUN_RECORD",
     "SCHEDULE_SETTINGS",
+    "INPUT_SETTINGS",
     "VOLUME_SETTINGS",
     "RunRecordMismatchError",
     "check_classes",
     "check_model_file",
     "check_run_record",
+    "input_changes",
     "read_run_record",
     "trained",
     "write_run_record",
@@ -51,6 +53,9 @@ MODEL_SETTINGS = ("class_names", "in_channels", "image_size", "voi", "aspect", "
 VOLUME_SETTINGS = ("spacing", "intensity", "window", "percentiles")
 SCHEDULE_SETTINGS = ("datalist", "max_epochs", "batch_size", "learning_rate", "weight_decay", "warmup_epochs",
                      "accumulation_steps", "seed", "pretrained")
+# the settings that decide what the network's input is (preprocessing): a resume that changes one of them
+# restarts the best-model choice (hmn.training.ResumeFromLatest), as scores on other input do not compare
+INPUT_SETTINGS = ("image_size", "voi", "aspect") + VOLUME_SETTINGS
 # settings whose change makes the weights mean something else or not fit: refused, never honoured
 REFUSED = ("class_names", "in_channels", "backbone", "backbone_options", "attention", "fpn_channels",
            "fusion_channels", "num_heads", "hierarchical", "num_coarse_classes")
@@ -188,6 +193,21 @@ def check_run_record(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any], u
         else:
             logger.warning("%s=%r is used, but the model was trained with %s=%r (%s)", k, now, k, was, _path(ckpt_dir))
     return {k: d for k, d in differ.items()}
+
+
+def input_changes(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any], use: Any = True) -> dict[str, list]:
+    """The :data:`INPUT_SETTINGS` in which `settings` differ from the run record in `ckpt_dir`, as
+    ``{key: [recorded, used]}``; empty when `use` is false (a new run), without a record, or when none differs.
+    Read before this run's start is recorded (the bundles' ``train#resume`` is built first)."""
+    from hmn.training import as_bool
+
+    if not as_bool(use, "use_run_record"):
+        return {}
+    record = read_run_record(ckpt_dir)
+    if record is None:
+        return {}
+    recorded, used = record["settings"], _plain(dict(settings))
+    return {k: [recorded[k], used[k]] for k in INPUT_SETTINGS if k in recorded and k in used and recorded[k] != used[k]}
 
 
 def check_classes(model_classes: list[str], data_classes: list[str], source: str = "the datalist") -> None:

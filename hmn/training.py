@@ -484,6 +484,12 @@ class ResumeFromLatest:
     restored one (validated before the stop, but without a complete checkpoint) are dropped at once, so
     ``history.csv``, ``model.pt`` and the restored best score agree from the start of the resumed run.
 
+    With ``input_changes`` (``{setting: [recorded, used]}``, :func:`hmn.runs.input_changes`: this resume
+    preprocesses the images otherwise than the run so far, e.g. another image size or CT window), the restored
+    best score and early-stopping count are dropped with a warning: they were measured on other input, and
+    ``model.pt`` must be a model of the preprocessing the run record now describes, so the resumed run's first
+    validation replaces ``model.pt`` and the comparisons start again from there.
+
     Without ``enabled`` (a new run), a ``ckpt_dir`` that already holds a full-state checkpoint or the best
     model is refused (``FileExistsError``) unless ``refuse_used_folder`` is False: the new run's files
     would mix with the earlier run's, a later resume would pick the earlier run's newest checkpoint, and
@@ -497,9 +503,10 @@ class ResumeFromLatest:
 
     def __init__(
         self, ckpt_dir: str, load_dict: Mapping[str, Any], enabled: bool = False, map_location: Any = None, saver: Any = None,
-        history: str | None = None, refuse_used_folder: bool = True,
+        history: str | None = None, refuse_used_folder: bool = True, input_changes: Mapping[str, Any] | None = None,
     ) -> None:
         self.ckpt_dir, self.load_dict, self.map_location = ckpt_dir, dict(load_dict), map_location
+        self.input_changes = dict(input_changes or {})
         self.enabled = as_bool(enabled, "resume")
         self.saver = saver
         self.history = history
@@ -633,6 +640,15 @@ class ResumeFromLatest:
                             ", ".join(f"{n} {old} -> {new}" for n, (old, new) in changed.items()))
         logger.info("restored network, optimizer, scheduler and trainer state from %s (epoch %s, iteration %s)",
                     self.loaded_from, engine.state.epoch, engine.state.iteration)
+        if self.input_changes:
+            records = [o for o in self.load_dict.values() if isinstance(o, (BestModelRecord, EarlyStopRecord))]
+            for record in records:
+                record.restart()
+            if records:
+                changes = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.input_changes.items())
+                logger.warning("this resume changes the network's input (%s): the best score and early-stopping count "
+                               "so far were measured on the old input, so the best-model choice starts again: the "
+                               "next validation's model replaces the best model", changes)
 
 
 # progress entries of a torch LR scheduler's state; the other plain numbers are its settings
@@ -678,6 +694,10 @@ class BestModelRecord:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._checkpoint.load_state_dict(state)
 
+    def restart(self) -> None:
+        """Forgets the best score: the next validation's model is saved as the best whatever it scores."""
+        self._checkpoint.load_state_dict({k: [] for k in self._checkpoint.state_dict()})
+
 
 class EarlyStopRecord:
     """A checkpoint entry holding a MONAI ``EarlyStopHandler``'s count of validations without improvement
@@ -702,6 +722,11 @@ class EarlyStopRecord:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._early_stopping().load_state_dict(state)
+
+    def restart(self) -> None:
+        """Forgets the best score and the count of validations without improvement."""
+        handler = self._early_stopping()
+        handler.counter, handler.best_score = 0, None
 
 
 def _history_rows(path: str, last_epoch: int) -> tuple[list[dict[str, Any]], int]:

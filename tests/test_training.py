@@ -116,7 +116,7 @@ def test_cpu_autocast_inferer_converts_nested_outputs():
     assert out["pair"][1].dtype == torch.int64
 
 
-def _run_segment(ckpt_dir, scores, max_epochs, resume, patience=10, atomic=True):
+def _run_segment(ckpt_dir, scores, max_epochs, resume, patience=10, atomic=True, input_changes=None):
     """Train a 1-weight "network" whose weight is set to the epoch number, validate with the given score
     per epoch, and save as the bundles do: best model by score, full state each epoch (n_saved=1), with
     the project's crash-safe savers (`atomic`) or MONAI's own."""
@@ -159,7 +159,7 @@ def _run_segment(ckpt_dir, scores, max_epochs, resume, patience=10, atomic=True)
         saver = AtomicCheckpointSaver(str(ckpt_dir), save_dict, save_interval=1, n_saved=1, best_model_saver=best)
     else:
         saver = CheckpointSaver(str(ckpt_dir), save_dict, save_interval=1, n_saved=1)
-    resume = ResumeFromLatest(str(ckpt_dir), save_dict, enabled=resume, saver=saver)
+    resume = ResumeFromLatest(str(ckpt_dir), save_dict, enabled=resume, saver=saver, input_changes=input_changes)
     resume.attach(trainer)
     saver.attach(trainer)
     trainer.run([0, 1], max_epochs=max_epochs)
@@ -196,6 +196,26 @@ def test_resumed_run_counts_early_stopping_patience_from_before_the_stop(tmp_pat
     _run_segment(tmp_path, scores, max_epochs=2, resume=False, patience=2, atomic=atomic)  # one epoch without improvement
     trainer = _run_segment(tmp_path, scores, max_epochs=6, resume=True, patience=2, atomic=atomic)
     assert trainer.state.epoch == 3  # the second epoch without improvement stops it; a fresh count would reach 4
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["atomic", "monai"])
+def test_a_resume_that_changes_the_input_restarts_the_best_model_choice(tmp_path, atomic, caplog):
+    """model.pt must be a model of the preprocessing the run record describes: when a resume changes it (the
+    CT window here), the best score and the early-stopping count from before were measured on other input, so
+    the first validation of the resumed run replaces model.pt and the comparisons start again from there."""
+    scores = [0.6, 0.9, 0.7, 0.8, 0.75]
+    _run_segment(tmp_path, scores, max_epochs=2, resume=False, patience=2, atomic=atomic)
+    assert _weight(tmp_path / "model.pt") == 2.0
+    with caplog.at_level("WARNING"):
+        trainer = _run_segment(tmp_path, scores, max_epochs=5, resume=True, patience=2, atomic=atomic,
+                               input_changes={"window": [[40, 400], [50, 350]]})
+    # 0.7 (epoch 3) is below the old best 0.9, but the old best was measured with another window; 0.8 beats 0.7
+    assert _weight(tmp_path / "model.pt") == 4.0
+    assert trainer.state.epoch == 5  # early stopping counts from epoch 3: one epoch without improvement by 5
+    assert "window" in caplog.text and "best-model choice" in caplog.text
+    # a resume that changes nothing in the input keeps the best score from before
+    _run_segment(tmp_path, [0.6, 0.9, 0.7, 0.8, 0.75, 0.78], max_epochs=6, resume=True, atomic=atomic, input_changes={})
+    assert _weight(tmp_path / "model.pt") == 4.0
 
 
 class _Stopped(BaseException):

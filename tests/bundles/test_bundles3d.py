@@ -90,6 +90,11 @@ def test_resume_with_a_changed_setting_warns_and_records_it(trained3d, demo3d, t
     assert record["settings"]["image_size"] == SIZE and record["settings"]["spacing"] == SPACING
     assert record["starts"][-1]["changed"] == {"max_epochs": [2, 3], "window": [[40, 400], [50, 350]]}
     assert [r["epoch"] for r in _read_csv(run / "runs" / "history.csv")] == ["1", "2", "3"]
+    # model.pt is a model of the recorded window: epoch 3's, the one validation under it
+    best = torch.load(run / "models" / "model.pt", weights_only=True)
+    last = torch.load(run / "models" / "checkpoint_epoch=3.pt", weights_only=True)["model"]
+    assert best.keys() == last.keys() and all(torch.equal(best[k], last[k]) for k in best)
+    assert "best-model choice starts again" in log
 
 
 def test_evaluation_and_sliding_window_evaluation(trained3d, demo3d, tmp_path):
