@@ -602,6 +602,8 @@ def train_config(name: str) -> dict:
                 "batch_size": "@batch_size",
                 "shuffle": True,
                 "num_workers": "@num_workers",
+                # a last batch of one item would stop BatchNorm in training mode: it waits for another epoch
+                "drop_last": "$hmn.training.drop_last_batch(len(@train#dataset), @batch_size)",
             },
             "inferer": {"_target_": "hmn.training.CPUAutocastInferer", "enabled": "@cpu_bf16"},
             "postprocessing": {"_target_": "Compose", "transforms": []},

@@ -326,6 +326,26 @@ def amp_kwargs(dtype: Any) -> dict[str, Any]:
     return {"dtype": getattr(torch, name)}
 
 
+def drop_last_batch(num_items: int, batch_size: int, world_size: int | None = None) -> bool:
+    """Whether the training DataLoader drops its last batch: only when that batch would hold a single item.
+
+    BatchNorm in training mode cannot normalize one item (PyTorch raises "Expected more than 1 value per
+    channel when training"), and the bundles' from-scratch recipe uses BatchNorm, so a training split of, say,
+    9 at batch 4 stopped the run at the end of its first epoch. Dropping that item leaves it to another
+    epoch's shuffle; every other split keeps its partial last batch.
+
+    Args:
+        num_items: the training dataset's length.
+        batch_size: the DataLoader's batch size.
+        world_size: processes sharing the dataset (a DistributedSampler gives each ``ceil(num_items /
+            world_size)``); default: torch.distributed's world size when initialized, else 1.
+    """
+    if world_size is None:
+        world_size = _rank_world()[1]
+    per_process = -(-int(num_items) // max(int(world_size), 1))
+    return per_process > batch_size and per_process % batch_size == 1
+
+
 def default_num_workers(cuda: bool | None = None, cpus: int | None = None, local_processes: int | None = None,
                         maximum: int = 8) -> int:
     """The bundles' default number of DataLoader worker processes.

@@ -192,6 +192,30 @@ def test_multi_process_training_and_inference_on_gloo(trained3d, demo3d, tmp_pat
     assert not [p.name for p in tmp_path.iterdir() if ".rank" in p.name]
 
 
+def test_a_last_batch_of_one_volume_does_not_stop_training(demo3d, tmp_path):
+    """9 training volumes at batch 4 leave one for the last batch; at 32 x 32 x 16 the last stage is one voxel,
+    where BatchNorm (the from-scratch recipe) cannot normalize a single item in training mode ("Expected more
+    than 1 value per channel when training" at the end of the epoch). That volume waits for another epoch."""
+    from monai.bundle import run
+
+    from hmn.data import load_datalist
+    from hmn.training import drop_last_batch
+
+    data = load_datalist(demo3d)
+    nine = {"class_names": data["class_names"], "training": data["training"][:9], "validation": data["validation"],
+            "test": data["test"]}
+    datalist = tmp_path / "nine.json"
+    datalist.write_text(json.dumps(nine))
+    run("training", config_file=str(ROOT / _configs("convnext3d_tiny", "train")), datalist=str(datalist),
+        bundle_root=str(tmp_path / "b"), max_epochs=1, image_size=SIZE, spacing=SPACING, batch_size=4, cache="none",
+        num_workers=0, evaluate_after_training=False)
+    state = torch.load(tmp_path / "b" / "models" / "checkpoint_epoch=1.pt", weights_only=True)
+    assert state["trainer"]["epoch_length"] == 2  # two full batches; the ninth volume is left for another epoch
+    assert [drop_last_batch(n, 4, world_size=1) for n in (4, 5, 6, 8, 9, 1)] == [False, True, False, False, True, False]
+    # a DistributedSampler gives each of 2 processes ceil(n / 2): 5 of 9 or 10, 3 of 6, 4 of 8
+    assert [drop_last_batch(n, 4, world_size=2) for n in (9, 10, 6, 8)] == [True, True, False, False]
+
+
 @pytest.mark.parametrize("name", [n for n in VOLUME_BUNDLES if n != "convnext3d_tiny"])
 def test_every_other_volume_bundle_trains(name, demo3d, tmp_path):
     from monai.bundle import run
