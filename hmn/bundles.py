@@ -464,7 +464,7 @@ def train_config(name: str) -> dict:
     # best_model and early_stop: the best validation score so far and the early-stopping count, so that a
     # resumed run neither overwrites model.pt with a worse model nor restarts its patience
     save_dict = {"model": "@network", "optimizer": "@optimizer", "lr_scheduler": "@lr_scheduler", "trainer": "@train#trainer",
-                 "best_model": "$hmn.training.BestModelRecord(@validate#best_saver)",
+                 "best_model": "$hmn.training.BestModelRecord(@validate#best_saver, @validate#evaluator)",
                  "early_stop": "$hmn.training.EarlyStopRecord(@validate#early_stop)"}
     config = {
         "imports": [

@@ -701,22 +701,42 @@ class BestModelRecord:
     The bundles add it to every full-state checkpoint; on ``--resume`` the loader restores it, so the
     resumed run compares its validations with the best one before the stop and does not overwrite
     ``model.pt`` with a worse model. ``saver`` must be a MONAI ``CheckpointSaver`` with ``save_key_metric``.
+
+    With ``evaluator`` (the MONAI evaluator the saver is attached to), its ``state.best_metric`` and
+    ``best_metric_epoch`` are kept too (as ``"evaluator_best"``), so that its "Got new best metric" log after a
+    resume is about the same best as ``model.pt``. A checkpoint without them (written before they were kept)
+    restores the saver's best score with epoch 0, the epoch being unknown.
     """
 
-    def __init__(self, saver: Any) -> None:
+    def __init__(self, saver: Any, evaluator: Any = None) -> None:
         self._checkpoint = getattr(saver, "_key_metric_checkpoint", None)
         if self._checkpoint is None:
             raise ValueError(f"BestModelRecord needs a CheckpointSaver with save_key_metric=True, got {saver!r}")
+        self.evaluator = evaluator
 
     def state_dict(self) -> dict:
-        return {k: [(_plain_number(p), f) for p, f in v] for k, v in self._checkpoint.state_dict().items()}
+        state: dict[str, Any] = {k: [(_plain_number(p), f) for p, f in v] for k, v in self._checkpoint.state_dict().items()}
+        if self.evaluator is not None:
+            s = self.evaluator.state
+            state["evaluator_best"] = [_plain_number(s.best_metric), int(s.best_metric_epoch)]
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        state = dict(state)
+        best = state.pop("evaluator_best", None)
         self._checkpoint.load_state_dict(state)
+        if self.evaluator is not None:
+            saved = [p for entries in state.values() for p, _ in entries]
+            if best is None and saved:
+                best = [max(saved), 0]
+            if best is not None:
+                self.evaluator.state.best_metric, self.evaluator.state.best_metric_epoch = best[0], int(best[1])
 
     def restart(self) -> None:
         """Forgets the best score: the next validation's model is saved as the best whatever it scores."""
         self._checkpoint.load_state_dict({k: [] for k in self._checkpoint.state_dict()})
+        if self.evaluator is not None:
+            self.evaluator.state.best_metric, self.evaluator.state.best_metric_epoch = -1, -1
 
 
 class EarlyStopRecord:

@@ -320,6 +320,38 @@ def test_best_model_record_needs_a_key_metric_saver(tmp_path):
         BestModelRecord(CheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, save_interval=1))
 
 
+def test_best_model_record_restores_the_evaluators_best_metric(tmp_path):
+    """MONAI's evaluator logs "Got new best metric" by its own state.best_metric / best_metric_epoch, which a
+    resume did not restore: the first validation after it was announced as the best even when below model.pt's
+    score. The record carries both, and a restart (the input changed) forgets them with the saver's record."""
+    from types import SimpleNamespace
+
+    from monai.handlers import CheckpointSaver
+
+    from hmn.training import BestModelRecord
+
+    def record():
+        saver = CheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, save_key_metric=True,
+                                key_metric_name="auc", key_metric_filename="model.pt")
+        evaluator = SimpleNamespace(state=SimpleNamespace(best_metric=-1, best_metric_epoch=-1))
+        return BestModelRecord(saver, evaluator), evaluator
+
+    before, ev = record()
+    before._checkpoint.load_state_dict({"_saved": [(0.9, "model.pt")]})
+    ev.state.best_metric, ev.state.best_metric_epoch = 0.9, 2
+    state = before.state_dict()
+    after, ev2 = record()
+    after.load_state_dict(state)
+    assert (ev2.state.best_metric, ev2.state.best_metric_epoch) == (0.9, 2)
+    assert after.state_dict() == state
+    after.restart()
+    assert (ev2.state.best_metric, ev2.state.best_metric_epoch) == (-1, -1)
+    assert after.state_dict()["_saved"] == []
+    older, ev3 = record()  # a checkpoint written before the record carried the evaluator's state
+    older.load_state_dict({"_saved": [(0.8, "model.pt")]})
+    assert ev3.state.best_metric == 0.8 and ev3.state.best_metric_epoch != -1
+
+
 def test_metric_history_drops_rows_of_epochs_trained_again_and_continues_the_elapsed_time(tmp_path):
     from types import SimpleNamespace
 

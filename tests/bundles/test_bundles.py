@@ -333,8 +333,11 @@ def test_killed_training_resumes_from_its_last_finished_epoch(demo_datalist, tmp
     # model.pt is the best validated model: its record is the best score in the history, and evaluating
     # model.pt on the validation split gives that score
     best = max(float(r["val_auc"]) for r in history)
-    (record,) = final["best_model"].values()
+    (record,) = [v for k, v in final["best_model"].items() if k != "evaluator_best"]
     assert len(record) == 1 and record[0][0] == pytest.approx(best, abs=1e-12)
+    # the evaluator's best across the resume is the same: its "Got new best metric" log agrees with model.pt
+    aucs = [float(r["val_auc"]) for r in history]
+    assert final["best_model"]["evaluator_best"] == [pytest.approx(best, abs=1e-12), 1 + aucs.index(best)]
     assert _model_validation_auc(tmp_path, demo_datalist) == pytest.approx(best, abs=1e-6)
 
 
@@ -368,8 +371,11 @@ def test_model_selection_with_a_class_absent_from_validation_and_masked_labels(d
     scores = [float(r["val_auc"]) for r in history]
     assert len(scores) == 2 and all(math.isfinite(v) for v in scores)
     # the stored best is the best validated score, and model.pt evaluated by the report gives exactly it
-    (record,) = torch.load(tmp_path / "models" / "checkpoint_epoch=2.pt", weights_only=True)["best_model"].values()
+    best = torch.load(tmp_path / "models" / "checkpoint_epoch=2.pt", weights_only=True)["best_model"]
+    (record,) = [v for k, v in best.items() if k != "evaluator_best"]  # the saver's, ignite's key name
     assert record[0][0] == pytest.approx(max(scores), abs=1e-12)
+    # the evaluator's own best (its "Got new best metric" log after a resume) is the same score, at its epoch
+    assert best["evaluator_best"] == [pytest.approx(max(scores), abs=1e-12), 1 + scores.index(max(scores))]
     assert _model_validation_auc(tmp_path, str(datalist)) == pytest.approx(max(scores), abs=1e-6)
     report = json.load(open(tmp_path / "val_eval" / "metrics.json"))
     assert report["macro"]["classes"] == ["Effusion", "Mass"]
