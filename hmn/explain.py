@@ -621,8 +621,10 @@ def explain_image(
     """
     network, names = bundle["network"], bundle["class_names"]
     if getattr(network, "spatial_dims", 2) != 2:
+        from hmn.inference import NO_VOLUME_HEATMAPS
+
         raise ValueError(f"{os.fspath(image_path)}: the bundle is a 3D bundle (spatial_dims={network.spatial_dims}); "
-                         "Grad-CAM heatmaps are drawn on radiographs (2D bundles) and have no volume counterpart yet")
+                         f"{NO_VOLUME_HEATMAPS}")
     chosen = resolve_findings(findings, names)
     thr = resolve_thresholds(thresholds, names)
     item = bundle["preprocessing"]({"image": os.fspath(image_path)})

@@ -374,6 +374,10 @@ def completed_images(csv_path: str | os.PathLike, image_column: str = "image", e
     return {row[i_img] for row in rows if i_err is None or row[i_err] == ""}
 
 
+# why a 3D (volume) bundle gets no heatmaps, from inference (--heatmaps) and from `hmn explain`
+NO_VOLUME_HEATMAPS = "Grad-CAM heatmaps are drawn on radiographs (2D bundles) and have no volume counterpart yet"
+
+
 def refuse_volume_heatmaps(heatmaps: Any) -> None:
     """Stops a 3D bundle's inference run asked for ``heatmaps``: the Grad-CAM overlays
     (:class:`hmn.handlers.HeatmapWriter`) are drawn on 2D radiographs and have no volume counterpart yet.
@@ -384,5 +388,5 @@ def refuse_volume_heatmaps(heatmaps: Any) -> None:
     from hmn.training import as_bool
 
     if as_bool(heatmaps, "heatmaps"):
-        raise ValueError("heatmaps=True: Grad-CAM heatmaps are drawn on radiographs (2D bundles); a 3D bundle's "
-                         "inference writes predictions only. Drop --heatmaps")
+        raise ValueError(f"heatmaps=True: {NO_VOLUME_HEATMAPS}; a 3D bundle's inference writes predictions only. "
+                         "Drop --heatmaps")

@@ -174,8 +174,7 @@ def check_run_record(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any], u
                     RUN_RECORD, ckpt_dir)
         return {}
     recorded = record["settings"]
-    used = _plain(dict(settings))
-    differ = {k: [recorded[k], v] for k, v in used.items() if k in recorded and recorded[k] != v}
+    differ = _differences(recorded, settings)
     refused = {k: d for k, d in differ.items() if k in REFUSED}
     if refused:
         raise RunRecordMismatchError(
@@ -206,8 +205,13 @@ def input_changes(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any], use:
     record = read_run_record(ckpt_dir)
     if record is None:
         return {}
-    recorded, used = record["settings"], _plain(dict(settings))
-    return {k: [recorded[k], used[k]] for k in INPUT_SETTINGS if k in recorded and k in used and recorded[k] != used[k]}
+    return {k: d for k, d in _differences(record["settings"], settings).items() if k in INPUT_SETTINGS}
+
+
+def _differences(recorded: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, list]:
+    """``{key: [recorded, used]}`` for the keys of `settings` (made JSON-plain) that the record holds otherwise."""
+    used = _plain(dict(settings))
+    return {k: [recorded[k], v] for k, v in used.items() if k in recorded and recorded[k] != v}
 
 
 def check_classes(model_classes: list[str], data_classes: list[str], source: str = "the datalist") -> None:
