@@ -389,10 +389,15 @@ def volume_bundle_readme(name: str, row: Any, train: dict) -> str:
     lo, hi = VOLUME_DEFAULTS["percentiles"]
     if spec.family == "convnext3d":
         source = "the project's own 3D ConvNeXt, `hmn.networks.convnext3d`"
+        stem = {
+            "conv": "a stem of two overlapping 3x3x3 convolutions",
+            "pool": "a stem of 3x3x3 convolutions at the input resolution with max pooling for its stride (it keeps "
+            "lesions a few voxels wide that a strided stem averages away)",
+        }.get(options.get("stem"), "ConvNeXt's patchify stem")
         scratch = (
             "\n\nTrained from scratch by default, the backbone is built with `backbone_options` "
-            f"`{json.dumps(options)}`: BatchNorm in place of ConvNeXt's LayerNorms, layer scale starting at 1, a stem "
-            "of two overlapping 3x3x3 convolutions, and a stem stride of 4 x 4 x 2 voxels, so that the demo's "
+            f"`{json.dumps(options)}`: BatchNorm in place of ConvNeXt's LayerNorms, layer scale starting at 1, {stem}"
+            ", and a stem stride of 4 x 4 x 2 voxels, so that the demo's "
             "1.5 x 1.5 x 3 mm voxels become 6 mm cubes. With `--pretrained PATH` (a 2D timm ConvNeXt checkpoint, "
             "inflated into 3D: each kernel repeated along the third axis and divided by its depth) the published "
             "architecture the weights fit is built instead (`backbone_options` `{}`, stride 4 on every axis); add "

@@ -273,8 +273,10 @@ BACKBONE_OPTIONS: dict[str, dict[str, str]] = {
         "norm": "'layer' (default: LayerNorms, as the published ConvNeXt) or 'batch': every norm a BatchNorm3d; "
         "for training from scratch (no pretrained weights)",
         "ls_init_value": "initial layer-scale value (gamma) of every block (default 1e-6, the published one)",
-        "stem": "'patch' (default: one convolution with kernel = stride = stem_stride) or 'conv': two overlapping "
-        "3x3x3 convolutions (BatchNorm and GELU between them), same total stride; for training from scratch",
+        "stem": "'patch' (default: one convolution with kernel = stride = stem_stride), 'conv': two overlapping "
+        "3x3x3 convolutions (BatchNorm and GELU between them), same total stride, or 'pool': 3x3x3 convolutions at "
+        "the input resolution with max pooling for the stride (for findings a few voxels wide); 'conv' and 'pool' "
+        "are for training from scratch",
         "stem_stride": "the stem's stride, an int or one per axis (default 4); e.g. (1, 4, 4) keeps the depth of "
         "thick-slice N, C, D, H, W volumes",
         "downsample_stride": "the stride between stages, an int or one per axis (default 2)",
@@ -335,7 +337,7 @@ def _conv_stem(patchify: nn.Conv2d) -> nn.Sequential:
 
 
 def _scratch_choice(
-    spec: BackboneSpec, options: dict, pretrained: Pretrained, name: str, choices: tuple[str, str], published: str
+    spec: BackboneSpec, options: dict, pretrained: Pretrained, name: str, choices: tuple[str, ...], published: str
 ) -> str:
     """Pops option ``name`` (default ``choices[0]``, the published architecture); any other choice changes the
     architecture, so it is refused together with pretrained weights, which ``published``."""

@@ -11,6 +11,10 @@ the inflation of Carreira & Zisserman, "Quo Vadis, Action Recognition? A New Mod
 Dataset" (CVPR 2017), so that a volume constant along depth gives the 2D network's response on the slice
 (away from the zero padding at the first and last slices).
 
+For training from scratch the patchify stem can be replaced by two overlapping strided convolutions
+(``stem="conv"``, as the 2D bundles do) or by convolutions at the input resolution with max pooling for the
+stride (``stem="pool"``, :func:`_pool_stem`, the 3D bundle's: findings a few voxels wide survive it).
+
 Strides can differ between axes (``stem_stride=(1, 4, 4)`` keeps every slice of a thick-slice volume),
 so the backbone reports per-axis strides in ``axis_strides`` and the largest of each level in
 ``strides``.
@@ -246,6 +250,34 @@ def _conv_stem(in_channels: int, out_channels: int, stride: Tuple[int, int, int]
     )
 
 
+def _pool_stem(in_channels: int, out_channels: int, stride: Tuple[int, int, int]) -> nn.Sequential:
+    """A stem that sees the volume at its full resolution before it downsamples, for findings a few voxels wide.
+
+    Two 3x3x3 convolutions at the input resolution (``max(out_channels // 6, 8)`` channels), max pooling by up
+    to 2 per axis, a 3x3x3 convolution to ``out_channels // 2`` channels, max pooling by the rest of ``stride``
+    (each axis 1, 2 or 4), and a 1x1x1 convolution to ``out_channels``; BatchNorm and GELU after each 3x3x3
+    convolution. The encoder of a 3D U-Net (Cicek et al., MICCAI 2016) starts the same way: convolutions at full
+    resolution, max pooling between levels. Max pooling keeps a lesion's response however small the lesion,
+    where a strided convolution of a few early filters averages it with its surroundings.
+    """
+    width = max(out_channels // 6, 8)
+    mid = max(out_channels // 2, 1)
+    first = tuple(min(s, 2) for s in stride)
+    second = tuple(s // f for s, f in zip(stride, first))
+
+    def conv_bn_gelu(cin: int, cout: int) -> list:
+        return [nn.Conv3d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm3d(cout), nn.GELU()]
+
+    layers = conv_bn_gelu(in_channels, width) + conv_bn_gelu(width, width)
+    if any(f > 1 for f in first):
+        layers.append(nn.MaxPool3d(first))
+    layers += conv_bn_gelu(width, mid)
+    if any(s > 1 for s in second):
+        layers.append(nn.MaxPool3d(second))
+    layers.append(nn.Conv3d(mid, out_channels, 1))
+    return nn.Sequential(*layers)
+
+
 class ConvNeXt3d(Backbone):
     """3D ConvNeXt backbone (Liu et al., "A ConvNet for the 2020s", CVPR 2022, with 3D convolutions).
 
@@ -261,8 +293,9 @@ class ConvNeXt3d(Backbone):
         kernel_size: side of the depthwise kernels (7).
         ls_init_value: initial layer-scale value.
         norm: ``"layer"`` (published) or ``"batch"`` (BatchNorm3d everywhere, for training from scratch).
-        stem: ``"patch"`` (published: one convolution, kernel = stride = ``stem_stride``) or ``"conv"``
-            (:func:`_conv_stem`; each axis of ``stem_stride`` must then be 1, 2 or 4).
+        stem: ``"patch"`` (published: one convolution, kernel = stride = ``stem_stride``), ``"conv"``
+            (:func:`_conv_stem`) or ``"pool"`` (:func:`_pool_stem`: convolutions at the input resolution and max
+            pooling); for ``"conv"`` and ``"pool"`` each axis of ``stem_stride`` must be 1, 2 or 4.
         stem_stride: the stem's stride, an int or one per axis.
         downsample_stride: the stride of the convolution between stages (kernel = stride), an int or one per axis.
         drop_path_rate: stochastic depth probability of the last block, rising linearly from 0 over the blocks.
@@ -294,8 +327,8 @@ class ConvNeXt3d(Backbone):
             raise ValueError(f"dims and depths need 4 stages each, got dims={tuple(dims)} and depths={tuple(depths)}")
         if norm not in ("layer", "batch"):
             raise ValueError(f"norm={norm!r} is not one of ('layer', 'batch')")
-        if stem not in ("patch", "conv"):
-            raise ValueError(f"stem={stem!r} is not one of ('patch', 'conv')")
+        if stem not in ("patch", "conv", "pool"):
+            raise ValueError(f"stem={stem!r} is not one of ('patch', 'conv', 'pool')")
         if depth_axis not in (None, 0, 1, 2) or isinstance(depth_axis, bool):
             raise ValueError(f"depth_axis={depth_axis!r} is not one of (None, 0, 1, 2)")
         if not 0.0 <= drop_path_rate < 1.0:
@@ -304,15 +337,18 @@ class ConvNeXt3d(Backbone):
         downsample_stride = _axis_triple("downsample_stride", downsample_stride)
         if depth_axis is None:
             depth_axis = _infer_depth_axis(stem_stride, downsample_stride)
-        if stem == "conv" and not all(s in (1, 2, 4) for s in stem_stride):
+        if stem in ("conv", "pool") and not all(s in (1, 2, 4) for s in stem_stride):
             raise ValueError(
-                f"stem='conv' takes a stem_stride of 1, 2 or 4 per axis (two 3x3x3 convolutions), got {stem_stride}"
+                f"stem={stem!r} takes a stem_stride of 1, 2 or 4 per axis (two downsampling steps of up to 2), "
+                f"got {stem_stride}"
             )
         self.depth_axis = depth_axis
         if stem == "patch":
             first: nn.Module = nn.Conv3d(in_channels, dims[0], kernel_size=stem_stride, stride=stem_stride)
-        else:
+        elif stem == "conv":
             first = _conv_stem(in_channels, dims[0], stem_stride)
+        else:
+            first = _pool_stem(in_channels, dims[0], stem_stride)
         self.stem = nn.Sequential(first, _channels_first_norm(norm, dims[0]))
 
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
@@ -533,7 +569,7 @@ def build_convnext3d(
         raise ValueError(f"pretrained must be True, False or a checkpoint path, got {pretrained!r}")
     pretrained = False if pretrained is None else pretrained
     norm = _scratch_choice(spec, options, pretrained, "norm", ("layer", "batch"), "have LayerNorms")
-    stem = _scratch_choice(spec, options, pretrained, "stem", ("patch", "conv"), "have a patchify stem")
+    stem = _scratch_choice(spec, options, pretrained, "stem", ("patch", "conv", "pool"), "have a patchify stem")
     stem_stride = _axis_triple("stem_stride", options.pop("stem_stride", _PUBLISHED_STEM_STRIDE))
     downsample_stride = _axis_triple("downsample_stride", options.pop("downsample_stride", _PUBLISHED_DOWNSAMPLE_STRIDE))
     depth_axis = options.pop("depth_axis", None)

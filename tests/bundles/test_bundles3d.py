@@ -272,7 +272,7 @@ def test_reuse_rehearsal_packed_volume_bundle_rebuilds_the_trained_model(demo3d,
         torch.testing.assert_close(v, want[k], rtol=0, atol=0)
 
     # the settings written out here, independently of the bundle's configs
-    scratch = {"norm": "batch", "ls_init_value": 1.0, "stem": "conv", "stem_stride": [4, 4, 2]}
+    scratch = {"norm": "batch", "ls_init_value": 1.0, "stem": "pool", "stem_stride": [4, 4, 2]}
     ref = HybridMedNet("convnext3d_tiny", num_classes=2, in_channels=1, img_size=size, attention=["cbam"],
                        backbone_options=scratch).eval()
     ref.load_state_dict(want, strict=True)

@@ -131,6 +131,35 @@ def test_convnext3d_batch_norm_conv_stem_and_drop_path_options():
     assert [c.stride for c in anisotropic.stem[0] if isinstance(c, nn.Conv3d)] == [(1, 2, 2), (1, 2, 2)]
 
 
+def test_convnext3d_pool_stem_convolves_at_full_resolution_and_max_pools_the_stride():
+    """stem='pool': 3x3x3 convolutions at the input resolution, max pooling by 2 then by the rest of the stride,
+    a 1x1x1 convolution to the first stage's width; the levels have the patchify stem's shapes."""
+    size = (36, 32, 20)  # not multiples of the strides along every axis: floor, as the patchify stem
+    published = build_backbone("convnext3d_tiny", img_size=size, options={"stem_stride": [4, 4, 2]})
+    pool = build_backbone("convnext3d_tiny", img_size=size, options={"norm": "batch", "stem": "pool", "stem_stride": [4, 4, 2]})
+    layers = list(pool.stem[0])
+    convs = [(m.in_channels, m.out_channels, m.kernel_size, m.stride) for m in layers if isinstance(m, nn.Conv3d)]
+    assert convs == [(1, 16, (3,) * 3, (1,) * 3), (16, 16, (3,) * 3, (1,) * 3), (16, 48, (3,) * 3, (1,) * 3),
+                     (48, 96, (1,) * 3, (1,) * 3)]  # fmt: skip
+    pools = [m.kernel_size for m in layers if isinstance(m, nn.MaxPool3d)]
+    assert pools == [(2, 2, 2), (2, 2, 1)]
+    assert pool.axis_strides == published.axis_strides
+    x = torch.randn(2, 1, *size)
+    feats = pool.train()(x)
+    assert [f.shape for f in feats] == [f.shape for f in published(x)]
+    assert [tuple(f.shape[2:]) for f in feats][0] == (9, 8, 10)
+    sum(f.square().mean() for f in feats).backward()
+    _grads_finite_and_present(pool)
+    # a stride of 1 along an axis pools nothing along it; no stride at all, no pooling layer
+    assert [m.kernel_size for m in ConvNeXt3d(stem="pool", stem_stride=(1, 4, 4), **TINY).stem[0]
+            if isinstance(m, nn.MaxPool3d)] == [(1, 2, 2), (1, 2, 2)]  # fmt: skip
+    assert not any(isinstance(m, nn.MaxPool3d) for m in ConvNeXt3d(stem="pool", stem_stride=1, **TINY).stem[0])
+    net, x = ConvNeXt3d(stem="pool", norm="batch", **TINY).eval(), torch.randn(1, 1, VOL, VOL, VOL)
+    with torch.no_grad():
+        for a, b in zip(torch.jit.script(net)(x), net(x)):
+            torch.testing.assert_close(a, b)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Inflation of 2D ImageNet weights.
 # ---------------------------------------------------------------------------------------------------------
@@ -325,6 +354,9 @@ def test_option_errors_are_named():
     raises(r"norm='batch' is for training 'convnext3d_tiny' from scratch", pretrained=True, options={"norm": "batch"})
     raises(r"stem='conv' is for training 'convnext3d_tiny' from scratch", pretrained="x.pth", options={"stem": "conv"})
     raises(r"stem='conv' takes a stem_stride of 1, 2 or 4 per axis", options={"stem": "conv", "stem_stride": 8})
+    raises(r"stem='pool' takes a stem_stride of 1, 2 or 4 per axis", options={"stem": "pool", "stem_stride": [4, 4, 3]})
+    raises(r"stem='pool' is for training 'convnext3d_tiny' from scratch", pretrained="x.pth", options={"stem": "pool"})
+    raises(r"backbone option stem='Pool' is not one of \('patch', 'conv', 'pool'\)", options={"stem": "Pool"})
     raises(r"pretrained 2D ConvNeXt kernels fit .* on the axes \[1, 2\] beside depth_axis=0; got stem_stride=\(4, 4, 2\)",
            pretrained=True, options={"stem_stride": (4, 4, 2), "depth_axis": 0})  # fmt: skip
     raises(r"on the axes \[0, 1\] beside depth_axis=2; got stem_stride=\(2, 2, 4\)", pretrained=True,
