@@ -9,6 +9,8 @@ Runs ``python -m monai.bundle run training`` from the repository root with the g
 ``history.csv`` survives that), and prints the learning curve: epoch, seconds since the start of
 training, validation macro ROC AUC, and when the AUC first reached 0.80. The demo dataset is written on
 first use (its generation is not counted in the budget: it is made before the clock starts).
+``--demo_volumes N`` draws a demo set of another size (the same generator and seed; written beside the
+bundle's default set, in a folder of its own) and trains on it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=600.0, help="wall-clock seconds for training")
     ap.add_argument("--out", default=str(ROOT / "runs" / "train_demo"), help="bundle_root for the run's outputs")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--demo_volumes", type=int, help="volumes or images in the demo set (default: the bundle's)")
     ap.add_argument("overrides", nargs="*", help="bundle overrides (after --)")
     args = ap.parse_args()
     overrides = args.overrides or ["--image_size", "128", "--max_epochs", "40"]
@@ -46,10 +49,15 @@ def main() -> None:
 
     # the bundle's default demo set (radiographs, or volumes for a 3D bundle), made before the clock starts
     demo = json.loads((ROOT / "bundles" / args.bundle / "configs" / "train.json").read_text())["demo"]
-    if is_volume_bundle(args.bundle):
-        datalist = make_demo3d_dataset(default_demo3d_root(), **demo)
-    else:
-        datalist = make_demo_dataset(default_demo_root(), **demo)
+    volumes = is_volume_bundle(args.bundle)
+    root = default_demo3d_root() if volumes else default_demo_root()
+    if args.demo_volumes:
+        count = "n_volumes" if volumes else "n_images"
+        if count not in demo:
+            raise SystemExit(f"the {args.bundle} bundle's demo settings {demo} have no {count!r} to change")
+        demo = {**demo, count: args.demo_volumes}
+        root = f"{root}_{args.demo_volumes}"
+    datalist = (make_demo3d_dataset if volumes else make_demo_dataset)(root, **demo)
     out = Path(args.out)
     # every run starts afresh (the bundles refuse a new run in a folder that holds an earlier one)
     for sub in ("runs", "models"):
