@@ -10,10 +10,11 @@ warm-up epoch then cosine, BCE with the bundle's ``pos_weight``, batch 8, bfloat
 it, no augmentation. Prints the validation ROC AUC per finding after every epoch, with the seconds since the
 model's first step.
 
-The probes separate two things a 3D classifier of small findings needs:
+The probes (names for ``--only``, quoted where they hold a space) separate what a 3D classifier of small
+findings needs: a look at the input resolution before downsampling, and pooling that keeps a small response:
 
 * ``cnn``: a plain 3D CNN (3x3x3 convolution, BatchNorm, ReLU; two layers at the input resolution, max pooling
-  between levels; each level's maximum and average concatenated before the linear layer);
+  between levels; the last level's maximum and average over space concatenated before the linear layer);
 * ``cnn-strided-stem``: the same levels after a ConvNeXt-like stem (two 3x3x3 convolutions of stride 2 and
   2 x 2 x 1), nothing at the input resolution;
 * ``cnn-average-pool``: ``cnn`` with the average alone before the linear layer;
@@ -164,14 +165,15 @@ def run(name: str, data: dict, classes: list[str], args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=sorted(PROBES), help="probes to run (default: all)")
-    ap.add_argument("--n_volumes", type=int, default=600)
-    ap.add_argument("--image_size", type=json.loads, default=[48, 48, 24])
-    ap.add_argument("--spacing", type=json.loads, default=[2.0, 2.0, 4.0])
+    ap.add_argument("--n_volumes", type=int, default=600,
+                    help="demo volumes to draw (default 600, the bundle's set; too few leave a finding out of validation)")
+    ap.add_argument("--image_size", type=json.loads, default=[48, 48, 24], help="X, Y, Z voxels (default [48, 48, 24])")
+    ap.add_argument("--spacing", type=json.loads, default=[2.0, 2.0, 4.0], help="X, Y, Z mm (default [2.0, 2.0, 4.0])")
     ap.add_argument("--epochs", type=int, default=15, help="the cosine schedule's length")
     ap.add_argument("--seconds", type=float, default=900.0, help="stop a probe after the epoch that passes this")
     ap.add_argument("--lr", type=float, default=2e-4, help="learning rate of the HybridMedNet probes")
     ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from _machine import cpu_name

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,8 @@ def main() -> None:
     ap.add_argument("--demo_volumes", type=int, help="volumes or images in the demo set (default: the bundle's)")
     ap.add_argument("overrides", nargs="*", help="bundle overrides (after --)")
     args = ap.parse_args()
+    if args.demo_volumes is not None and args.demo_volumes < 1:
+        ap.error(f"--demo_volumes takes a positive count, got {args.demo_volumes}")
     overrides = args.overrides or ["--image_size", "128", "--max_epochs", "40"]
 
     sys.path.insert(0, str(ROOT))
@@ -51,7 +54,7 @@ def main() -> None:
     demo = json.loads((ROOT / "bundles" / args.bundle / "configs" / "train.json").read_text())["demo"]
     volumes = is_volume_bundle(args.bundle)
     root = default_demo3d_root() if volumes else default_demo_root()
-    if args.demo_volumes:
+    if args.demo_volumes is not None:
         count = "n_volumes" if volumes else "n_images"
         if count not in demo:
             raise SystemExit(f"the {args.bundle} bundle's demo settings {demo} have no {count!r} to change")
@@ -67,6 +70,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
     start = time.time()
     out.mkdir(parents=True, exist_ok=True)
+    stopped = False
     with open(out / "train.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -74,11 +78,12 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+            stopped = True
     wall = time.time() - start
 
     cpu = cpu_name()
     print(f"machine: {cpu}, {os.cpu_count()} logical CPUs, OMP_NUM_THREADS={args.threads}")
-    print(f"command: {' '.join(cmd[1:])}")
+    print(f"command: {shlex.join(cmd[1:])}")
     print(f"budget {args.budget:.0f} s, process ran {wall:.0f} s (including start-up and model build)\n")
     rows = list(csv.DictReader(open(out / "runs" / "history.csv"))) if (out / "runs" / "history.csv").exists() else []
     print("| epoch | seconds | val macro ROC AUC |\n|---|---|---|")
@@ -92,6 +97,12 @@ def main() -> None:
         print(f"\nmacro ROC AUC >= 0.80 first at epoch {reached['epoch']}, {float(reached['elapsed_s']):.0f} s into training")
     else:
         print("\nmacro ROC AUC did not reach 0.80 within the budget")
+    if not stopped and proc.returncode != 0:
+        # the training failed on its own (a bad override, a bad file): say so, not just an empty curve
+        lines = (out / "train.log").read_text(errors="replace").strip().splitlines()
+        print(f"\nthe training exited with status {proc.returncode}: {lines[-1] if lines else '(no output)'}\n"
+              f"(the whole log: {out / 'train.log'})")  # fmt: skip
+        sys.exit(1)
 
 
 if __name__ == "__main__":

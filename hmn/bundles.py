@@ -106,8 +106,9 @@ BUNDLES: dict[str, BundleRow] = {
 # network sees 64 x 64 x 32 of them (96 x 96 x 96 mm), so the 3D ConvNeXt's stem takes 4 x 4 x 2 voxels
 # (6 mm on each side) and every stage stays isotropic in millimetres. Its stem is 'pool' (convolutions at the
 # input resolution, max pooling for the stride): with the 2D bundles' strided 'conv' stem a from-scratch 3D
-# ConvNeXt-T learnt the enlarged organ and not the lesions a few voxels wide; and 2e-4 as its learning rate,
-# at which its training loss falls where at 1e-3 it did not (BENCHMARKS.md, "3D demo training curve").
+# ConvNeXt-T learnt the enlarged organ and not the lesions a few voxels wide; and 2e-4 as its learning rate:
+# at 1e-3 its training loss fell slowly and the lesions stayed near chance (BENCHMARKS.md, "3D demo training
+# curve" and "What learning the lesions needs").
 _CONVNEXT3D_SCRATCH = tuple((k, "pool" if k == "stem" else v) for k, v in _CONVNEXT_SCRATCH) + (("stem_stride", [4, 4, 2]),)
 VOLUME_BUNDLES: dict[str, BundleRow] = {
     r.backbone: r

@@ -282,8 +282,9 @@ class ConvNeXt3d(Backbone):
     """3D ConvNeXt backbone (Liu et al., "A ConvNet for the 2020s", CVPR 2022, with 3D convolutions).
 
     ``forward`` maps an ``N, in_channels, D, H, W`` volume to four channel-first maps, finest first: level
-    ``i`` has ``dims[i]`` channels and ``floor(size / axis_strides[i][a])`` positions along axis ``a``.
-    ``axis_strides[i]`` is ``stem_stride * downsample_stride ** i`` per axis; ``strides[i]`` is its largest
+    ``i`` has ``dims[i]`` channels and ``floor(size / axis_strides[i][a])`` positions along axis ``a`` (with
+    ``stem="conv"``, whose padded strided convolutions round up, the stem gives ``ceil(size / stem_stride)``
+    and each downsampling floors). ``axis_strides[i]`` is ``stem_stride * downsample_stride ** i`` per axis; ``strides[i]`` is its largest
     entry (``[4, 8, 16, 32]`` with the defaults, and with ``stem_stride=(1, 4, 4)``).
 
     Args:
@@ -560,7 +561,7 @@ def build_convnext3d(
     Raises:
         ValueError: an unknown or bad option, a bad ``img_size`` or ``pretrained``, ``img_size`` smaller than
             the coarsest stride, or pretrained weights with an architecture they do not fit (``norm='batch'``,
-            ``stem='conv'``, strides other than 4 and 2 on the two axes beside ``depth_axis``, the one given or
+            ``stem='conv'`` or ``'pool'``, strides other than 4 and 2 on the two axes beside ``depth_axis``, the one given or
             the one inferred as :class:`ConvNeXt3d` infers it).
         PretrainedWeightsError: the weights cannot be had or do not fit.
     """
