@@ -1,9 +1,9 @@
 """What does a network need to learn the 3D demo's lesions? Plain-loop probes on volumes held in memory.
 
-    python benchmarks/demo3d_probe.py [--only NAME ...] [--n_volumes 600] [--epochs 15] [--seconds 900]
+    python benchmarks/demo3d_probe.py [--only NAME ...] [--n_volumes N] [--epochs 15] [--seconds 900]
 
-Reads the 3D demo dataset (:mod:`hmn.data.demo3d`; ``--n_volumes`` of them, written on first use under
-``~/.cache/hmn``) through the ``convnext3d_tiny`` bundle's validation preprocessing (orientation to RAS,
+Reads the 3D demo dataset (:mod:`hmn.data.demo3d`; the bundle's, or a draw of ``--n_volumes``, written on first
+use under ``~/.cache/hmn`` as ``train_demo.py --demo_volumes`` writes it) through the ``convnext3d_tiny`` bundle's validation preprocessing (orientation to RAS,
 resampling to ``--spacing``, the CT window W400/L40, crop or pad to ``--image_size``) once, keeps the volumes in
 memory and trains each model of :data:`PROBES` from scratch by a plain loop: AdamW (weight decay 0.05), one
 warm-up epoch then cosine, BCE with the bundle's ``pos_weight``, batch 8, bfloat16 autocast where the CPU has
@@ -90,15 +90,14 @@ PROBES = {
 }
 
 
-def load(n_volumes: int, size: list[int], spacing: list[float]):
+def load(n_volumes: int | None, size: list[int], spacing: list[float]):
     from monai.bundle import ConfigParser
 
-    from hmn.data import load_datalist, make_demo3d_dataset
-    from hmn.data.cli import default_demo3d_root
+    from train_demo import demo_datalist
 
-    # the bundle's demo set is 600 volumes; another count is written beside it
-    root = default_demo3d_root() if n_volumes == 600 else f"{default_demo3d_root()}_{n_volumes}"
-    datalist = make_demo3d_dataset(root, n_volumes=n_volumes, seed=0)
+    from hmn.data import load_datalist
+
+    datalist = demo_datalist("convnext3d_tiny", n_volumes)
     parser = ConfigParser()
     parser.read_config(str(ROOT / "bundles" / "convnext3d_tiny" / "configs" / "train.json"))
     parser.update({"image_size": size, "spacing": spacing, "datalist": datalist, "bundle_root": str(ROOT / "runs" / "probe3d")})
@@ -165,8 +164,8 @@ def run(name: str, data: dict, classes: list[str], args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=sorted(PROBES), help="probes to run (default: all)")
-    ap.add_argument("--n_volumes", type=int, default=600,
-                    help="demo volumes to draw (default 600, the bundle's set; too few leave a finding out of validation)")
+    ap.add_argument("--n_volumes", type=int,
+                    help="demo volumes to draw (default: the bundle's set of 600; too few leave a finding out of validation)")
     ap.add_argument("--image_size", type=json.loads, default=[48, 48, 24], help="X, Y, Z voxels (default [48, 48, 24])")
     ap.add_argument("--spacing", type=json.loads, default=[2.0, 2.0, 4.0], help="X, Y, Z mm (default [2.0, 2.0, 4.0])")
     ap.add_argument("--epochs", type=int, default=15, help="the cosine schedule's length")
@@ -182,7 +181,7 @@ def main() -> None:
     t = time.perf_counter()
     data, classes = load(args.n_volumes, args.image_size, args.spacing)
     n = {k: len(v[0]) for k, v in data.items()}
-    print(f"{args.n_volumes} demo volumes ({n}) at {args.image_size} voxels of {args.spacing} mm, "
+    print(f"{'the bundle' if args.n_volumes is None else args.n_volumes}'s demo volumes ({n}) at {args.image_size} voxels of {args.spacing} mm, "
           f"read in {time.perf_counter() - t:.0f} s")  # fmt: skip
     for name in args.only or list(PROBES):
         run(name, data, classes, args)

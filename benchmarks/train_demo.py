@@ -30,6 +30,27 @@ from _machine import cpu_name
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def demo_datalist(bundle: str, count: int | None = None) -> str:
+    """The datalist of `bundle`'s demo set (radiographs, or volumes for a 3D bundle), written on first use;
+    with `count`, a draw of that many images or volumes (same generator and seed) in a folder of its own,
+    ``<the default demo folder>_<count>``."""
+    import json
+
+    from hmn.bundles import is_volume_bundle
+    from hmn.data import make_demo3d_dataset, make_demo_dataset
+    from hmn.data.cli import default_demo3d_root, default_demo_root
+
+    demo = json.loads((ROOT / "bundles" / bundle / "configs" / "train.json").read_text())["demo"]
+    volumes = is_volume_bundle(bundle)
+    root = default_demo3d_root() if volumes else default_demo_root()
+    if count is not None:
+        key = "n_volumes" if volumes else "n_images"
+        if key not in demo:
+            raise SystemExit(f"the {bundle} bundle's demo settings {demo} have no {key!r} to change")
+        demo, root = {**demo, key: count}, f"{root}_{count}"
+    return (make_demo3d_dataset if volumes else make_demo_dataset)(root, **demo)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", default="convnext_tiny")
@@ -44,23 +65,8 @@ def main() -> None:
     overrides = args.overrides or ["--image_size", "128", "--max_epochs", "40"]
 
     sys.path.insert(0, str(ROOT))
-    import json
-
-    from hmn.bundles import is_volume_bundle
-    from hmn.data import make_demo3d_dataset, make_demo_dataset
-    from hmn.data.cli import default_demo3d_root, default_demo_root
-
-    # the bundle's default demo set (radiographs, or volumes for a 3D bundle), made before the clock starts
-    demo = json.loads((ROOT / "bundles" / args.bundle / "configs" / "train.json").read_text())["demo"]
-    volumes = is_volume_bundle(args.bundle)
-    root = default_demo3d_root() if volumes else default_demo_root()
-    if args.demo_volumes is not None:
-        count = "n_volumes" if volumes else "n_images"
-        if count not in demo:
-            raise SystemExit(f"the {args.bundle} bundle's demo settings {demo} have no {count!r} to change")
-        demo = {**demo, count: args.demo_volumes}
-        root = f"{root}_{args.demo_volumes}"
-    datalist = (make_demo3d_dataset if volumes else make_demo_dataset)(root, **demo)
+    # the bundle's demo set (radiographs, or volumes for a 3D bundle), made before the clock starts
+    datalist = demo_datalist(args.bundle, args.demo_volumes)
     out = Path(args.out)
     # every run starts afresh (the bundles refuse a new run in a folder that holds an earlier one)
     for sub in ("runs", "models"):

@@ -109,7 +109,7 @@ BUNDLES: dict[str, BundleRow] = {
 # ConvNeXt-T learnt the enlarged organ and not the lesions a few voxels wide; and 2e-4 as its learning rate:
 # at 1e-3 its training loss fell slowly and the lesions stayed near chance (BENCHMARKS.md, "3D demo training
 # curve" and "What learning the lesions needs").
-_CONVNEXT3D_SCRATCH = tuple((k, "pool" if k == "stem" else v) for k, v in _CONVNEXT_SCRATCH) + (("stem_stride", [4, 4, 2]),)
+_CONVNEXT3D_SCRATCH = tuple({**dict(_CONVNEXT_SCRATCH), "stem": "pool", "stem_stride": [4, 4, 2]}.items())
 VOLUME_BUNDLES: dict[str, BundleRow] = {
     r.backbone: r
     for r in [
