@@ -3,7 +3,10 @@ confidence intervals, operating thresholds, and the report files a paper needs.
 
 * :func:`compute_report` -> a JSON-ready dict of per-class, macro and micro metrics.
 * :func:`macro_auc` -> the report's macro ROC AUC alone (the bundles' validation key metric uses it).
-* :func:`select_thresholds` -> per-class thresholds picked on one split (e.g. validation) for another.
+* :func:`select_thresholds`, :func:`fit_operating_thresholds` -> thresholds picked on one split (validation) for
+  another; training records them in ``models/thresholds.json``.
+* Intervals resample patients when patient ids are given (:func:`patient_units`); a finding with fewer than
+  :data:`DEFAULT_MIN_POSITIVES` positive or negative patients gets no interval or p-value.
 * :func:`operating_points` -> sensitivity at fixed specificity and the reverse, per finding.
 * :mod:`hmn.evaluation.calibration` -> expected calibration error, reliability diagrams, temperature scaling.
 * :mod:`hmn.evaluation.subgroups` -> metrics by sex, age band and view, with the largest gap per finding.
@@ -30,11 +33,15 @@ from .compare import (
     write_comparison,
 )
 from .metrics import (
+    DEFAULT_MIN_POSITIVES,
     THRESHOLD_METHODS,
     compute_report,
+    fit_operating_thresholds,
+    load_operating_thresholds,
     load_thresholds,
     macro_auc,
     operating_points,
+    patient_units,
     select_thresholds,
     weighted_auc_ap,
 )
@@ -42,6 +49,7 @@ from .report import METRICS_COLUMNS, REPORT_FILES, atomic_write, plot_roc, write
 
 __all__ = [
     "COMPARISON_COLUMNS",
+    "DEFAULT_MIN_POSITIVES",
     "DeLongResult",
     "METRICS_COLUMNS",
     "PairedBootstrapResult",
@@ -52,12 +60,15 @@ __all__ = [
     "compare_predictions",
     "compute_report",
     "delong_test",
+    "fit_operating_thresholds",
     "fit_temperature",
+    "load_operating_thresholds",
     "load_temperatures",
     "load_thresholds",
     "macro_auc",
     "operating_points",
     "paired_bootstrap",
+    "patient_units",
     "plot_roc",
     "read_predictions",
     "select_thresholds",

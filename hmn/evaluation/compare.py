@@ -11,8 +11,16 @@ images both contain and the classes both have, and tests per class whether B's R
   computed from midranks as in Sun & Xu, "Fast implementation of DeLong's algorithm for comparing the
   areas under correlated receiver operating characteristic curves", IEEE Signal Processing Letters
   21(11):1389-1393, 2014. Ties count one half (the Mann-Whitney kernel).
-* :func:`paired_bootstrap`: images resampled with replacement, both models' AUCs computed on the same
-  resampled images, percentile interval and bootstrap p-value of the difference (definition below).
+* :func:`paired_bootstrap`: patients (or, without patient ids, images) resampled with replacement, both
+  models' AUCs computed on the same resampled images, percentile interval and bootstrap p-value of the
+  difference (definition below).
+* The patient is the unit: when file A (else file B) has a ``patient_id`` column, the bootstrap draws patients
+  and DeLong's variance is Obuchowski's for clustered data (Biometrics 53(2):567-578, 1997); without one the
+  images are taken as independent and ``settings.ci_unit`` says ``"image"``.
+* A class with fewer than ``min_positives`` positive or negative units (default
+  :data:`hmn.evaluation.metrics.DEFAULT_MIN_POSITIVES`, chosen by the null simulation in
+  ``benchmarks/bench_min_positives.py``) gets its AUCs and difference but no p-value or interval, and is left
+  out of the macro mean with its reason.
 * :func:`compare_predictions`: the two files matched and both tests run, as a JSON-ready dict.
 * :func:`write_comparison`: ``comparison.json``, ``comparison.csv`` and ``comparison.png``.
 
@@ -50,14 +58,16 @@ value an empty CSV field and ``null`` in JSON):
     The dict of :func:`compare_predictions`:
 
     * ``settings``: ``n_bootstrap``, ``ci``, ``seed``, ``difference`` (``"auc_b - auc_a"``),
-      ``labels_from`` (``"a"``), ``delong_method``, ``bootstrap_method``, ``bootstrap_p_value``,
-      ``unknown_labels``.
+      ``labels_from`` (``"a"``), ``ci_unit`` (``"patient"`` or ``"image"``), ``n_patients``,
+      ``images_without_patient_id``, ``min_positives``, ``delong_method``, ``bootstrap_method``,
+      ``bootstrap_p_value``, ``unknown_labels``.
     * ``a`` and ``b``: ``path``, ``n_images``, ``classes`` of each file.
     * ``n_shared_images`` (images in both files, compared), ``n_images_only_in_a``, ``n_images_only_in_b``.
     * ``classes`` (compared, in file A's order), ``classes_only_in_a``, ``classes_only_in_b``,
       ``labels_known_only_in_b`` (``{class: images whose label only B knows}``, non-zero counts only).
     * ``per_class``: one object per compared class: ``class``, ``n`` (shared images with a known label),
-      ``positives``, ``negatives``, ``auc_a``, ``auc_b``, ``difference``, ``delong_se``, ``delong_z``,
+      ``positives``, ``negatives``, ``positive_units``, ``negative_units`` (patients, or images without
+      patient ids), ``auc_a``, ``auc_b``, ``difference``, ``delong_se``, ``delong_z``,
       ``delong_p``, ``delong_ci`` (``[low, high]``), ``var_a``, ``var_b``, ``covariance`` (DeLong's
       variance-covariance estimate of the two AUCs), ``bootstrap_ci``, ``bootstrap_p``,
       ``bootstrap_used``, ``reason`` (why something is null, e.g. ``"no positive labels"``; null otherwise).
@@ -97,7 +107,7 @@ from scipy.stats import norm, rankdata
 
 from hmn.durable import atomic_write
 
-from .metrics import _BLOCK_ELEMENTS, _absent_reason, _interval, _RankedLabels
+from .metrics import DEFAULT_MIN_POSITIVES, _BLOCK_ELEMENTS, _absent_reason, _interval, _RankedLabels, patient_units
 from .report import _num, _table
 
 __all__ = [
@@ -230,8 +240,40 @@ def _placements(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return auc, v10, v01
 
 
-def delong_test(y: Any, scores_a: Any, scores_b: Any, ci: float = 0.95) -> DeLongResult:
-    """DeLong's test of two correlated ROC AUCs measured on the same images.
+def _clustered_covariance(
+    y: np.ndarray, auc: np.ndarray, v10: np.ndarray, v01: np.ndarray, unit: np.ndarray
+) -> np.ndarray | str:
+    """Obuchowski's (1997) ``k x k`` covariance of the AUCs of ``k`` score rows when images cluster in patients
+    (``unit``: each image's patient index), or the reason it cannot be estimated.
+
+    Per patient ``i`` with ``m_i`` positive and ``n_i`` negative images, ``V10_i`` and ``V01_i`` sum the placement
+    values of its positives and negatives; with ``I10`` / ``I01`` patients holding a positive / negative, ``I``
+    patients and ``M`` / ``N`` positive / negative images:
+    ``S10 = I10 / ((I10 - 1) M) sum_i (V10_i - m_i auc)(...)'``, ``S01`` likewise over negatives,
+    ``S11 = I / (I - 1) sum_i (V10_i - m_i auc)(V01_i - n_i auc)'``, and
+    ``Cov = S10 / M + S01 / N + (S11 + S11') / (M N)``. With one image per patient it is DeLong's.
+    """
+    pos_unit, neg_unit = unit[y], unit[~y]
+    n_units = int(unit.max()) + 1
+    m, n = v10.shape[1], v01.shape[1]
+    k = v10.shape[0]
+    m_i = np.bincount(pos_unit, minlength=n_units).astype(np.float64)
+    n_i = np.bincount(neg_unit, minlength=n_units).astype(np.float64)
+    i10, i01, i_all = int((m_i > 0).sum()), int((n_i > 0).sum()), int(((m_i + n_i) > 0).sum())
+    if i10 < 2 or i01 < 2:
+        return (f"the clustered DeLong variance needs at least 2 patients with a positive and 2 with a negative "
+                f"image (got {i10} and {i01})")
+    d10 = np.stack([np.bincount(pos_unit, weights=v10[r], minlength=n_units) for r in range(k)]) - np.outer(auc, m_i)
+    d01 = np.stack([np.bincount(neg_unit, weights=v01[r], minlength=n_units) for r in range(k)]) - np.outer(auc, n_i)
+    s10 = i10 / ((i10 - 1) * m) * (d10 @ d10.T)
+    s01 = i01 / ((i01 - 1) * n) * (d01 @ d01.T)
+    s11 = i_all / (i_all - 1) * (d10 @ d01.T)
+    return s10 / m + s01 / n + (s11 + s11.T) / (m * n)
+
+
+def delong_test(y: Any, scores_a: Any, scores_b: Any, ci: float = 0.95, patient_ids: Sequence[Any] | None = None) -> DeLongResult:
+    """DeLong's test of two correlated ROC AUCs measured on the same images, clustered by patient when patient
+    ids are given.
 
     DeLong, DeLong & Clarke-Pearson, Biometrics 44(3):837-845, 1988: with ``m`` positives and ``n``
     negatives, the structural components of model r are ``V10(X_i) = (1/n) sum_j psi(X_i, Y_j)`` and
@@ -239,28 +281,35 @@ def delong_test(y: Any, scores_a: Any, scores_b: Any, ci: float = 0.95) -> DeLon
     to, below the negative's); ``S10`` and ``S01`` are their ``2 x 2`` sample covariance matrices over
     the positives (divisor ``m - 1``) and negatives (divisor ``n - 1``), ``S = S10 / m + S01 / n``, and
     ``Var(auc_b - auc_a) = S_aa + S_bb - 2 S_ab``. Placement values come from midranks (Sun & Xu, IEEE
-    Signal Processing Letters 21(11), 2014), ``O(N log N)``.
+    Signal Processing Letters 21(11), 2014), ``O(N log N)``. With `patient_ids` the variance is Obuchowski's
+    for clustered data (Obuchowski, "Nonparametric analysis of clustered ROC curve data", Biometrics
+    53(2):567-578, 1997): the placement values are summed per patient, so several correlated images of one
+    patient count as one observation; with one image per patient it equals DeLong's.
 
     Args:
         y: ``N`` labels, 0/1 or boolean (unknown labels removed beforehand).
         scores_a, scores_b: ``N`` finite scores of model A and model B for the same images (probabilities or
             logits: only their order matters).
         ci: confidence level of the interval of the difference, in (0, 1).
+        patient_ids: ``N`` patient ids (empty where unknown: the image is its own patient), or None.
 
     Returns:
         A :class:`DeLongResult`; its ``difference`` is ``auc_b - auc_a``. Undefined parts are None with
         a ``reason``: everything without a positive or a negative; ``se``, ``z``, ``p_value`` and ``ci``
-        with fewer than 2 positives or 2 negatives (the covariances need two of each), and ``z`` and
-        ``p_value`` when the variance is 0 but the difference is not (the normal approximation does not
-        apply). A zero variance with a zero difference (identical rankings) gives ``z = None``, ``p = 1``.
+        with fewer than 2 positives or 2 negatives (2 patients with each, clustered: the covariances need two
+        of each), and ``z`` and ``p_value`` when the variance is 0 but the difference is not (the normal
+        approximation does not apply). A zero variance with a zero difference (identical rankings) gives
+        ``z = None``, ``p = 1``.
 
     Raises:
-        ValueError: `y` is not one-dimensional 0/1, or the scores are not finite or of another length.
+        ValueError: `y` is not one-dimensional 0/1, the scores are not finite or of another length, or
+            `patient_ids` is not one per image.
     """
     level = _check_level(ci)
     yb = _binary_labels(y)
     a = _scores(scores_a, yb.size, "scores_a")
     b = _scores(scores_b, yb.size, "scores_b")
+    unit, _, ci_unit, _ = patient_units(patient_ids, yb.size)
     m, n = int(yb.sum()), int((~yb).sum())
     reason = _absent_reason(m + n, m)
     empty = dict(difference=None, se=None, z=None, p_value=None, ci=None, ci_level=level, var_a=None,
@@ -276,10 +325,20 @@ def delong_test(y: Any, scores_a: Any, scores_b: Any, ci: float = 0.95) -> DeLon
             auc_a=auc_a, auc_b=auc_b, reason=f"DeLong's variance needs at least 2 positives and 2 negatives "
             f"(got {m} and {n})", **empty,
         )
-    s = np.cov(v10, ddof=1) / m + np.cov(v01, ddof=1) / n
-    # the variance of the difference straight from the differences of the placement values: identical
-    # rankings give exactly 0 (S_aa + S_bb - 2 S_ab could leave rounding residue of either sign)
-    var = float(np.var(v10[1] - v10[0], ddof=1) / m + np.var(v01[1] - v01[0], ddof=1) / n)
+    if ci_unit == "patient":
+        s = _clustered_covariance(yb, auc, v10, v01, unit)
+        if isinstance(s, str):
+            empty["difference"] = diff
+            return DeLongResult(auc_a=auc_a, auc_b=auc_b, reason=s, **empty)
+        # the difference's variance from the differences of the placement values (the formula is linear in
+        # them): identical rankings give exactly 0
+        var = max(float(_clustered_covariance(yb, auc[1:] - auc[:1], v10[1:] - v10[:1], v01[1:] - v01[:1],
+                                              unit)[0, 0]), 0.0)
+    else:
+        s = np.cov(v10, ddof=1) / m + np.cov(v01, ddof=1) / n
+        # the variance of the difference straight from the differences of the placement values: identical
+        # rankings give exactly 0 (S_aa + S_bb - 2 S_ab could leave rounding residue of either sign)
+        var = float(np.var(v10[1] - v10[0], ddof=1) / m + np.var(v01[1] - v01[0], ddof=1) / n)
     se = math.sqrt(var)
     reason = None
     if se > 0:
@@ -355,14 +414,17 @@ def _as_matrix(x: Any, name: str) -> np.ndarray:
 
 
 def paired_bootstrap(
-    labels: Any, probs_a: Any, probs_b: Any, n_bootstrap: int = 2000, seed: int = 0, ci: float = 0.95
+    labels: Any, probs_a: Any, probs_b: Any, n_bootstrap: int = 2000, seed: int = 0, ci: float = 0.95,
+    patient_ids: Sequence[Any] | None = None, macro_classes: Sequence[int] | None = None,
 ) -> PairedBootstrapResult:
     """Paired percentile bootstrap of the ROC AUC difference ``auc_b - auc_a`` of two models, per class
     and for the macro mean over classes.
 
-    Each resample draws ``N`` images with replacement (``numpy.random.default_rng(seed)``; resample ``r``
-    is ``rng.integers(0, N, size=N)``, one call per resample in order) and computes both models' AUCs on
-    the *same* resampled images, so the correlation between the models is kept. Resamples are evaluated
+    Each resample draws ``G`` units with replacement (``numpy.random.default_rng(seed)``; resample ``r``
+    is ``rng.integers(0, G, size=G)``, one call per resample in order): patients with `patient_ids` (every
+    image of a drawn patient is taken; an image without an id is a patient of its own), else the ``N``
+    images. Both models' AUCs are computed on the *same* resampled images, so the correlation between the
+    models is kept. Resamples are evaluated
     as image-count weights with the sorted-once AUC of :func:`hmn.evaluation.weighted_auc_ap`, identical to
     scikit-learn's ``roc_auc_score`` on the resampled rows. Interval and p-value: see the module docstring
     (Efron & Tibshirani 1993; Davison & Hinkley 1997).
@@ -374,6 +436,9 @@ def paired_bootstrap(
         n_bootstrap: resamples ``B`` (0: no intervals or p-values).
         seed: seed of the resampling; the same inputs and seed give the same result.
         ci: confidence level of the percentile intervals, in (0, 1).
+        patient_ids: ``N`` patient ids (the resampling unit), or None (images).
+        macro_classes: the classes the macro mean may average (default: every class with both label values);
+            those without both label values are left out in any case.
 
     Returns:
         A :class:`PairedBootstrapResult`.
@@ -413,8 +478,11 @@ def paired_bootstrap(
         rb = _RankedLabels(pb[rows, c], pos[rows, c], rows)
         ranked.append((ra, rb))
         observed[c] = rb(ones)[0][0] - ra(ones)[0][0]
-    macro_classes = [c for c in range(k) if np.isfinite(observed[c])]
+    allowed = set(range(k)) if macro_classes is None else {int(c) for c in macro_classes}
+    defined = [c for c in range(k) if np.isfinite(observed[c])]
+    macro_classes = [c for c in defined if c in allowed]
 
+    unit, n_units, _, _ = patient_units(patient_ids, n)
     samples = np.full((n_bootstrap, k), np.nan)
     if n_bootstrap and n:
         rng = np.random.default_rng(seed)
@@ -423,8 +491,8 @@ def paired_bootstrap(
             b = min(block, n_bootstrap - start)
             counts = np.empty((b, n), dtype=np.int32)
             for r in range(b):
-                counts[r] = np.bincount(rng.integers(0, n, size=n), minlength=n)
-            for c in macro_classes:  # a class without both label values has none in any resample either
+                counts[r] = np.bincount(rng.integers(0, n_units, size=n_units), minlength=n_units)[unit]
+            for c in defined:  # a class without both label values has none in any resample either
                 ra, rb = ranked[c]
                 samples[start : start + b, c] = rb(counts)[0] - ra(counts)[0]
     used = np.isfinite(samples).sum(axis=0)
@@ -467,6 +535,7 @@ class PredictionTable:
             in header order.
         probs: ``N x K`` float64.
         labels: ``N x K`` float64: 1, 0, or NaN (unknown).
+        patient_ids: ``N`` values of the ``patient_id`` column ("" where empty), or None without that column.
     """
 
     path: str
@@ -474,6 +543,7 @@ class PredictionTable:
     class_names: list[str]
     probs: np.ndarray
     labels: np.ndarray
+    patient_ids: list[str] | None = None
 
 
 def _resolve_csv(path: str | os.PathLike) -> str:
@@ -496,8 +566,9 @@ def read_predictions(path: str | os.PathLike) -> PredictionTable:
         path: the CSV, or a folder holding ``predictions.csv``.
 
     Returns:
-        A :class:`PredictionTable`. Columns other than ``image`` and the ``<class>_prob`` /
-        ``<class>_label`` pairs (e.g. metadata such as ``age``, ``sex``, ``view``) are ignored.
+        A :class:`PredictionTable`. A ``patient_id`` column is read into ``patient_ids``; columns other than
+        ``image``, ``patient_id`` and the ``<class>_prob`` / ``<class>_label`` pairs (e.g. metadata such as
+        ``age``, ``sex``, ``view``) are ignored.
 
     Raises:
         FileNotFoundError: no such file.
@@ -560,7 +631,8 @@ def read_predictions(path: str | os.PathLike) -> PredictionTable:
                     raise ValueError(f"{path}: image {images[r]!r}, column {name + _LABEL!r}: label {row[il]!r}; "
                                      "accepted: 1, 0, or empty for unknown")
             labels[r, c] = lv
-    return PredictionTable(path=path, images=images, class_names=classes, probs=probs, labels=labels)
+    ids = [row[header.index("patient_id")].strip() for row in body] if "patient_id" in cols else None
+    return PredictionTable(path=path, images=images, class_names=classes, probs=probs, labels=labels, patient_ids=ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -583,6 +655,7 @@ def compare_predictions(
     n_bootstrap: int = 2000,
     seed: int = 0,
     ci: float = 0.95,
+    min_positives: int = DEFAULT_MIN_POSITIVES,
 ) -> dict[str, Any]:
     """Compares two models' per-class ROC AUCs on the images both ``predictions.csv`` files contain.
 
@@ -590,6 +663,10 @@ def compare_predictions(
     DeLong's test of the difference (DeLong, DeLong & Clarke-Pearson 1988; :func:`delong_test`) and a
     paired bootstrap (:func:`paired_bootstrap`); for the macro mean over the classes with both label
     values, the mean difference and its bootstrap interval and p-value (DeLong's test does not apply).
+    When file A has a ``patient_id`` column the bootstrap resamples patients and DeLong's variance is
+    Obuchowski's clustered one (``settings.ci_unit``); a class with fewer than `min_positives` positive or
+    negative patients (images without ids) gets its AUCs and difference but no p-value or interval, and is left
+    out of the macro mean (named in ``macro.excluded``).
 
     Args:
         path_a: model A's ``predictions.csv`` (the reference; its labels are used), or its folder.
@@ -598,6 +675,7 @@ def compare_predictions(
         n_bootstrap: bootstrap resamples (0: no bootstrap).
         seed: seed of the bootstrap.
         ci: confidence level of the intervals, in (0, 1).
+        min_positives: the fewest positive and negative units a class needs for p-values and intervals, >= 1.
 
     Returns:
         The JSON-ready dict described in the module docstring (``comparison.json``).
@@ -606,12 +684,15 @@ def compare_predictions(
         FileNotFoundError: a file is missing.
         ValueError: a file is not a readable predictions.csv or lists an image twice (see
             :func:`read_predictions`); no image or no class is in both files; a requested class is missing
-            from a file; the files' labels disagree for an image and class (the message names both);
-            `n_bootstrap` or `ci` out of range.
+            from a file; the files' labels disagree for an image and class (the message names both), or so do
+            their patient ids; `n_bootstrap`, `ci` or `min_positives` out of range.
     """
     level = _check_level(ci)
     if int(n_bootstrap) < 0:
         raise ValueError(f"n_bootstrap={n_bootstrap!r} must be >= 0 (0: no bootstrap)")
+    if int(min_positives) < 1:
+        raise ValueError(f"min_positives={min_positives!r} must be >= 1")
+    min_positives = int(min_positives)
     ta, tb = read_predictions(path_a), read_predictions(path_b)
     in_b = {image: r for r, image in enumerate(tb.images)}
     shared_a = [r for r, image in enumerate(ta.images) if image in in_b]
@@ -667,15 +748,39 @@ def compare_predictions(
         logger.warning("images whose label only %s knows are left out (the labels are %s's): %s",
                        tb.path, ta.path, labels_only_b)
 
-    boot = paired_bootstrap(lab, pa, pb, n_bootstrap=n_bootstrap, seed=seed, ci=level)
+    ids = None
+    if ta.patient_ids is not None:
+        ids = [ta.patient_ids[r] for r in shared_a]
+        if tb.patient_ids is not None:
+            for r, x in zip(shared_b, ids):
+                if x and tb.patient_ids[r] and tb.patient_ids[r] != x:
+                    raise ValueError(f"the files disagree on the patient of image {tb.images[r]!r}: {x!r} in {ta.path}, "
+                                     f"{tb.patient_ids[r]!r} in {tb.path}; both must come from the same datalist")
+    elif tb.patient_ids is not None:
+        ids = [tb.patient_ids[r] for r in shared_b]
+    unit, n_units, ci_unit, without_id = patient_units(ids, n_shared)
+    unit_word = "patients" if ci_unit == "patient" else "images"
+    if ci_unit == "image":
+        logger.warning("no patient_id column: the bootstrap resamples images and DeLong treats them as independent; "
+                       "with several images per patient the intervals are too narrow and the p-values too small")
+
     valid = np.isfinite(lab)
+    enough = []
+    for c in range(len(names)):
+        v = valid[:, c]
+        y = lab[v, c] == 1
+        if min(np.unique(unit[v][y]).size, np.unique(unit[v][~y]).size) >= min_positives:
+            enough.append(c)
+    boot = paired_bootstrap(lab, pa, pb, n_bootstrap=n_bootstrap, seed=seed, ci=level, patient_ids=ids,
+                            macro_classes=enough)
     per_class = []
     excluded: dict[str, str] = {}
     for c, name in enumerate(names):
         v = valid[:, c]
         y = lab[v, c] == 1
         row = _row(name, int(v.sum()), int(y.sum()), int((~y).sum()))
-        d = delong_test(y, pa[v, c], pb[v, c], ci=level)
+        row["positive_units"], row["negative_units"] = int(np.unique(unit[v][y]).size), int(np.unique(unit[v][~y]).size)
+        d = delong_test(y, pa[v, c], pb[v, c], ci=level, patient_ids=None if ids is None else [ids[i] for i in np.flatnonzero(v)])
         row.update(
             auc_a=d.auc_a, auc_b=d.auc_b, difference=d.difference, delong_se=d.se, delong_z=d.z,
             delong_p=d.p_value, delong_ci=None if d.ci is None else [d.ci[0], d.ci[1]], var_a=d.var_a,
@@ -683,6 +788,12 @@ def compare_predictions(
         )
         if d.auc_a is None:
             excluded[name] = str(d.reason)
+        elif c not in enough:
+            row.update(delong_se=None, delong_z=None, delong_p=None, delong_ci=None, var_a=None, var_b=None,
+                       covariance=None)
+            row["reason"] = (f"{row['positive_units']} positive and {row['negative_units']} negative {unit_word}, "
+                             f"fewer than {min_positives}: no p-value or interval, left out of the macro mean")
+            excluded[name] = row["reason"]
         else:
             used = int(boot.used[c])
             row.update(bootstrap_ci=boot.ci[c], bootstrap_p=boot.p_value[c], bootstrap_used=used)
@@ -715,11 +826,18 @@ def compare_predictions(
         "seed": int(seed),
         "difference": "auc_b - auc_a",
         "labels_from": "a",
-        "delong_method": "DeLong, DeLong & Clarke-Pearson (1988) structural components (midranks, Sun & Xu 2014); "
-        "two-sided normal p-value; interval difference +- z * se, not clipped",
-        "bootstrap_method": "paired percentile bootstrap: images resampled with replacement, resample r = "
-        "default_rng(seed).integers(0, n, size=n) drawn in order; both models on the same resampled images; "
-        "resamples where a class has only one label value are skipped for that class",
+        "ci_unit": ci_unit,
+        "n_patients": n_units if ci_unit == "patient" else None,
+        "images_without_patient_id": without_id if ci_unit == "patient" else n_shared,
+        "min_positives": min_positives,
+        "delong_method": "DeLong, DeLong & Clarke-Pearson (1988) structural components (midranks, Sun & Xu 2014)"
+        + ("; clustered by patient (Obuchowski 1997)" if ci_unit == "patient" else "; images as independent")
+        + "; two-sided normal p-value; interval difference +- z * se, not clipped",
+        "bootstrap_method": f"paired percentile bootstrap: {unit_word} resampled with replacement, resample r = "
+        "default_rng(seed).integers(0, units, size=units) drawn in order"
+        + (" (every image of a drawn patient)" if ci_unit == "patient" else "")
+        + "; both models on the same resampled images; resamples where a class has only one label value are "
+        "skipped for that class",
         "bootstrap_p_value": "min(1, 2 * (1 + min(#{d* <= 0}, #{d* >= 0})) / (used + 1))",
         "unknown_labels": "empty label field, excluded per class",
     }
@@ -888,6 +1006,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
     p.add_argument("--ci", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
     p.add_argument("--classes", nargs="+", help="classes to compare (space- or comma-separated; default: all shared)")
+    p.add_argument("--min-positives", type=int, default=DEFAULT_MIN_POSITIVES,
+                   help=f"fewest positive and negative patients (images without a patient_id column) a class needs "
+                   f"for p-values and intervals (default {DEFAULT_MIN_POSITIVES})")
     return p
 
 
@@ -901,16 +1022,18 @@ def compare_main(argv: list[str]) -> int:
         classes = [c.strip() for item in args.classes for c in item.split(",") if c.strip()]
     try:
         result = compare_predictions(args.a, args.b, classes=classes, n_bootstrap=args.n_bootstrap, seed=args.seed,
-                                     ci=args.ci)
+                                     ci=args.ci, min_positives=args.min_positives)
         paths = write_comparison(result, args.out)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"A: {result['a']['path']} ({result['a']['n_images']} images)")
     print(f"B: {result['b']['path']} ({result['b']['n_images']} images)")
+    st = result["settings"]
+    unit = (f"{st['n_patients']} patients resampled (patient_id column)" if st["ci_unit"] == "patient"
+            else "images resampled as independent (no patient_id column)")
     print(f"compared: {result['n_shared_images']} images in both, {len(result['classes'])} classes; "
-          f"difference = AUC B - AUC A; {result['settings']['n_bootstrap']} bootstrap resamples, seed "
-          f"{result['settings']['seed']}")
+          f"difference = AUC B - AUC A; {st['n_bootstrap']} bootstrap resamples, seed {st['seed']}; {unit}")
     if result["classes_only_in_a"] or result["classes_only_in_b"]:
         print(f"not compared: classes only in A: {result['classes_only_in_a']}; only in B: "
               f"{result['classes_only_in_b']}")

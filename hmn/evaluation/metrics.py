@@ -1,23 +1,39 @@
-"""Per-class and averaged metrics of a multi-label classifier, with percentile bootstrap confidence intervals.
+"""Per-class and averaged metrics of a multi-label classifier, with percentile bootstrap confidence intervals
+that resample patients.
 
 :func:`compute_report` turns predicted probabilities and 0/1 labels (``N x K``: images x classes) into
 a JSON-ready dict (the layout is described in :mod:`hmn.evaluation.report`); :func:`select_thresholds`
-picks operating thresholds on one split (e.g. validation) to be applied on another (test).
+and :func:`fit_operating_thresholds` pick operating thresholds on one split (validation) to be applied on
+another (test).
 
-Conventions:
+Conventions (the statistical design a paper needs):
 
+* **The patient is the unit of uncertainty.** Given ``patient_ids``, the bootstrap draws patients with
+  replacement and takes every image of each drawn patient (the cluster bootstrap; Field & Welsh, "Bootstrapping
+  clustered data", JRSS B 69(3), 2007): a patient's several images are correlated, and resampling them as
+  if independent gives intervals too narrow (a simulation in ``benchmarks/bench_ci_coverage.py``). Without
+  patient ids every image is its own unit, and the report says so (``settings.ci_unit``). An image whose
+  patient id is empty is a unit of its own.
+* **Thresholds are never fitted on the reported data by default.** ``thresholds="fixed"`` (0.5) unless
+  thresholds fitted elsewhere are given (the validation split's, recorded by training in
+  ``models/thresholds.json``); ``"youden"`` fits them on the evaluated data only when asked, and the
+  report then marks every number at those thresholds (``thresholds_fitted_on_evaluated_data``).
+* **Few positives are not evidence.** A finding with fewer than ``min_positives`` positive (or negative)
+  units gets its point estimates but no interval, and is left out of the macro means (named in
+  ``macro.excluded``); the minimum comes from a simulation of the null (``benchmarks/bench_min_positives.py``).
 * A label entry below 0 or NaN is *unknown* and excluded for that class only (e.g. CheXpert's uncertain
   labels under an "ignore" policy). Known labels must be exactly 0 or 1.
 * An image counts as positive for a class at threshold ``t`` when ``prob >= t``.
 * Youden's J threshold: the predicted score ``t`` (one of the class's own scores) that maximizes
   ``sensitivity + specificity - 1`` with the rule above; among ties the highest such score. The
   "everything negative" point is never chosen, so a threshold always labels at least one image positive.
-* Bootstrap: images (rows) are resampled with replacement ``n_bootstrap`` times with
+* Bootstrap: units (patients, or images) are resampled with replacement ``n_bootstrap`` times with
   ``numpy.random.default_rng(seed)``; a class's statistic is computed in each resample where that class
   has both a positive and a negative known label (the other resamples are skipped and the number used
   is reported), and the interval is the ``(1 - ci) / 2`` and ``(1 + ci) / 2`` percentiles (numpy's
   linear interpolation) of those values. The macro average of a resample is used only when every
-  class in the macro average has both label values in it.
+  class in the macro average has both label values in it. Sensitivity, specificity, PPV and NPV get
+  intervals at their (fixed, not refitted) thresholds from the same resamples.
 """
 
 from __future__ import annotations
@@ -31,12 +47,18 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-__all__ = ["THRESHOLD_METHODS", "compute_report", "load_thresholds", "macro_auc", "operating_points",
+__all__ = ["DEFAULT_MIN_POSITIVES", "THRESHOLD_METHODS", "compute_report", "fit_operating_thresholds",
+           "load_operating_thresholds", "load_thresholds", "macro_auc", "operating_points", "patient_units",
            "select_thresholds", "weighted_auc_ap"]
 
 logger = logging.getLogger(__name__)
 
-THRESHOLD_METHODS = ("youden", "fixed")
+THRESHOLD_METHODS = ("fixed", "youden")
+
+# Below this many positive (or negative) units a finding gets no interval or p-value and stays out of the macro
+# means: with 10, the paired bootstrap of two equally good models calls the difference significant at the 5% level
+# in about 5-7% of findings, with fewer up to 79% (benchmarks/bench_min_positives.py, BENCHMARKS.md).
+DEFAULT_MIN_POSITIVES = 10
 
 # bootstrap work is done in blocks of resamples holding at most this many (resample, label) weights
 _BLOCK_ELEMENTS = 2_000_000
@@ -238,6 +260,54 @@ def operating_points(
     return out
 
 
+def fit_operating_thresholds(
+    probs: Any,
+    labels: Any,
+    class_names: Sequence[str],
+    specificities: Sequence[float] = (0.90, 0.95),
+    sensitivities: Sequence[float] = (0.90, 0.95),
+) -> dict[str, Any]:
+    """Every threshold the report uses, fitted on these data (the validation split) for use on other data.
+
+    Args:
+        probs, labels: ``N x K``, as for :func:`compute_report`.
+        class_names: the ``K`` names.
+        specificities, sensitivities: the operating-point targets (:func:`operating_points`).
+
+    Returns:
+        ``{"class_names", "per_class": [{"class", "threshold"}], "operating_points": [{"class", "target",
+        "target_value", "threshold", "sensitivity", "specificity"}]}``: Youden's J threshold per finding
+        (null without both label values) and the operating points' thresholds, with the rates they reached on
+        these data. :func:`load_thresholds` and :func:`load_operating_thresholds` read it back (as they
+        read a ``metrics.json``).
+    """
+    names = [str(c) for c in class_names]
+    thr = select_thresholds(probs, labels, "youden")
+    return {
+        "class_names": names,
+        "per_class": [{"class": c, "threshold": _float(t)} for c, t in zip(names, thr)],
+        "operating_points": operating_points(probs, labels, names, specificities, sensitivities),
+    }
+
+
+def load_operating_thresholds(path: str | os.PathLike, class_names: Sequence[str]) -> dict[tuple[str, str, float], float]:
+    """The operating points' thresholds recorded in a ``metrics.json`` or ``thresholds.json``:
+    ``{(class, target, target_value): threshold}`` for the classes in `class_names` (an empty dict when the
+    file has no ``operating_points`` section). ValueError naming the file when it cannot be read."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            rows = json.load(f).get("operating_points") or []
+        out = {}
+        for r in rows:
+            if r["class"] in class_names and r.get("threshold") is not None:
+                out[(str(r["class"]), str(r["target"]), float(r["target_value"]))] = float(r["threshold"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{path}: not a metrics.json or thresholds.json with operating points "
+                         f"({type(e).__name__}: {e})") from None
+    return out
+
+
 def load_thresholds(path: str | os.PathLike, class_names: Sequence[str]) -> np.ndarray:
     """The per-class thresholds recorded in a ``metrics.json`` written by :func:`hmn.evaluation.write_report`
     (e.g. on the validation split), in `class_names` order (NaN where the file has none)."""
@@ -271,8 +341,8 @@ def _resolve_thresholds(
     """(K thresholds, method name for the report, source file or None)."""
     k = p.shape[1]
     accepted = (
-        "accepted: 'youden', 'fixed', an array of one threshold per class, a {class: threshold} mapping, "
-        "or the path of a metrics.json written by write_report"
+        "accepted: 'fixed', 'youden' (fitted on the evaluated data), an array of one threshold per class, a "
+        "{class: threshold} mapping, or the path of a metrics.json or thresholds.json with per-class thresholds"
     )
     if isinstance(thresholds, (str, os.PathLike)):
         if thresholds == "youden":
@@ -294,6 +364,37 @@ def _resolve_thresholds(
     if arr.shape != (k,):
         raise ValueError(f"thresholds has {arr.size} values for {k} classes {list(class_names)}; {accepted}")
     return arr, "given", None
+
+
+def threshold_source(method: str, source: str | None, fixed_threshold: float | None = None) -> str:
+    """Where a report's thresholds came from, as its files state it (the ``threshold_source`` column)."""
+    if method == "youden":
+        return "fitted on the evaluated data (optimistic)"
+    if method == "fixed":
+        return f"fixed {fixed_threshold:g}"
+    return f"given: {source}" if source else "given"
+
+
+def _given_operating_points(
+    p: np.ndarray, lab: np.ndarray, class_names: Sequence[str], given: Mapping[tuple[str, str, float], float],
+    specificities: Sequence[float], sensitivities: Sequence[float],
+) -> list[dict[str, Any]]:
+    """The operating points at thresholds fitted elsewhere: the sensitivity and specificity they reach here."""
+    valid, pos = _masks(lab)
+    out = []
+    for k, name in enumerate(class_names):
+        v = valid[:, k]
+        y, s = pos[v, k], p[v, k]
+        for target, values in (("specificity", specificities), ("sensitivity", sensitivities)):
+            for value in values:
+                t = given.get((str(name), target, float(value)))
+                row = {"class": str(name), "target": target, "target_value": float(value), "threshold": t,
+                       "sensitivity": None, "specificity": None}
+                if t is not None:
+                    rates = _rates(_at_threshold(y, s, t))
+                    row.update(sensitivity=rates["sensitivity"], specificity=rates["specificity"])
+                out.append(row)
+    return out
 
 
 def _at_threshold(y: np.ndarray, s: np.ndarray, t: float) -> dict[str, Any]:
@@ -398,17 +499,74 @@ def _interval(values: np.ndarray, ci: float) -> list[float] | None:
     return [float(lo), float(hi)]
 
 
+def patient_units(patient_ids: Sequence[Any] | None, n: int) -> tuple[np.ndarray, int, str, int]:
+    """The resampling unit of each of `n` images.
+
+    Args:
+        patient_ids: one patient id per image (any hashable; None, NaN or an empty string: unknown), or None.
+        n: the number of images.
+
+    Returns:
+        ``(unit, n_units, ci_unit, n_without_id)``: ``unit[i]`` in ``0 .. n_units - 1`` numbers image ``i``'s
+        patient (in order of first appearance); ``ci_unit`` is ``"patient"`` when any image has an id (an
+        image without one is then a unit of its own, counted in ``n_without_id``) and ``"image"`` otherwise.
+
+    Raises:
+        ValueError: `patient_ids` does not hold `n` values.
+    """
+    if patient_ids is None:
+        return np.arange(n), n, "image", n
+    ids = list(patient_ids)
+    if len(ids) != n:
+        raise ValueError(f"{len(ids)} patient ids for {n} images; give one per image (empty where unknown)")
+
+    def known(x: Any) -> bool:
+        if x is None:
+            return False
+        if isinstance(x, float) and not np.isfinite(x):
+            return False
+        return str(x).strip() != ""
+
+    if not any(known(x) for x in ids):
+        return np.arange(n), n, "image", n
+    numbers: dict[str, int] = {}
+    unit = np.empty(n, dtype=np.int64)
+    missing = 0
+    for i, x in enumerate(ids):
+        if known(x):
+            unit[i] = numbers.setdefault("id:" + str(x).strip(), len(numbers))
+        else:
+            missing += 1
+            unit[i] = numbers.setdefault(f"image:{i}", len(numbers))
+    return unit, len(numbers), "patient", missing
+
+
+def unit_counts(rng: np.random.Generator, unit: np.ndarray, n_units: int, b: int) -> np.ndarray:
+    """``b x len(unit)`` image weights of `b` resamples: `n_units` units drawn with replacement per resample
+    (``rng.integers(0, n_units, size=(b, n_units))``), each image weighted by how often its unit was drawn."""
+    idx = rng.integers(0, n_units, size=(b, n_units))
+    drawn = np.bincount((idx + (np.arange(b) * n_units)[:, None]).ravel(), minlength=b * n_units)
+    return drawn.reshape(b, n_units).astype(np.int32)[:, unit]
+
+
+def _units_per_label(unit: np.ndarray, v: np.ndarray, y: np.ndarray) -> tuple[int, int]:
+    """Units holding a positive and units holding a negative known label (images when each is its own unit)."""
+    return int(np.unique(unit[v][y]).size), int(np.unique(unit[v][~y]).size)
+
+
 def _bootstrap(
     p: np.ndarray, valid: np.ndarray, pos: np.ndarray, macro_classes: list[int], micro_ok: bool,
-    n_bootstrap: int, seed: int,
+    n_bootstrap: int, seed: int, unit: np.ndarray, n_units: int, thresholds: np.ndarray,
 ) -> dict[str, np.ndarray]:
-    """Per-resample AUC and AP of each class, of the macro average and of the micro average (NaN: skipped)."""
+    """Per-resample AUC and AP of each class, of the macro average and of the micro average, and the rates at
+    each class's threshold (NaN: skipped)."""
     n, k = p.shape
     out = {
         "auc": np.full((n_bootstrap, k), np.nan),
         "ap": np.full((n_bootstrap, k), np.nan),
         "micro_auc": np.full(n_bootstrap, np.nan),
         "micro_ap": np.full(n_bootstrap, np.nan),
+        **{r: np.full((n_bootstrap, k), np.nan) for r in _RATE_NAMES},
     }
     if n_bootstrap == 0 or n == 0:
         out["macro_auc"] = np.full(n_bootstrap, np.nan)
@@ -416,18 +574,28 @@ def _bootstrap(
         return out
     ranked = {c: _RankedLabels(p[valid[:, c], c], pos[valid[:, c], c], np.flatnonzero(valid[:, c]))
               for c in range(k) if valid[:, c].any()}
+    # per class with a threshold: 0/1 indicators of tp, fn, tn, fp per image (columns), for the rates' intervals
+    cells = {}
+    for c in range(k):
+        if np.isfinite(thresholds[c]) and valid[:, c].any():
+            called = p[:, c] >= thresholds[c]
+            y, v = pos[:, c], valid[:, c]
+            cells[c] = np.stack([v & y & called, v & y & ~called, v & ~y & ~called, v & ~y & called], axis=1)
     micro = _RankedLabels(p[valid], pos[valid], np.nonzero(valid)[0]) if micro_ok else None
     per_resample = n + 2 * int(valid.sum())
     block = max(1, min(n_bootstrap, _BLOCK_ELEMENTS // max(per_resample, 1)))
     rng = np.random.default_rng(seed)
     for start in range(0, n_bootstrap, block):
         b = min(block, n_bootstrap - start)
-        idx = rng.integers(0, n, size=(b, n))
-        # how often each image occurs in each resample (counts fit in int32: at most n)
-        counts = np.bincount((idx + (np.arange(b) * n)[:, None]).ravel(), minlength=b * n)
-        counts = counts.reshape(b, n).astype(np.int32)
+        counts = unit_counts(rng, unit, n_units, b)
         for c, ranked_c in ranked.items():
             out["auc"][start : start + b, c], out["ap"][start : start + b, c] = ranked_c(counts)
+        for c, m in cells.items():
+            tp, fn, tn, fp = (counts @ m.astype(np.int64)).T.astype(np.float64)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                for name, num, den in (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp),
+                                       ("ppv", tp, tp + fp), ("npv", tn, tn + fn)):
+                    out[name][start : start + b, c] = np.where(den > 0, num / den, np.nan)
         if micro is not None:
             out["micro_auc"][start : start + b], out["micro_ap"][start : start + b] = micro(counts)
     if macro_classes:
@@ -440,6 +608,9 @@ def _bootstrap(
     return out
 
 
+_RATE_NAMES = ("sensitivity", "specificity", "ppv", "npv")
+
+
 # ----------------------------------------------------------------------------------------------
 # the report
 
@@ -448,7 +619,7 @@ def compute_report(
     probs: Any,
     labels: Any,
     class_names: Sequence[str],
-    thresholds: str | Sequence[float] | Mapping[str, float] | np.ndarray | os.PathLike = "youden",
+    thresholds: str | Sequence[float] | Mapping[str, float] | np.ndarray | os.PathLike = "fixed",
     fixed_threshold: float = 0.5,
     n_bootstrap: int = 1000,
     ci: float = 0.95,
@@ -460,23 +631,26 @@ def compute_report(
     uncalibrated: Any = None,
     target_specificities: Sequence[float] = (0.90, 0.95),
     target_sensitivities: Sequence[float] = (0.90, 0.95),
+    patient_ids: Sequence[Any] | None = None,
+    min_positives: int = DEFAULT_MIN_POSITIVES,
     _sections: bool = True,
     _quiet: bool = False,
 ) -> dict[str, Any]:
-    """Per-class, macro and micro ROC AUC / average precision with bootstrap intervals, and the
-    sensitivity, specificity, PPV and NPV at an operating threshold per class; with the operating points,
-    calibration and (given `groups`) subgroup sections.
+    """Per-class, macro and micro ROC AUC / average precision with bootstrap intervals over patients, and the
+    sensitivity, specificity, PPV and NPV (with intervals) at an operating threshold per class; with the
+    operating points, calibration and (given `groups`) subgroup sections.
 
     Args:
         probs: ``N x K`` predicted probabilities (images x classes).
         labels: ``N x K`` labels, 0 or 1; entries < 0 or NaN are unknown and excluded for that class.
         class_names: the ``K`` class names.
-        thresholds: ``"youden"`` (Youden's J threshold picked on these data: optimistic, since it is
-            fitted to the data it is evaluated on), ``"fixed"`` (`fixed_threshold` for every class), one
-            threshold per class (array-like, NaN for none; e.g. from :func:`select_thresholds` on the
-            validation split), a ``{class name: threshold}`` mapping, or the path of a ``metrics.json``
-            whose thresholds are reused (e.g. the validation report's).
-        fixed_threshold: the threshold of ``thresholds="fixed"``.
+        thresholds: where the operating thresholds come from: ``"fixed"`` (`fixed_threshold` for every class;
+            the default, as no thresholds from other data are known here), one threshold per class
+            (array-like, NaN for none), a ``{class name: threshold}`` mapping, the path of a ``metrics.json``
+            or ``thresholds.json`` fitted on other data (the validation split: its per-class thresholds and
+            its operating points' thresholds are used), or ``"youden"``: Youden's J fitted on these data
+            (optimistic: the report then marks every number at those thresholds as fitted on the evaluated data).
+        fixed_threshold: the threshold of ``thresholds="fixed"``, in [0, 1].
         n_bootstrap: bootstrap resamples (0: no intervals).
         ci: confidence level of the intervals, in (0, 1).
         seed: seed of the resampling (the same inputs and seed give the same intervals).
@@ -486,13 +660,22 @@ def compute_report(
         temperatures: the ``K`` temperatures already applied to `probs` (recorded in ``calibration``), or None.
         temperatures_from: the file they came from, for the record.
         uncalibrated: the probabilities before `temperatures`, whose ECE is reported beside.
-        target_specificities, target_sensitivities: the ``operating_points`` targets
-            (:func:`operating_points`).
+        target_specificities, target_sensitivities: the ``operating_points`` targets (:func:`operating_points`).
+        patient_ids: ``N`` patient ids (empty or None where unknown): the bootstrap then resamples patients
+            (see the module docstring). None: images are the unit, and ``settings.ci_unit`` says so.
+        min_positives: the fewest positive and negative units (patients, or images without patient ids) a
+            finding needs for intervals and for the macro means; >= 1.
 
     Returns:
-        A JSON-ready dict (floats or None, never NaN): ``settings``, ``n_images``, ``class_names``,
-        ``per_class`` (one dict per class), ``macro`` and ``micro``; see :mod:`hmn.evaluation.report`.
-        A class without both a positive and a negative label gets ``auc: None`` and a ``reason``.
+        A JSON-ready dict (floats or None, never NaN): ``settings``, ``n_images``, ``n_patients``,
+        ``class_names``, ``per_class`` (one dict per class), ``macro`` and ``micro``; see
+        :mod:`hmn.evaluation.report`. A class without both a positive and a negative label gets ``auc: None``
+        and a ``reason``; one with too few positive or negative units its point estimates, no interval, and a
+        ``reason``.
+
+    Raises:
+        ValueError: shapes differ, a score is not finite, a known label is not 0 or 1, a setting is out of
+            range, or the thresholds are not understood (the accepted forms are named).
     """
     class_names = [str(c) for c in class_names]
     p, lab = _as_arrays(probs, labels, class_names)
@@ -500,10 +683,18 @@ def compute_report(
         raise ValueError(f"ci={ci!r} must be a confidence level strictly between 0 and 1, e.g. 0.95")
     if int(n_bootstrap) < 0:
         raise ValueError(f"n_bootstrap={n_bootstrap!r} must be >= 0 (0: no confidence intervals)")
-    n_bootstrap, ci, seed = int(n_bootstrap), float(ci), int(seed)
+    if int(min_positives) < 1:
+        raise ValueError(f"min_positives={min_positives!r} must be >= 1")
+    if not 0 <= float(fixed_threshold) <= 1:
+        raise ValueError(f"fixed_threshold={fixed_threshold!r} must be a probability in [0, 1]")
+    n_bootstrap, ci, seed, min_positives = int(n_bootstrap), float(ci), int(seed), int(min_positives)
     valid, pos = _masks(lab)
     n_img, k = p.shape
+    unit, n_units, ci_unit, without_id = patient_units(patient_ids, n_img)
     thr, method, source = _resolve_thresholds(thresholds, fixed_threshold, p, lab, class_names)
+    fitted_here = method == "youden"
+    where = threshold_source(method, source, float(fixed_threshold))
+    unit_word = "patients" if ci_unit == "patient" else "images"
 
     per_class: list[dict[str, Any]] = []
     macro_classes: list[int] = []
@@ -515,22 +706,30 @@ def compute_report(
         y, s = pos[v, c], p[v, c]
         n_c, pos_c = int(v.sum()), int(y.sum())
         reason = _absent_reason(n_c, pos_c)
-        entry: dict[str, Any] = {"class": name, "n": n_c, "positives": pos_c, "negatives": n_c - pos_c}
+        pos_units, neg_units = _units_per_label(unit, v, y)
+        entry: dict[str, Any] = {"class": name, "n": n_c, "positives": pos_c, "negatives": n_c - pos_c,
+                                 "positive_units": pos_units, "negative_units": neg_units}
         if reason is None:
-            macro_classes.append(c)
             entry["auc"] = aucs[c]
             entry["average_precision"] = float(average_precision_score(y, s))
+            if min(pos_units, neg_units) < min_positives:
+                reason = (f"{pos_units} positive and {neg_units} negative {unit_word}, fewer than {min_positives}: "
+                          "no interval, left out of the macro means")
+            else:
+                macro_classes.append(c)
         else:
-            excluded[name] = reason
             entry["auc"] = None
             # AP needs positives only, but a report mixing defined and undefined AUC/AP rows confuses; keep both null
             entry["average_precision"] = None
+        if reason is not None:
+            excluded[name] = reason
         entry["auc_ci"] = entry["ap_ci"] = None
         entry["bootstrap_used"] = 0
         t = _float(thr[c])
         entry["threshold"] = t
         counts = _at_threshold(y, s, np.nan if t is None else t)
         entry.update(_rates(counts))
+        entry.update({f"{r}_ci": None for r in _RATE_NAMES})
         entry.update(counts)
         if counts["tp"] is not None:
             for key in micro_counts:
@@ -561,17 +760,18 @@ def compute_report(
         "auc_ci": None,
         "ap_ci": None,
         "bootstrap_used": 0,
-        **{key: mean_of(key) for key in ("sensitivity", "specificity", "ppv", "npv")},
+        **{key: mean_of(key) for key in _RATE_NAMES},
         "classes": [class_names[c] for c in macro_classes],
         "excluded": excluded,
     }
 
     if n_bootstrap:
-        boot = _bootstrap(p, valid, pos, macro_classes, micro_reason is None, n_bootstrap, seed)
+        boot = _bootstrap(p, valid, pos, macro_classes, micro_reason is None, n_bootstrap, seed, unit, n_units, thr)
         for c in macro_classes:
             used = int(np.isfinite(boot["auc"][:, c]).sum())
             per_class[c].update(
-                auc_ci=_interval(boot["auc"][:, c], ci), ap_ci=_interval(boot["ap"][:, c], ci), bootstrap_used=used
+                auc_ci=_interval(boot["auc"][:, c], ci), ap_ci=_interval(boot["ap"][:, c], ci), bootstrap_used=used,
+                **{f"{r}_ci": _interval(boot[r][:, c], ci) for r in _RATE_NAMES},
             )
             if used < 0.9 * n_bootstrap and not _quiet:
                 logger.warning(
@@ -589,24 +789,42 @@ def compute_report(
             ap_ci=_interval(boot["micro_ap"], ci),
             bootstrap_used=int(np.isfinite(boot["micro_auc"]).sum()),
         )
-    if excluded and not _quiet:
-        logger.warning("classes left out of the macro average (AUC undefined): %s", excluded)
+    if not _quiet:
+        if excluded:
+            logger.warning("classes left out of the macro average: %s", excluded)
+        if n_bootstrap:
+            if ci_unit == "patient":
+                logger.info("intervals resample patients: %d patients, %d images%s", n_units, n_img,
+                            f" ({without_id} images without a patient id, each its own unit)" if without_id else "")
+            else:
+                logger.warning("no patient ids: the intervals resample the %d images as if independent; with several "
+                               "images per patient they are too narrow (give patient ids)", n_img)
+        if fitted_here:
+            logger.warning("thresholds fitted on the evaluated data (Youden): sensitivity, specificity, PPV, NPV and "
+                           "operating points are optimistic; use thresholds fitted on the validation split")
 
     settings: dict[str, Any] = {
         "threshold_method": method,
         "fixed_threshold": float(fixed_threshold) if method == "fixed" else None,
         "thresholds_from": source,
+        "threshold_source": where,
+        "thresholds_fitted_on_evaluated_data": fitted_here,
         "positive_rule": "prob >= threshold",
         "n_bootstrap": n_bootstrap,
         "ci": ci,
         "seed": seed,
-        "ci_method": "percentile bootstrap; images resampled with replacement; resamples where a class has "
-        "only one label value are skipped for that class",
+        "ci_unit": ci_unit,
+        "ci_method": f"percentile bootstrap; {unit_word} resampled with replacement"
+        + (" (every image of a drawn patient)" if ci_unit == "patient" else " (no patient ids: images as if independent)")
+        + "; resamples where a class has only one label value are skipped for that class",
+        "images_without_patient_id": without_id if ci_unit == "patient" else n_img,
+        "min_positives": min_positives,
         "unknown_labels": "label < 0 or NaN, excluded per class",
     }
     report = {
         "settings": settings,
         "n_images": n_img,
+        "n_patients": n_units if ci_unit == "patient" else None,
         "class_names": class_names,
         "per_class": per_class,
         "macro": macro,
@@ -616,10 +834,21 @@ def compute_report(
         from .calibration import calibration_report
         from .subgroups import subgroup_report
 
-        report["operating_points"] = operating_points(p, lab, class_names, target_specificities, target_sensitivities)
+        if fitted_here:
+            ops = operating_points(p, lab, class_names, target_specificities, target_sensitivities)
+            ops_source = where
+        else:
+            given = load_operating_thresholds(source, class_names) if source else {}
+            ops = _given_operating_points(p, lab, class_names, given, target_specificities, target_sensitivities)
+            ops_source = f"given: {source}" if given else "none (no operating-point thresholds from other data)"
+        for r in ops:
+            r["threshold_source"] = ops_source
+        report["operating_points"] = ops
+        settings["operating_points_source"] = ops_source
         report["calibration"] = calibration_report(p, lab, class_names, calibration_bins, applied=temperatures,
                                                    applied_from=temperatures_from, uncalibrated=uncalibrated)
         if groups:
             report["subgroups"] = subgroup_report(p, lab, class_names, groups, [e["threshold"] for e in per_class],
-                                                  n_bootstrap=n_bootstrap, ci=ci, seed=seed)
+                                                  n_bootstrap=n_bootstrap, ci=ci, seed=seed, patient_ids=patient_ids,
+                                                  min_positives=min_positives, threshold_source=where)
     return report

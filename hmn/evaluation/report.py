@@ -11,19 +11,28 @@ per-image identifiers written.
 ``metrics.json``
     The dict returned by :func:`hmn.evaluation.compute_report`:
 
-    * ``settings``: ``threshold_method`` (``"youden"``: Youden's J picked on the evaluated data,
-      ``"fixed"``, or ``"given"``: supplied per class), ``fixed_threshold``, ``thresholds_from`` (the
-      metrics.json the thresholds came from, or null), ``positive_rule`` (``"prob >= threshold"``),
-      ``n_bootstrap``, ``ci`` (e.g. 0.95), ``seed``, ``ci_method``, ``unknown_labels``.
-    * ``n_images``; ``class_names``.
+    * ``settings``: ``threshold_method`` (``"fixed"``, ``"given"``: fitted elsewhere, e.g. on the validation
+      split, or ``"youden"``: Youden's J fitted on the evaluated data, only when asked for),
+      ``fixed_threshold``, ``thresholds_from`` (the metrics.json or thresholds.json the thresholds came from,
+      or null), ``threshold_source`` (the same in words, as the CSV files' ``threshold_source`` column),
+      ``thresholds_fitted_on_evaluated_data`` (true only for ``"youden"``: every number at a threshold is then
+      optimistic), ``operating_points_source``, ``positive_rule`` (``"prob >= threshold"``), ``n_bootstrap``,
+      ``ci`` (e.g. 0.95), ``seed``, ``ci_unit`` (``"patient"``: patients resampled, every image of a drawn
+      patient taken; ``"image"``: no patient ids, images resampled as if independent), ``ci_method``,
+      ``images_without_patient_id``, ``min_positives`` (the fewest positive and negative units a finding needs
+      for intervals and the macro means), ``unknown_labels``.
+    * ``n_images`` (images evaluated, each once), ``n_patients`` (null without patient ids); ``class_names``.
     * ``per_class``: one object per class, in ``class_names`` order: ``class``, ``n`` (images with a
-      known label for the class), ``positives``, ``negatives``, ``auc`` (ROC AUC), ``auc_ci``
+      known label for the class), ``positives``, ``negatives``, ``positive_units`` and ``negative_units``
+      (patients with a positive / negative image; images without patient ids), ``auc`` (ROC AUC), ``auc_ci``
       (``[low, high]``), ``average_precision``, ``ap_ci``, ``bootstrap_used`` (resamples in which the
-      class had both label values), ``threshold``, ``sensitivity``, ``specificity``, ``ppv``, ``npv``,
-      ``tp``, ``fp``, ``tn``, ``fn`` (counts at the threshold), ``reason`` (why ``auc`` is null, e.g.
-      ``"no positive labels"``; null otherwise).
-    * ``macro``: means over the classes with both label values (``classes``; the others are listed in
-      ``excluded`` as ``{class: reason}``) of ``auc``, ``average_precision``, ``sensitivity``,
+      class had both label values), ``threshold``, ``sensitivity``, ``specificity``, ``ppv``, ``npv`` and
+      their intervals ``sensitivity_ci`` ... ``npv_ci`` (at the same threshold in every resample), ``tp``,
+      ``fp``, ``tn``, ``fn`` (counts at the threshold), ``reason`` (why ``auc`` is null, e.g. ``"no positive
+      labels"``, or why there is no interval: fewer than ``min_positives`` positive or negative units; null
+      otherwise).
+    * ``macro``: means over the classes with at least ``min_positives`` positive and negative units
+      (``classes``; the others are listed in ``excluded`` as ``{class: reason}``) of ``auc``, ``average_precision``, ``sensitivity``,
       ``specificity``, ``ppv``, ``npv`` (each over the classes where it is defined); ``auc_ci``,
       ``ap_ci`` and ``bootstrap_used`` from resamples where all those classes had both label values;
       ``n`` and ``positives`` as for ``micro``.
@@ -40,18 +49,20 @@ per-image identifiers written.
     * ``findings`` (only for a model evaluated on a datalist with other classes): ``compared``
       (``[{"finding", "model_class", "data_class"}]``), ``model_only`` and ``data_only`` (class names left
       out), ``model_vocabulary`` and ``data_vocabulary``; the report's classes are then the findings.
-    * ``skipped_images`` (only when the evaluation handler left images out): ``[{"image", "error"}]``.
+    * ``skipped_images`` (only when the evaluation handler left images out): ``[{"image", "error"}]``: files
+      that could not be read, left out of every number (never replaced by another image).
 
 ``metrics.csv``
     Columns ``class, n, positives, auc, auc_ci_low, auc_ci_high, average_precision, ap_ci_low,
-    ap_ci_high, threshold, sensitivity, specificity, ppv, npv``. One row per class in ``class_names``
+    ap_ci_high, threshold, sensitivity, specificity, ppv, npv, sensitivity_ci_low, sensitivity_ci_high,
+    specificity_ci_low, specificity_ci_high, threshold_source, ci_unit, reason``. One row per class in ``class_names``
     order, then a row ``macro`` and a row ``micro`` (their ``threshold`` is empty; their ``n`` and
     ``positives`` count known (image, class) labels). Values as in ``metrics.json``; the CI columns
     are the bounds of the ``ci`` level interval.
 
 ``predictions.csv``
-    One row per image, in the order evaluated. Columns ``image`` (the source path); when the datalist
-    carries metadata, ``age`` (years), ``sex`` (M, F, O) and ``view`` (PA, AP, LATERAL, ...), empty where
+    One row per image, in the order evaluated. Columns ``image`` (the source path); ``patient_id`` when the
+    datalist carries patient ids (as written there: pseudonymize them before sharing the file); when it carries metadata, ``age`` (years), ``sex`` (M, F, O) and ``view`` (PA, AP, LATERAL, ...), empty where
     unknown; then for each class, in ``class_names`` order, ``<class>_prob`` (the predicted probability) and ``<class>_label``
     (``1``, ``0``, or empty when the label is unknown). The probabilities are those evaluated: after
     temperature scaling when one was applied.
@@ -63,10 +74,12 @@ per-image identifiers written.
     pyplot's global state is left alone).
 
 ``operating_points.csv``
-    Columns ``class, target, target_value, threshold, sensitivity, specificity``: per finding, the
-    highest sensitivity reached at a specificity of at least ``target_value`` (``target`` =
-    ``specificity``), and the reverse (``target`` = ``sensitivity``); thresholds fitted on the evaluated
-    data (:func:`hmn.evaluation.metrics.operating_points`).
+    Columns ``class, target, target_value, threshold, sensitivity, specificity, threshold_source``: per
+    finding and target (``target`` = ``specificity``: the threshold that reached a specificity of at least
+    ``target_value`` with the highest sensitivity; ``sensitivity``: the reverse), the sensitivity and
+    specificity reached on the evaluated data at that threshold. The thresholds come from other data (the
+    validation split's ``thresholds.json`` or a given ``metrics.json``); empty where none were given; fitted on
+    the evaluated data only with ``thresholds="youden"``, and ``threshold_source`` then says so.
 
 ``calibration.csv``
     Columns ``class, n, ece, mce, brier, temperature_applied, temperature_fitted,
@@ -82,7 +95,7 @@ per-image identifiers written.
 
 ``subgroups.csv`` (with metadata)
     Columns ``attribute, group, class, n, positives, auc, auc_ci_low, auc_ci_high, average_precision,
-    ap_ci_low, ap_ci_high, threshold, sensitivity, specificity``: one row per attribute (``sex``,
+    ap_ci_low, ap_ci_high, threshold, sensitivity, specificity, threshold_source, reason``: one row per attribute (``sex``,
     ``age_band``, ``view``), group and finding; sensitivity and specificity at the whole set's threshold.
     See :mod:`hmn.evaluation.subgroups`.
 
@@ -119,7 +132,8 @@ logger = logging.getLogger(__name__)
 
 METRICS_COLUMNS = (
     "class", "n", "positives", "auc", "auc_ci_low", "auc_ci_high", "average_precision", "ap_ci_low",
-    "ap_ci_high", "threshold", "sensitivity", "specificity", "ppv", "npv",
+    "ap_ci_high", "threshold", "sensitivity", "specificity", "ppv", "npv", "sensitivity_ci_low",
+    "sensitivity_ci_high", "specificity_ci_low", "specificity_ci_high", "threshold_source", "ci_unit", "reason",
 )
 REPORT_FILES = {"metrics_json": "metrics.json", "metrics_csv": "metrics.csv",
                 "predictions_csv": "predictions.csv", "roc_png": "roc.png",
@@ -127,11 +141,13 @@ REPORT_FILES = {"metrics_json": "metrics.json", "metrics_csv": "metrics.csv",
                 "reliability_png": "reliability.png"}
 SUBGROUP_FILES = {"subgroups_csv": "subgroups.csv", "subgroup_gaps_csv": "subgroup_gaps.csv",
                   "subgroups_png": "subgroups.png"}
-OPERATING_POINTS_COLUMNS = ("class", "target", "target_value", "threshold", "sensitivity", "specificity")
+OPERATING_POINTS_COLUMNS = ("class", "target", "target_value", "threshold", "sensitivity", "specificity",
+                            "threshold_source")
 CALIBRATION_COLUMNS = ("class", "n", "ece", "mce", "brier", "temperature_applied", "temperature_fitted",
                        "ece_before_temperature")
 SUBGROUPS_COLUMNS = ("attribute", "group", "class", "n", "positives", "auc", "auc_ci_low", "auc_ci_high",
-                     "average_precision", "ap_ci_low", "ap_ci_high", "threshold", "sensitivity", "specificity")
+                     "average_precision", "ap_ci_low", "ap_ci_high", "threshold", "sensitivity", "specificity",
+                     "threshold_source", "reason")
 SUBGROUP_GAPS_COLUMNS = ("attribute", "class", "auc_gap", "highest_group", "highest_auc", "lowest_group",
                          "lowest_auc", "groups_compared")
 PREDICTION_METADATA_COLUMNS = ("age", "sex", "view")
@@ -153,12 +169,18 @@ def _ci(entry: Mapping[str, Any], key: str) -> tuple[str, str]:
 
 def _metrics_rows(report: Mapping[str, Any]) -> list[list[str]]:
     rows = []
+    settings = report.get("settings", {})
+    source, unit = settings.get("threshold_source") or "", settings.get("ci_unit") or ""
     named = [(e["class"], e) for e in report["per_class"]] + [("macro", report["macro"]), ("micro", report["micro"])]
     for name, e in named:
+        reason = e.get("reason") or ""
+        if name == "macro" and e.get("excluded"):
+            reason = "left out: " + "; ".join(f"{c} ({why})" for c, why in e["excluded"].items())
         rows.append([
             name, _num(e.get("n")), _num(e.get("positives")), _num(e.get("auc")), *_ci(e, "auc_ci"),
             _num(e.get("average_precision")), *_ci(e, "ap_ci"), _num(e.get("threshold")),
             _num(e.get("sensitivity")), _num(e.get("specificity")), _num(e.get("ppv")), _num(e.get("npv")),
+            *_ci(e, "sensitivity_ci"), *_ci(e, "specificity_ci"), source, unit, reason,
         ])
     return rows
 
@@ -254,7 +276,8 @@ def _write_sections(report: Mapping[str, Any], p: np.ndarray, lab: np.ndarray, c
         for r in sub["rows"]:
             rows.append([r["attribute"], r["group"], r["class"], _num(r["n"]), _num(r["positives"]), _num(r["auc"]),
                          *_ci(r, "auc_ci"), _num(r["average_precision"]), *_ci(r, "ap_ci"), _num(r["threshold"]),
-                         _num(r["sensitivity"]), _num(r["specificity"])])
+                         _num(r["sensitivity"]), _num(r["specificity"]), r.get("threshold_source") or "",
+                         r.get("reason") or ""])
         _table(paths["subgroups_csv"], SUBGROUPS_COLUMNS, rows)
         _table(paths["subgroup_gaps_csv"], SUBGROUP_GAPS_COLUMNS,
                [[_cell(g[c]) if c != "groups_compared" else ";".join(g[c]) for c in SUBGROUP_GAPS_COLUMNS]
@@ -270,6 +293,7 @@ def write_report(
     class_names: Sequence[str],
     out_dir: str | os.PathLike,
     metadata: Mapping[str, Mapping[str, Any]] | None = None,
+    patient_ids: Sequence[Any] | None = None,
 ) -> dict[str, str]:
     """Writes the report files (see the module docstring): ``metrics.json``, ``metrics.csv``,
     ``predictions.csv``, ``roc.png``, and those of the report's ``operating_points``, ``calibration`` and
@@ -284,6 +308,8 @@ def write_report(
         out_dir: the folder (created if missing).
         metadata: ``{image: {"age", "sex", "view"}}`` for the metadata columns of predictions.csv (None or
             empty: no such columns).
+        patient_ids: ``N`` patient ids (empty where unknown) for the ``patient_id`` column of predictions.csv
+            (None, or none known: no such column).
 
     Returns:
         :data:`REPORT_FILES` keys (and :data:`SUBGROUP_FILES` keys with subgroups) -> the paths written.
@@ -312,13 +338,21 @@ def write_report(
     valid, pos = _masks(lab)
 
     meta_cols = PREDICTION_METADATA_COLUMNS if metadata else ()
+    ids = None
+    if patient_ids is not None:
+        ids = ["" if x is None or (isinstance(x, float) and not np.isfinite(x)) else str(x) for x in patient_ids]
+        if len(ids) != p.shape[0]:
+            raise ValueError(f"{len(ids)} patient_ids for {p.shape[0]} rows of probs")
+        if not any(ids):
+            ids = None
+    id_cols = ("patient_id",) if ids is not None else ()
 
     def predictions_csv(f: Any) -> None:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["image", *meta_cols] + [f"{c}_{s}" for c in class_names for s in ("prob", "label")])
+        w.writerow(["image", *id_cols, *meta_cols] + [f"{c}_{s}" for c in class_names for s in ("prob", "label")])
         for i, image in enumerate(image_ids):
             m = metadata.get(str(image), {}) if metadata else {}
-            row = [str(image)] + [_num(m[k]) if k == "age" and m.get(k) is not None else str(m.get(k) or "")
+            row = [str(image)] + ([ids[i]] if ids is not None else []) + [_num(m[k]) if k == "age" and m.get(k) is not None else str(m.get(k) or "")
                                   for k in meta_cols]
             for c in range(len(class_names)):
                 row += [_num(p[i, c]), ("1" if pos[i, c] else "0") if valid[i, c] else ""]

@@ -5,7 +5,8 @@ These are the breakdowns chest X-ray fairness studies report (e.g. Seyyed-Kalant
 bias of artificial intelligence algorithms applied to chest radiographs in under-served patient
 populations", Nature Medicine 2021). Within a group the report's own definitions apply
 (:func:`hmn.evaluation.compute_report`: unknown labels excluded per finding, percentile bootstrap over the
-group's images, the same seed), and the sensitivity and specificity are taken at the operating threshold
+group's patients when the images carry patient ids (over its images otherwise), the same seed, no interval
+for a finding with fewer than ``min_positives`` positive or negative patients in the group), and the sensitivity and specificity are taken at the operating threshold
 chosen for the whole evaluated set, so that a gap between groups is a gap at the threshold a reader would
 use. A group's AUC is undefined when it lacks a positive or a negative label for the finding.
 
@@ -65,6 +66,9 @@ def subgroup_report(
     n_bootstrap: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
+    patient_ids: Sequence[Any] | None = None,
+    min_positives: int | None = None,
+    threshold_source: str | None = None,
 ) -> dict[str, Any]:
     """Metrics per group of each attribute, and the largest AUC gap per finding.
 
@@ -74,16 +78,23 @@ def subgroup_report(
         groups: ``{attribute: N group values}`` (None: unknown), e.g. from :func:`groups_from_metadata`.
         thresholds: the ``K`` operating thresholds of the whole set (None: no threshold).
         n_bootstrap, ci, seed: the bootstrap of each group, as in the whole report.
+        patient_ids: ``N`` patient ids (None: images are the resampling unit), as in the whole report.
+        min_positives: as in the whole report (None: its default).
+        threshold_source: where `thresholds` came from, copied into each row (``threshold_source``).
 
     Returns:
         ``{"attributes": [...], "rows": [{"attribute", "group", "class", "n", "positives", "auc", "auc_ci",
-        "average_precision", "ap_ci", "sensitivity", "specificity", "threshold"}], "gaps": [{"attribute",
+        "average_precision", "ap_ci", "sensitivity", "specificity", "threshold", "threshold_source", "reason"}], "gaps": [{"attribute",
         "class", "auc_gap", "highest_group", "highest_auc", "lowest_group", "lowest_auc", "groups_compared"}]}``.
         ``auc_gap`` is null when fewer than two groups have a defined AUC.
     """
-    from .metrics import compute_report
+    from .metrics import DEFAULT_MIN_POSITIVES, compute_report
 
     p = np.asarray(probs, dtype=np.float64)
+    ids = None if patient_ids is None else list(patient_ids)
+    if ids is not None and len(ids) != p.shape[0]:
+        raise ValueError(f"{len(ids)} patient ids for {p.shape[0]} images")
+    min_positives = DEFAULT_MIN_POSITIVES if min_positives is None else int(min_positives)
     lab = np.asarray(labels, dtype=np.float64)
     thr = np.array([np.nan if t is None else float(t) for t in thresholds])
     rows: list[dict[str, Any]] = []
@@ -97,14 +108,15 @@ def subgroup_report(
         for g in names:
             idx = np.array([v is not None and str(v) == g for v in values])
             rep = compute_report(p[idx], lab[idx], class_names, thresholds=thr, n_bootstrap=n_bootstrap, ci=ci,
-                                 seed=seed, _sections=False, _quiet=True)
+                                 seed=seed, patient_ids=None if ids is None else [ids[i] for i in np.flatnonzero(idx)],
+                                 min_positives=min_positives, _sections=False, _quiet=True)
             per_group[g] = rep
             for e in rep["per_class"]:
                 rows.append({
                     "attribute": attribute, "group": g, "class": e["class"], "n": e["n"], "positives": e["positives"],
                     "auc": e["auc"], "auc_ci": e["auc_ci"], "average_precision": e["average_precision"],
                     "ap_ci": e["ap_ci"], "sensitivity": e["sensitivity"], "specificity": e["specificity"],
-                    "threshold": e["threshold"],
+                    "threshold": e["threshold"], "threshold_source": threshold_source, "reason": e["reason"],
                 })
         for k, name in enumerate(class_names):
             defined = [(g, r["per_class"][k]["auc"]) for g, r in per_group.items() if r["per_class"][k]["auc"] is not None]

@@ -487,9 +487,108 @@ def test_cli_errors_and_undefined_class(tmp_path, capsys):
     lab = [[0, 0], [0, 0], [0, 0], [0, 0], [1, 0], [1, 0], [1, 0], [1, 0]]
     a = _write_predictions(tmp_path / "u" / "a.csv", images, ["x", "y"], np.linspace(0, 1, 16).reshape(8, 2), lab)
     b = _write_predictions(tmp_path / "u" / "b.csv", images, ["x", "y"], np.linspace(1, 0, 16).reshape(8, 2), lab)
-    assert hmn_main(["compare", a, b, "--out", str(tmp_path / "u" / "out"), "--n-bootstrap", "20"]) == 0
+    assert hmn_main(["compare", a, b, "--out", str(tmp_path / "u" / "out"), "--n-bootstrap", "20",
+                     "--min-positives", "1"]) == 0
     with open(tmp_path / "u" / "out" / "comparison.json") as f:
         saved = json.load(f)
     assert saved["per_class"][1]["auc_a"] is None and saved["per_class"][1]["reason"] == "no positive labels"
     assert saved["macro"]["classes"] == ["x"] and saved["macro"]["excluded"] == {"y": "no positive labels"}
     assert saved["per_class"][0]["difference"] == -1.0  # B reverses A's perfect ranking
+
+
+# ----------------------------------------------------------------------------------------------
+# patients as the unit; few positives
+
+
+def _correlated_models(n, seed, prevalence=0.4):
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < prevalence
+    return y, y + rng.normal(size=n), 1.2 * y + rng.normal(size=n)
+
+
+def test_clustered_delong_is_delong_with_one_image_per_patient_and_counts_copies_once():
+    """Obuchowski's variance equals DeLong's when every patient has one image; copying every image 3 times within
+    its patient leaves it unchanged (the copies add no information), while DeLong's, taking the copies as
+    independent, shrinks by sqrt(3)."""
+    y, a, b = _correlated_models(60, seed=1)
+    plain = delong_test(y, a, b)
+    clustered = delong_test(y, a, b, patient_ids=[f"p{i}" for i in range(60)])
+    for k in ("se", "var_a", "var_b", "covariance", "p_value"):
+        assert getattr(clustered, k) == pytest.approx(getattr(plain, k), rel=1e-12)
+    y3, a3, b3 = np.repeat(y, 3), np.repeat(a, 3), np.repeat(b, 3)
+    ids3 = np.repeat(np.arange(60), 3)
+    copies = delong_test(y3, a3, b3, patient_ids=ids3)
+    naive = delong_test(y3, a3, b3)
+    assert copies.difference == pytest.approx(plain.difference, abs=1e-15)
+    assert copies.se == pytest.approx(plain.se, rel=1e-12)
+    assert copies.var_a == pytest.approx(plain.var_a, rel=1e-12) and copies.covariance == pytest.approx(plain.covariance, rel=1e-12)
+    assert naive.se == pytest.approx(plain.se / np.sqrt(3), rel=0.05)
+
+
+def test_clustered_delong_matches_obuchowskis_formula_by_pairs():
+    """Obuchowski (1997) written out with explicit pair loops over a small clustered set, patients of 1-3
+    images with both labels mixed, against the vectorized midrank version."""
+    rng = np.random.default_rng(5)
+    ids = np.repeat(np.arange(12), rng.integers(1, 4, size=12))
+    n = ids.size
+    y = rng.random(n) < 0.45
+    y[:2], y[-2:] = True, False
+    a = np.round(y + rng.normal(size=n), 1)  # rounded: ties
+    b = np.round(0.5 * y + rng.normal(size=n), 1)
+
+    def var_by_pairs(s):
+        X, Y = np.flatnonzero(y), np.flatnonzero(~y)
+        M, N = X.size, Y.size
+        psi = lambda u, v: 1.0 if u > v else 0.5 if u == v else 0.0
+        theta = sum(psi(s[i], s[j]) for i in X for j in Y) / (M * N)
+        vx = {i: sum(psi(s[i], s[j]) for j in Y) / N for i in X}
+        vy = {j: sum(psi(s[i], s[j]) for i in X) / M for j in Y}
+        pats = np.unique(ids)
+        m_i = {p: sum(1 for i in X if ids[i] == p) for p in pats}
+        n_i = {p: sum(1 for j in Y if ids[j] == p) for p in pats}
+        Vx = {p: sum(vx[i] for i in X if ids[i] == p) for p in pats}
+        Vy = {p: sum(vy[j] for j in Y if ids[j] == p) for p in pats}
+        I10 = sum(1 for p in pats if m_i[p]); I01 = sum(1 for p in pats if n_i[p]); I = len(pats)
+        S10 = I10 / ((I10 - 1) * M) * sum((Vx[p] - m_i[p] * theta) ** 2 for p in pats)
+        S01 = I01 / ((I01 - 1) * N) * sum((Vy[p] - n_i[p] * theta) ** 2 for p in pats)
+        S11 = I / (I - 1) * sum((Vx[p] - m_i[p] * theta) * (Vy[p] - n_i[p] * theta) for p in pats)
+        return S10 / M + S01 / N + 2 * S11 / (M * N)
+
+    r = delong_test(y, a, b, patient_ids=ids)
+    assert r.var_a == pytest.approx(var_by_pairs(a), rel=1e-12)
+    assert r.var_b == pytest.approx(var_by_pairs(b), rel=1e-12)
+    # the difference's variance: the same formula over the score difference's placement values
+    assert r.se ** 2 == pytest.approx(r.var_a + r.var_b - 2 * r.covariance, rel=1e-9)
+
+
+def test_compare_reads_patient_ids_and_withholds_p_values_for_few_positives(tmp_path):
+    rng = np.random.default_rng(2)
+    n = 120
+    images = [f"/d/{i}.png" for i in range(n)]
+    patients = [f"P{i // 4}" for i in range(n)]  # 30 patients of 4 images
+    lab = np.zeros((n, 2))
+    lab[:, 0] = np.repeat(rng.random(30) < 0.5, 4)
+    lab[:8, 1] = 1  # 8 positive images in 2 patients
+    pa, pb = lab + rng.normal(size=(n, 2)), lab + rng.normal(size=(n, 2))
+
+    def write(path, probs):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "patient_id", "A_prob", "A_label", "B_prob", "B_label"])
+            for i in range(n):
+                w.writerow([images[i], patients[i], repr(float(probs[i, 0])), int(lab[i, 0]), repr(float(probs[i, 1])), int(lab[i, 1])])
+        return str(path)
+
+    a, b = write(tmp_path / "a.csv", pa), write(tmp_path / "b.csv", pb)
+    res = compare_predictions(a, b, n_bootstrap=200, seed=0)
+    assert res["settings"]["ci_unit"] == "patient" and res["settings"]["n_patients"] == 30
+    want = delong_test(lab[:, 0] == 1, pa[:, 0], pb[:, 0], patient_ids=patients)
+    assert res["per_class"][0]["delong_p"] == want.p_value and res["per_class"][0]["bootstrap_p"] is not None
+    few = res["per_class"][1]
+    assert few["positive_units"] == 2 and few["delong_p"] is None and few["bootstrap_p"] is None
+    assert few["bootstrap_ci"] is None and few["difference"] is not None and "fewer than 10" in few["reason"]
+    assert res["macro"]["classes"] == ["A"] and "B" in res["macro"]["excluded"]
+    # the same resamples by hand: patients drawn, every image of each
+    boot = paired_bootstrap(lab[:, :1], pa[:, :1], pb[:, :1], n_bootstrap=200, seed=0, patient_ids=patients)
+    assert res["per_class"][0]["bootstrap_ci"] == boot.ci[0]

@@ -48,7 +48,7 @@ def test_hand_worked_single_class():
     # descending: 0.9(+) 0.8(-) 0.7(+) 0.7(-) 0.4(+) 0.2(-)
     probs = np.array([[0.9], [0.8], [0.7], [0.7], [0.4], [0.2]])
     labels = np.array([[1], [0], [1], [0], [1], [0]])
-    r = compute_report(probs, labels, ["A"], n_bootstrap=0)
+    r = compute_report(probs, labels, ["A"], n_bootstrap=0, thresholds="youden", min_positives=1)
     e = r["per_class"][0]
     # pairs: 0.9 beats 3; 0.7 beats 0.2, ties 0.7, loses to 0.8 -> 1.5; 0.4 beats 0.2 -> 1; total 5.5 of 9
     assert e["auc"] == pytest.approx(5.5 / 9)
@@ -68,7 +68,7 @@ def test_hand_worked_single_class():
 def test_auc_ap_and_youden_match_brute_force(seed):
     probs, labels = synthetic(60, k=2, seed=seed)
     probs = np.round(probs, 1)  # many ties
-    r = compute_report(probs, labels, ["A", "B"], n_bootstrap=0)
+    r = compute_report(probs, labels, ["A", "B"], n_bootstrap=0, thresholds="youden", min_positives=1)
     for c, e in enumerate(r["per_class"]):
         y, s = labels[:, c] == 1, probs[:, c]
         assert e["auc"] == pytest.approx(pair_auc(s, y))
@@ -85,7 +85,7 @@ def test_unknown_labels_are_excluded_per_class():
     probs, labels = synthetic(40, k=2, seed=4)
     labels[::3, 0] = -1
     labels[1::5, 1] = np.nan
-    r = compute_report(probs, labels, ["A", "B"], n_bootstrap=0)
+    r = compute_report(probs, labels, ["A", "B"], n_bootstrap=0, thresholds="youden", min_positives=1)
     for c, e in enumerate(r["per_class"]):
         known = np.isfinite(labels[:, c]) & (labels[:, c] >= 0)
         assert e["n"] == known.sum() and e["positives"] == (labels[known, c] == 1).sum()
@@ -100,7 +100,7 @@ def test_single_valued_class_gets_null_auc_and_is_left_out_of_macro():
     probs, labels = synthetic(30, k=3, seed=5)
     labels[:, 1] = 0  # no positives
     labels[:, 2] = 1  # no negatives
-    r = compute_report(probs, labels, ["A", "B", "C"], n_bootstrap=50)
+    r = compute_report(probs, labels, ["A", "B", "C"], n_bootstrap=50, thresholds="youden", min_positives=1)
     b, c = r["per_class"][1], r["per_class"][2]
     assert b["auc"] is None and b["reason"] == "no positive labels" and b["threshold"] is None
     assert c["auc"] is None and c["reason"] == "no negative labels"
@@ -134,7 +134,7 @@ def test_fixed_and_given_thresholds():
 def test_bootstrap_matches_a_naive_percentile_bootstrap():
     probs, labels = synthetic(30, k=2, seed=7)
     n_boot, seed = 200, 3
-    r = compute_report(probs, labels, ["A", "B"], n_bootstrap=n_boot, ci=0.9, seed=seed)
+    r = compute_report(probs, labels, ["A", "B"], n_bootstrap=n_boot, ci=0.9, seed=seed, thresholds="youden", min_positives=1)
     # reference: the same resamples (rows drawn by default_rng(seed).integers in one block), AUC by pairs
     idx = np.random.default_rng(seed).integers(0, 30, size=(n_boot, 30))
     per_class = [[], []]
@@ -182,7 +182,7 @@ def test_rare_class_reports_how_many_resamples_were_used():
     probs, labels = synthetic(n, k=1, seed=9)
     labels[:] = 0
     labels[3] = 1  # one positive: a resample misses it with probability (1 - 1/n)^n
-    r = compute_report(probs, labels, ["A"], n_bootstrap=1000)
+    r = compute_report(probs, labels, ["A"], n_bootstrap=1000, thresholds="youden", min_positives=1)
     expected = 1000 * (1 - (1 - 1 / n) ** n)
     assert abs(r["per_class"][0]["bootstrap_used"] - expected) < 60  # about 4 binomial standard deviations
 
@@ -245,8 +245,127 @@ def test_macro_auc_is_the_reports_macro_leaving_out_undefined_classes_and_unknow
                     roc_auc_score(labels[known1, 1], probs[known1, 1]),
                     roc_auc_score(labels[known3, 3], probs[known3, 3])])
     assert classes == [0, 1, 3] and value == pytest.approx(want, abs=1e-12)
-    report = compute_report(probs, labels, ["a", "b", "c", "d"], n_bootstrap=0)
+    report = compute_report(probs, labels, ["a", "b", "c", "d"], n_bootstrap=0, thresholds="youden", min_positives=1)
     assert report["macro"]["auc"] == value
     # counting the unknown entries as negatives (what clamping -1 to 0 did) gives another number
     assert roc_auc_score(labels[:, 1].clip(min=0), probs[:, 1]) != pytest.approx(roc_auc_score(labels[known1, 1], probs[known1, 1]))
     assert macro_auc(probs, np.zeros_like(probs)) == (None, [])
+
+
+# ----------------------------------------------------------------------------------------------
+# the statistical design: patients as the unit, no thresholds from the reported data, few positives
+
+
+def test_patient_bootstrap_matches_a_naive_cluster_bootstrap():
+    """With patient ids, each resample draws patients with replacement and takes all their images: the same
+    draws done by hand (default_rng(seed).integers over the patients), AUC and sensitivity by pairs / counts."""
+    probs, labels = synthetic(40, k=2, seed=11)
+    patients = np.repeat(np.arange(13), 4)[:40]  # 10 patients of 4 images (the last has 4, none short) ...
+    patients[36:] = 12  # ... and one of 4
+    ids = [f"p{x}" for x in patients]
+    n_boot, seed = 150, 4
+    r = compute_report(probs, labels, ["A", "B"], n_bootstrap=n_boot, ci=0.9, seed=seed, patient_ids=ids,
+                       thresholds=[0.5, 0.4], min_positives=1)
+    groups = [np.flatnonzero(patients == g) for g in np.unique(patients)]  # in order of first appearance
+    draws = np.random.default_rng(seed).integers(0, len(groups), size=(n_boot, len(groups)))
+    aucs, sens = [[], []], [[], []]
+    for d in draws:
+        rows = np.concatenate([groups[g] for g in d])
+        p, y = probs[rows], labels[rows] == 1
+        for c, t in ((0, 0.5), (1, 0.4)):
+            if 0 < y[:, c].sum() < len(rows):
+                aucs[c].append(pair_auc(p[:, c], y[:, c]))
+            if y[:, c].sum():
+                sens[c].append(((p[:, c] >= t) & y[:, c]).sum() / y[:, c].sum())
+    assert r["settings"]["ci_unit"] == "patient" and r["n_patients"] == len(groups) and r["n_images"] == 40
+    for c in range(2):
+        np.testing.assert_allclose(r["per_class"][c]["auc_ci"], np.percentile(aucs[c], [5, 95]), rtol=1e-12)
+        np.testing.assert_allclose(r["per_class"][c]["sensitivity_ci"], np.percentile(sens[c], [5, 95]), rtol=1e-12)
+
+
+def test_one_image_per_patient_gives_the_image_bootstrap_and_no_ids_say_image():
+    probs, labels = synthetic(50, k=2, seed=12)
+    plain = compute_report(probs, labels, ["A", "B"], n_bootstrap=200, seed=1, min_positives=1)
+    each = compute_report(probs, labels, ["A", "B"], n_bootstrap=200, seed=1, min_positives=1,
+                          patient_ids=[str(i) for i in range(50)])
+    assert plain["settings"]["ci_unit"] == "image" and plain["n_patients"] is None
+    assert each["settings"]["ci_unit"] == "patient" and each["n_patients"] == 50
+    for a, b in zip(plain["per_class"], each["per_class"]):
+        assert a["auc_ci"] == b["auc_ci"] and a["sensitivity_ci"] == b["sensitivity_ci"]
+    # an image without an id is a unit of its own, and counted
+    part = compute_report(probs, labels, ["A", "B"], n_bootstrap=10, patient_ids=["x"] * 10 + [""] * 40)
+    assert part["n_patients"] == 41 and part["settings"]["images_without_patient_id"] == 40
+
+
+def test_correlated_images_widen_the_patient_interval():
+    """8 near-identical images per patient: the image bootstrap treats them as 8 observations, the patient one as
+    one, so its interval is about sqrt(8) wider (an independent expectation of the cluster bootstrap)."""
+    rng = np.random.default_rng(0)
+    n_pat, per = 60, 8
+    y = (rng.random(n_pat) < 0.4).astype(float)
+    score = y + rng.normal(size=n_pat)
+    probs = (np.repeat(score, per) + 1e-3 * rng.normal(size=n_pat * per))[:, None]
+    labels = np.repeat(y, per)[:, None]
+    ids = np.repeat(np.arange(n_pat), per)
+    by_image = compute_report(probs, labels, ["A"], n_bootstrap=400)["per_class"][0]["auc_ci"]
+    by_patient = compute_report(probs, labels, ["A"], n_bootstrap=400, patient_ids=ids)["per_class"][0]["auc_ci"]
+    ratio = (by_patient[1] - by_patient[0]) / (by_image[1] - by_image[0])
+    assert 2.0 < ratio < 4.0, ratio
+
+
+def test_default_thresholds_are_fixed_not_fitted_on_the_evaluated_data():
+    """A model with no skill: Youden thresholds fitted on the same data show a positive J; the default (fixed 0.5,
+    nothing fitted here) shows none beyond chance, and the report says where its thresholds came from."""
+    rng = np.random.default_rng(3)
+    n, k = 400, 6
+    labels = (rng.random((n, k)) < 0.3).astype(float)
+    probs = rng.random((n, k))  # independent of the labels
+    fitted = compute_report(probs, labels, list("ABCDEF"), n_bootstrap=0, thresholds="youden")
+    default = compute_report(probs, labels, list("ABCDEF"), n_bootstrap=0)
+    j_fitted = np.mean([e["sensitivity"] + e["specificity"] - 1 for e in fitted["per_class"]])
+    j_default = np.mean([e["sensitivity"] + e["specificity"] - 1 for e in default["per_class"]])
+    assert j_fitted > 0.05 and abs(j_default) < 0.05
+    assert default["settings"]["threshold_method"] == "fixed" and not default["settings"]["thresholds_fitted_on_evaluated_data"]
+    assert all(e["threshold"] == 0.5 for e in default["per_class"])
+    assert fitted["settings"]["thresholds_fitted_on_evaluated_data"]
+    assert "optimistic" in fitted["settings"]["threshold_source"]
+    # operating points: none from other data -> no threshold, never fitted here unless asked
+    assert all(r["threshold"] is None for r in default["operating_points"])
+    assert all("optimistic" in r["threshold_source"] for r in fitted["operating_points"])
+
+
+def test_validation_thresholds_file_drives_the_test_report(tmp_path):
+    """Thresholds fitted on one split (fit_operating_thresholds) and applied to another: the per-class threshold
+    is the validation split's Youden threshold, and the operating point reports the rates reached on test."""
+    from hmn.evaluation import fit_operating_thresholds
+
+    val_p, val_y = synthetic(300, k=2, seed=20)
+    test_p, test_y = synthetic(300, k=2, seed=21)
+    record = fit_operating_thresholds(val_p, val_y, ["A", "B"])
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps(record))
+    r = compute_report(test_p, test_y, ["A", "B"], thresholds=str(path), n_bootstrap=0)
+    want = select_thresholds(val_p, val_y)
+    assert [e["threshold"] for e in r["per_class"]] == want.tolist()
+    assert r["settings"]["threshold_method"] == "given" and not r["settings"]["thresholds_fitted_on_evaluated_data"]
+    op = next(x for x in r["operating_points"] if x["class"] == "B" and x["target"] == "specificity"
+              and x["target_value"] == 0.9)
+    t = next(x for x in record["operating_points"] if x["class"] == "B" and x["target"] == "specificity"
+             and x["target_value"] == 0.9)["threshold"]
+    neg = test_y[:, 1] == 0
+    assert op["threshold"] == t and op["specificity"] == pytest.approx((test_p[neg, 1] < t).mean(), abs=1e-15)
+
+
+def test_few_positive_patients_get_no_interval_and_leave_the_macro_mean():
+    probs, labels = synthetic(200, k=3, seed=9)
+    labels[:, 2] = 0
+    labels[:4, 2] = 1  # 4 positives, in 2 patients
+    ids = np.arange(200)
+    ids[:4] = [0, 0, 1, 1]
+    r = compute_report(probs, labels, ["A", "B", "C"], n_bootstrap=100, patient_ids=ids, min_positives=10)
+    c = r["per_class"][2]
+    assert c["auc"] is not None and c["auc_ci"] is None and c["sensitivity_ci"] is None
+    assert c["positive_units"] == 2 and c["positives"] == 4
+    assert "fewer than 10" in c["reason"] and "2 positive" in c["reason"]
+    assert r["macro"]["classes"] == ["A", "B"] and "C" in r["macro"]["excluded"]
+    assert r["macro"]["auc"] == pytest.approx(np.mean([r["per_class"][0]["auc"], r["per_class"][1]["auc"]]), abs=1e-15)

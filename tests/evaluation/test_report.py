@@ -33,7 +33,7 @@ def _read(path):
 
 def test_files_and_contents(tmp_path):
     probs, labels, ids = _data()
-    report = compute_report(probs, labels, CLASSES, n_bootstrap=100, seed=2)
+    report = compute_report(probs, labels, CLASSES, n_bootstrap=100, seed=2, thresholds="youden", min_positives=1)
     paths = write_report(report, probs, labels, ids, CLASSES, tmp_path / "out")
     assert sorted(paths) == ["calibration_csv", "metrics_csv", "metrics_json", "operating_points_csv",
                              "predictions_csv", "reliability_png", "roc_png"]
@@ -50,9 +50,12 @@ def test_files_and_contents(tmp_path):
     rows = _read(paths["metrics_csv"])
     assert tuple(rows[0]) == METRICS_COLUMNS == (
         "class", "n", "positives", "auc", "auc_ci_low", "auc_ci_high", "average_precision", "ap_ci_low",
-        "ap_ci_high", "threshold", "sensitivity", "specificity", "ppv", "npv",
+        "ap_ci_high", "threshold", "sensitivity", "specificity", "ppv", "npv", "sensitivity_ci_low",
+        "sensitivity_ci_high", "specificity_ci_low", "specificity_ci_high", "threshold_source", "ci_unit", "reason",
     )
     assert [r[0] for r in rows[1:]] == CLASSES + ["macro", "micro"]
+    # every row says where its thresholds came from and what the intervals resampled
+    assert {r[-3] for r in rows[1:]} == {"fitted on the evaluated data (optimistic)"} and {r[-2] for r in rows[1:]} == {"image"}
     table = {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
     card = table["Cardiomegaly"]
     known = labels[:, 0] >= 0

@@ -36,7 +36,8 @@ def _band(a):
 def test_subgroup_metrics_match_sklearn_on_each_subset():
     probs, labels, images, metadata, sex, age, view = _data()
     groups = groups_from_metadata(images, metadata)
-    report = compute_report(probs, labels, CLASSES, n_bootstrap=50, seed=1, groups=groups)
+    report = compute_report(probs, labels, CLASSES, n_bootstrap=50, seed=1, groups=groups, thresholds="youden",
+                            min_positives=1)
     sub = report["subgroups"]
     assert sub["attributes"] == ["sex", "age_band", "view"]
     expected_groups = {
