@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("hmn.bench:bench_main", "training/inference speed and peak memory of HybridMedNet against the bare backbone"),
     "compare": ("hmn.evaluation.compare:compare_main",
                 "compare two models' per-class ROC AUCs from their predictions.csv (DeLong test, paired bootstrap)"),
+    "report": ("hmn.evaluation.report:report_main",
+               "the evaluation report (patient-level intervals, operating points, calibration) of any predictions.csv"),
     "explain": ("hmn.explain:explain_main", "Grad-CAM heatmaps (overlay PNG and .npy per finding) of one image with a trained bundle"),
 }
 

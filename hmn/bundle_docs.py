@@ -214,13 +214,25 @@ Evaluate `models/model.pt` (the best validation checkpoint) on the test split:
     python -m monai.bundle run evaluating \\
         --config_file "['{cfg}/train.json','{cfg}/evaluate.json']"
 
-Operating thresholds are Youden's on the evaluated split by default (`--thresholds youden`), or
-`--thresholds fixed` (0.5). To choose them on the validation split and apply them to the test split:
+Nothing in the report is tuned on the data it reports. Operating thresholds come from the validation split:
+with each new best model, training fits Youden's J threshold and the thresholds of the operating points
+(sensitivity at 90% and 95% specificity and the reverse) on the validation split and keeps them beside
+`model.pt` as `models/thresholds.json`; the test report after training and `evaluating` use them
+(`--thresholds validation`, the default). A model without that file (trained before it was recorded) is
+reported at a fixed 0.5, and the files say so; `--thresholds FILE` takes a `metrics.json` or
+`thresholds.json` fitted elsewhere, and `--thresholds youden` fits them on the evaluated split itself, which
+is optimistic and marked so in every file (`threshold_source`). For a model without `thresholds.json`:
 
     python -m monai.bundle run evaluating --config_file "['{cfg}/train.json','{cfg}/evaluate.json']" \\
-        --eval_split validation --eval_dir {root}/runs/eval_validation
+        --eval_split validation --thresholds youden --eval_dir {root}/runs/eval_validation
     python -m monai.bundle run evaluating --config_file "['{cfg}/train.json','{cfg}/evaluate.json']" \\
         --thresholds {root}/runs/eval_validation/metrics.json
+
+Intervals resample patients (the datalist's `patient_id`; every image of a drawn patient is taken), so
+several images of one patient count as one observation; without patient ids they resample images and the
+report says so (`ci_unit`). A finding with fewer than 10 positive (or negative) patients gets its AUC but no
+interval and is left out of the macro mean, named (`--min_positives N`). An unreadable test image is left
+out and listed under `skipped_images`, never replaced by another.
 
 The validation report also holds per-finding temperatures fitted to its probabilities (temperature scaling,
 Guo et al. 2017); `--temperature {root}/runs/eval_validation/metrics.json` applies them to the test split
@@ -239,7 +251,9 @@ names the classes of either side left out in `metrics.json` (`findings`):
         --datalist chexpert.json --eval_split validation --findings shared --eval_dir {root}/runs/eval_chexpert
 
 Compare two models' predictions on the same images (per-finding ROC AUC difference, DeLong's test and a
-paired bootstrap): `python -m hmn compare A/predictions.csv B/predictions.csv --out comparison/`.
+paired bootstrap, both over patients when the files have a `patient_id` column; DeLong's variance then
+clustered as in Obuchowski 1997): `python -m hmn compare A/predictions.csv B/predictions.csv --out comparison/`.
+Any model's predictions in that CSV format get the same report: `python -m hmn report predictions.csv --out report/`.
 
 Predict over a folder (searched recursively; DICOM, PNG, JPEG) or a datalist JSON:
 
@@ -328,27 +342,32 @@ validation split), and a validation split where no class qualifies stops the run
 
 Evaluation, in `runs/eval/`:
 
-- `metrics.json`: the whole report: settings (bootstrap resamples, confidence level, seed, threshold
-  method), per class and for the macro and micro averages: number of images with a known label,
-  positives, ROC AUC with its 95% bootstrap interval, average precision, the operating threshold
-  (Youden's J by default), sensitivity, specificity, PPV and NPV at it.
+- `metrics.json`: the whole report: settings (bootstrap resamples, confidence level, seed, where the
+  thresholds came from, `ci_unit`: patient or image, `min_positives`), the numbers of images and patients,
+  per class and for the macro and micro averages: number of images with a known label, positives (images and
+  patients), ROC AUC with its 95% bootstrap interval, average precision, the operating threshold (the
+  validation split's by default), sensitivity, specificity, PPV and NPV at it with their intervals;
+  `skipped_images` lists unreadable files left out.
 - `metrics.csv`: the same, one row per class plus `macro` and `micro` rows; columns `class, n,
   positives, auc, auc_ci_low, auc_ci_high, average_precision, ap_ci_low, ap_ci_high, threshold,
-  sensitivity, specificity, ppv, npv`.
-- `predictions.csv`: one row per test image: `image`; `age`, `sex`, `view` when the datalist carries them
+  sensitivity, specificity, ppv, npv, sensitivity_ci_low, sensitivity_ci_high, specificity_ci_low,
+  specificity_ci_high, threshold_source, ci_unit, reason`.
+- `predictions.csv`: one row per test image: `image`; `patient_id` when the datalist has patient ids (as
+  written there: pseudonymize before sharing); `age`, `sex`, `view` when the datalist carries them
   (empty where unknown); then `<class>_prob` and `<class>_label` for each class.
 - `roc.png`: ROC curves per class and micro-averaged, with AUCs in the legend.
-- `operating_points.csv`: columns `class, target, target_value, threshold, sensitivity, specificity`: the
-  highest sensitivity at a specificity of at least 0.90 and 0.95 (`target` `specificity`), and the highest
-  specificity at a sensitivity of at least 0.90 and 0.95 (`target` `sensitivity`), thresholds fitted on the
-  evaluated split.
+- `operating_points.csv`: columns `class, target, target_value, threshold, sensitivity, specificity,
+  threshold_source`: at the thresholds fitted on the validation split for a specificity of at least 0.90 and
+  0.95 with the highest sensitivity (`target` `specificity`), and the reverse (`target` `sensitivity`), the
+  sensitivity and specificity reached on the evaluated split (empty without validation thresholds).
 - `calibration.csv`: columns `class, n, ece, mce, brier, temperature_applied, temperature_fitted,
   ece_before_temperature` (expected and maximum calibration error over 10 equal-width bins, Brier score,
   the temperature applied with `--temperature`, the one fitted on this split, the ECE before the applied
   one), then a `macro` row; `reliability.png`: a reliability diagram per finding.
 - With metadata in the datalist (age, sex, view; the public-source builders and the demo write them):
   `subgroups.csv`, columns `attribute, group, class, n, positives, auc, auc_ci_low, auc_ci_high,
-  average_precision, ap_ci_low, ap_ci_high, threshold, sensitivity, specificity` per `sex`, `age_band`
+  average_precision, ap_ci_low, ap_ci_high, threshold, sensitivity, specificity, threshold_source, reason`
+  per `sex`, `age_band`
   (0-19, 20-39, 40-59, 60-79, 80+) and `view` group, at the whole split's thresholds;
   `subgroup_gaps.csv`, columns `attribute, class, auc_gap, highest_group, highest_auc, lowest_group,
   lowest_auc, groups_compared` (the largest AUC difference between an attribute's groups); and

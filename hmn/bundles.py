@@ -208,6 +208,9 @@ def _dataset(split: str, transform: str) -> dict:
         "cache_dir": "$os.path.join(@output_dir, 'cache')",
         "num_workers": "@num_workers",
         "skip_bad_files": "@skip_bad_files",
+        # an unreadable file: replaced by the next one in training; left out and listed in validation and test,
+        # where a replacement would count another image twice
+        "bad_files": "replace" if split == "training" else "leave_out",
         "item_shape": "$[@network_def#in_channels, @image_size, @image_size]",
         "name": f"{split} data",
     }
@@ -452,7 +455,7 @@ def _volume_train_config(config: dict) -> dict:
     train["preprocessing"]["transforms"] = (_volume_load_transforms(training=True) + [_label_transform()] + _volume_augmentation()
                                             + [{"_target_": "EnsureTyped", "keys": ["image", "label"], "track_meta": False}])
     validate["preprocessing"]["transforms"] = _volume_load_transforms() + [_label_transform()]
-    for split in (train, validate):
+    for split in (train, validate, test):
         split["dataset"]["item_shape"] = "$[@network_def#in_channels, *@image_size]"
     # validation, the test split after training and evaluate.json classify studies as sliding_window says
     for split in (validate, test):
@@ -479,6 +482,7 @@ def train_config(name: str) -> dict:
             "$import hmn",
             "$import hmn.bundles",
             "$import hmn.checkpoints",
+            "$import hmn.evaluation",
             "$import hmn.evaluation.external",
             "$import hmn.data",
             "$import hmn.data.cli",
@@ -660,6 +664,8 @@ def train_config(name: str) -> dict:
         },
         # after training: the best model on the test split (hmn.training.evaluate_after_training)
         "evaluate_after_training": True,
+        # the fewest positive (and negative) patients a finding needs for intervals and the macro means
+        "min_positives": "$hmn.evaluation.DEFAULT_MIN_POSITIVES",
         "test": {
             "dataset": {
                 "_target_": "hmn.training.make_dataset",
@@ -667,6 +673,8 @@ def train_config(name: str) -> dict:
                 "transform": "@validate#preprocessing",
                 "cache": "none",
                 "skip_bad_files": "@skip_bad_files",
+                "bad_files": "leave_out",
+                "item_shape": "$[@network_def#in_channels, @image_size, @image_size]",
             },
             "dataloader": {"_target_": "DataLoader", "dataset": "@test#dataset", "batch_size": "@batch_size",
                            "shuffle": False, "num_workers": "@num_workers"},
@@ -680,8 +688,11 @@ def train_config(name: str) -> dict:
                 "val_handlers": [
                     {"_target_": "CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')",
                      "load_dict": {"model": "@network"}, "map_location": "@device"},
+                    # thresholds: the validation split's, recorded with model.pt (models/thresholds.json)
                     {"_target_": "hmn.handlers.EvaluationReportHandler", "output_dir": "$os.path.join(@output_dir, 'eval')",
                      "class_names": "@class_names", "num_classes": "@num_classes",
+                     "thresholds": "$hmn.evaluation.model_thresholds(@ckpt_dir)",
+                     "min_positives": "@min_positives",
                      "metadata": "$hmn.data.datalist_metadata(@datalist, 'test')"},
                 ],
             },
@@ -711,6 +722,8 @@ def train_config(name: str) -> dict:
             },
             "handlers": [
                 "@validate#early_stop",
+                # with each new best model, the validation split's operating thresholds (models/thresholds.json)
+                {"_target_": "hmn.handlers.ValidationThresholds", "ckpt_dir": "@ckpt_dir", "class_names": "@class_names"},
                 # rank 0 only from here on
                 {"_target_": "StatsHandler", "iteration_log": False},
                 {"_target_": "TensorBoardStatsHandler", "log_dir": "@output_dir", "iteration_log": False},
@@ -754,7 +767,11 @@ def evaluate_config(name: str) -> dict:
         # the model is rebuilt from its run record (models/run.json); its weights come from model.pt
         "use_run_record": True,
         "pretrained": False,
-        "thresholds": "youden",
+        # "validation": the validation split's thresholds recorded with the model (models/thresholds.json; a fixed
+        # 0.5, stated, when there is none); a metrics.json or thresholds.json path; "fixed" (fixed_threshold);
+        # "youden": fitted on the evaluated split itself, optimistic, and marked so in every file
+        "thresholds": "validation",
+        "fixed_threshold": 0.5,
         "n_bootstrap": 1000,
         # "none", or the metrics.json of an evaluation on the validation split: its fitted temperatures
         "temperature": "none",
@@ -778,8 +795,10 @@ def evaluate_config(name: str) -> dict:
                 "_target_": "hmn.handlers.EvaluationReportHandler",
                 "output_dir": "@eval_dir",
                 "class_names": "@class_names",
-                "thresholds": "@thresholds",
+                "thresholds": "$hmn.evaluation.model_thresholds(@ckpt_dir, @thresholds)",
+                "fixed_threshold": "@fixed_threshold",
                 "n_bootstrap": "@n_bootstrap",
+                "min_positives": "@min_positives",
                 "num_classes": "@num_classes",
                 "metadata": "$hmn.data.datalist_metadata(@datalist, @eval_split)",
                 "temperature": "@temperature",
@@ -1350,8 +1369,9 @@ def large_files_text(entries: list[dict[str, str]]) -> str:
 def pack_bundle(name: str, zip_path: str | os.PathLike, models_dir: str | os.PathLike | None = None,
                 bundles_dir: str | os.PathLike = "bundles", link_weights: bool = False, weights_url: str | None = None,
                 hash_type: str = "sha256") -> str:
-    """Zips bundle ``name`` (configs, docs, LICENSE) with the trained ``models/model.pt`` and its run record
-    ``models/run.json`` for sharing.
+    """Zips bundle ``name`` (configs, docs, LICENSE) with the trained ``models/model.pt``, its run record
+    ``models/run.json`` and, where training recorded them, the validation split's operating thresholds
+    ``models/thresholds.json``, for sharing.
 
     The archive holds one top-level folder ``<name>/``, the layout ``monai.bundle.download`` extracts and the
     MONAI model zoo's ``models/<name>/``: ``configs/metadata.json``, ``configs/inference.json``, ``LICENSE``
@@ -1432,6 +1452,9 @@ def pack_bundle(name: str, zip_path: str | os.PathLike, models_dir: str | os.Pat
         # the recipient has their own data: the local datalist path stays here
         shared = {**record, "settings": {k: v for k, v in record["settings"].items() if k != "datalist"}}
         zf.writestr(f"{name}/models/{RUN_RECORD}", json.dumps(shared, indent=1) + "\n")
+        # the validation split's operating thresholds travel with the model they were fitted for
+        if (models / "thresholds.json").is_file():
+            zf.write(models / "thresholds.json", f"{name}/models/thresholds.json")
     return str(zip_path)
 
 

@@ -41,15 +41,22 @@ from monai.handlers import CheckpointSaver
 from hmn import durable
 from hmn.durable import PARTIAL_SUFFIX, atomic_torch_save
 
-__all__ = ["AtomicCheckpointSaver", "AtomicDiskSaver", "promote_staged", "remove_partial_files", "staged_files"]
+__all__ = ["BEST_MODEL_COMPANIONS", "AtomicCheckpointSaver", "AtomicDiskSaver", "promote_staged", "remove_partial_files",
+           "staged_files", "staged_name"]
 
 logger = logging.getLogger(__name__)
 
 _STAGED_RE = re.compile(r"^\.(?P<name>.+)\.epoch=(?P<epoch>\d+)\.staged$")
 
+# files staged beside a best model that are promoted with it, epoch for epoch: the validation split's operating
+# thresholds (hmn.handlers.ValidationThresholds), so that thresholds.json always belongs to model.pt
+BEST_MODEL_COMPANIONS = ("thresholds.json",)
 
-def _staged_name(name: str, epoch: int) -> str:
+
+def staged_name(name: str, epoch: int) -> str:
+    """The staged file name of `name` for `epoch` (``.<name>.epoch=<epoch>.staged``)."""
     return f".{name}.epoch={int(epoch)}.staged"
+
 
 
 def staged_files(dirname: str | os.PathLike, name: str) -> list[tuple[int, str]]:
@@ -91,7 +98,8 @@ def remove_partial_files(dirname: str | os.PathLike) -> list[str]:
     """Removes the temporary ``.<name>.partial`` files that writers stopped mid-write left in `dirname`;
     returns their paths. Only for a folder no other process is writing to."""
     removed = []
-    for path in glob.glob(os.path.join(glob.escape(os.fspath(dirname)), f".*{PARTIAL_SUFFIX}")):
+    # sorted: the returned list and the log line do not follow the file system's listing order
+    for path in sorted(glob.glob(os.path.join(glob.escape(os.fspath(dirname)), f".*{PARTIAL_SUFFIX}"))):
         try:
             os.remove(path)
         except FileNotFoundError:
@@ -138,7 +146,7 @@ class AtomicDiskSaver(DiskSaver):
         if self.staged:
             if self.stage_epoch is None:
                 raise RuntimeError("AtomicDiskSaver(staged=True): set stage_epoch before saving")
-            return self.dirname / _staged_name(name, self.stage_epoch)
+            return self.dirname / staged_name(name, self.stage_epoch)
         return self.dirname / name
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
@@ -224,11 +232,24 @@ class AtomicCheckpointSaver(CheckpointSaver):
 
     def promote(self, epoch: int) -> str | None:
         """Makes the newest staged best model up to `epoch` this saver's ``key_metric_filename`` (see
-        :func:`promote_staged`); call it once the full-state checkpoint of `epoch` is complete."""
+        :func:`promote_staged`), and likewise its :data:`BEST_MODEL_COMPANIONS`; call it once the full-state
+        checkpoint of `epoch` is complete."""
         if not self.stage_key_metric or idist.get_rank() != 0:
             return None
         handler = self._key_metric_checkpoint.save_handler
-        return promote_staged(handler.dirname, handler.filename, epoch)
+        promoted = promote_staged(handler.dirname, handler.filename, epoch)
+        model_epoch = None if promoted is None else int(_STAGED_RE.match(os.path.basename(promoted)).group("epoch"))
+        for name in BEST_MODEL_COMPANIONS:
+            staged = dict(staged_files(handler.dirname, name))
+            if model_epoch is not None and model_epoch not in staged:
+                # a new best model without its companion: the old companion belongs to another model
+                stale = os.path.join(handler.dirname, name)
+                if os.path.exists(stale):
+                    os.remove(stale)
+                    logger.warning("removed %s: it belonged to an earlier best model than the one of epoch %d",
+                                   stale, model_epoch)
+            promote_staged(handler.dirname, name, epoch if model_epoch is None else model_epoch)
+        return promoted
 
     def interval_completed(self, engine: Any) -> None:
         super().interval_completed(engine)  # the full-state checkpoint is complete on disk when this returns

@@ -20,6 +20,7 @@ the CSV writer writes one file per rank (``<name>.rank<r>.csv``).
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +36,8 @@ from hmn.evaluation import atomic_write, compute_report, macro_auc, write_report
 from hmn.inference import rank_file, read_prediction_rows
 from hmn.training import _rank_world
 
-__all__ = ["EvaluationReportHandler", "HeatmapWriter", "MacroROCAUC", "PredictionCSVWriter", "stack_pred_label"]
+__all__ = ["EvaluationReportHandler", "HeatmapWriter", "MacroROCAUC", "PredictionCSVWriter", "ValidationThresholds",
+           "stack_pred_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,9 +190,11 @@ class EvaluationReportHandler:
     """Writes the evaluation report (per-class ROC AUC with bootstrap intervals, thresholds, predictions,
     ROC plot; see :mod:`hmn.evaluation.report`) when a ``SupervisedEvaluator`` run completes.
 
-    Every iteration the handler stores each image's probabilities, labels and source path; items with a
-    non-empty `error_key` (placeholders of :class:`hmn.inference.InferenceDataset`) are left out and
-    listed in the report's ``skipped_images``. On completion it calls
+    Every iteration the handler stores each image's probabilities, labels, source path and patient id (the
+    datalist's ``patient_id``: the report's intervals then resample patients); items with a non-empty
+    `error_key` (placeholders of :class:`hmn.inference.InferenceDataset`, and unreadable files of
+    :class:`hmn.data.SkipBadFilesDataset` in ``"leave_out"`` mode) are left out of every number and listed in
+    the report's ``skipped_images``. On completion it calls
     :func:`hmn.evaluation.compute_report` and :func:`hmn.evaluation.write_report`, keeps the report on
     ``self.report`` and the file paths on ``self.paths``, puts ``<metric_prefix>macro_auc`` and
     ``<metric_prefix>micro_auc`` into ``engine.state.metrics`` (when defined) and logs them.
@@ -203,7 +207,10 @@ class EvaluationReportHandler:
         mask_key: optional per-image 0/1 mask beside the label (the datalist's ``label_mask``): labels
             whose mask is 0 count as unknown. Ignored when the items have no such key.
         error_key: items with a non-empty value under this key are skipped.
-        thresholds, fixed_threshold, n_bootstrap, ci, seed: as in :func:`hmn.evaluation.compute_report`.
+        thresholds, fixed_threshold, n_bootstrap, ci, seed, min_positives: as in
+            :func:`hmn.evaluation.compute_report` (the bundles give the validation split's ``models/thresholds.json``
+            when training recorded one, see :func:`hmn.evaluation.model_thresholds`).
+        patient_key: the key of the patient id in the input items (None or missing: images are the unit).
         apply_sigmoid: the predictions are logits (True: a sigmoid is applied here) or already
             probabilities (False, e.g. after an ``Activationsd(sigmoid=True)`` postprocessing).
         num_classes: use only the first `num_classes` prediction (and label) values, for networks that
@@ -227,11 +234,13 @@ class EvaluationReportHandler:
         image_key: str = "image",
         mask_key: str | None = "label_mask",
         error_key: str = "error",
-        thresholds: Any = "youden",
+        thresholds: Any = "fixed",
         fixed_threshold: float = 0.5,
         n_bootstrap: int = 1000,
         ci: float = 0.95,
         seed: int = 0,
+        min_positives: int | None = None,
+        patient_key: str | None = "patient_id",
         apply_sigmoid: bool = True,
         num_classes: int | None = None,
         metric_prefix: str = "",
@@ -253,6 +262,10 @@ class EvaluationReportHandler:
         self.label_key, self.image_key, self.mask_key, self.error_key = label_key, image_key, mask_key, error_key
         self.thresholds, self.fixed_threshold = thresholds, fixed_threshold
         self.n_bootstrap, self.ci, self.seed = int(n_bootstrap), float(ci), int(seed)
+        from hmn.evaluation import DEFAULT_MIN_POSITIVES
+
+        self.min_positives = DEFAULT_MIN_POSITIVES if min_positives in (None, "") else int(min_positives)
+        self.patient_key = patient_key
         self.metric_prefix = metric_prefix
         self.report: dict | None = None
         self.paths: dict[str, str] | None = None
@@ -271,6 +284,7 @@ class EvaluationReportHandler:
         self._probs: list[np.ndarray] = []
         self._labels: list[np.ndarray] = []
         self._images: list[str] = []
+        self._patients: list[str] = []
         self._skipped: list[dict[str, str]] = []
         self._seen = 0
 
@@ -314,14 +328,16 @@ class EvaluationReportHandler:
             self._probs.append(self.reader.probabilities(output_item, image))
             self._labels.append(self._label(items, image))
             self._images.append(image)
+            self._patients.append(_text(items, self.patient_key) if self.patient_key else "")
 
-    def _gathered(self) -> tuple[np.ndarray, np.ndarray, list[str], list[dict[str, str]]] | None:
+    def _gathered(self) -> tuple[np.ndarray, np.ndarray, list[str], list[dict[str, str]], list[str]] | None:
         k = len(self.class_names)
         local = (
             np.stack(self._probs) if self._probs else np.zeros((0, k)),
             np.stack(self._labels) if self._labels else np.zeros((0, k)),
             list(self._images),
             list(self._skipped),
+            list(self._patients),
         )
         rank, world = _rank_world()
         if world == 1:
@@ -334,6 +350,7 @@ class EvaluationReportHandler:
             np.concatenate([p[1] for p in parts]),
             [i for p in parts for i in p[2]],
             [s for p in parts for s in p[3]],
+            [i for p in parts for i in p[4]],
         )
 
     def finalize(self, engine: Any = None) -> dict[str, str] | None:
@@ -341,7 +358,8 @@ class EvaluationReportHandler:
         gathered = self._gathered()
         if gathered is None:
             return None
-        probs, labels, images, skipped = gathered
+        probs, labels, images, skipped, patients = gathered
+        patient_ids = patients if any(patients) else None
         names = self.class_names
         if self.finding_match:
             probs = probs[:, list(self.finding_match["model_index"])]
@@ -356,8 +374,8 @@ class EvaluationReportHandler:
             logger.info("temperatures from %s applied: %s", self.temperature,
                         ", ".join(f"{n} {t:.3g}" for n, t in zip(names, temps) if np.isfinite(t)))
         if skipped:
-            logger.warning("%d images were left out of the evaluation report (unreadable): %s",
-                           len(skipped), "; ".join(s["error"] for s in skipped[:5]))
+            logger.warning("%d images were left out of the evaluation report (unreadable; not replaced, not "
+                           "counted): %s", len(skipped), "; ".join(s["error"] for s in skipped[:5]))
         if not images:
             logger.warning("no images were evaluated; no report written to %s", self.output_dir)
             return None
@@ -367,13 +385,15 @@ class EvaluationReportHandler:
             probs, labels, names, thresholds=self.thresholds, fixed_threshold=self.fixed_threshold,
             n_bootstrap=self.n_bootstrap, ci=self.ci, seed=self.seed,
             groups=groups_from_metadata(images, self.metadata), temperatures=temps,
-            temperatures_from=self.temperature, uncalibrated=raw,
+            temperatures_from=self.temperature, uncalibrated=raw, patient_ids=patient_ids,
+            min_positives=self.min_positives,
         )
         if self.finding_match:
             report["findings"] = {k: v for k, v in self.finding_match.items() if k not in ("model_index", "data_index")}
         if skipped:
             report["skipped_images"] = skipped
-        self.paths = write_report(report, probs, labels, images, names, self.output_dir, metadata=self.metadata)
+        self.paths = write_report(report, probs, labels, images, names, self.output_dir, metadata=self.metadata,
+                                  patient_ids=patient_ids)
         self.report = report
         macro, micro = report["macro"], report["micro"]
         if engine is not None:
@@ -387,9 +407,116 @@ class EvaluationReportHandler:
             ci = e.get("auc_ci")
             return f"{e['auc']:.4f}" + (f" ({self.ci:.0%} CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else "")
 
-        logger.info("evaluated %d images: macro AUC %s, micro AUC %s; report in %s",
-                    len(images), fmt(macro), fmt(micro), self.output_dir)
+        unit = (f"{report['n_patients']} patients" if report["settings"]["ci_unit"] == "patient"
+                else "no patient ids: images as the unit")
+        logger.info("evaluated %d images (%s, %d left out as unreadable): macro AUC %s, micro AUC %s; thresholds: "
+                    "%s; report in %s", len(images), unit, len(skipped), fmt(macro), fmt(micro),
+                    report["settings"]["threshold_source"], self.output_dir)
         return self.paths
+
+
+class ValidationThresholds:
+    """Records, with the best model, the operating thresholds fitted on the validation split, so that the test
+    report (and any later evaluation) applies thresholds that were not fitted on the data it reports.
+
+    Attached to the bundles' validation evaluator. Each validation it collects the probabilities and labels
+    (items with a non-empty `error_key`, unreadable files, are left out); when the validation is the
+    evaluator's new best (``state.best_metric_epoch == state.epoch``, the criterion by which ``model.pt`` is
+    kept) it fits Youden's J threshold and the operating points' thresholds per finding
+    (:func:`hmn.evaluation.fit_operating_thresholds`) and writes them as a staged
+    ``.thresholds.json.epoch=N.staged`` in `ckpt_dir`, which the full-state checkpoint saver promotes to
+    ``thresholds.json`` together with ``model.pt`` (:data:`hmn.checkpoints.BEST_MODEL_COMPANIONS`), so the two
+    always belong to the same epoch. Under torchrun every process's share is gathered and rank 0 writes.
+
+    Args:
+        ckpt_dir: the folder of ``model.pt``.
+        class_names: the class names, in the order of the network's outputs.
+        pred_key, label_key, error_key: keys of the probabilities (after the validation postprocessing's
+            sigmoid) and labels in the evaluator's output, and of the error message in its input.
+        specificities, sensitivities: the operating points' targets.
+        staged: write the staged file (True, for the bundles' checkpoint saver to promote) or ``thresholds.json``
+            itself.
+
+    The file: ``{"source": "validation split", "epoch", "val_metric", "n_images", "n_left_out", "class_names",
+    "per_class": [{"class", "threshold"}], "operating_points": [...]}``; :func:`hmn.evaluation.load_thresholds`
+    reads it as it reads a ``metrics.json``.
+    """
+
+    FILENAME = "thresholds.json"
+
+    def __init__(
+        self,
+        ckpt_dir: str | os.PathLike,
+        class_names: Sequence[str],
+        pred_key: str = "pred",
+        label_key: str = "label",
+        error_key: str = "error",
+        specificities: Sequence[float] = (0.90, 0.95),
+        sensitivities: Sequence[float] = (0.90, 0.95),
+        staged: bool = True,
+    ) -> None:
+        self.ckpt_dir = os.fspath(ckpt_dir)
+        self.class_names = [str(c) for c in class_names]
+        self.pred_key, self.label_key, self.error_key = pred_key, label_key, error_key
+        self.specificities, self.sensitivities = tuple(specificities), tuple(sensitivities)
+        self.staged = bool(staged)
+        self.path: str | None = None
+        self.reset()
+
+    def attach(self, engine: Any) -> None:
+        """Registers the handler on the validation evaluator (STARTED, ITERATION_COMPLETED, EPOCH_COMPLETED)."""
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.record)
+
+    def reset(self, engine: Any = None) -> None:
+        """Forgets what was collected (each validation starts afresh)."""
+        self._probs: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+        self._left_out = 0
+
+    def collect(self, engine: Any) -> None:
+        """Stores the current iteration's probabilities and labels."""
+        k = len(self.class_names)
+        for batch_item, output_item in _iteration_items(engine):
+            if _text((batch_item, output_item), self.error_key):
+                self._left_out += 1
+                continue
+            label = output_item.get(self.label_key)
+            if label is None and batch_item is not None:
+                label = batch_item.get(self.label_key)
+            self._probs.append(_vector(output_item[self.pred_key])[:k])
+            self._labels.append(_vector(label)[:k])
+
+    def record(self, engine: Any) -> str | None:
+        """Writes the thresholds when this validation is the best so far; returns the path written, or None."""
+        k = len(self.class_names)
+        local = (np.stack(self._probs) if self._probs else np.zeros((0, k)),
+                 np.stack(self._labels) if self._labels else np.zeros((0, k)), self._left_out)
+        rank, world = _rank_world()
+        if world > 1:
+            parts = _all_gather(local)
+            local = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                     sum(p[2] for p in parts))
+        state = engine.state
+        if rank != 0 or getattr(state, "best_metric_epoch", -1) != state.epoch or local[0].shape[0] == 0:
+            return None
+        from hmn.checkpoints import staged_name
+        from hmn.evaluation import fit_operating_thresholds
+
+        probs, labels, left_out = local
+        labels = np.where(labels < 0, np.nan, labels)
+        record = {"source": "validation split", "epoch": int(state.epoch),
+                  "val_metric": float(state.best_metric) if np.isfinite(state.best_metric) else None,
+                  "n_images": int(probs.shape[0]), "n_left_out": int(left_out),
+                  **fit_operating_thresholds(probs, labels, self.class_names, self.specificities, self.sensitivities)}
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+        name = staged_name(self.FILENAME, int(state.epoch)) if self.staged else self.FILENAME
+        text = json.dumps(record, indent=2, allow_nan=False)
+        self.path = atomic_write(os.path.join(self.ckpt_dir, name), lambda f: f.write(text + "\n"))
+        return self.path
 
 
 class PredictionCSVWriter:

@@ -257,6 +257,7 @@ def make_dataset(
     skip_bad_files: bool = False,
     item_shape: Sequence[int] | None = None,
     name: str = "dataset",
+    bad_files: str = "replace",
 ) -> torch.utils.data.Dataset:
     """A MONAI dataset over ``data`` with the chosen caching.
 
@@ -272,7 +273,10 @@ def make_dataset(
             estimate of :func:`cache_plan`; None skips the estimate.
         name: what the dataset is (``"training"``), for the log.
         skip_bad_files: wrap in :class:`hmn.data.SkipBadFilesDataset`, which logs each unreadable file once
-            and carries on with the next item.
+            and carries on.
+        bad_files: what the wrapper does with an unreadable file: ``"replace"`` it by the next readable item
+            (training) or ``"leave_out"`` (validation and test: a placeholder the metrics and the report leave
+            out and list, so no image is counted twice; needs `item_shape`).
     """
     import monai.data as md
 
@@ -294,7 +298,7 @@ def make_dataset(
     if skip_bad_files:
         from hmn.data import SkipBadFilesDataset
 
-        ds = SkipBadFilesDataset(ds)
+        ds = SkipBadFilesDataset(ds, mode=bad_files, item_shape=item_shape)
     return ds
 
 

@@ -49,9 +49,22 @@ def _items(with_error=False, with_mask=False):
     return items
 
 
+BATCH = 5  # the evaluators' DataLoader batch size
+
+
+def _outputs_in_loader_batches(network, items):
+    """The network's outputs for `items`, computed here without the evaluator but in its batches of BATCH (5, 5, 2):
+    a float32 output moves by an ulp or so with the shape of the batch it is computed in (the CPU's matrix-product
+    kernels block a batch of 12 and one of 5 differently, per instruction set), so the same batches make these the
+    evaluator's outputs exactly, on any CPU."""
+    images = torch.stack([i["image"].as_tensor() for i in items])
+    with torch.no_grad():
+        return torch.cat([network(images[s : s + BATCH]) for s in range(0, len(images), BATCH)])
+
+
 def _run(handler, items, decollate=True, network=None):
     network = network if network is not None else _network()
-    loader = DataLoader(Dataset(items), batch_size=5, num_workers=0)
+    loader = DataLoader(Dataset(items), batch_size=BATCH, num_workers=0)
     evaluator = SupervisedEvaluator(
         device="cpu", val_data_loader=loader, network=network, val_handlers=[handler], decollate=decollate
     )
@@ -68,12 +81,12 @@ def _read(path):
 @pytest.mark.parametrize("decollate", [True, False])
 def test_report_from_a_supervised_evaluator(tmp_path, decollate, caplog):
     items = _items()
-    handler = EvaluationReportHandler(tmp_path / "report", CLASSES, n_bootstrap=100, seed=0)
+    handler = EvaluationReportHandler(tmp_path / "report", CLASSES, n_bootstrap=100, seed=0, min_positives=1)
     caplog.set_level(logging.INFO, logger="hmn.handlers")
     evaluator, net = _run(handler, items, decollate=decollate)
 
-    with torch.no_grad():  # independent: the same network on all images at once
-        probs = torch.sigmoid(net(torch.stack([i["image"].as_tensor() for i in items]))).double().numpy()
+    # independent of the handler: the same network on the same images, and the report's float64 sigmoid
+    probs = torch.sigmoid(_outputs_in_loader_batches(net, items).double()).numpy()
     labels = torch.stack([i["label"] for i in items]).numpy()
 
     header, rows = _read(tmp_path / "report" / "predictions.csv")
@@ -107,8 +120,7 @@ def test_probabilities_num_classes_mask_and_skipped_items(tmp_path):
     net = _network(outputs=5, sigmoid=True)  # 3 fine probabilities, then 2 "coarse" ones
     handler = EvaluationReportHandler(tmp_path, CLASSES, apply_sigmoid=False, num_classes=3, n_bootstrap=0)
     _run(handler, items, network=net)
-    with torch.no_grad():
-        probs = net(torch.stack([i["image"].as_tensor() for i in items]))[:, :3].double().numpy()
+    probs = _outputs_in_loader_batches(net, items)[:, :3].double().numpy()
     _, rows = _read(tmp_path / "predictions.csv")
     kept = [i for i in range(N) if i != 3]
     assert [r[0] for r in rows] == [f"/data/p{i:02d}/img.png" for i in kept]
@@ -216,7 +228,7 @@ def test_macro_roc_auc_key_metric_leaves_out_a_class_without_positives_and_maske
         item["label"][2] = 0.0
         if i % 4 == 1:
             item["label"][0] = -1.0
-    loader = DataLoader(Dataset(items), batch_size=5, num_workers=0)
+    loader = DataLoader(Dataset(items), batch_size=BATCH, num_workers=0)
     network = _network()
     evaluator = SupervisedEvaluator(
         device="cpu", val_data_loader=loader, network=network,
@@ -224,10 +236,63 @@ def test_macro_roc_auc_key_metric_leaves_out_a_class_without_positives_and_maske
         additional_metrics={"monai_auc": ROCAUC(average="macro", output_transform=from_engine(["pred", "label"]))},
     )
     evaluator.run()
-    with torch.no_grad():
-        scores = network(torch.stack([it["image"].as_tensor() for it in items])).numpy()
+    scores = _outputs_in_loader_batches(network, items).numpy()  # the evaluator's scores: the same batches
     labels = np.stack([it["label"].numpy() for it in items])
     known = labels[:, 0] >= 0
     want = np.mean([pair_auc(scores[known, 0], labels[known, 0] == 1), pair_auc(scores[:, 1], labels[:, 1] == 1)])
     assert evaluator.state.metrics["val_auc"] == pytest.approx(want, abs=1e-12)
     assert math.isnan(evaluator.state.metrics["monai_auc"])  # the fault this metric replaces
+
+
+class _State:
+    def __init__(self, epoch, best_epoch, best=0.8):
+        self.epoch, self.best_metric_epoch, self.best_metric = epoch, best_epoch, best
+        self.output = self.batch = None
+
+
+class _Engine:
+    def __init__(self, epoch, best_epoch):
+        self.state = _State(epoch, best_epoch)
+
+
+def test_validation_thresholds_are_recorded_with_the_best_model_and_promoted_with_it(tmp_path):
+    """The validation split's Youden and operating-point thresholds are written (staged) only for a new best
+    validation, leave out unreadable items, and become thresholds.json together with model.pt; a best model
+    promoted without thresholds removes the old file instead of pairing it with another model."""
+    from hmn.checkpoints import AtomicCheckpointSaver
+    from hmn.evaluation import load_thresholds, select_thresholds
+    from hmn.handlers import ValidationThresholds
+
+    rng = np.random.default_rng(0)
+    probs = rng.random((40, 2))
+    labels = (rng.random((40, 2)) < probs).astype(float)
+    labels[3, 1] = -1  # unknown
+    handler = ValidationThresholds(tmp_path, ["A", "B"])
+    for best_epoch, epoch in ((1, 2), (3, 3)):  # epoch 2 is no new best; epoch 3 is
+        engine = _Engine(epoch, best_epoch)
+        handler.reset()
+        for start in range(0, 40, 8):
+            engine.state.output = [{"pred": torch.tensor(probs[i]), "label": torch.tensor(labels[i])}
+                                   for i in range(start, start + 8)]
+            engine.state.batch = [{"error": ""} for _ in range(8)]
+            handler.collect(engine)
+        engine.state.output = [{"pred": torch.tensor([0.99, 0.01]), "label": torch.tensor([-1.0, -1.0])}]
+        engine.state.batch = [{"error": "bad.png: truncated"}]
+        handler.collect(engine)
+        written = handler.record(engine)
+        assert (written is None) == (epoch == 2)
+    staged = tmp_path / ".thresholds.json.epoch=3.staged"
+    record = json.loads(staged.read_text())
+    assert record["epoch"] == 3 and record["n_images"] == 40 and record["n_left_out"] == 1
+    want = select_thresholds(probs, np.where(labels < 0, np.nan, labels))
+    np.testing.assert_array_equal(load_thresholds(staged, ["A", "B"]), want)
+
+    saver = AtomicCheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, save_key_metric=True,
+                                  key_metric_filename="model.pt", stage_key_metric=True)
+    (tmp_path / ".model.pt.epoch=3.staged").write_bytes(b"weights of epoch 3")
+    saver.promote(3)
+    assert (tmp_path / "model.pt").read_bytes() == b"weights of epoch 3"
+    assert json.loads((tmp_path / "thresholds.json").read_text())["epoch"] == 3 and not staged.exists()
+    (tmp_path / ".model.pt.epoch=5.staged").write_bytes(b"weights of epoch 5")  # no thresholds staged with it
+    saver.promote(5)
+    assert (tmp_path / "model.pt").read_bytes() == b"weights of epoch 5" and not (tmp_path / "thresholds.json").exists()

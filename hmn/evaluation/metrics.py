@@ -48,7 +48,7 @@ import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 __all__ = ["DEFAULT_MIN_POSITIVES", "THRESHOLD_METHODS", "compute_report", "fit_operating_thresholds",
-           "load_operating_thresholds", "load_thresholds", "macro_auc", "operating_points", "patient_units",
+           "load_operating_thresholds", "load_thresholds", "macro_auc", "model_thresholds", "operating_points", "patient_units",
            "select_thresholds", "weighted_auc_ap"]
 
 logger = logging.getLogger(__name__)
@@ -333,6 +333,42 @@ def _load_per_class(
     if missing:
         raise ValueError(f"{path} has no {plural} for classes {missing}; it has {sorted(recorded)}")
     return np.array([np.nan if recorded[c] is None else float(recorded[c]) for c in class_names])
+
+
+def model_thresholds(ckpt_dir: str | os.PathLike, thresholds: Any = "validation") -> Any:
+    """The bundles' ``thresholds`` setting resolved for :func:`compute_report`.
+
+    Args:
+        ckpt_dir: the model's folder (``models/``), where training records ``thresholds.json`` beside ``model.pt``
+            (:class:`hmn.handlers.ValidationThresholds`: fitted on the validation split).
+        thresholds: ``"validation"`` (that file; a fixed 0.5, with a warning saying so, when the model has
+            none), ``"fixed"``, ``"youden"`` (fitted on the evaluated data: optimistic, marked in the report), or
+            the path of a ``metrics.json`` / ``thresholds.json`` fitted on other data.
+
+    Returns:
+        What :func:`compute_report` takes as ``thresholds``.
+
+    Raises:
+        FileNotFoundError: a path that does not exist.
+        ValueError: a value that is none of the above.
+    """
+    value = os.fspath(thresholds) if isinstance(thresholds, os.PathLike) else thresholds
+    if value == "validation":
+        path = os.path.join(os.fspath(ckpt_dir), "thresholds.json")
+        if os.path.isfile(path):
+            return path
+        logger.warning("no %s (the validation split's thresholds are recorded by training since this version): "
+                       "the report uses a fixed threshold; give --thresholds with a metrics.json evaluated on the "
+                       "validation split (--eval_split validation --thresholds youden) for fitted ones", path)
+        return "fixed"
+    if value in THRESHOLD_METHODS:
+        return value
+    if isinstance(value, str):
+        if os.path.isfile(value):
+            return value
+        raise FileNotFoundError(f"thresholds={value!r}: no such file; accepted: 'validation', 'fixed', 'youden', or "
+                                "the path of a metrics.json or thresholds.json")
+    raise ValueError(f"thresholds={value!r}; accepted: 'validation', 'fixed', 'youden', or a metrics.json path")
 
 
 def _resolve_thresholds(

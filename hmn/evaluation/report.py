@@ -49,6 +49,7 @@ per-image identifiers written.
     * ``findings`` (only for a model evaluated on a datalist with other classes): ``compared``
       (``[{"finding", "model_class", "data_class"}]``), ``model_only`` and ``data_only`` (class names left
       out), ``model_vocabulary`` and ``data_vocabulary``; the report's classes are then the findings.
+    * ``source`` (``python -m hmn report`` only): the predictions file the report was computed from.
     * ``skipped_images`` (only when the evaluation handler left images out): ``[{"image", "error"}]``: files
       that could not be read, left out of every number (never replaced by another image).
 
@@ -126,7 +127,7 @@ from hmn.durable import atomic_write
 from .metrics import _as_arrays, _masks
 
 __all__ = ["CALIBRATION_COLUMNS", "METRICS_COLUMNS", "OPERATING_POINTS_COLUMNS", "REPORT_FILES", "SUBGROUPS_COLUMNS",
-           "SUBGROUP_FILES", "SUBGROUP_GAPS_COLUMNS", "atomic_write", "plot_roc", "write_report"]
+           "SUBGROUP_FILES", "SUBGROUP_GAPS_COLUMNS", "atomic_write", "plot_roc", "report_main", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -363,3 +364,112 @@ def write_report(
     _write_sections(report, p, lab, class_names, paths)
     logger.info("evaluation report written to %s", out_dir)
     return paths
+
+
+# ----------------------------------------------------------------------------------------------
+# python -m hmn report
+
+
+def _report_parser() -> Any:
+    import argparse
+
+    from .metrics import DEFAULT_MIN_POSITIVES
+
+    p = argparse.ArgumentParser(
+        prog="python -m hmn report",
+        description="The evaluation report (metrics.json/csv, predictions.csv, ROC, operating points, calibration, "
+        "subgroups) from any model's predictions.csv: columns image, optional patient_id, age, sex, view, and "
+        "<class>_prob, <class>_label per class (the format `evaluating` writes). Intervals resample patients when "
+        "there is a patient_id column.",
+    )
+    p.add_argument("predictions", help="the predictions.csv, or the folder holding it")
+    p.add_argument("--out", default="report", help="output folder (default: ./report)")
+    p.add_argument("--n-bootstrap", type=int, default=1000, help="bootstrap resamples (default 1000; 0: no intervals)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    p.add_argument("--ci", type=float, default=0.95, help="confidence level of the intervals (default 0.95)")
+    p.add_argument("--thresholds", default="fixed",
+                   help="a metrics.json or thresholds.json fitted on other data (the validation split), 'fixed' "
+                   "(--fixed-threshold, the default) or 'youden' (fitted on these data: optimistic, marked so)")
+    p.add_argument("--fixed-threshold", type=float, default=0.5, help="the threshold of 'fixed' (default 0.5)")
+    p.add_argument("--min-positives", type=int, default=DEFAULT_MIN_POSITIVES,
+                   help=f"fewest positive and negative patients (images without patient ids) a finding needs for "
+                   f"intervals and the macro means (default {DEFAULT_MIN_POSITIVES})")
+    p.add_argument("--subgroups", nargs="+", default=None, metavar="ATTRIBUTE",
+                   help="subgroup attributes among sex, age_band, view (default: those the file has), or 'none'")
+    p.add_argument("--temperature", default=None,
+                   help="a validation metrics.json whose fitted per-finding temperatures are applied first")
+    return p
+
+
+def _metadata_columns(path: str, images: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``{image: {"age", "sex", "view"}}`` from the file's metadata columns (absent or empty values left out)."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    out: dict[str, dict[str, Any]] = {}
+    for image, row in zip(images, rows):
+        m: dict[str, Any] = {}
+        age = (row.get("age") or "").strip()
+        if age:
+            try:
+                m["age"] = float(age)
+            except ValueError:
+                raise ValueError(f"{path}: image {image!r}: age {age!r} is not a number of years") from None
+        for key in ("sex", "view"):
+            if (row.get(key) or "").strip():
+                m[key] = row[key].strip()
+        if m:
+            out[image] = m
+    return out
+
+
+def report_main(argv: list[str]) -> int:
+    """``python -m hmn report PREDICTIONS --out DIR ...``: the evaluation report of any model's predictions.
+    Returns 0, or 1 (the reason on stderr) on bad input."""
+    import sys
+
+    from .calibration import apply_temperature, load_temperatures
+    from .compare import read_predictions
+    from .metrics import compute_report
+    from .subgroups import SUBGROUP_ATTRIBUTES, groups_from_metadata
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _report_parser().parse_args(argv)
+    try:
+        table = read_predictions(args.predictions)
+        metadata = _metadata_columns(table.path, table.images)
+        groups = groups_from_metadata(table.images, metadata)
+        if args.subgroups is not None:
+            wanted = [] if args.subgroups == ["none"] else args.subgroups
+            unknown = [a for a in wanted if a not in SUBGROUP_ATTRIBUTES]
+            if unknown:
+                raise ValueError(f"--subgroups {unknown}: accepted {', '.join(SUBGROUP_ATTRIBUTES)} or none")
+            groups = {k: v for k, v in groups.items() if k in wanted}
+        probs, temps, raw = table.probs, None, None
+        if args.temperature:
+            temps, raw = load_temperatures(args.temperature, table.class_names), probs
+            probs = apply_temperature(probs, temps)
+        report = compute_report(probs, table.labels, table.class_names, thresholds=args.thresholds,
+                                fixed_threshold=args.fixed_threshold, n_bootstrap=args.n_bootstrap, ci=args.ci,
+                                seed=args.seed, groups=groups or None, patient_ids=table.patient_ids,
+                                min_positives=args.min_positives, temperatures=temps,
+                                temperatures_from=args.temperature, uncalibrated=raw)
+        report["source"] = table.path
+        paths = write_report(report, probs, table.labels, table.images, table.class_names, args.out,
+                             metadata=metadata, patient_ids=table.patient_ids)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    st = report["settings"]
+    unit = (f"{report['n_patients']} patients resampled" if st["ci_unit"] == "patient"
+            else "no patient_id column: images resampled as independent")
+    macro = report["macro"]
+    auc = "undefined" if macro["auc"] is None else f"{macro['auc']:.4f}"
+    if macro.get("auc_ci"):
+        auc += f" ({100 * st['ci']:g}% CI {macro['auc_ci'][0]:.4f}-{macro['auc_ci'][1]:.4f})"
+    print(f"{table.path}: {report['n_images']} images, {len(table.class_names)} classes; {unit}")
+    print(f"macro ROC AUC {auc} over {len(macro['classes'])} classes; thresholds: {st['threshold_source']}")
+    for name, why in macro["excluded"].items():
+        print(f"  left out of the macro mean: {name}: {why}")
+    for path in paths.values():
+        print(f"wrote {path}")
+    return 0

@@ -105,3 +105,29 @@ def test_find_read_error_walks_the_chain():
     except RuntimeError as outer:
         assert find_read_error(outer) is inner
     assert find_read_error(RuntimeError("x")) is None
+
+
+def test_leave_out_mode_counts_each_image_once_and_names_the_bad_ones(tmp_path, caplog):
+    """Validation and test: an unreadable file becomes a placeholder marked with its error (every label unknown),
+    never the next image again; each readable image appears exactly once, in order."""
+    from hmn.training import label_tensor
+
+    items = _data(tmp_path)
+    pipeline = Compose([LoadXrayd(keys="image"), Resized(keys="image", spatial_size=(8, 8)), label_tensor])
+    ds = SkipBadFilesDataset(Dataset(items, transform=pipeline), mode="leave_out", item_shape=(1, 8, 8))
+    caplog.set_level(logging.WARNING, logger="hmn.data.dataset")
+    paths, errors, labels = [], [], []
+    for batch in DataLoader(ds, batch_size=3, num_workers=0):
+        paths.extend(batch["image"].meta["filename_or_obj"])
+        errors.extend(batch["error"])
+        labels.extend(batch["label"][:, 0].tolist())
+    assert paths == [e["image"] for e in items]  # every item once, in order, none twice
+    bad = [i for i, e in enumerate(errors) if e]
+    assert bad == [2, 5] and "missing.png" in errors[2] and "cut.png" in errors[5]
+    assert labels[2] == labels[5] == -1.0 and [labels[i] for i in (0, 1, 3)] == [0.0, 1.0, 0.0]
+    assert ds.skipped_count == 2
+    assert sum("left out of the metrics, not replaced" in r.getMessage() for r in caplog.records) == 2
+    with pytest.raises(ValueError, match="item_shape"):
+        SkipBadFilesDataset(Dataset(items), mode="leave_out")
+    with pytest.raises(ValueError, match="accepted: replace, leave_out"):
+        SkipBadFilesDataset(Dataset(items), mode="skip")

@@ -122,3 +122,44 @@ def test_mismatched_inputs_are_rejected(tmp_path):
         write_report(report, probs, labels, ids[:-1], CLASSES, tmp_path)
     with pytest.raises(ValueError, match="differ from class_names"):
         write_report(report, probs, labels, ids, ["A", "B", "C"], tmp_path)
+
+
+def test_hmn_report_from_any_predictions_csv_resamples_patients(tmp_path, capsys):
+    """`python -m hmn report` on a predictions.csv with a patient_id column: the same report as compute_report with
+    those patient ids (so patient-level intervals), written to the folder, with where the thresholds came from."""
+    from hmn.__main__ import main as hmn_main
+    from hmn.evaluation import compute_report, fit_operating_thresholds
+
+    rng = np.random.default_rng(7)
+    n = 90
+    patients = [f"P{i // 3}" for i in range(n)]
+    labels = np.repeat((rng.random((30, 2)) < 0.4).astype(float), 3, axis=0)
+    probs = 1 / (1 + np.exp(-(2 * labels - 1 + rng.normal(size=(n, 2)))))
+    path = tmp_path / "vendor.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "patient_id", "sex", "Mass_prob", "Mass_label", "Nodule_prob", "Nodule_label"])
+        for i in range(n):
+            w.writerow([f"/x/{i}.dcm", patients[i], "MF"[i % 2], repr(float(probs[i, 0])), int(labels[i, 0]),
+                        repr(float(probs[i, 1])), int(labels[i, 1])])
+    val = tmp_path / "thresholds.json"
+    val.write_text(json.dumps(fit_operating_thresholds(probs[::-1], labels[::-1], ["Mass", "Nodule"])))
+    out = tmp_path / "rep"
+    assert hmn_main(["report", str(path), "--out", str(out), "--n-bootstrap", "200", "--seed", "5",
+                     "--thresholds", str(val)]) == 0
+    printed = capsys.readouterr().out
+    assert "30 patients resampled" in printed and f"given: {val}" in printed
+    saved = json.loads((out / "metrics.json").read_text())
+    want = compute_report(probs, labels, ["Mass", "Nodule"], thresholds=str(val), n_bootstrap=200, seed=5,
+                          patient_ids=patients, groups={"sex": ["MF"[i % 2] for i in range(n)]})
+    assert saved["settings"]["ci_unit"] == "patient" and saved["n_patients"] == 30
+    assert [e["auc_ci"] for e in saved["per_class"]] == [e["auc_ci"] for e in want["per_class"]]
+    assert [e["threshold"] for e in saved["per_class"]] == [e["threshold"] for e in want["per_class"]]
+    pred = _read(out / "predictions.csv")
+    assert pred[0][:2] == ["image", "patient_id"] and [r[1] for r in pred[1:]] == patients
+    assert (out / "subgroups.csv").is_file()
+    # a file that is not a predictions.csv: exit 1 and the file named
+    bad = tmp_path / "bad.csv"
+    bad.write_text("a,b\n1,2\n")
+    assert hmn_main(["report", str(bad), "--out", str(tmp_path / "x")]) == 1
+    assert "bad.csv" in capsys.readouterr().err
