@@ -4,7 +4,9 @@ synthetic demo datasets (2D radiographs, 3D CT-like volumes), and a dataset wrap
 
 Every builder returns MONAI's datalist form with the class names beside the splits:
 ``{"class_names": [...], "training": [{"image", "label" (multi-hot), "patient_id"}], "validation": [...], "test": [...]}``;
-entries may also carry ``age``, ``sex`` and ``view`` (:data:`~hmn.data.vocabulary.METADATA_KEYS`).
+entries may also carry ``age``, ``sex`` and ``view`` (:data:`~hmn.data.vocabulary.METADATA_KEYS`). The
+public-source builders also record ``"rows"``: how many rows they read, kept and left out per filter and
+reason, and the patients two splits share (:class:`~hmn.data.datalist.RowAccounting`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from .chexpert import CHEXPERT_CLASSES, UNCERTAIN_POLICIES, chexpert_datalist
 from .datalist import (
     SPLITS,
     DatalistError,
+    RowAccounting,
+    check_patient_overlap,
     classes_without_positives,
     datalist_metadata,
     load_datalist,
@@ -49,8 +53,10 @@ __all__ = [
     "UNCERTAIN_POLICIES",
     "VINDR_CXR_CLASSES",
     "DatalistError",
+    "RowAccounting",
     "SkipBadFilesDataset",
     "SkippedFilesReport",
+    "check_patient_overlap",
     "chexpert_datalist",
     "classes_without_positives",
     "datalist_metadata",

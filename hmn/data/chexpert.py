@@ -4,6 +4,20 @@
 1 positive, 0 negative, -1 uncertain, blank not mentioned) and applies an uncertainty policy per class:
 ``"ones"`` (U-Ones), ``"zeros"`` (U-Zeros) or ``"ignore"`` (U-Ignore: label 0 with ``label_mask`` 0,
 so that a masked loss leaves it out). Blank is read as negative, as in the paper.
+
+The view of a row, one rule for ``view`` and ``frontal_only`` alike (:func:`chexpert_view`): the
+``Frontal/Lateral`` column says which kind of image it is and ``AP/PA`` the projection (AP, PA; LL and RL,
+left and right lateral, are DICOM ViewPosition values of a *lateral* image). Where the two disagree (the 17
+rows of the training table whose Frontal/Lateral is Frontal while AP/PA is LL or RL; or a Lateral row with
+AP or PA) the view is **unknown**: the entry gets no ``view``, and ``frontal_only`` leaves the row out,
+counted under its own reason, as it does the Lateral rows (a blank Frontal/Lateral leaves AP/PA to decide:
+AP or PA is frontal, LL or RL lateral, blank unknown). Neither column is taken to overrule the other: the
+table does not say which one is wrong, and a lateral image kept as frontal, or a frontal one reported as
+lateral, would both be silent errors.
+
+Every row read is accounted for (:class:`hmn.data.datalist.RowAccounting`, ``"rows"`` in the datalist,
+printed by ``python -m hmn datalist chexpert``). Ages follow the project's rule
+(:func:`hmn.data.vocabulary.normalize_age`): ``Age`` 0 is unknown.
 """
 
 from __future__ import annotations
@@ -15,12 +29,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .datalist import SPLITS, DatalistError, check_images_exist, make_datalist, patient_split, read_table
-from .dicom_metadata import parse_dicom_age
+from .datalist import (
+    SPLITS, DatalistError, RowAccounting, check_images_exist, make_datalist, patient_split, read_table,
+)
 from .uncertain import UNCERTAIN_POLICIES, apply_uncertainty, uncertainty_policies
-from .vocabulary import VOCABULARY_VERSION, canonical_name, normalize_sex, normalize_view
+from .vocabulary import VOCABULARY_VERSION, canonical_name, normalize_age, normalize_sex, normalize_view
 
-__all__ = ["CHEXPERT_CLASSES", "UNCERTAIN_POLICIES", "chexpert_datalist"]
+__all__ = ["CHEXPERT_CLASSES", "UNCERTAIN_POLICIES", "chexpert_datalist", "chexpert_view"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +45,48 @@ CHEXPERT_CLASSES = (
     "Fracture", "Support Devices",
 )
 _PATIENT = re.compile(r"(patient\d+)")
+
+
+_FRONTAL_PROJECTIONS = {"AP", "PA"}
+# why a row is not a frontal image (frontal_only's reasons), by chexpert_view's verdict
+_NOT_FRONTAL = {
+    "lateral": "Frontal/Lateral is Lateral",
+    "disagree": "Frontal/Lateral and AP/PA disagree (e.g. Frontal with AP/PA LL or RL): view unknown",
+    "unknown": "Frontal/Lateral names neither Frontal nor Lateral, and AP/PA no projection",
+}
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value).strip()
+
+
+def chexpert_view(frontal_lateral, ap_pa) -> tuple[str, str | None]:
+    """The view of a CheXpert row from its ``Frontal/Lateral`` and ``AP/PA`` cells (the rule in the module
+    docstring).
+
+    Returns:
+        ``(kind, view)``. kind: ``"frontal"`` (Frontal, and AP/PA is AP, PA, blank or another value that is
+        not lateral), ``"lateral"`` (Lateral, and AP/PA is blank or lateral), ``"disagree"`` (Frontal with a
+        lateral AP/PA, LL or RL; or Lateral with AP or PA) or ``"unknown"`` (Frontal/Lateral names neither;
+        where it is blank, AP/PA alone decides: AP or PA is frontal, LL or RL lateral). view, the entry's
+        ``view``: the AP/PA value for a frontal row (None when blank), ``"LATERAL"`` for a lateral one, None
+        otherwise.
+    """
+    fl = _cell(frontal_lateral).lower()
+    projection = normalize_view(_cell(ap_pa) or None)
+    if not fl:
+        fl = "frontal" if projection in _FRONTAL_PROJECTIONS else "lateral" if projection == "LATERAL" else ""
+    if fl == "frontal":
+        if projection == "LATERAL":
+            return "disagree", None
+        return "frontal", projection
+    if fl == "lateral":
+        if projection in _FRONTAL_PROJECTIONS:
+            return "disagree", None
+        return "lateral", "LATERAL"
+    return "unknown", None
 
 
 def _read(csv: str | os.PathLike):
@@ -97,7 +154,9 @@ def chexpert_datalist(
             split patient-wise by `fractions`). Default: official when `valid_csv` is given.
         fractions: (training, validation, test) fractions for ``split="patient"``.
         seed: seed of the patient shuffle.
-        frontal_only: keep rows whose "Frontal/Lateral" is "Frontal".
+        frontal_only: keep the frontal rows: "Frontal/Lateral" is "Frontal" and "AP/PA" does not say a
+            lateral projection (:func:`chexpert_view`); the rows left out are counted per reason (Lateral;
+            the two columns disagree; blank).
         check_files: raise if an image file is missing.
         vocabulary: name the classes by their canonical findings (:mod:`hmn.data.vocabulary`; CheXpert's
             names are canonical already, ``Pleural Other`` stays apart from ``Pleural Thickening``) and
@@ -105,12 +164,17 @@ def chexpert_datalist(
 
     Returns:
         the datalist dict; with any "ignore" policy every entry also has ``label_mask``. Entries carry
-        ``age`` ("Age"), ``sex`` ("Sex": ``Male``/``Female``; ``Unknown`` left out) and ``view``
-        (``LATERAL`` when "Frontal/Lateral" is Lateral, else the "AP/PA" value) where the table has them.
+        ``age`` ("Age"; 0 is unknown, :func:`hmn.data.vocabulary.normalize_age`), ``sex`` ("Sex":
+        ``Male``/``Female``; ``Unknown`` left out) and ``view`` (:func:`chexpert_view`: ``LATERAL`` for a
+        Lateral row, the "AP/PA" value for a Frontal one, left out where the two columns disagree) where the
+        table has them. ``"rows"`` records the rows read, kept and left out per filter and reason.
     """
     tables = [("training", train_csv), ("validation", valid_csv), ("test", test_csv)]
     tables = [(s, os.fspath(c)) for s, c in tables if c is not None]
     frames = [(s, c, _read(c)) for s, c in tables]
+    rows = RowAccounting(", ".join(c for _, c in tables), log=logger)
+    for _, _, df in frames:
+        rows.read(len(df))
     if classes is None:
         classes = [c for c in CHEXPERT_CLASSES if c != "No Finding" and c in frames[0][2].columns]
         if not classes:
@@ -131,7 +195,12 @@ def chexpert_datalist(
         if frontal_only:
             if "Frontal/Lateral" not in df.columns:
                 raise DatalistError(f"{csv}: frontal_only needs a 'Frontal/Lateral' column")
-            df = df[df["Frontal/Lateral"].astype(str).str.lower() == "frontal"]
+            appa = df["AP/PA"].tolist() if "AP/PA" in df.columns else [None] * len(df)
+            kinds = [chexpert_view(fl, ap)[0] for fl, ap in zip(df["Frontal/Lateral"], appa)]
+            paths = df["Path"].astype(str).tolist()
+            for kind, reason in _NOT_FRONTAL.items():
+                rows.drop("frontal_only", reason, [p for p, k in zip(paths, kinds) if k == kind])
+            df = df[[k == "frontal" for k in kinds]]
         if df.empty:
             continue
         labels, mask = apply_uncertainty(df[classes].to_numpy(dtype=np.float64), classes, policies, csv)
@@ -155,9 +224,11 @@ def chexpert_datalist(
         check_images_exist([e["image"] for s in SPLITS for e in entries[s]], "CheXpert image(s)", "set image_root")
     if vocabulary:
         names = [canonical_name("chexpert", c) or c for c in classes]
-        return make_datalist(entries, names, source="chexpert", uncertain_policy=dict(zip(names, policies.values())),
+        data = make_datalist(entries, names, source="chexpert", uncertain_policy=dict(zip(names, policies.values())),
                              vocabulary=VOCABULARY_VERSION)
-    return make_datalist(entries, classes, source="chexpert", uncertain_policy=policies)
+    else:
+        data = make_datalist(entries, classes, source="chexpert", uncertain_policy=policies)
+    return rows.finish(data, " / ".join(c for _, c in tables) if split == "official" else None)
 
 
 def _metadata(df) -> list[dict]:
@@ -169,9 +240,7 @@ def _metadata(df) -> list[dict]:
 
     out = []
     for a, s, fl, appa in zip(col("Age"), col("Sex"), col("Frontal/Lateral"), col("AP/PA")):
-        age = parse_dicom_age(a)
-        lateral = isinstance(fl, str) and fl.strip().lower() == "lateral"
-        m = {"age": age if age is not None and age >= 0 else None, "sex": normalize_sex(s),
-             "view": "LATERAL" if lateral else normalize_view(appa)}
+        view = chexpert_view(fl, appa)[1]
+        m = {"age": normalize_age(a), "sex": normalize_sex(s), "view": view}
         out.append({k: v for k, v in m.items() if v is not None})
     return out

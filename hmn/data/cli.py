@@ -17,7 +17,10 @@
     python -m hmn demo-data --root ~/.cache/hmn/demo --n-images 900 --size 256
     python -m hmn demo3d-data --root ~/.cache/hmn/demo3d --n-volumes 600 --size 64,64,32 --spacing 1.5,1.5,3.0
 
-Each writes the datalist JSON and prints images, patients and positives per class for every split.
+Each writes the datalist JSON and prints images, patients and positives per class for every split, then
+how many rows the builder read, kept and left out, one line per filter and reason (with the first ids), and
+the patients that two splits share, if any (the datalist's ``"rows"`` record,
+:class:`hmn.data.datalist.RowAccounting`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import logging
 import os
 import sys
 
-from .datalist import DatalistError, classes_without_positives, summarize, write_datalist
+from .datalist import DatalistError, accounting_lines, classes_without_positives, summarize, write_datalist
 
 __all__ = ["datalist_main", "demo_main", "demo3d_main", "default_demo_root", "default_demo3d_root"]
 
@@ -175,7 +178,8 @@ def _policy(text: str):
 
 def datalist_main(argv: list[str]) -> int:
     """``python -m hmn datalist {nih,chexpert,mimic-cxr,padchest,vindr-cxr,rsna-pneumonia,folder,json} ...``: writes
-    a datalist and prints its counts."""
+    a datalist and prints its counts: per split and class, then the rows read, kept and left out per filter and
+    reason (:func:`hmn.data.datalist.accounting_lines`)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = _parser().parse_args(argv)
     try:
@@ -248,6 +252,8 @@ def datalist_main(argv: list[str]) -> int:
     path = write_datalist(data, args.out)
     print(f"wrote {path}")
     print(summarize(data))
+    for line in accounting_lines(data):
+        print(line)
     for split, missing in classes_without_positives(data).items():
         print(f"warning: the {split} split has no positive label for {len(missing)} class(es): {', '.join(missing)}; "
               "their ROC AUC is undefined there, so they are left out of that split's macro average"

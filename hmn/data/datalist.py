@@ -44,6 +44,9 @@ __all__ = [
     "read_table",
     "require_columns",
     "check_images_exist",
+    "RowAccounting",
+    "accounting_lines",
+    "check_patient_overlap",
 ]
 
 logger = logging.getLogger(__name__)
@@ -191,6 +194,136 @@ def patient_overlap(datalist: Mapping[str, Any]) -> dict[tuple[str, str], set[st
             both = patients[a] & patients[b]
             if both:
                 out[(a, b)] = both
+    return out
+
+
+def check_patient_overlap(
+    datalist: Mapping[str, Any], what: str, shown: int = 5, log: logging.Logger | None = None
+) -> dict[str, dict[str, Any]]:
+    """Checks that no patient is in two splits of `datalist`, the one check every builder makes (official
+    splits, split folders, an existing JSON; a seeded patient-wise split passes by construction).
+
+    A patient in two splits is **warned about, not refused**: an official split is the source's own and
+    stays as published (refusing would leave no way to build it), but the warning names the pairs of splits,
+    how many patients each shares and the first `shown` of them, so that the leak can be fixed or reported.
+
+    Args:
+        datalist: a datalist dict (entries with ``patient_id``).
+        what: what the splits come from, for the message (e.g. ``"train_val_list.txt / test_list.txt"``).
+        shown: how many patient ids to name per pair of splits.
+        log: the logger the warning goes through (default: this module's).
+
+    Returns:
+        ``{"training/test": {"count": n, "patients": [first ids, sorted]}, ...}`` for each pair of splits that
+        share patients; empty when none do.
+    """
+    leaks = patient_overlap(datalist)
+    out: dict[str, dict[str, Any]] = {}
+    for (a, b), patients in leaks.items():
+        ids = sorted(patients, key=lambda p: (len(p), p))
+        out[f"{a}/{b}"] = {"count": len(ids), "patients": ids[:shown]}
+    if out:
+        total = len(set().union(*leaks.values()))
+        detail = "; ".join(f"{pair}: {v['count']} patient(s), e.g. {v['patients']}" for pair, v in out.items())
+        (log or logger).warning("%s: %d patient(s) are in two splits (%s); their images leak between the "
+                                "splits", what, total, detail)
+    return out
+
+
+class RowAccounting:
+    """What a datalist builder did with every row it read: how many it read, how many it kept, and how many
+    each filter left out and why, so that ``read == kept + left out``.
+
+    Every builder fills one: :meth:`read` for the rows it reads, :meth:`drop` for the rows a filter leaves
+    out (with the filter, the reason and the rows' ids), then :meth:`finish` with the datalist it built. That
+    checks that the numbers add up, checks the splits for patients in two of them
+    (:func:`check_patient_overlap`), logs one warning per filter and reason (count and first ids) and stores
+    :meth:`as_dict` in the datalist under ``"rows"``, which ``python -m hmn datalist`` prints
+    (:func:`accounting_lines`).
+
+    Args:
+        what: what the rows come from, for messages (the table's path, or the source's name).
+        unit: what the rows are, plural (``"rows"``, ``"images"``, ``"files"``).
+        log: the builder's logger, which the warnings go through (default: this module's).
+    """
+
+    SHOWN = 5
+
+    def __init__(self, what: str, unit: str = "rows", log: logging.Logger | None = None):
+        self.what = str(what)
+        self.log = log or logger
+        self.unit = unit
+        self.n_read = 0
+        self._dropped: dict[tuple[str, str], list[str]] = {}
+        self._counts: dict[tuple[str, str], int] = {}
+        self.overlap: dict[str, dict[str, Any]] = {}
+
+    def read(self, n: int) -> None:
+        """Counts `n` more rows read."""
+        self.n_read += int(n)
+
+    def drop(self, by: str, reason: str, ids: Iterable[Any]) -> int:
+        """Counts the rows `ids` (one id per row left out, e.g. image names) as left out by the filter `by`
+        (an option such as ``"views"``, or the builder's step such as ``"labels"``) for `reason`; returns how
+        many. Nothing is counted for an empty `ids`."""
+        ids = [str(i) for i in ids]
+        if ids:
+            key = (str(by), str(reason))
+            self._counts[key] = self._counts.get(key, 0) + len(ids)
+            shown = self._dropped.setdefault(key, [])
+            shown.extend(ids[: max(self.SHOWN - len(shown), 0)])
+        return len(ids)
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(self._counts.values())
+
+    def dropped(self) -> list[dict[str, Any]]:
+        """``[{"filter", "reason", "count", "examples"}]`` in the order the reasons were first met."""
+        return [{"filter": f, "reason": r, "count": n, "examples": list(self._dropped[(f, r)])}
+                for (f, r), n in self._counts.items()]
+
+    def as_dict(self, kept: int) -> dict[str, Any]:
+        """``{"unit", "read", "kept", "dropped": [...], "patients_in_two_splits"?}``, the ``"rows"`` record."""
+        out: dict[str, Any] = {"unit": self.unit, "read": self.n_read, "kept": int(kept), "dropped": self.dropped()}
+        if self.overlap:
+            out["patients_in_two_splits"] = self.overlap
+        return out
+
+    def finish(self, datalist: dict, overlap_what: str | None = None) -> dict:
+        """Checks the counts against `datalist`'s entries, checks its splits for shared patients
+        (:func:`check_patient_overlap`, naming them `overlap_what`, default the rows' source), logs a warning
+        per filter and reason, and stores the accounting in ``datalist["rows"]``; returns `datalist`.
+
+        Raises:
+            RuntimeError: the entries and the rows left out do not add up to the rows read (a builder's bug).
+        """
+        kept = sum(len(datalist.get(s) or []) for s in SPLITS)
+        if kept + self.n_dropped != self.n_read:
+            raise RuntimeError(f"{self.what}: {self.n_read} {self.unit} read but {kept} kept and {self.n_dropped} "
+                               f"left out ({self._counts}); the builder lost count of some rows")
+        for d in self.dropped():
+            self.log.warning("%s: %d of %d %s left out by %s: %s, e.g. %s", self.what, d["count"],
+                             self.n_read, self.unit, d["filter"], d["reason"], d["examples"])
+        self.overlap = check_patient_overlap(datalist, overlap_what or self.what, log=self.log)
+        datalist["rows"] = self.as_dict(kept)
+        return datalist
+
+
+def accounting_lines(datalist: Mapping[str, Any]) -> list[str]:
+    """The lines ``python -m hmn datalist`` prints for a datalist's ``"rows"`` record (none without one):
+    rows read, kept and left out, then one line per filter and reason, then the patients in two splits."""
+    rows = datalist.get("rows")
+    if not isinstance(rows, Mapping):
+        return []
+    unit = rows.get("unit", "rows")
+    dropped = list(rows.get("dropped") or [])
+    n_out = sum(int(d["count"]) for d in dropped)
+    out = [f"{rows.get('read')} {unit} read, {rows.get('kept')} kept, {n_out} left out"]
+    for d in dropped:
+        out.append(f"  left out by {d['filter']}: {d['count']} ({d['reason']}), e.g. {', '.join(d['examples'])}")
+    for pair, v in (rows.get("patients_in_two_splits") or {}).items():
+        out.append(f"  patients in two splits, {pair}: {v['count']}, e.g. {', '.join(map(str, v['patients']))}")
     return out
 
 

@@ -12,56 +12,28 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from .vocabulary import normalize_sex, normalize_view
+# the age rule (and the DICOM Age String parser) live with the other metadata rules; re-exported here
+from .vocabulary import MAX_PLAUSIBLE_AGE, normalize_age, normalize_sex, normalize_view, parse_dicom_age
 
-__all__ = ["MAX_PLAUSIBLE_AGE", "add_dicom_metadata", "parse_dicom_age", "read_dicom_metadata"]
+__all__ = ["MAX_PLAUSIBLE_AGE", "add_dicom_metadata", "normalize_age", "parse_dicom_age", "read_dicom_metadata"]
 
 logger = logging.getLogger(__name__)
 
-# Ages above this (RSNA's table has a few of 148-155) are typing errors, not patients.
-MAX_PLAUSIBLE_AGE = 120
 _TAGS = ["PatientAge", "PatientSex", "ViewPosition"]
 _CHECK = ["SOPClassUID", "Rows"]  # only to tell a DICOM file from another file; never carried
-_AGE = re.compile(r"^(\d{1,3})\s*([DWMY]?)$", re.IGNORECASE)
-_DAYS_PER_YEAR = 365.25
-
-
-def parse_dicom_age(value: Any) -> float | int | None:
-    """Years from a DICOM Age String (VR AS, ``nnnD``/``nnnW``/``nnnM``/``nnnY``), e.g. ``"061Y"`` -> 61,
-    ``"006M"`` -> 0.5, ``"002W"`` -> 0.038, ``"003D"`` -> 0.008.
-
-    A bare number (``"51"``, as RSNA's headers write it, or an int) is read as years. Whole years come
-    back as an int, other units as a float rounded to 3 decimals. The value is returned as written
-    (``"000D"`` -> 0.0); :func:`read_dicom_metadata` decides which ages are plausible.
-
-    Returns:
-        the age in years, or None when `value` is blank or not an age string.
-    """
-    if value is None:
-        return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value if value == value else None  # NaN -> None
-    m = _AGE.match(str(value).strip())
-    if not m:
-        return None
-    n, unit = int(m.group(1)), m.group(2).upper()
-    if unit in ("", "Y"):
-        return n
-    years = {"D": n / _DAYS_PER_YEAR, "W": 7 * n / _DAYS_PER_YEAR, "M": n / 12.0}[unit]
-    return round(years, 3)
 
 
 def read_dicom_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """``{"age", "sex", "view"}`` of one DICOM file, from its header only (``stop_before_pixels``).
 
     A key is left out when the header lacks the attribute, leaves it blank, or holds a value that is not
-    an age / sex / view. An age of zero (``"000D"``, ``"000Y"``: what anonymisers of the adult sources
-    leave in place of the age) or above :data:`MAX_PLAUSIBLE_AGE` is taken as unknown.
+    an age / sex / view. PatientAge goes through the project's age rule,
+    :func:`hmn.data.vocabulary.normalize_age`, as every builder's ages do: an age of 0 (``"000D"``,
+    ``"000Y"``, ``"0"``) or above :data:`MAX_PLAUSIBLE_AGE` is unknown.
 
     Raises:
         ValueError: the file cannot be parsed as DICOM (the message names the file and the reason).
@@ -84,8 +56,8 @@ def read_dicom_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not is_dicom:
         raise ValueError(f"{path}: not a DICOM file (no file meta, no SOPClassUID or Rows)")
     out: dict[str, Any] = {}
-    age = parse_dicom_age(raw["PatientAge"])
-    if age is not None and 0 < age <= MAX_PLAUSIBLE_AGE:
+    age = normalize_age(raw["PatientAge"])
+    if age is not None:
         out["age"] = age
     sex = normalize_sex(raw["PatientSex"])
     if sex is not None:

@@ -6,6 +6,12 @@ Folder layout (single-label; each class folder's images are positive for that cl
     root/{train,val,test}/<class>/<image>      -> the folders are the splits
 
 A ``negative_class`` folder (e.g. "No Finding" or "normal") gives all-zero labels.
+
+Every file is accounted for (:class:`hmn.data.datalist.RowAccounting`, ``"rows"`` in the datalist, printed
+by ``python -m hmn datalist folder``): a file inside a class folder that is not an image by its extension
+(or, for volumes, neither a volume file nor a DICOM slice), and a file outside every class folder, are
+counted as left out with the first names. Hidden files and folders (names starting with ``.``) are not
+read. Split folders are checked for patients in two of them (a warning naming them).
 """
 
 from __future__ import annotations
@@ -17,13 +23,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from .datalist import (
+    _SERIES_EXTENSIONS,
     IMAGE_EXTENSIONS,
     SPLITS,
+    VOLUME_EXTENSIONS,
     DatalistError,
+    RowAccounting,
     find_images,
     find_volumes,
     make_datalist,
-    patient_overlap,
     read_datalist,
     split_entries,
 )
@@ -48,6 +56,31 @@ def _patient_of(path: str, pattern: re.Pattern | None) -> str:
     if not m:
         raise DatalistError(f"{path}: file name does not match patient_regex {pattern.pattern!r}")
     return m.group(1) if m.groups() else m.group(0)
+
+
+def _files_under(folder: str) -> list[str]:
+    """Every file under `folder` (recursively) whose name does not start with "." (as find_images walks)."""
+    out = []
+    for base, dirs, files in os.walk(folder):
+        dirs.sort()
+        out.extend(os.path.join(base, f) for f in sorted(files) if not f.startswith("."))
+    return out
+
+
+def _covered_by_volumes(taken: list[str]) -> set[str]:
+    """The files the volume entries `taken` (files and DICOM series folders) stand for: each volume file, an
+    Analyze header's ``.img``, and every DICOM slice of each series folder."""
+    covered: set[str] = set()
+    for t in taken:
+        if os.path.isdir(t):
+            covered.update(os.path.join(t, n) for n in os.listdir(t)
+                           if n.lower().endswith(_SERIES_EXTENSIONS) or "." not in n)
+        else:
+            covered.add(t)
+            if t.lower().endswith(".hdr"):
+                covered.add(t[:-4] + ".img")
+                covered.add(t[:-4] + ".IMG")
+    return covered
 
 
 def folder_datalist(
@@ -75,7 +108,8 @@ def folder_datalist(
             `extensions` is then unused. A series folder's name is its file name for `patient_regex`.
 
     Returns:
-        the datalist dict; ``class_names`` are the sorted class folder names without `negative_class`.
+        the datalist dict; ``class_names`` are the sorted class folder names without `negative_class`;
+        ``"rows"`` records the files read, kept and left out per reason (module docstring).
     """
     root = os.fspath(root)
     if not os.path.isdir(root):
@@ -99,11 +133,22 @@ def folder_datalist(
     pattern = re.compile(patient_regex) if patient_regex else None
     if pattern is None:
         logger.warning("%s: no patient_regex given, so every image is its own patient and splits are image-wise", root)
+    rows = RowAccounting(root, "studies and other files" if volumes else "files", log=logger)
+    outside = [os.path.join(base, f) for base in [root, *(b for s, b in layout.items() if s)]
+               for f in sorted(os.listdir(base)) if os.path.isfile(os.path.join(base, f)) and not f.startswith(".")]
+    rows.read(len(outside))
+    rows.drop("layout", "not inside a class folder", outside)
+    not_taken = ("neither a volume file (" + ", ".join(VOLUME_EXTENSIONS) + ") nor a DICOM slice" if volumes else
+                 "not an image file by its extension (accepted: " + ", ".join(extensions) + ", or none)")
     per_split: dict[str, list[dict]] = {}
     for c, locations in class_dirs.items():
         label = [int(c == k) for k in classes]
         for s, folder in locations:
             files = find_volumes(folder) if volumes else find_images(folder, extensions)
+            covered = _covered_by_volumes(files) if volumes else set(files)
+            others = [f for f in _files_under(folder) if f not in covered]
+            rows.read(len(files) + len(others))
+            rows.drop("extensions" if not volumes else "volumes", not_taken, others)
             if not files:
                 logger.warning("%s: class folder holds no images", folder)
             for f in files:
@@ -113,10 +158,7 @@ def folder_datalist(
     else:
         splits = {s: sorted(per_split.get(s, []), key=lambda e: e["image"]) for s in SPLITS}
     datalist = make_datalist(splits, classes, source="folder")
-    leak = patient_overlap(datalist)
-    if leak:
-        logger.warning("%s: patients in two split folders: %s", root, {f"{a}/{b}": len(p) for (a, b), p in leak.items()})
-    return datalist
+    return rows.finish(datalist, f"{root}: the split folders" if "" not in per_split else None)
 
 
 def _names_from(data: dict) -> list[str] | None:
@@ -146,7 +188,8 @@ def json_datalist(
     ``label`` as a multi-hot list or a class index (turned into one-hot). Entries without
     ``patient_id`` get their image's file stem (with a warning). When only "training" is present it is
     split patient-wise by `fractions`. Relative image paths are resolved against `base_dir` (default:
-    the JSON's folder) and, with `check_files`, must exist.
+    the JSON's folder) and, with `check_files`, must exist. No entry is left out (a malformed one is an
+    error); ``"rows"`` records the count, and splits sharing a patient are warned about, naming them.
     """
     path = os.fspath(path)
     data = read_datalist(path)
@@ -208,7 +251,6 @@ def json_datalist(
         entries = split_entries(entries["training"], fractions, seed)
     names = names or [f"class_{k}" for k in range(n_classes or 0)]
     datalist = make_datalist(entries, names, source="json")
-    leak = patient_overlap(datalist)
-    if leak:
-        logger.warning("%s: patients in two splits: %s", path, {f"{a}/{b}": len(p) for (a, b), p in leak.items()})
-    return datalist
+    rows = RowAccounting(path, "entries", log=logger)
+    rows.read(sum(len(v) for v in entries.values()))
+    return rows.finish(datalist)

@@ -17,7 +17,13 @@ radiographs", arXiv:1901.07042, 2019; PhysioNet, versions 2.0.0 and 2.1.0).
 (version 2.1.0 keeps the 2.0.0 table names; plain ``.csv`` files are read too). Labels are given per
 study: every image of a study gets its study's labels, with 1 positive, 0 negative, -1 uncertain and blank
 not mentioned, under the uncertainty policies of :mod:`hmn.data.uncertain` (as for CheXpert). The patients'
-age and sex are not in MIMIC-CXR-JPG; they come from MIMIC-IV's ``patients.csv.gz`` when it is given.
+age and sex are not in MIMIC-CXR-JPG; they come from MIMIC-IV's ``patients.csv.gz`` when it is given (ages
+by the project's rule, :func:`hmn.data.vocabulary.normalize_age`).
+
+Every image row of the metadata table is accounted for (:class:`hmn.data.datalist.RowAccounting`,
+``"rows"`` in the datalist, printed by ``python -m hmn datalist mimic-cxr``): left out by ``views``, for a
+study without a label row, or (official split) for an image the split table does not list, each counted
+with the first dicom_ids. The official split is checked for subjects in two splits (a warning naming them).
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ import numpy as np
 
 from .chexpert import CHEXPERT_CLASSES
 from .datalist import (
-    SPLITS, DatalistError, check_images_exist, make_datalist, patient_overlap, patient_split, read_table,
+    SPLITS, DatalistError, RowAccounting, check_images_exist, make_datalist, patient_split, read_table,
 )
 from .uncertain import apply_uncertainty, uncertainty_policies
-from .vocabulary import VOCABULARY_VERSION, canonical_name, normalize_sex, normalize_view, source_labels_for
+from .vocabulary import (
+    VOCABULARY_VERSION, canonical_name, normalize_age, normalize_sex, normalize_view, source_labels_for,
+)
 
 __all__ = ["MIMIC_LABELERS", "MIMIC_SPLITS", "mimic_cxr_datalist"]
 
@@ -200,7 +208,8 @@ def mimic_cxr_datalist(
         Each entry is ``{"image", "label" (K ints), "patient_id" (subject_id), "view"?, "age"?, "sex"?}``
         (``view`` from ViewPosition by :func:`hmn.data.vocabulary.normalize_view`; a key is left out where the
         value is unknown), plus ``label_mask`` with any ``"ignore"`` policy. Images whose study has no row in
-        the label table are left out with a warning giving the count.
+        the label table are left out with a warning giving the count. ``"rows"`` records the images read,
+        kept and left out per filter and reason (module docstring).
 
     Raises:
         DatalistError: a table is missing or unreadable, lacks a column, holds a label other than 1, 0, -1 or
@@ -219,12 +228,16 @@ def mimic_cxr_datalist(
     labels_path = _find_table(folder, labeler, labels_csv)
 
     meta = _read(meta_path, ("dicom_id", "subject_id", "study_id"), "metadata table")
+    rows = RowAccounting(meta_path, "images", log=logger)
+    rows.read(len(meta))
     if views is not None:
         if "ViewPosition" not in meta.columns:
             raise DatalistError(f"{meta_path}: views= needs a 'ViewPosition' column")
         written = meta["ViewPosition"].fillna("").astype(str).str.strip().str.upper()
         wanted = {str(v).strip().upper() for v in views}
-        meta = meta[written.isin(wanted)]
+        chosen = written.isin(wanted)
+        rows.drop("views", f"ViewPosition not in {sorted(wanted)}", meta.loc[~chosen, "dicom_id"])
+        meta = meta[chosen]
         if meta.empty:
             raise DatalistError(f"{meta_path}: no image has a ViewPosition in {sorted(wanted)}; values in the table: "
                                 f"{sorted(set(written) - {''})}")
@@ -257,6 +270,7 @@ def mimic_cxr_datalist(
                        labels_path, duplicates)
 
     assign: dict[str, str] | None = None
+    split_path: str | None = None
     if split == "official":
         split_path = _find_table(folder, "split", split_csv)
         st = _read(split_path, ("dicom_id", "split"), "split table")
@@ -279,19 +293,20 @@ def mimic_cxr_datalist(
     kept: list[dict] = []
     kept_split: list[str] = []
     unlabelled_studies: set[str] = set()
-    unlabelled_images = not_in_split = 0
+    unlabelled: list[str] = []
+    not_in_split: list[str] = []
     no_patient: set[str] = set()
     for dicom, subject, study, view, date in zip(meta["dicom_id"], meta["subject_id"], meta["study_id"],
                                                  view_col, date_col):
         row = row_of.get(study)
         if row is None:
             unlabelled_studies.add(study)
-            unlabelled_images += 1
+            unlabelled.append(dicom)
             continue
         if assign is not None:
             s = assign.get(dicom)
             if s is None:
-                not_in_split += 1
+                not_in_split.append(dicom)
                 continue
             kept_split.append(s)
         entry: dict = {
@@ -304,8 +319,9 @@ def mimic_cxr_datalist(
             year = _year(date)
             age = anchor_age + (year - anchor_year) if (anchor_age is not None and year is not None
                                                         and anchor_year is not None) else anchor_age
-            if age is not None and age >= 0:
-                entry["age"] = int(age) if float(age).is_integer() else age
+            age = normalize_age(age)
+            if age is not None:
+                entry["age"] = age
             if sex is not None:
                 entry["sex"] = sex
         elif people:
@@ -316,11 +332,9 @@ def mimic_cxr_datalist(
         if use_mask:
             entry["label_mask"] = mask[row].tolist()
         kept.append(entry)
-    if unlabelled_studies:
-        logger.warning("%d image(s) of %d study(ies) have no row in %s and were left out", unlabelled_images,
-                       len(unlabelled_studies), labels_path)
+    rows.drop("labels", f"its study has no row in {labels_path} ({len(unlabelled_studies)} study(ies))", unlabelled)
     if not_in_split:
-        logger.warning("%d image(s) are not in the split table and were left out", not_in_split)
+        rows.drop("split", f"not listed in {split_path}", not_in_split)
     if no_patient:
         logger.warning("%d subject(s) have no row in %s; their entries carry no age or sex", len(no_patient),
                        os.fspath(patients_csv))
@@ -335,8 +349,4 @@ def mimic_cxr_datalist(
                            f"looked for under {files}; set image_root to the folder holding files/")
     extra = {"vocabulary": VOCABULARY_VERSION} if vocabulary else {}
     data = make_datalist(entries, classes, source=_SOURCE, **extra, labeler=labeler, uncertain_policy=policies)
-    leaks = patient_overlap(data)
-    if leaks:
-        logger.warning("the split table puts %d subject(s) in two splits: %s",
-                       len(set().union(*leaks.values())), {f"{a}/{b}": len(p) for (a, b), p in leaks.items()})
-    return data
+    return rows.finish(data, f"the split table {split_path}" if split == "official" else None)

@@ -3,6 +3,14 @@
 :func:`nih_datalist` turns ``Data_Entry_2017*.csv`` ("Finding Labels" pipe-separated, "No Finding" for
 none) into the project's datalist, with the official ``train_val_list.txt`` / ``test_list.txt`` split
 (validation carved patient-wise out of train_val) or a seeded patient-wise split.
+
+Every row of the table is accounted for (:class:`hmn.data.datalist.RowAccounting`, ``"rows"`` in the
+datalist, printed by ``python -m hmn datalist nih``): rows left out by ``views`` (View Position not asked
+for) and, with the official split, rows whose image is in neither list are counted per reason, with a
+warning naming the first images. The official lists are checked for patients in both (a warning naming
+them and how many: the published lists are patient-wise, so a shared patient means the lists are not the
+published ones or were edited). Ages follow the project's rule (:func:`hmn.data.vocabulary.normalize_age`):
+``Patient Age`` 0 is unknown.
 """
 
 from __future__ import annotations
@@ -13,9 +21,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .datalist import SPLITS, DatalistError, check_images_exist, make_datalist, patient_split, read_table
-from .dicom_metadata import parse_dicom_age
-from .vocabulary import VOCABULARY_VERSION, canonical_name, normalize_sex, normalize_view
+from .datalist import (
+    SPLITS, DatalistError, RowAccounting, check_images_exist, make_datalist, patient_split, read_table,
+)
+from .vocabulary import VOCABULARY_VERSION, canonical_name, normalize_age, normalize_sex, normalize_view
 
 __all__ = ["NIH_CLASSES", "nih_datalist", "read_nih_table"]
 
@@ -83,17 +92,25 @@ def nih_datalist(
 
     Returns:
         the datalist dict (``class_names`` = `classes`, or their canonical names); each entry carries
-        ``age`` ("Patient Age", years; ``"057Y"``-style values of older tables read too), ``sex``
-        ("Patient Gender") and ``view`` ("View Position") where the table has them.
+        ``age`` ("Patient Age", years; ``"057Y"``-style values of older tables read too; 0 and over 120 are
+        unknown, :func:`hmn.data.vocabulary.normalize_age`), ``sex`` ("Patient Gender") and ``view``
+        ("View Position") where the table has them. ``"rows"`` records the rows read, kept and left out per
+        filter and reason (module docstring).
     """
     df = read_nih_table(csv)
+    rows = RowAccounting(os.fspath(csv), log=logger)
+    rows.read(len(df))
+    in_table = set(df["Image Index"].astype(str).str.strip())
     unknown_cls = [c for c in classes if c not in NIH_CLASSES]
     if unknown_cls:
         raise DatalistError(f"classes {unknown_cls} are not ChestX-ray14 findings; accepted: {list(NIH_CLASSES)}")
     if views is not None:
         if "View Position" not in df.columns:
             raise DatalistError(f"{os.fspath(csv)}: views= needs a 'View Position' column")
-        df = df[df["View Position"].isin(list(views))]
+        wanted = df["View Position"].isin(list(views))
+        rows.drop("views", f"View Position not in {list(views)}",
+                  df.loc[~wanted, "Image Index"].astype(str).str.strip())
+        df = df[wanted]
     names = df["Image Index"].astype(str).str.strip().tolist()
     patients = [str(int(p)) if str(p).strip().isdigit() else str(p).strip() for p in df["Patient ID"]]
     findings = [set(s.split("|")) for s in df["Finding Labels"].astype(str).str.strip()]
@@ -123,9 +140,12 @@ def nih_datalist(
         for i, n in enumerate(names):
             if n in te:
                 assign[i] = "test"
-        dropped = sum(1 for a in assign if not a)
-        if dropped:
-            logger.warning("%d image(s) of %s are in neither split list and were left out", dropped, os.fspath(csv))
+        rows.drop("split", f"image in neither {os.path.basename(os.fspath(train_val_list))} nor "
+                  f"{os.path.basename(os.fspath(test_list))}", [n for n, a in zip(names, assign) if not a])
+        unlisted = sorted((tv | te) - in_table)
+        if unlisted:  # not rows of the table, so not in its accounting, but not passed over in silence either
+            logger.warning("%d image(s) of the split lists have no row in %s and are not in the datalist, e.g. %s",
+                           len(unlisted), os.fspath(csv), unlisted[:5])
     elif split == "patient":
         assign = patient_split(patients, fractions, seed)
     else:
@@ -136,9 +156,13 @@ def nih_datalist(
         if s:
             out[s].append({"image": path, "label": label, "patient_id": pid, **m})
     if vocabulary:
-        return make_datalist(out, [canonical_name("nih-chestxray14", c) for c in classes],
+        data = make_datalist(out, [canonical_name("nih-chestxray14", c) for c in classes],
                              source="nih-chestxray14", vocabulary=VOCABULARY_VERSION)
-    return make_datalist(out, classes, source="nih-chestxray14")
+    else:
+        data = make_datalist(out, classes, source="nih-chestxray14")
+    where = (f"{os.fspath(train_val_list)} / {os.fspath(test_list)}" if split == "official"
+             else f"{os.fspath(csv)} (patient-wise split)")
+    return rows.finish(data, where)
 
 
 def _metadata(df) -> list[dict]:
@@ -149,8 +173,7 @@ def _metadata(df) -> list[dict]:
     views = df["View Position"].tolist() if "View Position" in df.columns else [None] * n
     out = []
     for a, s, v in zip(ages, sexes, views):
-        age = parse_dicom_age(a)
-        m = {"age": age if age is not None and age >= 0 else None, "sex": normalize_sex(s), "view": normalize_view(v)}
+        m = {"age": normalize_age(a), "sex": normalize_sex(s), "view": normalize_view(v)}
         out.append({k: x for k, x in m.items() if x is not None})
     return out
 

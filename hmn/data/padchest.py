@@ -16,10 +16,21 @@ become classes. The images are PNGs at ``<image_root>/<ImageDir>/<ImageID>`` (th
 zip folders, ``ImageDir`` 0, 1, ...) or flat at ``<image_root>/<ImageID>``; which of the two is found on
 disk is used.
 
-Rows the builder leaves out, each kind with one warning giving its count and first image ids:
+Every row is accounted for (:class:`hmn.data.datalist.RowAccounting`, ``"rows"`` in the datalist, printed
+by ``python -m hmn datalist padchest``). Rows the builder leaves out, each filter and reason with one
+warning giving its count and first image ids:
 
+* ``physician_only``: rows whose ``MethodLabel`` is not ``Physician``;
+* ``projections``: rows whose ``Projection`` is not one asked for;
 * rows labelled ``exclude`` (the annotators' mark for images not to use);
 * rows with blank ``Labels`` or an empty list (no label to learn from).
+
+With ``vocabulary=True``, sub-type labels roll up to their finding by PadChest's label tree
+(``apical pleural thickening`` -> Pleural Thickening, ``hydropneumothorax`` -> Pneumothorax and Pleural
+Effusion, ...); the tree's children that do not are named, with the reason, in
+:data:`hmn.data.vocabulary.SOURCE_VOCABULARIES` (module :mod:`hmn.data.vocabulary`, "Mapping rules").
+``age`` follows the project's rule (:func:`hmn.data.vocabulary.normalize_age`): an image taken in the
+patient's birth year (age 0) has no age.
 
 A ``Labels`` value that is not a list of strings stops the build with a :class:`DatalistError` naming the
 row: the table is then not the published one, and guessing its labels would corrupt the datalist silently.
@@ -34,11 +45,14 @@ import math
 import os
 from collections.abc import Sequence
 
-from .datalist import SPLITS, DatalistError, check_images_exist, make_datalist, patient_split, read_table
+from .datalist import (
+    SPLITS, DatalistError, RowAccounting, check_images_exist, make_datalist, patient_split, read_table,
+)
 from .vocabulary import (
     CANONICAL_FINDINGS,
     SOURCE_VOCABULARIES,
     VOCABULARY_VERSION,
+    normalize_age,
     normalize_sex,
     normalize_view,
     source_labels_for,
@@ -55,7 +69,6 @@ PADCHEST_CLASSES = tuple(k for k, v in SOURCE_VOCABULARIES[_SOURCE].items() if v
 _REQUIRED = ("ImageID", "PatientID", "Labels")
 _EXCLUDE = "exclude"
 _NO_VIEW = {"UNK", "UNKNOWN", "EXCLUDE"}  # Projection values that name no projection
-_SHOWN = 5
 
 
 def parse_padchest_labels(text, where: str = "Labels") -> list[str] | None:
@@ -107,15 +120,17 @@ def _int(value) -> int | None:
 
 
 def _age(study_date, birth) -> int | None:
-    """Study year (``YYYYMMDD``) minus birth year; None when either is missing or the age is negative."""
+    """Study year (``YYYYMMDD``) minus birth year, by the project's age rule
+    (:func:`hmn.data.vocabulary.normalize_age`); None when either is missing or the age is not known (0,
+    negative, implausible)."""
     date = _text(study_date)
     if date.endswith(".0"):
         date = date[:-2]
     year = int(date[:4]) if len(date) == 8 and date.isdigit() else None
     born = _int(birth)
-    if year is None or born is None or year < born:
+    if year is None or born is None:
         return None
-    return year - born
+    return normalize_age(year - born)
 
 
 def _folder(image_dir) -> str | None:
@@ -190,14 +205,18 @@ def padchest_datalist(
         seed: seed of the patient shuffle.
         check_files: raise if an image file is missing.
         vocabulary: name the classes by canonical findings (:mod:`hmn.data.vocabulary`): a finding is
-            positive when any of its PadChest labels is (``lobar atelectasis`` -> ``Atelectasis``); the
-            datalist records ``"vocabulary"``.
+            positive when any of its PadChest labels is, sub-types by PadChest's label tree
+            (``lobar atelectasis`` -> ``Atelectasis``, ``apical pleural thickening`` -> ``Pleural Thickening``,
+            ``hydropneumothorax`` -> ``Pneumothorax`` and ``Pleural Effusion``); the datalist records
+            ``"vocabulary"``.
 
     Returns:
         the datalist dict, recording ``"source": "padchest"``. Each entry is ``{"image", "label" (K ints),
-        "patient_id" (PatientID), "age"?, "sex"?, "view"?}``: ``age`` = study year - PatientBirth,
-        ``sex`` from PatientSex_DICOM, ``view`` from Projection (PA, AP, ``AP_horizontal`` -> AP,
-        ``L`` -> LATERAL, others upper-cased), each left out when unknown.
+        "patient_id" (PatientID), "age"?, "sex"?, "view"?}``: ``age`` = study year - PatientBirth (0 is
+        unknown, :func:`hmn.data.vocabulary.normalize_age`), ``sex`` from PatientSex_DICOM, ``view`` from
+        Projection (PA, AP, ``AP_horizontal`` -> AP, ``L`` -> LATERAL, others upper-cased), each left out
+        when unknown. ``"rows"`` records the rows read, kept and left out per filter and reason (module
+        docstring).
 
     Raises:
         DatalistError: the table is missing or unreadable or lacks a column (ImageID, PatientID, Labels;
@@ -207,17 +226,26 @@ def padchest_datalist(
     """
     csv = os.fspath(csv)
     df = _read(csv)
+    rows = RowAccounting(csv, log=logger)
+    rows.read(len(df))
     rows_all = range(len(df))
+    image_ids = [_text(x) for x in df["ImageID"]]
     keep = [True] * len(df)
     if physician_only:
         if "MethodLabel" not in df.columns:
             raise DatalistError(f"{csv}: physician_only needs a 'MethodLabel' column (Physician / RNN_model)")
-        keep = [k and _text(m).lower() == "physician" for k, m in zip(keep, df["MethodLabel"])]
+        passes = [_text(m).lower() == "physician" for m in df["MethodLabel"]]
+        rows.drop("physician_only", "MethodLabel is not Physician (RNN_model or blank)",
+                  [i for i, k, c in zip(image_ids, keep, passes) if k and not c])
+        keep = [k and c for k, c in zip(keep, passes)]
     if projections is not None:
         if "Projection" not in df.columns:
             raise DatalistError(f"{csv}: projections= needs a 'Projection' column")
         wanted = {str(p).strip().lower() for p in projections}
-        keep = [k and _text(p).lower() in wanted for k, p in zip(keep, df["Projection"])]
+        passes = [_text(p).lower() in wanted for p in df["Projection"]]
+        rows.drop("projections", f"Projection not in {sorted(wanted)}",
+                  [i for i, k, c in zip(image_ids, keep, passes) if k and not c])
+        keep = [k and c for k, c in zip(keep, passes)]
         if not any(keep):
             found = sorted({_text(p) for p in df["Projection"]} - {""})
             raise DatalistError(f"{csv}: no row has a Projection in {sorted(wanted)}"
@@ -226,7 +254,6 @@ def padchest_datalist(
         raise DatalistError(f"{csv}: no row is left after the filters (physician_only={physician_only}, "
                             f"projections={projections})")
 
-    image_ids = [_text(x) for x in df["ImageID"]]
     parsed: list[list[str] | None] = []
     for i, cell in zip(rows_all, df["Labels"]):
         labels = parse_padchest_labels(cell, f"{csv}: row {i + 2} (ImageID {image_ids[i]!r})")
@@ -253,10 +280,8 @@ def padchest_datalist(
             excluded.append(image_ids[i])
         else:
             chosen.append(i)
-    for what, ids in (("are labelled 'exclude'", excluded), ("have no labels (blank or empty 'Labels')", unlabelled)):
-        if ids:
-            logger.warning("%d row(s) of %s %s and were left out, e.g. ImageID %s", len(ids), csv, what,
-                           ids[:_SHOWN])
+    rows.drop("labels", "labelled 'exclude' (the annotators' mark for images not to use)", excluded)
+    rows.drop("labels", "no labels (blank or empty 'Labels')", unlabelled)
     if not chosen:
         raise DatalistError(f"{csv}: no labelled row is left ({len(excluded)} 'exclude', {len(unlabelled)} unlabelled)")
 
@@ -297,4 +322,4 @@ def padchest_datalist(
     for entry, s in zip(kept, patient_split([e["patient_id"] for e in kept], fractions, seed)):
         entries[s].append(entry)
     extra = {"vocabulary": VOCABULARY_VERSION} if vocabulary else {}
-    return make_datalist(entries, classes, source=_SOURCE, **extra)
+    return rows.finish(make_datalist(entries, classes, source=_SOURCE, **extra))

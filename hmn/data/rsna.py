@@ -13,6 +13,10 @@ Radiograph Dataset with Expert Annotations of Possible Pneumonia", Radiology: AI
 
 The stage 1 tables (``stage_1_train_labels.csv``, ...) have the same layout and are read the same way.
 The test images (``stage_2_test_images/``) have no public labels and are not listed.
+
+Every image is accounted for (:class:`hmn.data.datalist.RowAccounting`, ``"rows"`` in the datalist, counted
+in images, one per patientId): the label table's images are all kept; a patientId found only in the class
+table has no Target and is counted as left out, with the first ids.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from .datalist import (
-    SPLITS, DatalistError, check_images_exist, make_datalist, patient_split, read_table, require_columns,
+    SPLITS, DatalistError, RowAccounting, check_images_exist, make_datalist, patient_split, read_table,
+    require_columns,
 )
 from .dicom_metadata import add_dicom_metadata
 from .vocabulary import VOCABULARY_VERSION, canonical_name
@@ -106,10 +111,6 @@ def _detailed(csv: str, targets: dict[str, int], required: bool) -> dict[str, st
         if required:
             raise DatalistError(message + "; include_not_normal needs the class of every image")
         logger.warning("%s", message)
-    extra = [p for p in out if p not in targets]
-    if extra:
-        logger.warning("%s: %d patientId(s) are not in the label table and were left out, e.g. %s",
-                       csv, len(extra), extra[:3])
     return out
 
 
@@ -168,6 +169,12 @@ def rsna_pneumonia_datalist(
         raise DatalistError("include_not_normal needs class_info_csv (stage_2_detailed_class_info.csv), which tells "
                             "'No Lung Opacity / Not Normal' from 'Normal'")
     detailed = _detailed(os.fspath(class_info_csv), targets, include_not_normal) if class_info_csv is not None else {}
+    rows = RowAccounting(labels_csv + (f", {os.fspath(class_info_csv)}" if class_info_csv is not None else ""),
+                         "images", log=logger)
+    only_classes = [p for p in detailed if p not in targets]
+    rows.read(len(targets) + len(only_classes))
+    rows.drop("labels", f"patientId only in {os.path.basename(os.fspath(class_info_csv or ''))}, not in the label "
+              "table: no Target", only_classes)
 
     pneumonia = canonical_name(SOURCE, "Pneumonia") if vocabulary else "Pneumonia"
     names = [pneumonia] + ([RSNA_NOT_NORMAL] if include_not_normal else [])
@@ -192,4 +199,4 @@ def rsna_pneumonia_datalist(
     extra = {"source": SOURCE}
     if vocabulary:
         extra["vocabulary"] = VOCABULARY_VERSION
-    return make_datalist(out, names, **extra)
+    return rows.finish(make_datalist(out, names, **extra))

@@ -15,6 +15,10 @@ The label columns are the 22 local findings and 6 global diagnoses of :data:`VIN
 ("Other disease" and "Other diseases" are both read as ``"Other diseases"``). The bounding-box tables
 (``annotations_*.csv``) and the Kaggle "VinBigData" competition's box table (``train.csv`` with
 ``class_name``, ``x_min``, ...) are not read: the builder says so when given one.
+
+Every image of the tables is accounted for (:class:`hmn.data.datalist.RowAccounting`, ``"rows"`` in the
+datalist, counted in images: a training image's reader rows are combined into one, never left out). The
+builder has no filter that leaves an image out: the accounting says so (read = kept).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from .datalist import (
-    SPLITS, DatalistError, check_images_exist, make_datalist, patient_split, read_table, require_columns,
+    SPLITS, DatalistError, RowAccounting, check_images_exist, make_datalist, patient_split, read_table,
+    require_columns,
 )
 from .dicom_metadata import add_dicom_metadata
 from .vocabulary import CANONICAL_FINDINGS, VOCABULARY_VERSION, canonical_name, source_labels_for
@@ -279,6 +284,8 @@ def vindr_cxr_datalist(
 
     train_rows = _merge(train.values(needed), groups, needed)
     train_ids, train_labels = _combine(train.ids, train_rows, combine, int(readers), train_path)
+    rows = RowAccounting(train_path + (f", {test_path}" if test is not None else ""), "images", log=logger)
+    rows.read(len(train_ids) + (len(test.ids) if test is not None else 0))
     out: dict[str, list[dict]] = {s: [] for s in SPLITS}
     carve = patient_split(train_ids, (1.0 - float(val_fraction), float(val_fraction), 0.0), seed)
     for image_id, label, split in zip(train_ids, train_labels.tolist(), carve):
@@ -311,4 +318,4 @@ def vindr_cxr_datalist(
     extra = {"source": SOURCE, "reader_combination": combine}
     if vocabulary:
         extra["vocabulary"] = VOCABULARY_VERSION
-    return make_datalist(out, names, **extra)
+    return rows.finish(make_datalist(out, names, **extra))

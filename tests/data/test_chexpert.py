@@ -62,6 +62,11 @@ def test_official_split_and_frontal_only(chexpert_csv, tmp_path):
     assert len(d["training"]) == n_frontal
     assert len(d["validation"]) == int((raw.head(30)["Frontal/Lateral"] == "Frontal").sum())
     assert d["test"] == []
+    # 430 rows read (400 + the 30 of valid.csv); the excerpt's Lateral rows all have a blank AP/PA
+    n_lateral = int((raw["Frontal/Lateral"] == "Lateral").sum()) + int((raw.head(30)["Frontal/Lateral"] == "Lateral").sum())
+    assert (d["rows"]["read"], d["rows"]["kept"]) == (430, 430 - n_lateral)
+    assert [(x["filter"], x["reason"], x["count"]) for x in d["rows"]["dropped"]] == [
+        ("frontal_only", "Frontal/Lateral is Lateral", n_lateral)]
 
 
 def test_default_image_root_and_missing_files(chexpert_csv, tmp_path):
@@ -111,3 +116,58 @@ def test_vocabulary_keeps_pleural_other_apart(chexpert_csv):
     d = chexpert_datalist(chexpert_csv, check_files=False, vocabulary=True)
     assert d["vocabulary"] == "hmn-cxr-1"
     assert "Pleural Other" in d["class_names"] and "Pleural Thickening" not in d["class_names"]
+
+
+# A table in CheXpert's published layout (Path, Sex, Age, Frontal/Lateral, AP/PA, the 14 observations), invented.
+HEADER = "Path,Sex,Age,Frontal/Lateral,AP/PA," + ",".join(CHEXPERT_CLASSES)
+VIEWS = [  # (path, sex, age, Frontal/Lateral, AP/PA) -> expected view, kept by frontal_only
+    ("patient00001/study1/view1_frontal.jpg", "Female", "68", "Frontal", "AP", "AP", True),
+    ("patient00002/study1/view1_frontal.jpg", "Male", "0", "Frontal", "PA", "PA", True),
+    ("patient00002/study1/view2_lateral.jpg", "Male", "0", "Lateral", "", "LATERAL", False),
+    ("patient00003/study1/view1_frontal.jpg", "Female", "45", "Frontal", "LL", None, False),  # disagree
+    ("patient00004/study1/view1_frontal.jpg", "Male", "77", "Frontal", "RL", None, False),  # disagree
+    ("patient00004/study2/view1_frontal.jpg", "Male", "77", "Frontal", "", None, True),  # no projection given
+    ("patient00005/study1/view2_lateral.jpg", "Unknown", "50", "Lateral", "AP", None, False),  # disagree
+]
+
+
+def _views_table(tmp_path):
+    lines = [HEADER]
+    for path, sex, age, fl, appa, *_ in VIEWS:
+        lines.append(f"CheXpert-v1.0-small/train/{path},{sex},{age},{fl},{appa}," + ",".join(
+            "1.0" if c == "Edema" else "" for c in CHEXPERT_CLASSES))
+    csv = tmp_path / "train.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
+
+
+def test_view_rule_frontal_lateral_and_ap_pa_disagree(tmp_path, caplog):
+    """Frontal with AP/PA LL or RL (17 rows of the real training table), or Lateral with AP: the view is
+    unknown, and frontal_only leaves the row out under its own counted reason, so that view and
+    frontal_only never disagree."""
+    csv = _views_table(tmp_path)
+    every = {e["image"].split("train/")[-1]: e for e in _entries(
+        chexpert_datalist(csv, image_root="/cx", check_files=False, fractions=(1.0, 0.0, 0.0))).values()}
+    assert {p: every[p].get("view") for p, *_ in VIEWS} == {p: view for p, *_, view, _ in VIEWS}
+    with caplog.at_level("WARNING", logger="hmn.data.chexpert"):
+        d = chexpert_datalist(csv, image_root="/cx", check_files=False, frontal_only=True, fractions=(1.0, 0.0, 0.0))
+    kept = {e["image"].split("train/")[-1]: e for e in _entries(d).values()}
+    assert sorted(kept) == sorted(p for p, *_, frontal in VIEWS if frontal)
+    assert all(e.get("view") in ("AP", "PA", None) for e in kept.values())  # nothing lateral is kept
+    assert (d["rows"]["read"], d["rows"]["kept"]) == (7, 3)
+    assert [(x["filter"], x["count"]) for x in d["rows"]["dropped"]] == [("frontal_only", 1), ("frontal_only", 3)]
+    lateral, disagree = d["rows"]["dropped"]
+    assert lateral["reason"] == "Frontal/Lateral is Lateral"
+    assert disagree["reason"].startswith("Frontal/Lateral and AP/PA disagree")
+    assert [p.split("train/")[-1] for p in disagree["examples"]] == [
+        "patient00003/study1/view1_frontal.jpg", "patient00004/study1/view1_frontal.jpg",
+        "patient00005/study1/view2_lateral.jpg"]
+    assert "3 of 7 rows left out by frontal_only: Frontal/Lateral and AP/PA disagree" in caplog.text
+
+
+def test_age_zero_is_unknown(tmp_path):
+    d = chexpert_datalist(_views_table(tmp_path), check_files=False, fractions=(1.0, 0.0, 0.0))
+    ages = {e["image"].split("train/")[-1]: e.get("age") for e in d["training"]}
+    assert ages["patient00001/study1/view1_frontal.jpg"] == 68
+    assert ages["patient00002/study1/view1_frontal.jpg"] is None  # Age 0: unknown (normalize_age)
+    assert ages["patient00004/study2/view1_frontal.jpg"] == 77

@@ -12,6 +12,7 @@ from PIL import Image
 
 from hmn.data import (
     DatalistError,
+    RowAccounting,
     folder_datalist,
     json_datalist,
     load_datalist,
@@ -114,6 +115,10 @@ def test_folder_per_class(tmp_path):
         assert e["label"] == {"Cardiomegaly": [1, 0], "Effusion": [0, 1], "normal": [0, 0]}[cls]
         assert e["patient_id"] == os.path.basename(e["image"]).split("_")[0]
     assert patient_overlap(d) == {}
+    # 13 files read: 12 images and notes.txt, which is left out by name, not silently
+    assert (d["rows"]["unit"], d["rows"]["read"], d["rows"]["kept"]) == ("files", 13, 12)
+    assert [(x["filter"], x["count"], x["examples"]) for x in d["rows"]["dropped"]] == [
+        ("extensions", 1, [str(tmp_path / "normal" / "notes.txt")])]
 
 
 def test_folder_with_split_folders(tmp_path):
@@ -127,6 +132,71 @@ def test_folder_with_split_folders(tmp_path):
         folder_datalist(tmp_path, negative_class="C")
     with pytest.raises(DatalistError, match="not a folder"):
         folder_datalist(tmp_path / "nope")
+
+
+def test_folder_counts_every_file_it_leaves_out(tmp_path, caplog):
+    """By hand: A holds a1.png, a2.gif (not an image extension), notes/readme.txt; B holds b1.png and a
+    hidden .DS_Store (not read); the root holds list.csv (outside every class folder): 5 files read,
+    2 kept, 2 left out by extension, 1 by layout."""
+    _png(tmp_path / "A" / "a1.png")
+    (tmp_path / "A" / "a2.gif").write_bytes(b"GIF89a")
+    (tmp_path / "A" / "notes").mkdir()
+    (tmp_path / "A" / "notes" / "readme.txt").write_text("x")
+    _png(tmp_path / "B" / "b1.png")
+    (tmp_path / "B" / ".DS_Store").write_bytes(b"")
+    (tmp_path / "list.csv").write_text("x")
+    with caplog.at_level("WARNING", logger="hmn.data.folder"):
+        d = folder_datalist(tmp_path, fractions=(1.0, 0.0, 0.0))
+    assert sorted(os.path.basename(e["image"]) for e in d["training"]) == ["a1.png", "b1.png"]
+    rows = d["rows"]
+    assert (rows["read"], rows["kept"]) == (5, 2)
+    assert [(x["filter"], x["count"], [os.path.basename(p) for p in x["examples"]]) for x in rows["dropped"]] == [
+        ("layout", 1, ["list.csv"]), ("extensions", 2, ["a2.gif", "readme.txt"])]
+    assert "2 of 5 files left out by extensions: not an image file by its extension" in caplog.text
+
+
+def test_folder_volumes_count_stray_files(tmp_path):
+    """--volumes: a NIfTI file, a DICOM series folder of 3 slices (one entry) and a JSON sidecar in it, an
+    Analyze pair (.hdr + .img, one entry): 3 studies and 1 other file read, the sidecar left out."""
+    (tmp_path / "A").mkdir()
+    (tmp_path / "A" / "p1.nii.gz").write_bytes(b"")
+    (tmp_path / "A" / "p2.hdr").write_bytes(b"")
+    (tmp_path / "A" / "p2.img").write_bytes(b"")
+    series = tmp_path / "A" / "p3"
+    series.mkdir()
+    for i in range(3):
+        (series / f"IM{i}.dcm").write_bytes(b"")
+    (series / "p3.json").write_text("{}")
+    d = folder_datalist(tmp_path, volumes=True, fractions=(1.0, 0.0, 0.0))
+    assert sorted(os.path.basename(e["image"]) for e in d["training"]) == ["p1.nii.gz", "p2.hdr", "p3"]
+    assert (d["rows"]["read"], d["rows"]["kept"]) == (4, 3)
+    assert [(x["filter"], x["count"]) for x in d["rows"]["dropped"]] == [("volumes", 1)]
+
+
+def test_split_folders_sharing_a_patient_are_warned_about_by_name(tmp_path, caplog):
+    _png(tmp_path / "train" / "A" / "p1_a.png")
+    _png(tmp_path / "train" / "A" / "p2_a.png")
+    _png(tmp_path / "test" / "A" / "p1_b.png")
+    _png(tmp_path / "test" / "A" / "p3_b.png")
+    with caplog.at_level("WARNING", logger="hmn.data.folder"):
+        d = folder_datalist(tmp_path, patient_regex=r"^(p\d)_")
+    assert d["rows"]["patients_in_two_splits"] == {"training/test": {"count": 1, "patients": ["p1"]}}
+    assert "1 patient(s) are in two splits (training/test: 1 patient(s), e.g. ['p1'])" in caplog.text
+
+
+def test_row_accounting_adds_up_or_refuses():
+    rows = RowAccounting("t.csv")
+    rows.read(5)
+    rows.drop("views", "View Position not in ['PA']", ["a", "b"])
+    rows.drop("views", "View Position not in ['PA']", [])  # nothing left out: nothing counted
+    d = make_datalist({"training": [{"image": x, "label": [0], "patient_id": x} for x in "cde"]}, ["X"])
+    rows.finish(d)
+    assert d["rows"] == {"unit": "rows", "read": 5, "kept": 3, "dropped": [
+        {"filter": "views", "reason": "View Position not in ['PA']", "count": 2, "examples": ["a", "b"]}]}
+    lost = RowAccounting("t.csv")
+    lost.read(6)
+    with pytest.raises(RuntimeError, match="6 rows read but 3 kept and 0 left out"):
+        lost.finish(make_datalist({"training": d["training"]}, ["X"]))
 
 
 def test_existing_monai_json(tmp_path):
@@ -143,6 +213,7 @@ def test_existing_monai_json(tmp_path):
     assert entries["s3.png"]["label"] == [0, 1] and entries["s2.png"]["label"] == [1, 0]
     assert os.path.isabs(entries["s3.png"]["image"])
     assert patient_overlap(d) == {} and len({e["patient_id"] for e in entries.values()}) == 3
+    assert (d["rows"]["read"], d["rows"]["kept"], d["rows"]["dropped"]) == (6, 6, [])
     src["validation"] = [{"image": "img/missing.png", "label": [0, 1]}]
     (tmp_path / "dataset.json").write_text(json.dumps(src))
     with pytest.raises(DatalistError, match=r"validation\[0\]: .*missing.png"):

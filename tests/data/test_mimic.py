@@ -134,7 +134,11 @@ def test_official_split_maps_validate_and_leaves_out_unlabelled_studies(release,
     assert sorted(os.path.basename(e["image"]) for e in d["validation"]) == ["d3a.jpg", "d3b.jpg"]
     assert [os.path.basename(e["image"]) for e in d["test"]] == ["d4a.jpg"]
     assert patient_overlap(d) == {}
-    assert "1 image(s) of 1 study(ies) have no row in" in caplog.text and "chexpert.csv.gz" in caplog.text
+    assert "1 of 7 images left out by labels: its study has no row in" in caplog.text
+    assert "chexpert.csv.gz" in caplog.text and "d5a" in caplog.text
+    # every image row accounted for: 7 read = 6 kept + d5a, whose study has no label row
+    assert d["rows"]["read"] == 7 and d["rows"]["kept"] == 6
+    assert [(x["filter"], x["count"], x["examples"]) for x in d["rows"]["dropped"]] == [("labels", 1, ["d5a"])]
 
 
 def test_patient_split_keeps_each_subject_in_one_split(release):
@@ -230,7 +234,31 @@ def test_plain_csv_tables_and_leaking_split_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hmn.data.mimic"):
         d = mimic_cxr_datalist(tmp_path, classes=FOUR, check_files=False)
     assert [os.path.basename(e["image"]) for e in d["test"]] == ["d2a.jpg", "d4a.jpg"]
-    assert "puts 1 subject(s) in two splits" in caplog.text
+    # subject 10000001 has d1a, d1b in training and d2a in test: warned about, by name
+    assert "1 patient(s) are in two splits (training/test: 1 patient(s), e.g. ['10000001'])" in caplog.text
+    assert d["rows"]["patients_in_two_splits"] == {"training/test": {"count": 1, "patients": ["10000001"]}}
+
+
+def test_every_image_row_is_accounted_for(release, tmp_path, caplog):
+    """The metadata table's 7 image rows, by hand: views=PA keeps d1a, d3a, d5a and leaves out d1b (LATERAL),
+    d2a (AP), d3b (LL), d4a (AP); d5a's study has no label row; an image the split table does not list is
+    left out too (here d1a, taken out of the split table)."""
+    with caplog.at_level(logging.WARNING, logger="hmn.data.mimic"):
+        d = mimic_cxr_datalist(release, classes=FOUR, views=["PA"], check_files=False)
+    rows = d["rows"]
+    assert (rows["unit"], rows["read"], rows["kept"]) == ("images", 7, 2)
+    assert [(x["filter"], x["count"], x["examples"]) for x in rows["dropped"]] == [
+        ("views", 4, ["d1b", "d2a", "d3b", "d4a"]), ("labels", 1, ["d5a"])]
+    assert rows["read"] == rows["kept"] + sum(x["count"] for x in rows["dropped"])
+    assert "4 of 7 images left out by views: ViewPosition not in ['PA']" in caplog.text
+    _write(release / "mimic-cxr-2.0.0-split.csv.gz", [line for line in SPLIT if not line.startswith("d1a,")])
+    d = mimic_cxr_datalist(release, classes=FOUR, check_files=False)
+    assert [(x["filter"], x["count"], x["examples"]) for x in d["rows"]["dropped"]] == [
+        ("labels", 1, ["d5a"]), ("split", 1, ["d1a"])]
+    assert d["rows"]["kept"] == 5 and sorted(_by_dicom(d)) == ["d1b", "d2a", "d3a", "d3b", "d4a"]
+    out = tmp_path / "m.json"
+    assert datalist_main(["mimic-cxr", "--root", str(release), "--classes", ",".join(FOUR), "--views", "PA",
+                          "--no-check-files", "--out", str(out)]) == 0
 
 
 def test_bad_input_errors(release, tmp_path):

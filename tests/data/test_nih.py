@@ -133,7 +133,10 @@ def test_age_sex_view_reach_the_datalist(nih):
     assert (views.count("PA"), views.count("AP")) == (67310, 44810)
     first = {e["image"]: e for e in entries}[os.path.join("/data/nih", "00000001_001.png")]
     assert (first["age"], first["sex"], first["view"]) == (58, "M", "PA")  # row 3 of the table
-    assert all(isinstance(e["age"], int) and 0 <= e["age"] <= 120 for e in entries)
+    # the table's 14 rows with Patient Age 0 have no age (normalize_age); every other age is whole, 1 to 95
+    no_age = [os.path.basename(e["image"]) for e in entries if "age" not in e]
+    assert len(no_age) == 14 and "00010230_000.png" in no_age and "00010230_001.png" not in no_age
+    assert all(isinstance(e["age"], int) and 1 <= e["age"] <= 95 for e in entries if "age" in e)
 
 
 def test_vocabulary_names_and_dicom_style_ages(tmp_path):
@@ -152,3 +155,65 @@ def test_vocabulary_names_and_dicom_style_ages(tmp_path):
     assert (by["a.png"]["age"], by["a.png"]["sex"], by["a.png"]["view"]) == (57, "F", "AP")
     assert by["b.png"]["age"] == 0.5
     assert "age" not in by["c.png"] and "view" not in by["c.png"] and by["c.png"]["sex"] == "M"
+
+
+# A small table in the published Data_Entry_2017_v2020.csv layout (invented rows), for hand-counted checks.
+SMALL = (
+    "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,"
+    "OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n"
+    "00000001_000.png,Cardiomegaly,0,1,58,M,PA,2682,2749,0.143,0.143\n"
+    "00000001_001.png,Cardiomegaly|Emphysema,1,1,58,M,PA,2894,2729,0.143,0.143\n"
+    "00000002_000.png,No Finding,0,2,0,F,AP,2500,2048,0.168,0.168\n"
+    "00000003_000.png,Hernia,0,3,81,F,AP,2582,2991,0.143,0.143\n"
+    "00000003_001.png,Hernia,1,3,81,F,PA,2500,2048,0.168,0.168\n"
+    "00000004_000.png,Mass|Nodule,0,4,82,M,AP,2500,2048,0.168,0.168\n"
+    "00000005_000.png,No Finding,0,5,1,F,PA,2048,2500,0.168,0.168\n"
+)
+
+
+def _dropped(d):
+    return [(x["filter"], x["count"], x["examples"]) for x in d["rows"]["dropped"]]
+
+
+def test_views_filter_counts_every_row_it_leaves_out(tmp_path, caplog):
+    csv = tmp_path / "Data_Entry_2017_v2020.csv"
+    csv.write_text(SMALL)
+    with caplog.at_level("WARNING", logger="hmn.data.nih"):
+        d = nih_datalist(csv, views=["PA"], check_files=False, fractions=(1.0, 0.0, 0.0))
+    # by hand: rows 3, 4 and 6 are AP
+    assert sorted(os.path.basename(e["image"]) for e in _all(d)) == [
+        "00000001_000.png", "00000001_001.png", "00000003_001.png", "00000005_000.png"]
+    assert (d["rows"]["read"], d["rows"]["kept"]) == (7, 4)
+    assert _dropped(d) == [("views", 3, ["00000002_000.png", "00000003_000.png", "00000004_000.png"])]
+    assert "3 of 7 rows left out by views: View Position not in ['PA']" in caplog.text
+    assert "00000002_000.png" in caplog.text
+
+
+def test_official_split_counts_unlisted_rows_and_names_shared_patients(tmp_path, caplog):
+    csv = tmp_path / "Data_Entry_2017_v2020.csv"
+    csv.write_text(SMALL)
+    # patient 3 has one image in each list; 00000002_000.png is in neither
+    (tmp_path / "train_val_list.txt").write_text("00000001_000.png\n00000001_001.png\n00000003_000.png\n"
+                                                 "00000005_000.png\n")
+    (tmp_path / "test_list.txt").write_text("00000003_001.png\n00000004_000.png\n00000099_000.png\n")
+    with caplog.at_level("WARNING", logger="hmn.data.nih"):
+        d = nih_datalist(csv, split="official", train_val_list=tmp_path / "train_val_list.txt",
+                         test_list=tmp_path / "test_list.txt", val_fraction=0.0, check_files=False)
+    assert sorted(os.path.basename(e["image"]) for e in d["test"]) == ["00000003_001.png", "00000004_000.png"]
+    assert len(d["training"]) == 4 and d["validation"] == []
+    assert (d["rows"]["read"], d["rows"]["kept"]) == (7, 6)
+    assert _dropped(d) == [("split", 1, ["00000002_000.png"])]
+    assert d["rows"]["patients_in_two_splits"] == {"training/test": {"count": 1, "patients": ["3"]}}
+    assert patient_overlap(d) == {("training", "test"): {"3"}}
+    assert "1 patient(s) are in two splits (training/test: 1 patient(s), e.g. ['3'])" in caplog.text
+    assert "train_val_list.txt" in caplog.text and "in neither train_val_list.txt nor test_list.txt" in caplog.text
+    assert "1 image(s) of the split lists have no row in" in caplog.text and "00000099_000.png" in caplog.text
+
+
+def test_patient_age_zero_is_unknown(tmp_path):
+    """The age rule (hmn.data.vocabulary.normalize_age): a Patient Age of 0 is unknown, 1 is an age."""
+    csv = tmp_path / "Data_Entry_2017_v2020.csv"
+    csv.write_text(SMALL)
+    by = {os.path.basename(e["image"]): e for e in _all(nih_datalist(csv, check_files=False))}
+    assert "age" not in by["00000002_000.png"] and by["00000002_000.png"]["sex"] == "F"
+    assert by["00000005_000.png"]["age"] == 1 and by["00000003_000.png"]["age"] == 81

@@ -82,14 +82,15 @@ def test_raw_labels_normal_and_left_out_rows(table, caplog):
     assert positives("c3_pa.png") == set()  # normal: no finding
     assert positives("f6_pa.png") == {"rib fracture"}  # COPD signs and suboptimal study have no canonical finding
     assert positives("g7_pa.png") == {"pulmonary mass"}
-    assert "1 row(s) of" in caplog.text and "are labelled 'exclude'" in caplog.text and "d4_ap.png" in caplog.text
-    assert "have no labels" in caplog.text and "e5_co.png" in caplog.text
+    assert "1 of 8 rows left out by labels: labelled 'exclude'" in caplog.text and "d4_ap.png" in caplog.text
+    assert "1 of 8 rows left out by labels: no labels" in caplog.text and "e5_co.png" in caplog.text
+    assert (d["rows"]["read"], d["rows"]["kept"]) == (8, 6)
 
 
 def test_localizations_never_become_classes(table):
     for vocabulary in (False, True):
         d = padchest_datalist(table, check_files=False, vocabulary=vocabulary)
-        assert not any(n.lower().startswith("loc") for n in d["class_names"])
+        assert not any(n.lower().startswith("loc ") for n in d["class_names"])
     with pytest.raises(DatalistError, match=r"\['loc left'\] are localizations .*not findings"):
         padchest_datalist(table, classes=["pleural effusion", "loc left"], check_files=False)
     # a stray localization inside Labels is dropped, not learnt
@@ -227,3 +228,61 @@ def test_cli(table, tmp_path, capsys):
     assert datalist_main(["padchest", "--csv", str(table), "--classes", "loc left", "--no-check-files",
                           "--out", str(out)]) == 1
     assert "localizations" in capsys.readouterr().err
+
+
+def test_physician_only_and_projections_count_the_rows_they_leave_out(table, caplog):
+    """By hand, on ROWS: physician_only leaves out b2_ap, e5_co, g7_pa (RNN_model); then projections=PA leaves
+    out a1_l (L) and d4_ap (AP) of the rest; a1_pa, c3_pa and f6_pa are kept: 8 = 3 + 3 + 2."""
+    with caplog.at_level(logging.WARNING, logger="hmn.data.padchest"):
+        d = padchest_datalist(table, physician_only=True, projections=["PA"], check_files=False)
+    assert sorted(_by_image(d)) == ["a1_pa.png", "c3_pa.png", "f6_pa.png"]
+    rows = d["rows"]
+    assert (rows["read"], rows["kept"]) == (8, 3)
+    assert [(x["filter"], x["count"], x["examples"]) for x in rows["dropped"]] == [
+        ("physician_only", 3, ["b2_ap.png", "e5_co.png", "g7_pa.png"]),
+        ("projections", 2, ["a1_l.png", "d4_ap.png"])]
+    assert "3 of 8 rows left out by physician_only: MethodLabel is not Physician" in caplog.text
+    assert "2 of 8 rows left out by projections: Projection not in ['pa']" in caplog.text
+
+
+# Sub-type labels of PadChest's label tree, one image each (invented rows), and the canonical findings each
+# must make positive with vocabulary=True, worked out by hand from the tree and the documented exclusions.
+SUBTYPES = [
+    ("h01.png", "['apical pleural thickening']", {"Pleural Thickening"}),
+    ("h02.png", "['calcified pleural thickening', 'loc left']", {"Pleural Thickening"}),
+    ("h03.png", "['loculated pleural effusion']", {"Pleural Effusion"}),
+    ("h04.png", "['loculated fissural effusion']", {"Pleural Effusion"}),
+    ("h05.png", "['hydropneumothorax']", {"Pneumothorax", "Pleural Effusion"}),
+    ("h06.png", "['atelectasis basal']", {"Atelectasis"}),
+    ("h07.png", "['empyema']", {"Pleural Effusion"}),
+    ("h08.png", "['fracture', 'callus rib fracture']", {"Fracture"}),
+    ("h09.png", "['atypical pneumonia']", {"Pneumonia"}),
+    ("h10.png", "['reticulonodular interstitial pattern']", {"Interstitial Lung Disease"}),
+    ("h11.png", "['pleural mass', 'air bronchogram']", {"Mass", "Consolidation"}),
+    # documented exclusions: no parent finding
+    ("h12.png", "['subcutaneous emphysema']", set()),
+    ("h13.png", "['pleural plaques', 'breast mass', 'tuberculosis sequelae']", set()),
+]
+
+
+def test_vocabulary_maps_the_label_tree_sub_types(tmp_path):
+    rows = [(image, "0", "20150101", f"pt{k}", "2015", "F", "PA", "Physician", labels, "[]")
+            for k, (image, labels, _) in enumerate(SUBTYPES)]
+    d = padchest_datalist(_write(tmp_path / "sub.csv", rows), check_files=False, vocabulary=True,
+                          fractions=(1.0, 0.0, 0.0))
+    names = d["class_names"]
+    got = _by_image(d)
+    assert {image: {n for n, v in zip(names, got[image]["label"]) if v} for image, *_ in SUBTYPES} == {
+        image: expected for image, _, expected in SUBTYPES}
+    assert "age" not in got["h01.png"]  # born in the study year: age 0 is unknown (normalize_age)
+
+
+def test_sub_types_in_raw_classes(tmp_path):
+    """Without the vocabulary, a sub-type is a class of its own, by name."""
+    rows = [(image, "0", "20150101", f"pt{k}", "1950", "F", "PA", "Physician", labels, "[]")
+            for k, (image, labels, _) in enumerate(SUBTYPES)]
+    d = padchest_datalist(_write(tmp_path / "sub.csv", rows), check_files=False, fractions=(1.0, 0.0, 0.0),
+                          classes=["pleural thickening", "apical pleural thickening"])
+    got = _by_image(d)
+    assert got["h01.png"]["label"] == [0, 1] and got["h02.png"]["label"] == [0, 0]
+    assert got["h01.png"]["age"] == 65

@@ -152,6 +152,7 @@ def test_metadata_from_dicom_headers(tmp_path, write_dicom, caplog):
     write_dicom(images / "p-box-0002.dcm", PatientAge="061Y", PatientSex="M", ViewPosition="PA")
     write_dicom(images / "p-abn-0003.dcm", PatientAge="006M")
     write_dicom(images / "p-box-0004.dcm", PatientAge="148", PatientSex="m")  # a typing error in the real table
+    write_dicom(images / "p-abn-0007.dcm", PatientAge="0", PatientSex="F")  # age 0: unknown (normalize_age)
     d = rsna_pneumonia_datalist(labels_csv, read_metadata=True, fractions=(1.0, 0.0, 0.0))
     meta = {e["patient_id"]: {k: v for k, v in e.items() if k not in ("image", "label", "patient_id")}
             for e in d["training"]}
@@ -160,12 +161,27 @@ def test_metadata_from_dicom_headers(tmp_path, write_dicom, caplog):
     assert meta["p-abn-0003"] == {"age": 0.5}
     assert meta["p-box-0004"] == {"sex": "M"}
     assert meta["p-neg-0005"] == {}  # an empty placeholder file has no header
+    assert meta["p-abn-0007"] == {"sex": "F"}
     assert "SYNTH" not in json.dumps(d) and "Synthetic" not in json.dumps(d)
     with caplog.at_level(logging.WARNING, logger="hmn.data"):
         nowhere = rsna_pneumonia_datalist(labels_csv, image_root=tmp_path / "nowhere", read_metadata=True,
                                           check_files=False, fractions=(1.0, 0.0, 0.0))
     assert all(set(e) == {"image", "label", "patient_id"} for e in nowhere["training"])
     assert any("10 RSNA Pneumonia image file(s) do not exist" in r.getMessage() for r in caplog.records)
+
+
+def test_every_image_is_accounted_for(tmp_path, caplog):
+    """10 images in the label table, all kept; a patientId only in the class table has no Target and is
+    counted as left out, by id."""
+    labels_csv, classes_csv = _write(tmp_path, classes=CLASSES + "p-only-0011,Normal\n")
+    with caplog.at_level(logging.WARNING, logger="hmn.data.rsna"):
+        d = rsna_pneumonia_datalist(labels_csv, class_info_csv=classes_csv, fractions=(1.0, 0.0, 0.0))
+    assert (d["rows"]["unit"], d["rows"]["read"], d["rows"]["kept"]) == ("images", 11, 10)
+    assert [(x["filter"], x["count"], x["examples"]) for x in d["rows"]["dropped"]] == [
+        ("labels", 1, ["p-only-0011"])]
+    assert "1 of 11 images left out by labels: patientId only in stage_2_detailed_class_info.csv" in caplog.text
+    plain = rsna_pneumonia_datalist(labels_csv, fractions=(1.0, 0.0, 0.0))
+    assert (plain["rows"]["read"], plain["rows"]["kept"], plain["rows"]["dropped"]) == (10, 10, [])
 
 
 def test_cli(tmp_path, capsys):

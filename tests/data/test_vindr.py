@@ -240,6 +240,13 @@ def test_metadata_from_dicom_headers(tmp_path, write_dicom, caplog):
     assert "SYNTH" not in out.read_text()
 
 
+def test_every_image_is_accounted_for(tmp_path):
+    """6 training images (18 reader rows, combined per image) and 3 test images: none is left out."""
+    root = _write_tables(tmp_path)
+    d = vindr_cxr_datalist(root, val_fraction=0.0)
+    assert d["rows"] == {"unit": "images", "read": 9, "kept": 9, "dropped": []}
+
+
 def test_cli(tmp_path, capsys):
     root = _write_tables(tmp_path / "vindr")
     out = tmp_path / "vindr.json"
@@ -251,7 +258,8 @@ def test_cli(tmp_path, capsys):
     labels = {e["patient_id"]: e["label"] for s in ("training", "test") for e in data[s]}
     assert labels["t2"] == [1, 1] and labels["t3"] == [1, 0] and labels["s3"] == [0, 1]
     assert data["training"][0]["image"] == "vindr/train/t1.dicom"  # relative to the JSON's folder
-    assert "images" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "images" in printed and "9 images read, 9 kept, 0 left out" in printed
     assert datalist_main(["vindr-cxr", "--root", str(root), "--combine", "vote", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: combine='vote'") and "Traceback" not in err
