@@ -230,7 +230,7 @@ is optimistic and marked so in every file (`threshold_source`). For a model with
 
 Intervals resample patients (the datalist's `patient_id`; every image of a drawn patient is taken), so
 several images of one patient count as one observation; without patient ids they resample images and the
-report says so (`ci_unit`). A finding with fewer than 10 positive (or negative) patients gets its AUC but no
+report says so (`ci_unit`). A finding with fewer than 20 positive (or negative) patients gets its AUC but no
 interval and is left out of the macro mean, named (`--min_positives N`). An unreadable test image is left
 out and listed under `skipped_images`, never replaced by another.
 

@@ -12,6 +12,16 @@ from hmn.bench import CONFIGS, NaiveCrossScaleAttention, bench_main, build_confi
 from hmn.networks.attention import CrossScaleAttention
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """bench_main sets torch's thread count to its --threads (default 2) and leaves it so; restored after each test
+    here, the later tests run with the count tests/conftest.py chose (1 on a one-core machine), whatever the order."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.numerics
 def test_naive_reference_equals_the_full_resolution_attention():
     torch.manual_seed(0)
     fast = CrossScaleAttention(32, num_levels=3, num_heads=4, context_size=None).eval()

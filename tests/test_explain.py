@@ -105,6 +105,7 @@ def test_gradcam_refuses_what_it_cannot_explain(attn_net):
         gradcam(nn.Sequential(nn.Flatten(), nn.Linear(64 * 64, 2)), x)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("levels", ["finest", "all"])
 def test_gradcam_peaks_where_the_finding_is(levels):
     net, x = _RegionNet().eval(), _region_image()
@@ -120,6 +121,7 @@ def test_gradcam_peaks_where_the_finding_is(levels):
             torch.testing.assert_close(maps[k], want / want.max(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.numerics
 def test_attention_rollout_matches_a_direct_computation():
     torch.manual_seed(1)
     net = HybridMedNet("convnext_tiny", num_classes=2, img_size=128, attention="self", feature_strides=(32,),
@@ -213,6 +215,7 @@ def _assert_nothing_identifying(folder) -> list[str]:
     return files
 
 
+@pytest.mark.numerics
 def test_heatmap_writer_one_png_per_finding_at_or_above_threshold(tmp_path):
     bright = np.full((64, 64), 0.5, np.float32)
     bright[8:24, 40:56], bright[40:56, 8:24] = 1.0, 0.0

@@ -186,6 +186,7 @@ def test_export_args_cover_every_bundle_and_refuse_other_formats():
         export_args("convnext_tiny", "tflite")
 
 
+@pytest.mark.numerics
 def test_hierarchical_head_and_every_attention_mode_script_and_export(tmp_path):
     """The parts the bundles' defaults leave out: the hierarchical head and attention 'self' alone, and
     'none', scripted and in ONNX with dynamic spatial axes (the pooled attention context follows the size)."""

@@ -78,6 +78,7 @@ def _read(path):
     return rows[0], rows[1:]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("decollate", [True, False])
 def test_report_from_a_supervised_evaluator(tmp_path, decollate, caplog):
     items = _items()

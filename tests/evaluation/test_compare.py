@@ -332,7 +332,7 @@ def _pair_of_files(tmp_path, n=40, seed=0):
 
 def test_compare_matches_images_and_classes(tmp_path):
     path_a, path_b, images, lab, pa, pb = _pair_of_files(tmp_path)
-    result = compare_predictions(path_a, path_b, n_bootstrap=200, seed=4)
+    result = compare_predictions(path_a, path_b, n_bootstrap=200, seed=4, min_positives=1)
     assert result["a"]["n_images"] == 40 and result["b"]["n_images"] == 39
     assert result["n_shared_images"] == 36
     assert result["n_images_only_in_a"] == 4 and result["n_images_only_in_b"] == 3
@@ -441,7 +441,7 @@ def test_read_predictions_reads_the_reports_file_and_refuses_broken_ones(tmp_pat
 def test_cli_end_to_end(tmp_path, capsys):
     path_a, path_b, *_ = _pair_of_files(tmp_path)
     out = tmp_path / "cmp"
-    rc = hmn_main(["compare", path_a, path_b, "--out", str(out), "--n-bootstrap", "150", "--seed", "3",
+    rc = hmn_main(["compare", path_a, path_b, "--out", str(out), "--n-bootstrap", "150", "--seed", "3", "--min-positives", "1",
                    "--ci", "0.9", "--classes", "Mass,Effusion"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -453,7 +453,8 @@ def test_cli_end_to_end(tmp_path, capsys):
 
     with open(out / "comparison.json") as f:
         saved = json.load(f)
-    expected = compare_predictions(path_a, path_b, classes=["Mass", "Effusion"], n_bootstrap=150, seed=3, ci=0.9)
+    expected = compare_predictions(path_a, path_b, classes=["Mass", "Effusion"], n_bootstrap=150, seed=3, ci=0.9,
+                                   min_positives=1)
     assert saved == json.loads(json.dumps(expected))
     assert saved["settings"]["ci"] == 0.9 and saved["settings"]["difference"] == "auc_b - auc_a"
     mass = saved["per_class"][0]
@@ -563,11 +564,11 @@ def test_clustered_delong_matches_obuchowskis_formula_by_pairs():
 
 def test_compare_reads_patient_ids_and_withholds_p_values_for_few_positives(tmp_path):
     rng = np.random.default_rng(2)
-    n = 120
+    n = 240
     images = [f"/d/{i}.png" for i in range(n)]
-    patients = [f"P{i // 4}" for i in range(n)]  # 30 patients of 4 images
+    patients = [f"P{i // 4}" for i in range(n)]  # 60 patients of 4 images
     lab = np.zeros((n, 2))
-    lab[:, 0] = np.repeat(rng.random(30) < 0.5, 4)
+    lab[:, 0] = np.repeat(np.arange(60) % 2 == 0, 4)  # 30 positive patients, 30 negative
     lab[:8, 1] = 1  # 8 positive images in 2 patients
     pa, pb = lab + rng.normal(size=(n, 2)), lab + rng.normal(size=(n, 2))
 
@@ -582,12 +583,12 @@ def test_compare_reads_patient_ids_and_withholds_p_values_for_few_positives(tmp_
 
     a, b = write(tmp_path / "a.csv", pa), write(tmp_path / "b.csv", pb)
     res = compare_predictions(a, b, n_bootstrap=200, seed=0)
-    assert res["settings"]["ci_unit"] == "patient" and res["settings"]["n_patients"] == 30
+    assert res["settings"]["ci_unit"] == "patient" and res["settings"]["n_patients"] == 60
     want = delong_test(lab[:, 0] == 1, pa[:, 0], pb[:, 0], patient_ids=patients)
     assert res["per_class"][0]["delong_p"] == want.p_value and res["per_class"][0]["bootstrap_p"] is not None
     few = res["per_class"][1]
     assert few["positive_units"] == 2 and few["delong_p"] is None and few["bootstrap_p"] is None
-    assert few["bootstrap_ci"] is None and few["difference"] is not None and "fewer than 10" in few["reason"]
+    assert few["bootstrap_ci"] is None and few["difference"] is not None and "fewer than 20" in few["reason"]
     assert res["macro"]["classes"] == ["A"] and "B" in res["macro"]["excluded"]
     # the same resamples by hand: patients drawn, every image of each
     boot = paired_bootstrap(lab[:, :1], pa[:, :1], pb[:, :1], n_bootstrap=200, seed=0, patient_ids=patients)

@@ -157,8 +157,8 @@ def test_bootstrap_matches_a_naive_percentile_bootstrap():
 
 
 def test_bootstrap_interval_contains_estimate_shrinks_and_is_deterministic():
-    small = compute_report(*synthetic(60, k=1, seed=8), ["A"], n_bootstrap=300, seed=0)
-    large = compute_report(*synthetic(2000, k=1, seed=8), ["A"], n_bootstrap=300, seed=0)
+    small = compute_report(*synthetic(60, k=1, seed=8), ["A"], n_bootstrap=300, seed=0, min_positives=1)
+    large = compute_report(*synthetic(2000, k=1, seed=8), ["A"], n_bootstrap=300, seed=0, min_positives=1)
     for r in (small, large):
         for e in (r["per_class"][0], r["macro"], r["micro"]):
             assert e["auc_ci"][0] <= e["auc"] <= e["auc_ci"][1]
@@ -170,8 +170,8 @@ def test_bootstrap_interval_contains_estimate_shrinks_and_is_deterministic():
 
     # the interval narrows roughly like 1/sqrt(n): 2000/60 = 33x the data -> about 1/5.8 the width
     assert width(large) < width(small) / 3
-    again = compute_report(*synthetic(60, k=1, seed=8), ["A"], n_bootstrap=300, seed=0)
-    other = compute_report(*synthetic(60, k=1, seed=8), ["A"], n_bootstrap=300, seed=1)
+    again = compute_report(*synthetic(60, k=1, seed=8), ["A"], n_bootstrap=300, seed=0, min_positives=1)
+    other = compute_report(*synthetic(60, k=1, seed=8), ["A"], n_bootstrap=300, seed=1, min_positives=1)
     assert again == small
     assert other["per_class"][0]["auc_ci"] != small["per_class"][0]["auc_ci"]
     assert small["settings"] | {"seed": 1} == other["settings"]

@@ -101,6 +101,7 @@ def test_reference_against_a_hand_worked_case():
     torch.testing.assert_close(out[0, 0], expected)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("length", [1, 2, 7, 8, 9, 10, 64, 65, 197, 1025])
 @pytest.mark.parametrize("options", ["plain", "full"])
 def test_chunked_matches_the_reference(length, options):
@@ -154,6 +155,7 @@ def test_extreme_step_sizes_stay_finite_and_exact(dtype):
         torch.testing.assert_close(got[2][k].to(F64) / s, ref[2][k] / s, rtol=tol, atol=tol)
 
 
+@pytest.mark.numerics
 def test_float32_and_bfloat16_follow_the_float64_reference():
     inputs = make_inputs(dim=16, state=8, length=197, seed=11)
     ref, last_ref, _ = run(selective_scan_ref, inputs, grad=False)
@@ -168,6 +170,7 @@ def test_float32_and_bfloat16_follow_the_float64_reference():
     torch.testing.assert_close(out16.float(), ref16.float(), rtol=2e-2, atol=2e-2 * ref16.abs().max().item())
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("fn", [selective_scan_chunked, selective_scan_ref])
 def test_scans_stay_float32_under_cpu_bfloat16_autocast(fn):
     """The bundles' CPU training runs the network under bfloat16 autocast; the scan must not follow it."""
@@ -451,6 +454,7 @@ def test_cpu_kernel_unavailable_is_an_error_not_a_fallback(monkeypatch):
 # ----------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("layout", ["input", "grouped", "fixed_b"])
 @pytest.mark.parametrize("length", [1, 2, 9, 17, 50, 197])
 @pytest.mark.parametrize("options", ["plain", "full"])

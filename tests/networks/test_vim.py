@@ -207,6 +207,7 @@ def assert_scans_give_the_same_model(net: VimBackbone, impls: tuple[str, str]) -
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.numerics
 def test_reference_and_chunked_scans_give_the_same_model():
     torch.manual_seed(3)
     assert_scans_give_the_same_model(randomize_(small_backbone(), seed=3).double(), ("ref", "chunked"))
@@ -314,6 +315,7 @@ def test_export_scan_gives_the_same_model():
     assert_scans_give_the_same_model(randomize_(small_backbone(), seed=5).double(), ("ref", "export"))
 
 
+@pytest.mark.numerics
 def test_scripted_and_traced_backbone_match_eager_whatever_the_scan_impl():
     """TorchScript compiles the backbone (the mixer takes the export scan, TorchScript leaves the dispatcher
     out); a trace follows the export scan and RMSNorm written out, the ops an ONNX export can write. Both equal
@@ -333,6 +335,7 @@ def test_scripted_and_traced_backbone_match_eager_whatever_the_scan_impl():
     assert "selective_scan_export_state" in getattr(scripted.trunk.layers, "0").mixer._direction.code
 
 
+@pytest.mark.numerics
 def test_rms_norm_written_out_for_export_matches_torch():
     from hmn.networks.vim import RMSNorm
 

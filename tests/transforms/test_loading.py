@@ -489,6 +489,7 @@ def test_errors_from_inside_pydicom_are_ours(realfile):
     [("RG1_UNCI.dcm", m) for m in ("area", "bilinear", "bicubic", "nearest")]
     + [("anatomical.nii", m) for m in ("area", "trilinear", "nearest")],
 )
+@pytest.mark.numerics
 def test_resize_at_load_equals_monai_resized(realfile, name, mode):
     from monai.transforms import Resized
 
@@ -523,6 +524,7 @@ def test_resize_at_load_int_size_and_bad_values(realfile, tmp_path):
     torch.testing.assert_close(tri, LoadXray(spatial_size=16, resize_mode="bilinear")(path))
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("size", [(64, 64), (50, 70)])
 @pytest.mark.parametrize("aspect", ["pad", "crop"])
 def test_aspect_preserving_resize_equals_monai_resize_then_pad_or_crop(realfile, aspect, size):
