@@ -186,6 +186,28 @@ class MacroROCAUC(EpochMetric):
         return self._compute(pred, label)
 
 
+def _thresholds_for_findings(path: str | os.PathLike, finding_match: Mapping[str, Any]) -> dict[str, Any]:
+    """A thresholds file of the model's classes (``thresholds.json``, ``metrics.json``) as a thresholds record of
+    the findings an external evaluation compares (:func:`hmn.evaluation.external.match_for_evaluation`): each
+    finding takes its model class's thresholds. Classes the file does not name are left for compute_report to
+    refuse by name."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        per_class = {str(e["class"]): e.get("threshold") for e in data["per_class"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a metrics.json or thresholds.json with per-class thresholds "
+                         f"({type(e).__name__}: {e})") from None
+    to_finding = {str(c["model_class"]): str(c["finding"]) for c in finding_match["compared"]}
+    return {
+        "path": path,
+        "per_class": [{"class": f, "threshold": per_class[m]} for m, f in to_finding.items() if m in per_class],
+        "operating_points": [{**r, "class": to_finding[r["class"]]} for r in data.get("operating_points") or []
+                             if r.get("class") in to_finding],
+    }
+
+
 class EvaluationReportHandler:
     """Writes the evaluation report (per-class ROC AUC with bootstrap intervals, thresholds, predictions,
     ROC plot; see :mod:`hmn.evaluation.report`) when a ``SupervisedEvaluator`` run completes.
@@ -381,8 +403,11 @@ class EvaluationReportHandler:
             return None
         from hmn.evaluation.subgroups import groups_from_metadata
 
+        thresholds = self.thresholds
+        if self.finding_match and isinstance(thresholds, (str, os.PathLike)) and os.path.isfile(thresholds):
+            thresholds = _thresholds_for_findings(thresholds, self.finding_match)
         report = compute_report(
-            probs, labels, names, thresholds=self.thresholds, fixed_threshold=self.fixed_threshold,
+            probs, labels, names, thresholds=thresholds, fixed_threshold=self.fixed_threshold,
             n_bootstrap=self.n_bootstrap, ci=self.ci, seed=self.seed,
             groups=groups_from_metadata(images, self.metadata), temperatures=temps,
             temperatures_from=self.temperature, uncalibrated=raw, patient_ids=patient_ids,

@@ -373,35 +373,54 @@ def model_thresholds(ckpt_dir: str | os.PathLike, thresholds: Any = "validation"
     raise ValueError(f"thresholds={value!r}; accepted: 'validation', 'fixed', 'youden', or a metrics.json path")
 
 
+def _record_operating(record: Mapping[str, Any], class_names: Sequence[str]) -> dict[tuple[str, str, float], float]:
+    out = {}
+    for r in record.get("operating_points") or []:
+        if r.get("class") in class_names and r.get("threshold") is not None:
+            out[(str(r["class"]), str(r["target"]), float(r["target_value"]))] = float(r["threshold"])
+    return out
+
+
 def _resolve_thresholds(
     thresholds: Any, fixed_threshold: float, p: np.ndarray, lab: np.ndarray, class_names: Sequence[str]
-) -> tuple[np.ndarray, str, str | None]:
-    """(K thresholds, method name for the report, source file or None)."""
+) -> tuple[np.ndarray, str, str | None, dict[tuple[str, str, float], float]]:
+    """(K thresholds, method name for the report, source file or None, operating points' thresholds given)."""
     k = p.shape[1]
     accepted = (
         "accepted: 'fixed', 'youden' (fitted on the evaluated data), an array of one threshold per class, a "
-        "{class: threshold} mapping, or the path of a metrics.json or thresholds.json with per-class thresholds"
+        "{class: threshold} mapping, a thresholds record ({'per_class': [...], 'operating_points': [...]}), or the "
+        "path of a metrics.json or thresholds.json with per-class thresholds"
     )
     if isinstance(thresholds, (str, os.PathLike)):
         if thresholds == "youden":
-            return select_thresholds(p, lab, "youden"), "youden", None
+            return select_thresholds(p, lab, "youden"), "youden", None, {}
         if thresholds == "fixed":
-            return np.full(k, float(fixed_threshold)), "fixed", None
+            return np.full(k, float(fixed_threshold)), "fixed", None, {}
         if os.path.isfile(thresholds):
-            return load_thresholds(thresholds, class_names), "given", os.fspath(thresholds)
+            path = os.fspath(thresholds)
+            return load_thresholds(path, class_names), "given", path, load_operating_thresholds(path, class_names)
         raise ValueError(f"unknown threshold method {thresholds!r} (and no such file); {accepted}")
+    if isinstance(thresholds, Mapping) and "per_class" in thresholds:
+        recorded = {str(e["class"]): e.get("threshold") for e in thresholds["per_class"]}
+        missing = [c for c in class_names if c not in recorded]
+        if missing:
+            raise ValueError(f"the thresholds record {thresholds.get('path') or ''} has no thresholds for classes "
+                             f"{missing}; it has {sorted(recorded)}")
+        arr = np.array([np.nan if recorded[c] is None else float(recorded[c]) for c in class_names])
+        return arr, "given", thresholds.get("path"), _record_operating(thresholds, class_names)
     if isinstance(thresholds, Mapping):
         missing = [c for c in class_names if c not in thresholds]
         if missing:
             raise ValueError(f"thresholds mapping has no entry for classes {missing}; {accepted}")
-        return np.array([np.nan if thresholds[c] is None else float(thresholds[c]) for c in class_names]), "given", None
+        arr = np.array([np.nan if thresholds[c] is None else float(thresholds[c]) for c in class_names])
+        return arr, "given", None, {}
     try:
         arr = np.asarray(thresholds, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError):
         raise ValueError(f"thresholds={thresholds!r} is not understood; {accepted}") from None
     if arr.shape != (k,):
         raise ValueError(f"thresholds has {arr.size} values for {k} classes {list(class_names)}; {accepted}")
-    return arr, "given", None
+    return arr, "given", None, {}
 
 
 def threshold_source(method: str, source: str | None, fixed_threshold: float | None = None) -> str:
@@ -684,7 +703,8 @@ def compute_report(
         class_names: the ``K`` class names.
         thresholds: where the operating thresholds come from: ``"fixed"`` (`fixed_threshold` for every class;
             the default, as no thresholds from other data are known here), one threshold per class
-            (array-like, NaN for none), a ``{class name: threshold}`` mapping, the path of a ``metrics.json``
+            (array-like, NaN for none), a ``{class name: threshold}`` mapping, a thresholds record (the
+            contents of such a file, ``{"per_class", "operating_points", "path"}``), the path of a ``metrics.json``
             or ``thresholds.json`` fitted on other data (the validation split: its per-class thresholds and
             its operating points' thresholds are used), or ``"youden"``: Youden's J fitted on these data
             (optimistic: the report then marks every number at those thresholds as fitted on the evaluated data).
@@ -729,7 +749,7 @@ def compute_report(
     valid, pos = _masks(lab)
     n_img, k = p.shape
     unit, n_units, ci_unit, without_id = patient_units(patient_ids, n_img)
-    thr, method, source = _resolve_thresholds(thresholds, fixed_threshold, p, lab, class_names)
+    thr, method, source, given_ops = _resolve_thresholds(thresholds, fixed_threshold, p, lab, class_names)
     fitted_here = method == "youden"
     where = threshold_source(method, source, float(fixed_threshold))
     unit_word = "patients" if ci_unit == "patient" else "images"
@@ -876,9 +896,9 @@ def compute_report(
             ops = operating_points(p, lab, class_names, target_specificities, target_sensitivities)
             ops_source = where
         else:
-            given = load_operating_thresholds(source, class_names) if source else {}
-            ops = _given_operating_points(p, lab, class_names, given, target_specificities, target_sensitivities)
-            ops_source = f"given: {source}" if given else "none (no operating-point thresholds from other data)"
+            ops = _given_operating_points(p, lab, class_names, given_ops, target_specificities, target_sensitivities)
+            ops_source = (f"given: {source}" if source else "given") if given_ops else \
+                "none (no operating-point thresholds from other data)"
         for r in ops:
             r["threshold_source"] = ops_source
         report["operating_points"] = ops

@@ -290,10 +290,11 @@ def _stopped_run(args: list[str], point: str, pattern: str, occurrence: int, log
 
 
 def _model_validation_auc(bundle_root: Path, datalist: str) -> float:
-    """model.pt evaluated on the validation split with the bundle's evaluate workflow: its macro ROC AUC."""
+    """model.pt evaluated on the validation split with the bundle's evaluate workflow: its macro ROC AUC (over every
+    class with both labels, as the validation metric averages: --min_positives 1)."""
     _run(_bundle_cmd("evaluating", _configs("convnext_tiny", "train", "evaluate"), "--datalist", datalist,
                      "--bundle_root", str(bundle_root), "--eval_split", "validation", "--n_bootstrap", "0",
-                     "--eval_dir", str(bundle_root / "val_eval"), *SMALL))
+                     "--min_positives", "1", "--eval_dir", str(bundle_root / "val_eval"), *SMALL))
     return json.load(open(bundle_root / "val_eval" / "metrics.json"))["macro"]["auc"]
 
 
@@ -451,6 +452,9 @@ def test_an_unreadable_test_image_is_left_out_and_named_never_replaced(trained, 
     skipped_images with its error, and n_images counts what was evaluated (the wrapper used to put the next
     image in its place, counting that one twice)."""
     data = json.load(open(demo_datalist))
+    root = Path(demo_datalist).parent  # the demo datalist's paths are relative to its folder
+    for split in ("training", "validation", "test"):
+        data[split] = [{**e, "image": str(root / e["image"])} for e in data[split]]
     png = next(i for i, e in enumerate(data["test"]) if e["image"].endswith(".png"))
     bad = tmp_path / "truncated.png"
     bad.write_bytes(Path(data["test"][png]["image"]).read_bytes()[:300])
@@ -602,6 +606,10 @@ def test_external_validation_on_a_datalist_with_other_classes(trained, demo_data
         {"finding": "Pleural Effusion", "model_class": "Effusion", "data_class": "Pleural Effusion"}]
     assert set(report["findings"]["model_only"]) == {"Mass", "Nodule", "Pneumothorax"}
     assert report["findings"]["data_only"] == ["Fracture"]
+    # each finding at its model class's threshold from the validation split (models/thresholds.json)
+    recorded = {c["class"]: c["threshold"] for c in json.load(open(trained / "models" / "thresholds.json"))["per_class"]}
+    assert [c["threshold"] for c in report["per_class"]] == [recorded["Cardiomegaly"], recorded["Effusion"]]
+    assert report["settings"]["thresholds_from"] == str(trained / "models" / "thresholds.json")
     # the predictions paired with the right labels: the same AUC as the model's own report on the demo labels
     own = _read_csv(trained / "runs" / "t_raw" / "predictions.csv") if (trained / "runs" / "t_raw").exists() else None
     preds = _read_csv(out / "predictions.csv")
