@@ -637,7 +637,9 @@ def _bootstrap(
         if np.isfinite(thresholds[c]) and valid[:, c].any():
             called = p[:, c] >= thresholds[c]
             y, v = pos[:, c], valid[:, c]
-            cells[c] = np.stack([v & y & called, v & y & ~called, v & ~y & ~called, v & ~y & called], axis=1)
+            # float64 for a BLAS product; the sums of integer counts are exact far beyond any data set's size
+            cells[c] = np.stack([v & y & called, v & y & ~called, v & ~y & ~called, v & ~y & called],
+                                axis=1).astype(np.float64)
     micro = _RankedLabels(p[valid], pos[valid], np.nonzero(valid)[0]) if micro_ok else None
     per_resample = n + 2 * int(valid.sum())
     block = max(1, min(n_bootstrap, _BLOCK_ELEMENTS // max(per_resample, 1)))
@@ -647,8 +649,9 @@ def _bootstrap(
         counts = unit_counts(rng, unit, n_units, b)
         for c, ranked_c in ranked.items():
             out["auc"][start : start + b, c], out["ap"][start : start + b, c] = ranked_c(counts)
+        weights = counts.astype(np.float64) if cells else None
         for c, m in cells.items():
-            tp, fn, tn, fp = (counts @ m.astype(np.int64)).T.astype(np.float64)
+            tp, fn, tn, fp = (weights @ m).T
             with np.errstate(divide="ignore", invalid="ignore"):
                 for name, num, den in (("sensitivity", tp, tp + fn), ("specificity", tn, tn + fp),
                                        ("ppv", tp, tp + fp), ("npv", tn, tn + fn)):
