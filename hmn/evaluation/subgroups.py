@@ -132,18 +132,16 @@ def subgroup_report(
     return {"attributes": list(groups), "rows": rows, "gaps": gaps}
 
 
-def plot_subgroups(subgroups: Mapping[str, Any], class_names: Sequence[str], path: str | os.PathLike) -> str:
-    """A forest plot per attribute: each finding's AUC in each group with its interval (one colour per
-    group), written atomically as a PNG at `path`; returns the path."""
+def _subgroups_figure(subgroups: Mapping[str, Any], class_names: Sequence[str]) -> Any:
+    """The forest plot of :func:`plot_subgroups` as a matplotlib ``Figure`` (Agg canvas)."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from hmn.durable import atomic_write
+    from matplotlib.lines import Line2D
 
     attributes = list(subgroups["attributes"])
     k = len(class_names)
-    fig = Figure(figsize=(3.6 * max(1, len(attributes)), 1.0 + 0.42 * k), dpi=120)
+    fig = Figure(figsize=(3.6 * max(1, len(attributes)), 1.6 + 0.42 * k), dpi=120)
     FigureCanvasAgg(fig)
     cmap = colormaps["tab10"]
     for a, attribute in enumerate(attributes):
@@ -159,8 +157,7 @@ def plot_subgroups(subgroups: Mapping[str, Any], class_names: Sequence[str], pat
                 ci = r["auc_ci"]
                 if ci:
                     ax.plot(ci, [y, y], color=cmap(gi % 10), linewidth=1)
-                ax.plot([r["auc"]], [y], marker="o", markersize=3, color=cmap(gi % 10),
-                        label=f"{g}" if r["class"] == next(x["class"] for x in rows if x["group"] == g) else None)
+                ax.plot([r["auc"]], [y], marker="o", markersize=3, color=cmap(gi % 10))
         ax.axvline(0.5, color="0.6", linestyle=":", linewidth=1)
         ax.set_yticks(range(k))
         ax.set_yticklabels(list(class_names)[::-1] if a == 0 else [], fontsize=7)
@@ -170,9 +167,23 @@ def plot_subgroups(subgroups: Mapping[str, Any], class_names: Sequence[str], pat
         ax.set_title(attribute.replace("_", " "), fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(axis="x", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=6, loc="lower left", framealpha=0.85)
+        if group_names:
+            # one entry per group drawn in this panel, whichever findings it has an AUC for, below the axes so that
+            # it covers no interval
+            handles = [Line2D([], [], color=cmap(gi % 10), marker="o", markersize=3, linewidth=1, label=str(g))
+                       for gi, g in enumerate(group_names)]
+            ax.legend(handles=handles, fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.5 / (0.42 * k + 0.6)),
+                      ncol=min(3, len(handles)), framealpha=0.85)
     fig.tight_layout()
+    return fig
+
+
+def plot_subgroups(subgroups: Mapping[str, Any], class_names: Sequence[str], path: str | os.PathLike) -> str:
+    """A forest plot per attribute: each finding's AUC in each group with its interval (one colour per
+    group, every group in the legend below the panel), written atomically as a PNG at `path`; returns the path."""
+    from hmn.durable import atomic_write
+
+    fig = _subgroups_figure(subgroups, class_names)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return atomic_write(path, lambda f: f.write(buf.getvalue()), binary=True)

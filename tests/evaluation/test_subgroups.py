@@ -142,3 +142,21 @@ def test_operating_points_undefined_and_bad_targets():
                      "sensitivity": None, "specificity": None}]
     with pytest.raises(ValueError, match="must be in \\(0, 1\\]"):
         operating_points(p, np.array([[1], [0]]), ["x"], specificities=(90,))
+
+
+def test_subgroups_legend_names_every_group_even_without_an_auc_for_the_first_finding():
+    """The 0-19 band had no AUC for the first finding: its colour was drawn but missing from the legend."""
+    from hmn.evaluation.subgroups import _subgroups_figure
+
+    rows = []
+    for g, aucs in (("0-19", [None, 0.7]), ("20-39", [0.8, 0.6]), ("40-59", [0.75, 0.65])):
+        for c, auc in zip(("A", "B"), aucs):
+            rows.append({"attribute": "age_band", "group": g, "class": c, "auc": auc,
+                         "auc_ci": None if auc is None else [auc - 0.1, auc + 0.1]})
+    fig = _subgroups_figure({"attributes": ["age_band"], "rows": rows}, ["A", "B"])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["0-19", "20-39", "40-59"]
+    # the legend lies below the panel, outside the area where the intervals are drawn
+    fig.canvas.draw()
+    legend_box = ax.get_legend().get_window_extent()
+    assert legend_box.y1 <= ax.get_window_extent().y0
