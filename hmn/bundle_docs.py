@@ -346,7 +346,8 @@ Evaluation, in `runs/eval/`:
   thresholds came from, `ci_unit`: patient or image, `min_positives`), the numbers of images and patients,
   per class and for the macro and micro averages: number of images with a known label, positives (images and
   patients), ROC AUC with its 95% bootstrap interval, average precision, the operating threshold (the
-  validation split's by default), sensitivity, specificity, PPV and NPV at it with their intervals;
+  validation split's by default), sensitivity, specificity, PPV and NPV at it (per class with their
+  intervals);
   `skipped_images` lists unreadable files left out.
 - `metrics.csv`: the same, one row per class plus `macro` and `micro` rows; columns `class, n,
   positives, auc, auc_ci_low, auc_ci_high, average_precision, ap_ci_low, ap_ci_high, threshold,

@@ -781,6 +781,7 @@ def evaluate_config(name: str) -> dict:
         "label_vocabulary": _trained("label_vocabulary", "None"),
         "finding_match": "$hmn.evaluation.external.match_for_evaluation(@class_names, @datalist, @findings, @label_vocabulary)",
         "validate#dataset#data": "$hmn.data.load_datalist(@datalist, @eval_split)",
+        "validate#dataset#name": "$@eval_split + ' data'",
         "validate#postprocessing": {"_target_": "Compose", "transforms": []},
         "validate#key_metric": {
             "test_auc": {

@@ -202,6 +202,7 @@ def _thresholds_for_findings(path: str | os.PathLike, finding_match: Mapping[str
     to_finding = {str(c["model_class"]): str(c["finding"]) for c in finding_match["compared"]}
     return {
         "path": path,
+        "source": data.get("source"),
         "per_class": [{"class": f, "threshold": per_class[m]} for m, f in to_finding.items() if m in per_class],
         "operating_points": [{**r, "class": to_finding[r["class"]]} for r in data.get("operating_points") or []
                              if r.get("class") in to_finding],

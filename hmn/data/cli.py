@@ -56,7 +56,12 @@ def _common(p: argparse.ArgumentParser, check: bool = True) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hmn datalist", description="Write a MONAI datalist JSON.")
+    parser = argparse.ArgumentParser(
+        prog="python -m hmn datalist",
+        description="Write a MONAI datalist JSON (training/validation/test lists of image, label, patient_id) from a "
+        "public source's tables, class folders or a MONAI JSON. Every builder accounts for every row it reads: it "
+        "prints 'N rows read, M kept, K left out' and one line per filter and reason, keeps these counts under "
+        "'rows' in the JSON, and warns, naming them, when two splits share a patient.")
     sub = parser.add_subparsers(dest="source", required=True)
 
     nih = sub.add_parser("nih", help="NIH ChestX-ray14 Data_Entry_2017*.csv")

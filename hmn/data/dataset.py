@@ -107,7 +107,8 @@ class SkipBadFilesDataset(Dataset):
         out[self.label_key] = torch.full((n_labels,), -1.0)
         if "label_mask" in item:
             out["label_mask"] = torch.zeros(n_labels)
-        out[self.error_key] = f"{path}: {err}"
+        text = str(err)
+        out[self.error_key] = text if path in text else f"{path}: {text}"
         return out
 
     def _leave_out_item(self, index: int) -> Any:

@@ -816,9 +816,11 @@ def compare_predictions(
             bootstrap_ci=boot.macro_ci, bootstrap_p=boot.macro_p_value, bootstrap_used=boot.macro_used,
         )
     else:
-        macro["reason"] = "no compared class has both a positive and a negative label"
+        macro["reason"] = (f"no compared class has at least {min_positives} positive and negative {unit_word}"
+                           if excluded else "no compared class has both a positive and a negative label")
     if excluded:
-        logger.warning("classes without both label values (AUC undefined, left out of the macro mean): %s", excluded)
+        logger.warning("classes left out of the macro mean (AUC undefined, or too few positives or negatives): %s",
+                       excluded)
 
     settings = {
         "n_bootstrap": int(n_bootstrap),

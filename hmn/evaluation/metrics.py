@@ -423,13 +423,17 @@ def _resolve_thresholds(
     return arr, "given", None, {}
 
 
-def threshold_source(method: str, source: str | None, fixed_threshold: float | None = None) -> str:
-    """Where a report's thresholds came from, as its files state it (the ``threshold_source`` column)."""
+def threshold_source(method: str, source: str | None, fixed_threshold: float | None = None,
+                     origin: str | None = None) -> str:
+    """Where a report's thresholds came from, as its files state it (the ``threshold_source`` column): e.g.
+    ``"validation split: models/thresholds.json"`` (`origin`, the file's own ``source``), ``"given: FILE"``,
+    ``"fixed 0.5"`` or ``"fitted on the evaluated data (optimistic)"``."""
     if method == "youden":
         return "fitted on the evaluated data (optimistic)"
     if method == "fixed":
         return f"fixed {fixed_threshold:g}"
-    return f"given: {source}" if source else "given"
+    label = str(origin) if origin else "given"
+    return f"{label}: {source}" if source else label
 
 
 def _given_operating_points(
@@ -754,7 +758,14 @@ def compute_report(
     unit, n_units, ci_unit, without_id = patient_units(patient_ids, n_img)
     thr, method, source, given_ops = _resolve_thresholds(thresholds, fixed_threshold, p, lab, class_names)
     fitted_here = method == "youden"
-    where = threshold_source(method, source, float(fixed_threshold))
+    origin = thresholds.get("source") if isinstance(thresholds, Mapping) else None
+    if method == "given" and source and origin is None:
+        try:
+            with open(source) as f:
+                origin = json.load(f).get("source")
+        except (OSError, ValueError, AttributeError):
+            origin = None
+    where = threshold_source(method, source, float(fixed_threshold), origin)
     unit_word = "patients" if ci_unit == "patient" else "images"
 
     per_class: list[dict[str, Any]] = []
@@ -900,8 +911,7 @@ def compute_report(
             ops_source = where
         else:
             ops = _given_operating_points(p, lab, class_names, given_ops, target_specificities, target_sensitivities)
-            ops_source = (f"given: {source}" if source else "given") if given_ops else \
-                "none (no operating-point thresholds from other data)"
+            ops_source = where if given_ops else "none (no operating-point thresholds from other data)"
         for r in ops:
             r["threshold_source"] = ops_source
         report["operating_points"] = ops

@@ -116,7 +116,8 @@ def subgroup_report(
                     "attribute": attribute, "group": g, "class": e["class"], "n": e["n"], "positives": e["positives"],
                     "auc": e["auc"], "auc_ci": e["auc_ci"], "average_precision": e["average_precision"],
                     "ap_ci": e["ap_ci"], "sensitivity": e["sensitivity"], "specificity": e["specificity"],
-                    "threshold": e["threshold"], "threshold_source": threshold_source, "reason": e["reason"],
+                    "threshold": e["threshold"], "threshold_source": threshold_source,
+                    "reason": None if e["reason"] is None else e["reason"].replace(", left out of the macro means", ""),
                 })
         for k, name in enumerate(class_names):
             defined = [(g, r["per_class"][k]["auc"]) for g, r in per_group.items() if r["per_class"][k]["auc"] is not None]
