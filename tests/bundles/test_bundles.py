@@ -203,7 +203,7 @@ def test_cpu_bf16_switch_reaches_the_training_inferer_only():
 
 def test_readme_command_trains_and_records_the_curve(trained):
     models = sorted(p.name for p in (trained / "models").iterdir())
-    assert models == ["checkpoint_epoch=2.pt", "model.pt", "run.json"]
+    assert models == ["checkpoint_epoch=2.pt", "model.pt", "run.json", "thresholds.json"]
     history = _read_csv(trained / "runs" / "history.csv")
     assert [int(r["epoch"]) for r in history] == [1, 2]
     assert all(0.0 <= float(r["val_auc"]) <= 1.0 for r in history)
@@ -325,7 +325,7 @@ def test_killed_training_resumes_from_its_last_finished_epoch(demo_datalist, tmp
     final = torch.load(models / "checkpoint_epoch=3.pt", weights_only=True)
     assert final["trainer"]["iteration"] == 3 * final["trainer"]["epoch_length"]
     # nothing left over: no older checkpoint, no partial or staged file
-    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=3.pt", "model.pt", "run.json"]
+    assert sorted(p.name for p in models.iterdir()) == ["checkpoint_epoch=3.pt", "model.pt", "run.json", "thresholds.json"]
     history = _read_csv(history_path)
     assert [int(r["epoch"]) for r in history] == [1, 2, 3]
     assert history[:finished] == before[:finished]  # the finished epochs' rows, unchanged
@@ -339,6 +339,8 @@ def test_killed_training_resumes_from_its_last_finished_epoch(demo_datalist, tmp
     # the evaluator's best across the resume is the same: its "Got new best metric" log agrees with model.pt
     aucs = [float(r["val_auc"]) for r in history]
     assert final["best_model"]["evaluator_best"] == [pytest.approx(best, abs=1e-12), 1 + aucs.index(best)]
+    # the validation thresholds beside model.pt are those of model.pt's epoch, whatever the kill interrupted
+    assert json.load(open(models / "thresholds.json"))["epoch"] == 1 + aucs.index(best)
     assert _model_validation_auc(tmp_path, demo_datalist) == pytest.approx(best, abs=1e-6)
 
 
