@@ -371,7 +371,8 @@ Evaluation, in `runs/eval/`:
   per `sex`, `age_band`
   (0-19, 20-39, 40-59, 60-79, 80+) and `view` group, at the whole split's thresholds;
   `subgroup_gaps.csv`, columns `attribute, class, auc_gap, highest_group, highest_auc, lowest_group,
-  lowest_auc, groups_compared` (the largest AUC difference between an attribute's groups); and
+  lowest_auc, groups_compared` (the largest AUC difference between an attribute's groups that have at least
+  20 positive and negative patients for the finding); and
   `subgroups.png`, a forest plot of each group's AUC and interval. The demo's metadata is made up
   independently of its images: its gaps are chance.
 

@@ -102,7 +102,8 @@ per-image identifiers written.
 
 ``subgroup_gaps.csv`` (with metadata)
     Columns ``attribute, class, auc_gap, highest_group, highest_auc, lowest_group, lowest_auc,
-    groups_compared`` (``;``-separated): the largest AUC difference between the groups of an attribute
+    groups_compared`` (``;``-separated): the largest AUC difference between the groups of an attribute that
+    have at least ``min_positives`` positive and negative patients for the finding
     with a defined AUC (empty with fewer than two).
 
 ``subgroups.png`` (with metadata)

@@ -86,7 +86,8 @@ def subgroup_report(
         ``{"attributes": [...], "rows": [{"attribute", "group", "class", "n", "positives", "auc", "auc_ci",
         "average_precision", "ap_ci", "sensitivity", "specificity", "threshold", "threshold_source", "reason"}], "gaps": [{"attribute",
         "class", "auc_gap", "highest_group", "highest_auc", "lowest_group", "lowest_auc", "groups_compared"}]}``.
-        ``auc_gap`` is null when fewer than two groups have a defined AUC.
+        ``auc_gap`` is null when fewer than two groups have a defined AUC with at least `min_positives` positive
+        and negative patients (images without patient ids); only those groups are compared.
     """
     from .metrics import DEFAULT_MIN_POSITIVES, compute_report
 
@@ -120,7 +121,10 @@ def subgroup_report(
                     "reason": None if e["reason"] is None else e["reason"].replace(", left out of the macro means", ""),
                 })
         for k, name in enumerate(class_names):
-            defined = [(g, r["per_class"][k]["auc"]) for g, r in per_group.items() if r["per_class"][k]["auc"] is not None]
+            # only groups with enough positive and negative patients for an interval: a gap between groups of a few
+            # positives is noise (the same minimum as the report's, min_positives)
+            defined = [(g, r["per_class"][k]["auc"]) for g, r in per_group.items()
+                       if r["per_class"][k]["auc"] is not None and r["per_class"][k]["reason"] is None]
             gap: dict[str, Any] = {"attribute": attribute, "class": str(name), "auc_gap": None, "highest_group": None,
                                    "highest_auc": None, "lowest_group": None, "lowest_auc": None,
                                    "groups_compared": [g for g, _ in defined]}

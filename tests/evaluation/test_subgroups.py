@@ -160,3 +160,22 @@ def test_subgroups_legend_names_every_group_even_without_an_auc_for_the_first_fi
     fig.canvas.draw()
     legend_box = ax.get_legend().get_window_extent()
     assert legend_box.y1 <= ax.get_window_extent().y0
+
+
+def test_gaps_compare_only_groups_with_enough_positive_patients():
+    """A group with 3 positives gets its AUC but takes no part in the attribute's largest gap."""
+    from hmn.evaluation.subgroups import subgroup_report
+
+    rng = np.random.default_rng(4)
+    n = 300
+    sex = np.array(["F"] * 150 + ["M"] * 120 + ["O"] * 30)
+    labels = (rng.random((n, 1)) < 0.4).astype(float)
+    labels[270:, 0] = 0
+    labels[270:273, 0] = 1  # group O: 3 positives
+    probs = 1 / (1 + np.exp(-(2 * labels - 1 + rng.normal(size=(n, 1)))))
+    out = subgroup_report(probs, labels, ["A"], {"sex": list(sex)}, [0.5], n_bootstrap=50, min_positives=20)
+    rows = {r["group"]: r for r in out["rows"]}
+    assert rows["O"]["auc"] is not None and rows["O"]["auc_ci"] is None and "fewer than 20" in rows["O"]["reason"]
+    gap = out["gaps"][0]
+    assert gap["groups_compared"] == ["F", "M"]
+    assert gap["auc_gap"] == pytest.approx(abs(rows["F"]["auc"] - rows["M"]["auc"]), abs=1e-15)
