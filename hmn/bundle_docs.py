@@ -331,9 +331,12 @@ valid pip lines, `verify_net_in_out`, and the train+evaluate and inference workf
 
 Training: `models/run.json` (the run record: `format`, `hmn_version`, `created`, `settings` with the model's
 and the schedule's settings, `starts` with one entry per start or resume: `time`, `resume`, `changed` as
-`{{setting: [recorded, used]}}`), `models/model.pt` (state dict of the best validation macro ROC AUC), `models/checkpoint_epoch=N.pt`
+`{{setting: [recorded, used]}}`), `models/model.pt` (state dict of the best validation macro ROC AUC),
+`models/thresholds.json` (the validation split's operating thresholds for that model: Youden's J and the
+operating points, with the epoch they belong to), `models/checkpoint_epoch=N.pt`
 (full state of the last finished epoch), `runs/history.csv` (one row per validation: `epoch`,
-`elapsed_s` (training time in seconds, summed over resumes), `val_auc`), TensorBoard event files in `runs/`.
+`elapsed_s` (training time in seconds, summed over resumes), `train_loss` (the epoch's mean training loss),
+`val_auc`), TensorBoard event files in `runs/`.
 `val_auc`, which picks `model.pt` and drives early stopping, is the evaluation report's macro ROC AUC
 (`hmn.handlers.MacroROCAUC`): per class over its known labels (masked, uncertain labels are left out, not
 counted as negatives), averaged over the classes with a positive and a negative label in the validation
