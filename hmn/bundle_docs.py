@@ -338,7 +338,7 @@ operating points, with the epoch they belong to), `models/checkpoint_epoch=N.pt`
 `elapsed_s` (training time in seconds, summed over resumes), `train_loss` (the epoch's mean training loss),
 `val_auc`), TensorBoard event files in `runs/`.
 `val_auc`, which picks `model.pt` and drives early stopping, is the evaluation report's macro ROC AUC
-(`hmn.handlers.MacroROCAUC`): per class over its known labels (masked, uncertain labels are left out, not
+without the report's minimum of positives (`hmn.handlers.MacroROCAUC`): per class over its known labels (masked, uncertain labels are left out, not
 counted as negatives), averaged over the classes with a positive and a negative label in the validation
 split. Before training, the log names the classes left out (a rare finding without a positive in a small
 validation split), and a validation split where no class qualifies stops the run, saying why.
