@@ -267,6 +267,9 @@ KILL_POINTS = [
     ("mid-write", r"history\.csv", 2, 1),
     ("mid-write", r"\.model\.pt\.epoch=1\.staged", 1, 0),  # no epoch finished yet: starts from scratch
     ("before-rename", r"model\.pt", 1, 1),  # epoch 1's checkpoint is complete, its best model not yet model.pt
+    # the validation thresholds staged with the best model, and their promotion right after model.pt's
+    ("mid-write", r"\.thresholds\.json\.epoch=1\.staged", 1, 0),
+    ("before-rename", r"thresholds\.json", 1, 1),
 ]
 
 
