@@ -159,10 +159,14 @@ def _assert_as_exact_as_eager(out: np.ndarray, want: np.ndarray, net: torch.nn.M
     """ONNX logits ``out`` at least as close to the float64 network's as the float32 network's ``want`` are, plus
     ONNX_ATOL. For the other image size: a random network whose BatchNorm statistics were taken partly at another
     size can be ill-conditioned there, its float32 logits differing from its float64 ones (EfficientNetV2-M by
-    3e-3 and -L by 2e-2 at 96x80, measured), and then no two float32 implementations agree within ONNX_ATOL."""
+    3e-3 and -L by 2e-2 at 96x80, measured), and then no two float32 implementations agree within ONNX_ATOL.
+    Their errors are of one order but not of one size, and PyTorch's depends on its kernels' summation order
+    (thread count, instruction set): with one thread EfficientNetV2-M's was 1.8e-4 and onnxruntime's 4.9e-4, a
+    ratio of 2.7 that an allowance of twice PyTorch's error refused. Four times it still refuses a wrong graph,
+    which moves these logits by more than 1e-1."""
     exact = copy.deepcopy(net).double()(x.double()).numpy()
     own = np.abs(want - exact).max()
-    assert np.abs(out - exact).max() <= ONNX_ATOL + 2 * own, (
+    assert np.abs(out - exact).max() <= ONNX_ATOL + 4 * own, (
         f"{what}: onnxruntime {np.abs(out - exact).max():.2e} from the float64 network, float32 PyTorch {own:.2e}")
 
 
