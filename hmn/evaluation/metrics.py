@@ -299,11 +299,7 @@ def load_operating_thresholds(path: str | os.PathLike, class_names: Sequence[str
     path = os.fspath(path)
     try:
         with open(path) as f:
-            rows = json.load(f).get("operating_points") or []
-        out = {}
-        for r in rows:
-            if r["class"] in class_names and r.get("threshold") is not None:
-                out[(str(r["class"]), str(r["target"]), float(r["target_value"]))] = float(r["threshold"])
+            out = _record_operating(json.load(f), class_names)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a metrics.json or thresholds.json with operating points "
                          f"({type(e).__name__}: {e})") from None
