@@ -792,6 +792,12 @@ def test_reuse_rehearsal_packed_bundle_rebuilds_the_trained_model(demo_datalist,
                   "--datalist", str(datalist), "--n_bootstrap", "0"]
     _run(evaluation)
     report = {r["image"]: r for r in _read_csv(bundle / "runs" / "eval" / "predictions.csv")}
+    # the validation thresholds of the user's own classes travel in the packed bundle and drive its evaluation
+    packed = json.load(open(bundle / "models" / "thresholds.json"))
+    assert packed["class_names"] == list(picks) and packed["source"] == "validation split"
+    metrics = json.load(open(bundle / "runs" / "eval" / "metrics.json"))
+    assert metrics["settings"]["thresholds_from"] == str(bundle / "models" / "thresholds.json")
+    assert [c["threshold"] for c in metrics["per_class"]] == [c["threshold"] for c in packed["per_class"]]
     # Not bit-exact: the bundle predicts in batches of another composition than this one batch of the whole test
     # split, and the CPU's convolution kernels (oneDNN, AVX-512 or AVX2, per batch shape and thread count) sum in
     # other orders, so each float32 logit may move by a few ulps of the terms it sums (7.5e-9 in probability was
