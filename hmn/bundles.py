@@ -157,6 +157,7 @@ _DIST_INFER_RUN = [*_INFER_RUN,
                    "$hmn.inference.merge_rank_outputs(@output_file, @heatmap_dir if hmn.training.as_bool(@heatmaps) else None, "
                    "keep_existing=hmn.training.as_bool(@resume))"]
 _TRAIN_RUN = [
+    "$@train#run_lock.acquire()",
     _CHECK_RECORD,
     _CHECK_RESUME_CLASSES,
     _CHECK_VAL,
@@ -170,6 +171,7 @@ _TRAIN_RUN = [
     "$hmn.training.evaluate_after_training(@test#evaluator, @ckpt_dir, @evaluate_after_training)",
 ]
 _DIST_TRAIN_RUN = [
+    "$@train#run_lock.acquire()",
     _CHECK_RECORD,
     _CHECK_RESUME_CLASSES,
     _CHECK_VAL,
@@ -634,8 +636,12 @@ def train_config(name: str) -> dict:
             # inline in the handler list, named here by reference: MONAI's check_properties reads every entry of
             # train#handlers as a dict (a "@..." entry there stops it with a TypeError, so the zoo's checks fail)
             "epoch_loss": "@train#handlers#0",
+            # one run per models folder (hmn.run_lock): taken first thing in "run" (before the checks of the folder),
+            # and by the trainer itself when it starts under another driver
+            "run_lock": "@train#handlers#1",
             "handlers": [
                 {"_target_": "hmn.training.EpochLoss"},
+                {"_target_": "hmn.run_lock.RunLock", "path": "@ckpt_dir", "purpose": "training"},
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "epoch_level": False, "print_lr": False},
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True, "interval": "@val_interval"},
                 {"_target_": "hmn.data.SkippedFilesReport", "dataset": "@train#dataset"},
@@ -686,7 +692,7 @@ def train_config(name: str) -> dict:
                 "inferer": {"_target_": "SimpleInferer"},
                 "amp": "@amp",
                 "val_handlers": [
-                    {"_target_": "CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')",
+                    {"_target_": "hmn.checkpoints.CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')",
                      "load_dict": {"model": "@network"}, "map_location": "@device"},
                     # thresholds: the validation split's, recorded with model.pt (models/thresholds.json)
                     {"_target_": "hmn.handlers.EvaluationReportHandler", "output_dir": "$os.path.join(@output_dir, 'eval')",
@@ -755,6 +761,8 @@ def train_config(name: str) -> dict:
                        "$monai.utils.set_determinism(seed=@seed)"],
         "run": _TRAIN_RUN,
         "training": _TRAIN_RUN,
+        # a run driven from Python (monai.bundle.run, create_workflow) leaves the models folder free for the next
+        "finalize": ["$@train#run_lock.release()"],
     }
     return _volume_train_config(config) if is_volume_bundle(name) else config
 
@@ -790,7 +798,7 @@ def evaluate_config(name: str) -> dict:
             }
         },
         "validate#handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')", "load_dict": {"model": "@network"}, "map_location": "@device"},
+            {"_target_": "hmn.checkpoints.CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')", "load_dict": {"model": "@network"}, "map_location": "@device"},
             {"_target_": "StatsHandler", "iteration_log": False},
             {
                 "_target_": "hmn.handlers.EvaluationReportHandler",
@@ -865,7 +873,7 @@ def inference_config(name: str) -> dict:
         "inferer": {"_target_": "SimpleInferer"},
         "postprocessing": {"_target_": "Compose", "transforms": []},
         "handlers": [
-            {"_target_": "CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')", "load_dict": {"model": "@network"}, "map_location": "@device"},
+            {"_target_": "hmn.checkpoints.CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')", "load_dict": {"model": "@network"}, "map_location": "@device"},
             # before the CSV writer: an iteration's heatmaps are on disk before its rows (see HeatmapWriter)
             {
                 "_target_": "hmn.handlers.HeatmapWriter",
@@ -953,7 +961,7 @@ def multi_gpu_config(name: str) -> dict:
         "initialize": [*_DIST_INIT, "$monai.utils.set_determinism(seed=@seed)"],
         "run": _DIST_TRAIN_RUN,
         "training": _DIST_TRAIN_RUN,
-        "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
+        "finalize": ["$@train#run_lock.release()", "$dist.is_initialized() and dist.destroy_process_group()"],
     }
 
 
@@ -1539,18 +1547,60 @@ def read_large_files(bundle: str | os.PathLike) -> list[dict[str, str]]:
     return entries
 
 
+def _within(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def _large_file_target(bundle: Path, root: str, rel: str, listed: Path | None) -> Path:
+    """``bundle/rel``, after checking that neither it nor any folder on the way leads out of the bundle.
+
+    Each existing component is looked at in turn: a folder that is a symbolic link may point elsewhere inside the
+    bundle (`root`, the bundle folder resolved), not outside it; the file itself may not be a link at all, nor
+    anything but a regular file. The fully resolved path must lie inside `root`."""
+    current = bundle
+    parts = Path(rel).parts
+    for i, part in enumerate(parts):
+        current = current / part
+        last = i == len(parts) - 1
+        if os.path.islink(current):
+            where = os.path.realpath(current)
+            if last:
+                raise ValueError(f"{listed}: {rel}: {current} is a symbolic link to {os.readlink(current)} (resolving to "
+                                 f"{where}); refused: a linked file must be a plain file inside the bundle folder {root}")
+            if not _within(where, root):
+                raise ValueError(f"{listed}: {rel}: {current} is a symbolic link to {os.readlink(current)} (resolving to "
+                                 f"{where}), outside the bundle folder {root}; refused: the download would be written there")
+        elif os.path.lexists(current) and not (current.is_file() if last else current.is_dir()):
+            raise ValueError(f"{listed}: {rel}: {current} exists and is not a {'file' if last else 'folder'}")
+    where = os.path.realpath(current)
+    if not _within(where, root):
+        raise ValueError(f"{listed}: {rel}: {current} resolves to {where}, outside the bundle folder {root}; refused")
+    return current
+
+
 def fetch_large_files(bundle: str | os.PathLike) -> list[str]:
     """Downloads the files the bundle folder's ``large_files.yml`` links (:func:`read_large_files`) to their
     ``path`` and checks each against its ``hash_val``; a file already there is checked, not downloaded
     again. Returns the files' paths ([] for a bundle without ``large_files.yml``).
 
+    The ``hash_val`` of each entry is the trust anchor for its file (an entry without one is downloaded with a
+    warning that nothing checks it). Every target is resolved before anything is written: a target that is a
+    symbolic link, or a folder on its way that is a link leading out of the bundle folder (as ``unzip`` creates
+    from a zip holding links), is refused, naming the entry and where the link points. A download goes to a
+    temporary file beside its target, inside the bundle, and is renamed into place only once complete and
+    checked, so an interrupted or refused download leaves no partial file.
+
     Raises:
         FileNotFoundError: `bundle` is not a folder.
-        ValueError: the list is malformed, or an entry's ``url`` is :data:`PLACEHOLDER_URL` (or any text that is
-            no http(s), ftp or file URL) while its file is absent: the message names the file and says what
-            to fill in.
+        ValueError: the list is malformed; an entry's target or a folder on its way is a symbolic link (see above)
+            or not a file/folder; or an entry's ``url`` is :data:`PLACEHOLDER_URL` (or any text that is no
+            http(s), ftp or file URL) while its file is absent: the message names the file and says what to
+            fill in.
         RuntimeError: a download failed, or a file's digest differs from ``hash_val`` (the message names both).
     """
+    import logging
+    import shutil
+    import tempfile
     from urllib.parse import urlparse
 
     from monai.apps import download_url
@@ -1560,9 +1610,10 @@ def fetch_large_files(bundle: str | os.PathLike) -> list[str]:
         raise FileNotFoundError(f"{bundle} is not a folder: give the unpacked bundle's folder (the one holding configs/)")
     entries = read_large_files(bundle)
     listed = _large_files_path(bundle)
+    root = os.path.realpath(bundle)
     out = []
     for e in entries:
-        target = bundle / e["path"]
+        target = _large_file_target(bundle, root, e["path"], listed)
         hash_val, hash_type = e.get("hash_val") or None, e.get("hash_type") or "md5"
         if not target.is_file() and urlparse(e["url"]).scheme not in ("http", "https", "ftp", "file"):
             what = "the placeholder" if e["url"] == PLACEHOLDER_URL else "not a URL:"
@@ -1572,9 +1623,9 @@ def fetch_large_files(bundle: str | os.PathLike) -> list[str]:
                 f"copy the file to {target}" + (f" ({hash_type} {hash_val})" if hash_val else "")
             )
         if hash_val is None:
-            import logging
-
-            logging.getLogger(__name__).warning("%s lists no hash_val for %s: the file is not checked", listed, e["path"])
+            logging.getLogger(__name__).warning(
+                "%s lists no hash_val for %s: the file is not checked. The hash is the trust anchor: without it nothing "
+                "shows that the file is the one the bundle was packed with", listed, e["path"])
         if target.is_file():
             got = file_hash(target, hash_type) if hash_val else None
             if got != hash_val:
@@ -1584,10 +1635,21 @@ def fetch_large_files(bundle: str | os.PathLike) -> list[str]:
                 )
             out.append(str(target))
             continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".download-", dir=target.parent)
         try:
-            download_url(url=e["url"], filepath=str(target), hash_val=hash_val, hash_type=hash_type, progress=False)
-        except (RuntimeError, OSError, ValueError) as err:
-            raise RuntimeError(f"{listed}: {e['path']} from {e['url']}: {err}") from err
+            part = Path(tmp) / target.name
+            try:
+                download_url(url=e["url"], filepath=str(part), hash_val=hash_val, hash_type=hash_type, progress=False)
+            except (RuntimeError, OSError, ValueError) as err:
+                raise RuntimeError(f"{listed}: {e['path']} from {e['url']}: {err}") from err
+            if not part.is_file():  # MONAI's download_url passes over a PermissionError in silence
+                raise RuntimeError(f"{listed}: {e['path']} from {e['url']}: the download wrote no file")
+            # checked again just before the rename (which replaces a link, never writes through one)
+            _large_file_target(bundle, root, e["path"], listed)
+            os.replace(part, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         out.append(str(target))
     return out
 
@@ -1609,30 +1671,77 @@ def fetch_main(argv: list[str] | None = None) -> int:
 
 
 def download_bundle(url: str, bundle_dir: str | os.PathLike, name: str, hash_val: str | None = None,
-                    hash_type: str = "md5", large_files: bool = True) -> str:
+                    hash_type: str = "md5", large_files: bool = True, max_bytes: int | None = None) -> str:
     """Fetches a packed bundle zip from ``url`` into ``bundle_dir/<name>``, checking its hash when given, then
     (`large_files`) the files its ``large_files.yml`` links (:func:`fetch_large_files`: ``model.pt`` of a
     bundle packed with ``--link-weights``), each checked against its own hash.
 
-    ``monai.bundle.download(url=...)`` (MONAI 1.6) takes no hash and fetches no large files; this does the
-    same download through ``monai.apps.download_and_extract``, which refuses a file whose ``hash_type``
-    digest differs from ``hash_val``. Afterwards ``monai.bundle.load(name, bundle_dir=...)`` finds the bundle
-    locally.
+    The hash is the trust anchor: a bundle's configs are code (MONAI evaluates their ``$`` expressions when it
+    parses them), so loading a downloaded bundle runs whatever its author wrote, as unpickling does. Give the MD5
+    that ``python -m hmn pack-bundle`` printed; a download without `hash_val` logs a warning saying so.
+    The zip is downloaded with ``monai.apps.download_url`` (which refuses a file whose `hash_type` digest differs
+    from `hash_val`) into a temporary folder inside `bundle_dir`, and extracted by
+    :func:`hmn.archives.extract_bundle_zip`, which refuses, before writing anything, an entry outside ``<name>/``,
+    an absolute path or ``..``, a symbolic link, device file or FIFO, a duplicate name, and absurd sizes (declared
+    total over `max_bytes`, a decompression bomb), then writes into a temporary folder renamed into place, so a
+    refused or damaged zip leaves no ``bundle_dir/<name>``. Afterwards ``monai.bundle.load(name,
+    bundle_dir=...)`` finds the bundle locally. (``monai.bundle.download(url=...)`` in MONAI 1.6 takes no hash,
+    fetches no large files, and extracts any path inside `bundle_dir`, not only ``<name>/``.)
+
+    Args:
+        url: the zip's address (http(s), ftp or file URL).
+        bundle_dir: the folder to put ``<name>/`` in (created).
+        name: the bundle's folder name inside the zip (a plain folder name, e.g. ``convnext_tiny``).
+        hash_val: the zip's digest; None downloads unchecked, with a warning.
+        hash_type: one of :data:`HASH_TYPES`.
+        large_files: also fetch the files ``large_files.yml`` links.
+        max_bytes: limit on the sum of the zip's declared uncompressed sizes, in bytes (default
+            :data:`hmn.archives.MAX_BUNDLE_BYTES`, 8 GiB).
 
     Raises:
-        ValueError: the archive holds no ``<name>/configs/``, or its ``large_files.yml`` is malformed or still
+        FileExistsError: ``bundle_dir/<name>`` already exists (it is left as it is; a bundle whose linked files
+            are missing is completed with ``python -m hmn fetch-large-files``).
+        hmn.archives.ArchiveError: (a ValueError) the zip is refused; the message names the URL and the entry.
+        ValueError: `name` is not a plain folder name, `hash_type` is unknown, the archive holds no
+            ``<name>/configs/``, or its ``large_files.yml`` is malformed, links through a symbolic link or still
             has the placeholder URL (see :func:`fetch_large_files`).
         RuntimeError: a download failed or a digest differs.
     """
-    from monai.apps import download_and_extract
+    import logging
+    import shutil
+    import tempfile
 
+    from monai.apps import download_url
+
+    from hmn.archives import MAX_BUNDLE_BYTES, check_bundle_name, extract_bundle_zip
+
+    check_bundle_name(name)
+    if hash_type not in HASH_TYPES:
+        raise ValueError(f"hash type {hash_type!r} is not supported; accepted: {', '.join(HASH_TYPES)}")
     bundle_dir = Path(bundle_dir)
+    target = bundle_dir / name
+    if os.path.lexists(target):
+        raise FileExistsError(f"{target} already exists: remove it to download {url} there again (a bundle whose linked "
+                              f"files are missing is completed with: python -m hmn fetch-large-files {target})")
+    if not hash_val:
+        logging.getLogger(__name__).warning(
+            "downloading %s without hash_val: nothing checks that it is the bundle that was packed. The hash is the "
+            "trust anchor: a bundle's configs are code that runs when it is loaded. Pass the md5 that "
+            "`python -m hmn pack-bundle` printed", url)
     bundle_dir.mkdir(parents=True, exist_ok=True)
-    zip_path = bundle_dir / f"{name}.zip"
-    download_and_extract(url=url, filepath=str(zip_path), output_dir=str(bundle_dir), hash_val=hash_val,
-                         hash_type=hash_type, progress=False)
-    if not (bundle_dir / name / "configs").is_dir():
-        raise ValueError(f"{url} did not contain a bundle folder {name}/ with configs/")
+    tmp = tempfile.mkdtemp(prefix=f".{name}.download-", dir=bundle_dir)
+    try:
+        zip_path = Path(tmp) / f"{name}.zip"
+        try:
+            download_url(url=url, filepath=str(zip_path), hash_val=hash_val or None, hash_type=hash_type, progress=False)
+        except (RuntimeError, OSError, ValueError) as err:
+            raise RuntimeError(f"{url}: the download failed: {err}") from err
+        if not zip_path.is_file():  # MONAI's download_url passes over a PermissionError in silence
+            raise RuntimeError(f"{url}: the download wrote no file")
+        extract_bundle_zip(zip_path, bundle_dir, name, archive=url,
+                           max_bytes=MAX_BUNDLE_BYTES if max_bytes is None else max_bytes)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if large_files:
-        fetch_large_files(bundle_dir / name)
-    return str(bundle_dir / name)
+        fetch_large_files(target)
+    return str(target)

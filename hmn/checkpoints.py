@@ -36,12 +36,15 @@ from typing import Any
 
 import ignite.distributed as idist
 from ignite.handlers import DiskSaver
+import torch
+from monai.handlers import CheckpointLoader as _MonaiCheckpointLoader
 from monai.handlers import CheckpointSaver
 
 from hmn import durable
 from hmn.durable import PARTIAL_SUFFIX, atomic_torch_save
 
-__all__ = ["BEST_MODEL_COMPANIONS", "AtomicCheckpointSaver", "AtomicDiskSaver", "promote_staged", "remove_partial_files",
+__all__ = ["BEST_MODEL_COMPANIONS", "AtomicCheckpointSaver", "AtomicDiskSaver", "CheckpointLoader", "CheckpointReadError",
+           "load_checkpoint", "promote_staged", "remove_partial_files",
            "staged_files", "staged_name"]
 
 logger = logging.getLogger(__name__)
@@ -51,6 +54,71 @@ _STAGED_RE = re.compile(r"^\.(?P<name>.+)\.epoch=(?P<epoch>\d+)\.staged$")
 # files staged beside a best model that are promoted with it, epoch for epoch: the validation split's operating
 # thresholds (hmn.handlers.ValidationThresholds), so that thresholds.json always belongs to model.pt
 BEST_MODEL_COMPANIONS = ("thresholds.json",)
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint (``model.pt``) that cannot be read or loaded; the message names the file. Attribute ``path``."""
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = os.fspath(path)
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:400]}"
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = None) -> Any:
+    """``torch.load(path, weights_only=True)`` (tensors and plain containers only: a pickle that would run code is
+    refused), with every failure raised as :class:`CheckpointReadError` naming the file.
+
+    Raises:
+        CheckpointReadError: the file is missing, unreadable (permissions, a folder), damaged or truncated (not a
+            complete ``torch.save`` archive), or holds objects other than tensors and containers of them.
+        MemoryError, torch.OutOfMemoryError: passed on (the machine's trouble, not the file's).
+    """
+    path = os.fspath(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except FileNotFoundError:
+        raise CheckpointReadError(path, "no such file: train the model first, or point --bundle_root (or --ckpt_dir) "
+                                        "at the folder holding models/model.pt") from None
+    except Exception as e:  # noqa: BLE001 - torch.load raises many types for a damaged or hostile file
+        raise CheckpointReadError(path, f"cannot be read as a PyTorch checkpoint ({_reason(e)}); it may be damaged, "
+                                        "truncated, or not a checkpoint saved by this project") from e
+
+
+class CheckpointLoader(_MonaiCheckpointLoader):
+    """MONAI's ``CheckpointLoader`` (same arguments: ``load_path``, ``load_dict``, ``map_location``, ``strict``)
+    whose errors name the checkpoint: a file that cannot be read (:func:`load_checkpoint`) or whose weights do not
+    fit the objects of ``load_dict`` (another architecture or number of classes) raises
+    :class:`CheckpointReadError` naming ``load_path``. Shapes are always checked (``strict_shape=False`` is
+    refused); an engine's ``max_epochs`` is kept as the engine had it."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not self.strict_shape:
+            raise ValueError("hmn.checkpoints.CheckpointLoader loads weights whole: strict_shape=False is not accepted")
+
+    def __call__(self, engine: Any) -> None:
+        from ignite.handlers import Checkpoint
+
+        checkpoint = load_checkpoint(self.load_path, self.map_location)
+        if not isinstance(checkpoint, Mapping):
+            raise CheckpointReadError(self.load_path, f"holds a {type(checkpoint).__name__}, not a state dict")
+        first = next(iter(self.load_dict))
+        if len(self.load_dict) == 1 and first not in checkpoint:  # the file is the object's state dict itself
+            checkpoint = {first: checkpoint}
+        prior_max_epochs = engine.state.max_epochs
+        try:
+            Checkpoint.load_objects(to_load=self.load_dict, checkpoint=checkpoint, strict=self.strict)
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise CheckpointReadError(self.load_path, f"does not fit this network ({_reason(e)}): it was trained "
+                                                      "with other settings (backbone, classes, options)") from e
+        engine.state.max_epochs = prior_max_epochs
+        self.logger.info(f"Restored all variables from {self.load_path}")
 
 
 def staged_name(name: str, epoch: int) -> str:

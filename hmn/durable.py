@@ -13,6 +13,12 @@ A full disk (``ENOSPC``, or ``EDQUOT`` over a quota) raises :class:`Insufficient
 the folder, the space needed and the space free; the temporary file is removed and the target is left as
 it was. :func:`atomic_torch_save` also checks the free space before it writes, from the size of the
 tensors it is given, so that a checkpoint that cannot fit is refused before any byte is written.
+
+Text files are UTF-8. A file name that is not valid UTF-8 (Linux allows any bytes; Python hands such a name
+over with each undecodable byte as a lone surrogate, PEP 383) cannot be encoded as such, so text writers use
+the error handler :data:`PATH_ERRORS`, which writes each such byte as ``\\xNN`` (``caf\\xe9.png`` for the
+Latin-1 name ``café.png``): the file stays valid UTF-8, and :func:`portable_text` gives the same text for
+comparing a path with what a file holds.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import codecs
 import shutil
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,11 +36,13 @@ import torch
 __all__ = [
     "InsufficientDiskSpaceError",
     "PARTIAL_SUFFIX",
+    "PATH_ERRORS",
     "atomic_torch_save",
     "atomic_write",
     "estimated_size",
     "fsync_dir",
     "partial_path",
+    "portable_text",
 ]
 
 logger = logging.getLogger(__name__)
@@ -43,6 +52,29 @@ PARTIAL_SUFFIX = ".partial"
 # 100 KB for a ConvNeXt-L full-state checkpoint); the margin keeps the free-space check on the safe side
 _SAVE_OVERHEAD = 1 << 20
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+# the codec error handler text writers use (see the module docstring)
+PATH_ERRORS = "hmn.path_bytes"
+
+
+def _path_bytes(error: UnicodeError) -> tuple[str, int]:
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    bad = error.object[error.start:error.end]
+    # U+DC80..U+DCFF: a byte 0x80..0xFF the OS gave that was not UTF-8 (PEP 383 surrogateescape); any
+    # other code point that cannot be encoded (a lone surrogate from elsewhere) as its \uXXXX escape
+    out = "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else f"\\u{ord(c):04x}" for c in bad)
+    return out, error.end
+
+
+codecs.register_error(PATH_ERRORS, _path_bytes)
+
+
+def portable_text(text: str) -> str:
+    """`text` as a UTF-8 text file written by this project holds it: unchanged when it is valid Unicode;
+    otherwise each byte of a file name that was not UTF-8 as ``\\xNN`` (see :data:`PATH_ERRORS`)."""
+    return text.encode("utf-8", PATH_ERRORS).decode("utf-8")
 
 
 def _mb(n: float) -> str:
@@ -135,7 +167,7 @@ def _write_partial(tmp: str, write: Callable[[Any], None], binary: bool) -> None
     """Writes the temporary file completely and syncs its data to disk (a leftover one is removed first, by
     :func:`atomic_write`, so it is created afresh with the default mode)."""
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    kwargs: dict[str, Any] = {} if binary else {"newline": "", "encoding": "utf-8"}
+    kwargs: dict[str, Any] = {} if binary else {"newline": "", "encoding": "utf-8", "errors": PATH_ERRORS}
     with os.fdopen(fd, "wb" if binary else "w", **kwargs) as f:
         write(f)
         f.flush()

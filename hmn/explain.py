@@ -536,10 +536,12 @@ def write_heatmaps(
 
 def append_index(path: str | os.PathLike, rows: Sequence[Mapping[str, str]]) -> None:
     """Appends rows to a heatmap index CSV (header :data:`HEATMAP_INDEX_COLUMNS` when new) and syncs it."""
+    from hmn.durable import PATH_ERRORS  # a file name that is not UTF-8: its other bytes as \\xNN
+
     path = os.fspath(path)
     new = not os.path.exists(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", newline="", encoding="utf-8") as f:
+    with open(path, "a", newline="", encoding="utf-8", errors=PATH_ERRORS) as f:
         w = csv.writer(f, lineterminator="\n")
         if new:
             w.writerow(HEATMAP_INDEX_COLUMNS)
@@ -594,7 +596,13 @@ def load_bundle_network(bundle_root: str | os.PathLike, device: str | torch.devi
     runs.check_run_record(ckpt_dir, parser.get_parsed_content("model_settings"),
                           parser.get_parsed_content("use_run_record"))
     network = parser.get_parsed_content("network_def").to(device)
-    network.load_state_dict(torch.load(weights, map_location=device, weights_only=True))
+    from hmn.checkpoints import CheckpointReadError, load_checkpoint
+
+    state = load_checkpoint(weights, map_location=device)
+    try:
+        network.load_state_dict(state)
+    except (KeyError, RuntimeError, TypeError, AttributeError) as e:
+        raise CheckpointReadError(weights, f"does not fit the recorded network ({type(e).__name__}: {e})") from e
     return {"network": network.eval(), "preprocessing": parser.get_parsed_content("preprocessing"),
             "class_names": [str(c) for c in parser.get_parsed_content("class_names")],
             "image_size": parser.get_parsed_content("image_size")}

@@ -32,8 +32,10 @@ from ignite.metrics import EpochMetric
 from monai.data import MetaTensor, decollate_batch
 from scipy.special import expit
 
+from hmn.durable import PATH_ERRORS, portable_text
 from hmn.evaluation import atomic_write, compute_report, macro_auc, write_report
 from hmn.inference import rank_file, read_prediction_rows
+from hmn.run_lock import RunLock
 from hmn.training import _rank_world
 
 __all__ = ["EvaluationReportHandler", "HeatmapWriter", "MacroROCAUC", "PredictionCSVWriter", "ValidationThresholds",
@@ -559,6 +561,11 @@ class PredictionCSVWriter:
     not written again. Pair it with ``hmn.inference.inference_items(..., skip_done=<this file>)`` so
     that those images are not even computed.
 
+    The file is locked (:class:`hmn.run_lock.RunLock`) from the start of the run until it completes: a second
+    inference writing the same file stops at once (:class:`hmn.run_lock.RunInUseError`, naming the holder's
+    process) instead of interleaving rows with this one. A file name that is not UTF-8 is written with its
+    undecodable bytes as ``\\xNN`` (:func:`hmn.durable.portable_text`), with a warning naming it.
+
     Args:
         output_file: the CSV path (folders are created). Under torchrun with several ranks each rank
             writes ``<stem>.rank<r><suffix>``.
@@ -586,6 +593,7 @@ class PredictionCSVWriter:
         self.image_key, self.error_key, self.resume = image_key, error_key, bool(resume)
         self.header = ["image", "error", *self.class_names]
         self.path: str | None = None
+        self.lock = RunLock(self.output_file, "inference", file=True, all_ranks=True)
         self.rows_written = 0
         self.errors = 0
         self._done: set[str] = set()
@@ -603,6 +611,8 @@ class PredictionCSVWriter:
         """Creates (or, with `resume`, cleans up) the CSV with its header."""
         path = rank_file(self.output_file)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.lock.release()
+        self.lock = RunLock(path, "inference", file=True, all_ranks=True).acquire()  # one writer per file, held until COMPLETED
         kept: list[list[str]] = []
         if self.resume and os.path.exists(path):
             header, rows = read_prediction_rows(path)
@@ -638,9 +648,13 @@ class PredictionCSVWriter:
             items = (batch_item, output_item)
             image = _image_path(items, self.image_key, f"item_{self._seen}")
             self._seen += 1
+            written = portable_text(image)
+            if written != image:
+                logger.warning("a file name that is not UTF-8, written with its other bytes as \\xNN: %s", written)
+                image = written
             if self.resume and image in self._done:
                 continue
-            error = _text(items, self.error_key)
+            error = portable_text(_text(items, self.error_key))
             if error:
                 rows.append([image, " ".join(error.split())] + [""] * len(self.class_names))
                 self.errors += 1
@@ -650,7 +664,7 @@ class PredictionCSVWriter:
                 self._done.add(image)
         if not rows:
             return
-        with open(self.path, "a", newline="", encoding="utf-8") as f:  # type: ignore[arg-type]
+        with open(self.path, "a", newline="", encoding="utf-8", errors=PATH_ERRORS) as f:  # type: ignore[arg-type]
             csv.writer(f, lineterminator="\n").writerows(rows)
             f.flush()
             os.fsync(f.fileno())
@@ -661,6 +675,7 @@ class PredictionCSVWriter:
         level = logging.WARNING if self.errors else logging.INFO
         logger.log(level, "%s: %d rows, %d of this run's images could not be read", self.path, self.rows_written,
                    self.errors)
+        self.lock.release()
 
 
 class HeatmapWriter:

@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 
 from hmn.data.dataset import find_read_error
 from hmn.data.datalist import IMAGE_EXTENSIONS, find_images, find_volumes, load_datalist
-from hmn.durable import atomic_write
+from hmn.durable import atomic_write, portable_text
 
 __all__ = [
     "InferenceDataset",
@@ -212,7 +212,7 @@ def inference_items(
         if done_files:
             done = set().union(*(completed_images(f) for f in done_files))
             before = len(paths)
-            paths = [p for p in paths if p not in done]
+            paths = [p for p in paths if portable_text(p) not in done]  # as the CSV holds them
             logger.info("%d of %d images already have predictions in %s", before - len(paths), before,
                         ", ".join(done_files))
     return [{image_key: p} for p in paths]
@@ -350,7 +350,7 @@ def read_prediction_rows(csv_path: str | os.PathLike) -> tuple[list[str] | None,
     """The header and the complete rows of a CSV that may have been cut off by a crash: a last line
     without its line ending, and rows with the wrong number of fields, are dropped."""
     with open(csv_path, newline="", encoding="utf-8") as f:
-        text = f.read()
+        text = f.read()  # written as UTF-8 (file names that are not UTF-8 as \\xNN: hmn.durable.PATH_ERRORS)
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]  # the unterminated last line was cut off mid-write
     rows = list(csv.reader(io.StringIO(text)))

@@ -4,6 +4,7 @@ the run goes, resuming an interrupted run, and inference_items sources."""
 from __future__ import annotations
 
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -303,3 +304,33 @@ def test_a_folder_of_volumes_lists_each_nifti_file_and_each_dicom_series_once(tm
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="looked for NIfTI files and folders of DICOM files"):
         inference_items(tmp_path / "empty", volumes=True)
+
+
+def test_file_names_that_are_not_utf8_get_rows_and_resume(tmp_path, caplog):
+    """Linux file names are bytes; one that is not UTF-8 (here Latin-1 'café.png') once emptied the CSV with a
+    UnicodeEncodeError. Its row names it with the undecodable byte as \\xNN, and a resumed run finds that row."""
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    latin1 = os.fsdecode(os.fsencode(root) + b"/caf\xe9.png")  # what os.listdir gives for those bytes
+    for name in (str(root / "a.png"), latin1):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(name)
+    broken = os.fsdecode(os.fsencode(root) + b"/bad\xff.png")
+    with open(broken, "wb") as f:
+        f.write(b"not an image")
+    out = tmp_path / "predictions.csv"
+    with caplog.at_level("WARNING", logger="hmn.handlers"):
+        _evaluate(inference_items(root), PredictionCSVWriter(out, CLASSES), _network())
+    with open(out, newline="", encoding="utf-8") as f:  # strict UTF-8: the file is valid
+        rows = list(csv.reader(f))[1:]
+    shown = {"a.png": str(root / "a.png"), "bad": str(root) + "/bad\\xff.png", "cafe": str(root) + "/caf\\xe9.png"}
+    assert [r[0] for r in rows] == [shown["a.png"], shown["bad"], shown["cafe"]]
+    assert rows[1][1].startswith(shown["bad"] + ": ") and rows[2][1] == "" and rows[2][2] != ""
+    assert f"not UTF-8, written with its other bytes as \\xNN: {shown['cafe']}" in caplog.text
+    # resume: the Latin-1 file's row is found (not predicted again, not repeated); the broken one is retried
+    items = inference_items(root, skip_done=out)
+    assert items == [{"image": broken}]
+    _evaluate(items, PredictionCSVWriter(out, CLASSES, resume=True), _network())
+    with open(out, newline="", encoding="utf-8") as f:
+        again = list(csv.reader(f))[1:]
+    assert sorted(r[0] for r in again) == sorted(shown.values()) and len(again) == 3

@@ -936,3 +936,46 @@ def test_inference_under_torchrun_writes_one_merged_csv_and_resumes(trained, dem
     assert "2 of 6 images already have predictions" in out.stdout + out.stderr
     _same_predictions(sorted(_read_csv(single), key=lambda r: r["image"]), want, demo_datalist)
     assert index("heat1") == sorted({(r["image"], "Mass") for r in want if not r["error"]})
+
+
+def test_a_training_on_a_models_folder_in_use_stops_before_writing(demo_datalist, tmp_path):
+    """Two trainings on one folder once both passed the "already holds a run" check and then destroyed each
+    other's checkpoints. Now the second stops first thing, naming the process that holds the folder."""
+    from hmn.run_lock import RunLock
+
+    models = tmp_path / "models"
+    with RunLock(models, "training"):  # this test process plays the first run
+        out = subprocess.run(_bundle_cmd("training", _configs("convnext_tiny", "train"), "--datalist", demo_datalist,
+                                         "--bundle_root", str(tmp_path), *SMALL), cwd=ROOT, capture_output=True,
+                             text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode != 0
+        assert out.stderr.strip().splitlines()[-1].startswith(
+            f"error: RunInUseError: {models} is in use by training in process {os.getpid()} on ")
+        assert sorted(p.name for p in models.iterdir()) == [".hmn.lock"]  # nothing of the second run written
+        assert not (tmp_path / "runs").exists()
+    assert not models.joinpath(".hmn.lock").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "code"])
+def test_an_unreadable_model_is_refused_naming_its_path(damage, trained, demo_datalist, tmp_path):
+    """A damaged model.pt once stopped evaluation and inference with torch's own message, naming no file; a
+    pickle that would run code is refused by weights_only loading, and named the same way."""
+    import pickle
+
+    from hmn.data import load_datalist
+
+    root = tmp_path / "bundle"
+    shutil.copytree(trained, root, ignore=shutil.ignore_patterns("runs"))
+    model = root / "models" / "model.pt"
+    if damage == "truncated":
+        model.write_bytes(model.read_bytes()[:4096])
+    else:
+        model.write_bytes(pickle.dumps(os.system))  # a plain pickle of a callable: weights_only refuses it
+    image = load_datalist(demo_datalist, "test")[0]["image"]
+    for run_id, config, extra in (("evaluating", ("train", "evaluate"), ["--datalist", demo_datalist]),
+                                  ("inference", ("inference",), ["--input", image, "--output_file", str(tmp_path / "p.csv")])):
+        out = subprocess.run(_bundle_cmd(run_id, _configs("convnext_tiny", *config), "--bundle_root", str(root), *extra, *SMALL),
+                             cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert out.returncode != 0
+        assert out.stderr.strip().splitlines()[-1].startswith(
+            f"error: CheckpointReadError: {model}: cannot be read as a PyTorch checkpoint ("), (run_id, out.stderr[-2000:])

@@ -163,3 +163,16 @@ def test_hmn_report_from_any_predictions_csv_resamples_patients(tmp_path, capsys
     bad.write_text("a,b\n1,2\n")
     assert hmn_main(["report", str(bad), "--out", str(tmp_path / "x")]) == 1
     assert "bad.csv" in capsys.readouterr().err
+
+
+def test_image_names_that_are_not_utf8_are_written(tmp_path):
+    """A file name the OS gives that is not UTF-8 (Latin-1 'café', PEP 383 surrogates in Python) is written to
+    predictions.csv with the undecodable byte as \\xNN, and the file stays valid UTF-8."""
+    probs, labels, ids = _data()
+    ids = list(ids)
+    ids[3] = os.fsdecode(b"/data/caf\xe9.png")
+    report = compute_report(probs, labels, CLASSES, n_bootstrap=0)
+    paths = write_report(report, probs, labels, ids, CLASSES, tmp_path)
+    with open(paths["predictions_csv"], newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == len(ids) + 1 and rows[4][0] == "/data/caf\\xe9.png" and rows[5][0] == ids[4]
