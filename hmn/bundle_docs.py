@@ -296,6 +296,11 @@ network (the inference config needs no datalist). A packed bundle's `bundle_root
 from its folder or pass `--bundle_root`; its evaluation and inference refuse any `model.pt` but the one
 packed (its SHA-256 is in the packed configs' `model_sha256`).
 
+A bundle's configs are code: MONAI evaluates their `$` expressions when it parses them, so load bundles only
+from people you trust, and take the zip's digest from its author by another channel: the hash is the trust
+anchor (a download without one warns). `download_bundle` extracts only entries under `{name}/` and refuses
+links, devices, `..` and absolute paths before writing anything (see the repository's README).
+
 Linked weights: the model zoo keeps files over 25 MB out of its repository (every bundle's `model.pt` is
 larger) and links them from `large_files.yml` at the bundle's root. `--link-weights` leaves `model.pt` out
 of the zip and writes that file: one entry with `path` (`models/model.pt`), `url`, `hash_val` and
@@ -499,6 +504,9 @@ are classified one at a time. Heatmaps (`--heatmaps True`) are for radiographs o
 `python -m hmn pack-bundle {name} {name}.zip` packs the trained bundle as for the 2D bundles (with
 `--link-weights` / `--weights-url` for the MONAI model zoo's `large_files.yml`), and
 `monai.bundle.load("{name}", bundle_dir=..., workflow_type="inference")` returns the trained network.
+A bundle's configs are code (MONAI evaluates their `$` expressions when it parses them): fetch it with
+`hmn.bundles.download_bundle(..., hash_val=...)`, whose hash is the trust anchor and whose extraction stays
+under `{name}/`.
 
 ## Figures
 
