@@ -15,8 +15,20 @@ Conventions of the output:
   in RAS millimetres, the arrays and affines MONAI's ``NibabelReader`` and ``PydicomReader`` give (a
   series may come with its slice axis reversed and a negative slice step; the voxel-to-world mapping is
   the same), so that ``Orientationd`` and ``Spacingd`` act on them correctly. All frames of a
-  multi-frame DICOM (``frame="all"``) are ``(C, columns, rows, frames)`` with a diagonal affine of the
-  pixel spacing and SliceThickness: that affine is not placed in patient space.
+  multi-frame DICOM (``frame="all"``) are ``(C, columns, rows, frames)``: with a Plane Position per frame
+  (Enhanced CT/MR, PS3.3 C.7.6.16.2.3) sorted along the slice normal and placed in patient space as a
+  series is; without, in stored order with a diagonal affine (not in patient space) whose slice step is
+  SpacingBetweenSlices. A DICOM volume must be one regular grid: slices (files, or frames) that
+  repeat (SOPInstanceUID, InstanceNumber, position along the normal, identical non-uniform pixel data),
+  leave a gap (irregular spacing along the normal; InstanceNumber gaps where there are no positions), or
+  differ in orientation, size, PixelSpacing, Frame of Reference, modality, photometric interpretation or
+  rescale type (or, in CT, rescale slope/intercept) raise :class:`ImageReadError` naming the files; so
+  does a volume without PixelSpacing or a slice spacing, unless ``assume_spacing`` gives them (PS3.3
+  C.7.6.2.1.1: SliceThickness is not a spacing). 2D DICOM without PixelSpacing or ImagerPixelSpacing
+  keeps 1 mm pixels (``spacing_source="default"``), as projection radiographs often lack both.
+* Multi-frame Enhanced DICOM: each frame's Rescale Slope/Intercept/Type, window, pixel spacing,
+  orientation and position come from its Per-frame Functional Groups, else the Shared ones (PS3.3
+  C.7.6.16), else the top level; frames with different rescales are each scaled by their own.
 * DICOM grey levels: stored values -> Modality LUT (RescaleSlope/Intercept or Modality LUT Sequence)
   -> VOI (``voi="apply"``: VOI LUT Sequence or WindowCenter/WindowWidth with the file's VOI LUT
   Function; ``"ignore"``: modality values unchanged; ``"full_range"``: a linear window over the
@@ -25,19 +37,29 @@ Conventions of the output:
   ``apply_windowing``) defines: the stored bit range sent through the Modality LUT.
 * Meta: ``filename_or_obj``, ``format``, ``spacing``, ``modality``, ``photometric_interpretation``
   (as stored in the file), ``bits_stored``, ``voi`` (what was applied), ``inverted``, ``frame``,
+  ``spacing_source`` (the attribute that gave the spacing: ``"PixelSpacing"``, ``"ImagerPixelSpacing"``,
+  ``"dpi"``, ``"header"``, ``"default"``; for a DICOM volume ``"<in-plane>/<slice>"``, e.g.
+  ``"PixelSpacing/ImagePositionPatient"`` or ``"assume_spacing/SpacingBetweenSlices"``),
   ``spatial_shape``, ``original_channel_dim`` and the affine. The key set is the same for every
   format so that a batch mixing DICOM and PNG collates. No patient-identifying DICOM attribute is ever
   read (decoded) unless listed in ``dicom_tags``, whose values are then added under their keywords.
 
-Bad input raises :class:`ImageReadError`, which names the file and the reason.
+Bad input raises :class:`ImageReadError`, which names the file and the reason: so does every failure of a
+decoder (PIL, nibabel, pydicom and its plugins, gzip, zlib). Each reader checks the sizes a header declares
+against ``max_pixels`` and against the bytes the file holds before it allocates anything of that size
+(:func:`check_declared_size`), so a hostile header costs what its file holds, not what it declares.
 """
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import logging
+import math
 import os
 import struct
+import zlib
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -52,6 +74,8 @@ __all__ = [
     "LoadXray",
     "LoadXrayd",
     "sniff_format",
+    "check_declared_size",
+    "DEFAULT_MAX_PIXELS",
     "VOI_MODES",
     "COLOR_MODES",
 ]
@@ -85,17 +109,138 @@ class ImageReadError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------
+# declared sizes
+
+# 2**30 pixel values (rows x columns x frames x samples; the product of a NIfTI's dimensions) admits every
+# routine medical image with room to spare: a 512x512x2000 CT holds 0.52 * 2**30, a 4096x5120 mammogram
+# 0.02 * 2**30, a 2457x1890x70 breast tomosynthesis 0.30 * 2**30, a 64x64x40x1000 fMRI run 0.16 * 2**30.
+# It still bounds what a hostile header can make a reader allocate: 4 GiB as float32.
+DEFAULT_MAX_PIXELS = 2**30
+
+# The most bytes one stored byte can decode to: deflate (PNG) 1032 (a 258-byte match in two 1-bit codes),
+# DICOM RLE Lossless (PS3.5 G.3.1, PackBits) 64 (a 128-byte replicate run in 2 bytes).
+_DEFLATE_MAX_RATIO = 1032
+_RLE_MAX_RATIO = 64
+
+
+def check_declared_size(
+    path: str | os.PathLike,
+    shape: Sequence[int],
+    itemsize: float,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    file_size: int | None = None,
+    *,
+    offset: int = 0,
+    expansion: float = 1.0,
+    axes: Sequence[str] | None = None,
+) -> int:
+    """Refuses an image whose header declares more than ``max_pixels`` values or more bytes than the file holds.
+
+    Called by every reader with the sizes a header declares, before anything of that size is allocated,
+    so that a few hundred bytes declaring a 60000x60000 image cost nothing.
+
+    Args:
+        path: the file, named in the error.
+        shape: declared dimensions: rows, columns, frames, samples per pixel (DICOM PS3.3 C.7.6.3); the
+            image size and bands (PIL); ``dim[1:dim[0]+1]`` (NIfTI). Non-negative ints.
+        itemsize: bytes per stored value, may be fractional (``bits / 8``: 0.125 for 1-bit data).
+        max_pixels: the most values (the product of ``shape``) accepted; ``None``: no limit.
+        file_size: bytes available for the data (the file's size, or the Pixel Data element's length);
+            ``None`` skips that check (compressed data whose best ratio is unbounded, gzip streams).
+        offset: where the data starts within those ``file_size`` bytes (NIfTI ``vox_offset``).
+        expansion: the most bytes one stored byte can decode to for the data's compression (1 for
+            uncompressed data, 1032 for deflate, 64 for DICOM RLE), so that the file must hold at least
+            ``ceil(prod(shape) * itemsize / expansion)`` bytes after ``offset``.
+        axes: names of the dimensions for the message (``("frames", "rows", "columns", "samples")``).
+
+    Returns:
+        The number of values, ``prod(shape)``.
+
+    Raises:
+        ImageReadError: naming `path`, the declared shape and the limit or file size it exceeds.
+    """
+    dims = []
+    for d in shape:
+        try:
+            dims.append(int(d))
+        except (TypeError, ValueError, OverflowError):
+            raise ImageReadError(path, f"header declares a non-integer size {d!r} (shape {tuple(shape)})") from None
+    names = list(axes) if axes is not None and len(axes) == len(dims) else [""] * len(dims)
+    text = " x ".join(f"{d} {name}".strip() for d, name in zip(dims, names)) or "a scalar"
+    if any(d < 0 for d in dims):
+        raise ImageReadError(path, f"header declares a negative size ({text})")
+    n = math.prod(dims)
+    if max_pixels is not None and n > max_pixels:
+        raise ImageReadError(
+            path, f"header declares {text} = {n:,} pixel values, more than max_pixels={max_pixels:,}: a corrupt or "
+            "hostile header, or an image larger than this pipeline accepts (raise max_pixels if it is genuine)"
+        )
+    if file_size is not None:
+        nbytes = math.ceil(n * itemsize)
+        need = int(offset) + math.ceil(nbytes / expansion)
+        if need > file_size:
+            packed = ""
+            if expansion != 1:
+                packed = f", compressed at most {expansion:g}:1 so at least {need - int(offset):,} stored"
+            start = f" after byte {int(offset):,}" if offset else ""
+            raise ImageReadError(
+                path, f"header declares {text} of {float(itemsize):g} bytes each ({nbytes:,} bytes{packed}{start}), "
+                f"but there are only {int(file_size):,} bytes: the file is truncated or its header is corrupt"
+            )
+    return n
+
+
+_EXITS = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+def _file_errors(what: str):
+    """Decorates a reader ``(self, path)`` so that any failure on a file becomes :class:`ImageReadError` naming it.
+
+    Decoders (PIL, nibabel, pydicom and its plugins, gzip, zlib, numpy) raise many exception types on
+    corrupt input, some not even an ``Exception`` (a Rust plugin's panic); a caller such as
+    :class:`hmn.data.SkipBadFilesDataset` leaves out and names a file on ``ImageReadError`` alone. A bug in
+    a reader becomes one too (its type and message in the reason, its traceback in ``__cause__``): the
+    tests on valid files are what tell the two apart.
+    """
+
+    def wrap(reader):
+        @functools.wraps(reader)
+        def inner(self, path, *args, **kwargs):
+            try:
+                return reader(self, path, *args, **kwargs)
+            except ImageReadError:
+                raise
+            except MemoryError as e:
+                raise ImageReadError(path, f"not enough memory to read this {what} (MemoryError: {e})") from e
+            except _EXITS:
+                raise
+            except BaseException as e:  # Exception, and the panics of Rust decoders (pyo3_runtime.PanicException)
+                reason = " ".join(str(e).split())[:400]
+                raise ImageReadError(path, f"{what} cannot be read ({type(e).__name__}: {reason})") from e
+
+        return inner
+
+    return wrap
+
+
+# ----------------------------------------------------------------------------------------------
 # format detection
 
 
 def sniff_format(path: str | os.PathLike) -> str:
     """Returns ``"dicom"``, ``"dicom_series"``, ``"nifti"`` or ``"pil"`` for `path`, decided by content.
 
-    Raises :class:`ImageReadError` for a missing, empty, unreadable or unrecognised file.
+    Raises :class:`ImageReadError` for a missing, empty, unreadable or unrecognised file, for a gzip
+    stream that is corrupt, and for anything but a regular file or folder (a FIFO or device would block
+    or never end).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         return "dicom_series"
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ImageReadError(
+            path, "is not a regular file (a device, FIFO or socket); accepted: image files and folders"
+        )
     try:
         with open(path, "rb") as f:
             head = f.read(544)
@@ -117,8 +262,8 @@ def sniff_format(path: str | os.PathLike) -> str:
         try:
             with gzip.open(path, "rb") as g:
                 inner = g.read(544)
-        except (OSError, EOFError) as e:
-            raise ImageReadError(path, f"gzip stream is corrupt or truncated ({e})") from None
+        except (OSError, EOFError, zlib.error) as e:
+            raise ImageReadError(path, f"gzip stream is corrupt or truncated ({type(e).__name__}: {e})") from None
         if _is_nifti_header(inner):
             return "nifti"
         raise ImageReadError(path, "gzip file that does not hold a NIfTI image")
@@ -188,11 +333,16 @@ def _multi(value: Any, index: int) -> float:
 
 
 class _DicomGrey:
-    """Modality LUT, VOI and MONOCHROME1 handling for one DICOM dataset (no identifying attributes)."""
+    """Modality LUT, VOI and MONOCHROME1 handling for one DICOM dataset (no identifying attributes).
 
-    def __init__(self, ds: Any, path: str):
+    ``frame`` holds one frame's attributes from the functional groups of a multi-frame image
+    (:func:`_frame_attributes`): its Rescale Slope/Intercept and window override the dataset's.
+    """
+
+    def __init__(self, ds: Any, path: str, frame: Mapping[str, Any] | None = None):
         self.ds = ds
         self.path = path
+        self.frame = dict(frame or {})
         little = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         self.little_endian = bool(getattr(little, "is_little_endian", True)) if little is not None else True
         self.bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
@@ -200,9 +350,28 @@ class _DicomGrey:
         self.mlut = None
         if ds.get("ModalityLUTSequence"):
             self.mlut = _lut_array(ds.ModalityLUTSequence[0], self.little_endian)
-        slope, icpt = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
-        self.slope = float(slope) if slope not in (None, "") and float(slope) != 0.0 else 1.0
-        self.intercept = float(icpt) if icpt not in (None, "") else 0.0
+        self.slope = _number(self._get("RescaleSlope"), "RescaleSlope", path, 1.0) or 1.0  # 0: invalid, read as 1
+        self.intercept = _number(self._get("RescaleIntercept"), "RescaleIntercept", path, 0.0)
+
+    def _get(self, keyword: str) -> Any:
+        return self.frame[keyword] if keyword in self.frame else self.ds.get(keyword)
+
+    def same_modality(self, other: _DicomGrey) -> bool:
+        """Whether `other` maps stored values to the same modality values (one call can serve both)."""
+        return self.mlut is None and other.mlut is None and (self.slope, self.intercept, self.bits, self.signed) == (
+            other.slope, other.intercept, other.bits, other.signed)
+
+    def voi_key(self, index: int) -> tuple | None:
+        """What ``voi(mode="apply")`` would apply, comparable between frames or slices; None when it has no VOI."""
+        if "WindowCenter" not in self.frame and self.ds.get("VOILUTSequence"):
+            items = self.ds.VOILUTSequence
+            lut, first, bits = _lut_array(items[min(index, len(items) - 1)], self.little_endian)
+            return ("voi_lut", lut.tobytes(), first, bits)
+        center, width = self._get("WindowCenter"), self._get("WindowWidth")
+        if center is None or width is None:
+            return None
+        func = str(self._get("VOILUTFunction") or "LINEAR").upper()
+        return ("window", _multi(center, index), _multi(width, index), func)
 
     def modality_range(self) -> tuple[float, float]:
         """Nominal output range of the Modality LUT (PS3.3 C.11.2.1.2), as pydicom's windowing uses it."""
@@ -223,19 +392,21 @@ class _DicomGrey:
             out = out.copy()
         return out
 
-    def voi(self, arr: np.ndarray, mode: str, index: int) -> tuple[np.ndarray, str, tuple[float, float]]:
-        """Returns (values, what was applied, output range)."""
-        ds = self.ds
-        y_lo, y_hi = self.modality_range()
+    def voi(
+        self, arr: np.ndarray, mode: str, index: int, y_range: tuple[float, float] | None = None
+    ) -> tuple[np.ndarray, str, tuple[float, float]]:
+        """Returns (values, what was applied, output range); `y_range` replaces the Modality LUT's output range
+        (the union over a volume's slices or frames, so that they share one scale)."""
+        y_lo, y_hi = y_range or self.modality_range()
         if mode == "ignore":
             return arr, "none", (y_lo, y_hi)
-        if mode == "apply" and ds.get("VOILUTSequence"):
-            items = ds.VOILUTSequence
+        key = self.voi_key(index) if mode == "apply" else None
+        if key is not None and key[0] == "voi_lut":
+            items = self.ds.VOILUTSequence
             lut, first, bits = _lut_array(items[min(index, len(items) - 1)], self.little_endian)
             return _apply_lut(arr, lut, first), "voi_lut", (0.0, float(2**bits - 1))
-        if mode == "apply" and ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
-            center, width = _multi(ds.WindowCenter, index), _multi(ds.WindowWidth, index)
-            func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+        if key is not None:
+            _, center, width, func = key
             return self._window(arr, center, width, func, y_lo, y_hi), "window", (y_lo, y_hi)
         # full range (asked for, or "apply" on a file without any VOI): min..max of the image.
         lo, hi = float(arr.min()), float(arr.max())
@@ -288,19 +459,6 @@ def _read_dicom_dataset(path: str, extra_tags: Sequence[str], header_only: bool 
         raise ImageReadError(path, f"DICOM header cannot be parsed ({type(e).__name__}: {e})") from e
 
 
-def _dicom_spacing(ds: Any) -> tuple[tuple[float, float], str]:
-    for key in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(key)
-        if value is not None:
-            try:
-                row, col = (float(v) for v in list(value)[:2])
-            except (TypeError, ValueError):
-                continue
-            if row > 0 and col > 0:
-                return (row, col), key
-    return (1.0, 1.0), "default"
-
-
 def _extra_meta(ds: Any, names: Sequence[str]) -> dict[str, str]:
     out = {}
     for name in names:
@@ -309,7 +467,47 @@ def _extra_meta(ds: Any, names: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _decode_dicom(ds: Any, path: str, index: int | None) -> np.ndarray:
+def _check_dicom_size(ds: Any, path: str, tsyntax: Any, index: int | None, max_pixels: int | None) -> None:
+    """Rows x Columns x NumberOfFrames x SamplesPerPixel x BitsAllocated (PS3.3 C.7.6.3) against ``max_pixels``
+    (the frames decoded: one when `index` is given) and, for native (PS3.5 8.1.1) and RLE (PS3.5 Annex G)
+    transfer syntaxes, against the bytes of the Pixel Data element, before pydicom allocates its output."""
+
+    def count(keyword: str, default: int) -> int:
+        value = ds.get(keyword, default)
+        value = default if value is None or value == "" else value
+        try:
+            return int(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ImageReadError(path, f"{keyword} {str(value)[:40]!r} is not an integer") from None
+
+    rows, cols, samples = count("Rows", 0), count("Columns", 0), count("SamplesPerPixel", 1)
+    frames = count("NumberOfFrames", 1) or 1  # absent, empty or 0: one frame, as pydicom reads it
+    if frames < 0:
+        raise ImageReadError(path, f"NumberOfFrames {frames} is negative")
+    bits = count("BitsAllocated", 0)
+    if bits != 1 and not (0 < bits <= 64 and bits % 8 == 0):
+        raise ImageReadError(path, f"BitsAllocated {bits} is neither 1 nor a multiple of 8 up to 64 (PS3.5 8.1.1)")
+    decoded = 1 if index is not None else frames
+    axes = ("frames", "rows", "columns", "samples")
+    check_declared_size(path, (decoded, rows, cols, samples), bits / 8, max_pixels, axes=axes)
+    keyword = next((k for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData") if k in ds), None)
+    value = ds.get(keyword) if keyword else None
+    if not isinstance(value, (bytes, bytearray)):
+        return
+    pi = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
+    if getattr(tsyntax, "is_encapsulated", False):
+        if str(tsyntax) == "1.2.840.10008.1.2.5":  # RLE Lossless: one PackBits segment per byte plane
+            check_declared_size(
+                path, (frames, rows, cols, samples), bits / 8, None, len(value), expansion=_RLE_MAX_RATIO, axes=axes
+            )
+        # JPEG-LS and JPEG 2000 have no useful best-case ratio: their decoders compare the decoded size first
+        return
+    stored = 2 if pi == "YBR_FULL_422" and samples == 3 else samples  # PS3.3 C.7.6.3.1.2: Cb, Cr shared by 2 pixels
+    check_declared_size(path, (frames, rows, cols, stored), bits / 8, None, len(value), axes=axes)
+
+
+def _decode_dicom(ds: Any, path: str, index: int | None, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Frame `index` (``None``: all) of the Pixel Data, decoded by pydicom, after :func:`_check_dicom_size`."""
     from pydicom.pixels import pixel_array
 
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -326,6 +524,7 @@ def _decode_dicom(ds: Any, path: str, index: int | None) -> np.ndarray:
                 pydicom.uid.ExplicitVRLittleEndian if little else pydicom.uid.ExplicitVRBigEndian
             )
         tsyntax = ds.file_meta.TransferSyntaxUID
+    _check_dicom_size(ds, path, tsyntax, index, max_pixels)
     name = getattr(tsyntax, "name", str(tsyntax))
     try:
         return pixel_array(ds, index=index)
@@ -338,6 +537,10 @@ def _decode_dicom(ds: Any, path: str, index: int | None) -> np.ndarray:
         if "less than expected" in reason or "truncat" in reason.lower() or "too short" in reason.lower():
             raise ImageReadError(path, f"pixel data is truncated ({name}): {reason}") from e
         raise ImageReadError(path, f"pixel data cannot be decoded ({name}): {type(e).__name__}: {reason}") from e
+    except _EXITS:
+        raise
+    except BaseException as e:  # a Rust plugin's panic (pylibjpeg-rle: pyo3_runtime.PanicException) is no Exception
+        raise ImageReadError(path, f"pixel data decoder failed ({name}): {type(e).__name__}: {e}") from e
 
 
 def _stored_colour_bits(img: Any, path: str, fmt: str) -> int:
@@ -359,46 +562,548 @@ def _stored_colour_bits(img: Any, path: str, fmt: str) -> int:
     return 0
 
 
+def _check_png_size(path: str, max_pixels: int | None) -> None:
+    """A PNG's IHDR width x height x samples against `max_pixels` and against the file's size, which deflate can
+    expand at most 1032-fold (PNG spec 11.2.2, RFC 1951), before PIL allocates anything."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+        size = os.path.getsize(path)
+    except OSError:
+        return  # PIL names the problem
+    if len(head) < 26 or not head.startswith(b"\x89PNG\r\n\x1a\n") or head[12:16] != b"IHDR":
+        return
+    width, height = struct.unpack(">II", head[16:24])
+    samples = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(head[25])  # grey, RGB, palette, grey+alpha, RGBA
+    if samples is None or head[24] not in (1, 2, 4, 8, 16):
+        return  # not a valid IHDR: PIL refuses it
+    check_declared_size(
+        path, (height, width, samples), head[24] / 8, max_pixels, size, expansion=_DEFLATE_MAX_RATIO,
+        axes=("rows", "columns", "samples"),
+    )
+
+
+_NIFTI_SLAB_BYTES = 64 * 2**20
+
+
+def _nifti_slabs(shape: Sequence[int], itemsize: int) -> Any:
+    """Index tuples that cover `shape` in the file's (Fortran) order, each reading at most ~64 MiB from the file."""
+    k, unit = 0, itemsize
+    while k < len(shape) and unit * shape[k] <= _NIFTI_SLAB_BYTES:
+        unit *= shape[k]
+        k += 1
+    if k == len(shape):
+        yield (slice(None),) * len(shape)
+        return
+    step = max(1, _NIFTI_SLAB_BYTES // unit)
+    for rest in np.ndindex(*shape[k + 1 :][::-1]):
+        for start in range(0, shape[k], step):
+            yield (slice(None),) * k + (slice(start, min(start + step, shape[k])),) + tuple(rest[::-1])
+
+
+def _read_nifti_data(img: Any, path: str, max_pixels: int | None) -> np.ndarray:
+    """The voxels of a loaded nibabel image as float32, scaled by scl_slope/scl_inter, read with bounded memory.
+
+    The declared shape x dtype is checked against `max_pixels` and, for an uncompressed file, against the
+    bytes after vox_offset (NIfTI-1/2 header, nifti1.h) before anything is allocated. The data are then
+    read in slabs of at most ~64 MiB into an array whose pages are only committed as slabs arrive, so a
+    gzip stream shorter than its header declares fails after costing what it held, not what it declared.
+    """
+    proxy = img.dataobj
+    shape = tuple(int(s) for s in img.shape)
+    itemsize = np.dtype(img.get_data_dtype()).itemsize
+    data_file = getattr(proxy, "file_like", None)
+    file_size = None
+    if isinstance(data_file, str) and not data_file.lower().endswith((".gz", ".bz2", ".zst")):
+        file_size = os.path.getsize(data_file)
+    check_declared_size(path, shape, itemsize, max_pixels, file_size, offset=int(getattr(proxy, "offset", 0)))
+    out = np.empty(shape, dtype=np.float32, order="F")
+    done = 0
+    for index in _nifti_slabs(shape, itemsize):
+        try:
+            out[index] = proxy[index]
+        except (ValueError, OSError, EOFError, zlib.error) as e:  # short file or stream, corrupt deflate data
+            declared = f"{' x '.join(map(str, shape))} of {np.dtype(img.get_data_dtype())}"
+            raise ImageReadError(
+                path, f"image data ends or breaks after {done:,} of the {out.size * itemsize:,} bytes its header "
+                f"declares ({declared}): truncated or corrupt ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            ) from e
+        done += out[index].size * itemsize
+    return out
+
+
 def _to_grey(rgb: np.ndarray) -> np.ndarray:
     rgb = rgb.astype(np.float32, copy=False)
     return rgb[..., 0] * _LUMA[0] + rgb[..., 1] * _LUMA[1] + rgb[..., 2] * _LUMA[2]
 
 
-def _check_series_geometry(headers: Sequence[tuple[str, Any]], iop: Sequence[float], normal: np.ndarray) -> None:
-    """Refuses sorted series slices that cannot form one regular grid; warns when their spacing is uneven.
+# ----------------------------------------------------------------------------------------------
+# DICOM geometry: functional groups, pixel spacing, and the slices (or frames) of one volume
 
-    One affine describes the whole volume, so every slice must share the first slice's
-    ImageOrientationPatient and no two slices may sit at the same position along the slice normal
-    (multi-echo, multi-phase or duplicated files). Uneven gaps (a missing slice) leave the affine's
-    mean step wrong for part of the volume: logged as a warning.
+# The Functional Group Macros (PS3.3 C.7.6.16.2) this reader uses, with the attributes it takes from each.
+_FUNCTIONAL_GROUPS = {
+    "PixelMeasuresSequence": ("PixelSpacing", "SliceThickness", "SpacingBetweenSlices"),  # C.7.6.16.2.1
+    "PlanePositionSequence": ("ImagePositionPatient",),  # C.7.6.16.2.3
+    "PlaneOrientationSequence": ("ImageOrientationPatient",),  # C.7.6.16.2.4
+    "FrameVOILUTSequence": ("WindowCenter", "WindowWidth", "VOILUTFunction"),  # C.7.6.16.2.10
+    "PixelValueTransformationSequence": ("RescaleIntercept", "RescaleSlope", "RescaleType"),  # C.7.6.16.2.9
+}
+# Positions closer than this along the slice normal are one position.
+_SAME_POSITION_MM = 1e-3
+
+
+def _frame_attributes(ds: Any, path: str, index: int, n_frames: int) -> dict[str, Any]:
+    """The attributes of frame `index` (0-based) that a multi-frame (Enhanced) image gives in its Shared and
+    Per-frame Functional Groups Sequences (PS3.3 C.7.6.16), the per-frame item's overriding the shared one's;
+    empty for an image without functional groups.
 
     Raises:
-        ImageReadError: naming the offending slice file.
+        ImageReadError: a Per-frame Functional Groups Sequence without one item per frame, or groups that
+            cannot be parsed.
     """
-    for full, ds in headers[1:]:
-        other = [float(v) for v in ds.get("ImageOrientationPatient", iop)]
-        if not np.allclose(other, iop, atol=1e-4):
+    try:
+        shared = ds.get("SharedFunctionalGroupsSequence")
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+        if not shared and not per_frame:
+            return {}
+        groups = [shared[0]] if shared else []
+        if per_frame:
+            if len(per_frame) != n_frames:
+                raise ImageReadError(
+                    path, f"Per-frame Functional Groups Sequence holds {len(per_frame)} items for {n_frames} frames "
+                    "(NumberOfFrames); PS3.3 C.7.6.16 requires one item per frame"
+                )
+            groups.append(per_frame[index])
+        out: dict[str, Any] = {}
+        for group in groups:
+            for macro, keywords in _FUNCTIONAL_GROUPS.items():
+                items = group.get(macro)
+                if not items:
+                    continue
+                for keyword in keywords:
+                    value = items[0].get(keyword)
+                    if value is not None and value != "":
+                        out[keyword] = value
+        return out
+    except ImageReadError:
+        raise
+    except Exception as e:  # pydicom parses sequences lazily: a corrupt item fails here
+        raise ImageReadError(path, f"functional groups cannot be parsed ({type(e).__name__}: {e})") from e
+
+
+def _number(value: Any, keyword: str, path: str, default: float) -> float:
+    """A DS/IS value as a finite float (`default` when absent); ImageReadError naming the attribute otherwise."""
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise ImageReadError(path, f"{keyword} {str(value)[:40]!r} is not a finite number")
+    return number
+
+
+def _numbers(value: Any, n: int, keyword: str, path: str, label: str = "") -> np.ndarray | None:
+    """A multi-valued DS attribute as `n` finite floats, None when absent; ImageReadError otherwise."""
+    if value is None or value == "":
+        return None
+    try:
+        values = [float(v) for v in value]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != n or not all(math.isfinite(v) for v in values):
+        where = f" of {label}" if label else ""
+        raise ImageReadError(path, f"{keyword} {str(value)[:80]!r}{where} is not {n} finite numbers")
+    return np.array(values)
+
+
+def _orientation(value: Any, path: str, label: str) -> np.ndarray | None:
+    """ImageOrientationPatient as 6 floats (None when absent), checked to be two unit vectors at right angles
+    (PS3.3 C.7.6.2.1.1): anything else has no voxel-to-patient mapping."""
+    iop = _numbers(value, 6, "ImageOrientationPatient", path, label)
+    if iop is not None:
+        row, col = iop[:3], iop[3:]
+        if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 or abs(row @ col) > 1e-3:
             raise ImageReadError(
-                full, f"ImageOrientationPatient {other} differs from the series' first slice {list(iop)}: slices of "
-                "different orientations (a localizer?) cannot be stacked into one volume"
+                path, f"ImageOrientationPatient {iop.tolist()} of {label} is not two unit vectors at right angles "
+                "(PS3.3 C.7.6.2.1.1): the image has no defined orientation"
             )
-    if len(headers) < 2 or any("ImagePositionPatient" not in ds for _, ds in headers):
-        return
-    offsets = np.array([np.dot(normal, [float(v) for v in ds.ImagePositionPatient]) for _, ds in headers])
-    gaps = np.diff(offsets)
-    same = np.flatnonzero(gaps < 1e-3)
-    if same.size:
-        i = int(same[0])
+    return iop
+
+
+def _positive_pair(value: Any) -> tuple[float, float] | None:
+    try:
+        row, col = (float(v) for v in list(value)[:2])
+    except (TypeError, ValueError):
+        return None
+    return (row, col) if all(math.isfinite(v) and v > 0 for v in (row, col)) else None
+
+
+def _dicom_spacing(
+    ds: Any, frame: Mapping[str, Any] | None = None, keys: Sequence[str] = ("PixelSpacing", "ImagerPixelSpacing")
+) -> tuple[tuple[float, float], str]:
+    """(row spacing, column spacing) in mm and the attribute that gave it.
+
+    Looked up in `keys` order, each first in the frame's functional groups (Pixel Measures, PS3.3
+    C.7.6.16.2.1), then in the dataset: PixelSpacing (PS3.3 C.7.6.2.1.1: in the patient) before
+    ImagerPixelSpacing (PS3.3 C.8.11.4: at the detector plane of a projection radiograph, used as is,
+    without the magnification correction of PS3.3 10.7.1.1). A value that is not two positive finite
+    numbers counts as absent. Without any: ``((1.0, 1.0), "default")``, which only 2D images accept.
+    """
+    for key in keys:
+        for source in (frame or {}, ds):
+            pair = _positive_pair(source.get(key))
+            if pair is not None:
+                return pair, key
+    return (1.0, 1.0), "default"
+
+
+def _spacing_between_slices(ds: Any, frame: Mapping[str, Any], path: str) -> float | None:
+    value = frame.get("SpacingBetweenSlices", ds.get("SpacingBetweenSlices"))
+    spacing = _number(value, "SpacingBetweenSlices", path, 0.0)
+    return spacing if spacing > 0 else None
+
+
+def _assume_spacing(value: Any) -> tuple[float, float, float] | None:
+    """``assume_spacing`` checked: None, or three positive finite mm (one number repeated); ValueError otherwise."""
+    if value is None:
+        return None
+    values = [value] * 3 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+    try:
+        values = [v for v in values] if not isinstance(values, (str, bytes)) else None
+    except TypeError:
+        values = None
+    if not values or len(values) != 3 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values
+    ):
+        raise ValueError(f"assume_spacing={value!r}: accepted are None, or three positive numbers (mm) in (X, Y, Z) "
+                         "order (between columns, between rows, between slices), or one for all three")
+    return tuple(float(v) for v in values)
+
+
+class _Plane:
+    """One slice of a volume (a file of a series, or a frame of a multi-frame file), as its errors name it."""
+
+    def __init__(self, path: str, label: str, iop: np.ndarray | None, ipp: np.ndarray | None, instance: int | None):
+        self.path, self.label, self.iop, self.ipp, self.instance = path, label, iop, ipp, instance
+
+
+def _pair(a: _Plane, b: _Plane) -> str:
+    if a.label.startswith("frame ") and b.label.startswith("frame "):
+        return f"frames {a.label[6:]} and {b.label[6:]}"
+    return f"{a.label} and {b.label}"
+
+
+def _instances(a: _Plane, b: _Plane) -> str:
+    if a.instance is None or b.instance is None or a.label.startswith("frame "):
+        return ""
+    return f" (InstanceNumber {a.instance} to {b.instance})"
+
+
+def _stack_geometry(
+    planes: Sequence[_Plane], where: str, pixel: tuple[float, float] | None, between: float | None,
+    assume: Sequence[float] | None,
+) -> tuple[list[int], np.ndarray, tuple[float, float, float], str]:
+    """Orders the slices of one volume and maps its voxels to patient space, refusing what is no regular grid.
+
+    With ImagePositionPatient on every slice: slices sorted along the normal of their common
+    ImageOrientationPatient; none may share a position; consecutive gaps may differ from their median by at
+    most 10% + 0.05 mm (a missing slice, or irregular spacing, is refused), and every position must lie on the
+    line through the first and last (within the same tolerance); the affine is PS3.3 C.7.6.2.1.1's, with the
+    mean step as the third column, in RAS. Without positions on any slice: slices in InstanceNumber order
+    (frames in stored order), which must have no gaps, with the slice spacing from SpacingBetweenSlices or,
+    failing that, `assume`; the affine then has no origin (and is diagonal without ImageOrientationPatient).
+    SliceThickness is never taken for the spacing: slices may overlap or leave gaps.
+
+    Args:
+        planes: the slices; ``iop``/``ipp`` None where absent.
+        where: the folder or file a volume-wide error names.
+        pixel: (row, column) spacing in mm from PixelSpacing, None when absent.
+        between: SpacingBetweenSlices in mm, None when absent.
+        assume: the user's ``assume_spacing`` (X = between columns, Y = between rows, Z = between slices), used
+            only for what the files lack; None: a volume lacking any of them is refused.
+
+    Returns:
+        (slice order, 4x4 RAS affine, spacing (X, Y, Z) in mm, spacing source as "in-plane/slice").
+
+    Raises:
+        ImageReadError: naming the files (or frames) involved, or `where` for a spacing that is missing.
+    """
+    how = "give the voxel size with assume_spacing=(x, y, z) in mm (LoadXray, LoadXrayd, volume_transforms)"
+    if pixel is not None:
+        row_sp, col_sp, inplane = pixel[0], pixel[1], "PixelSpacing"
+    elif assume is not None:
+        col_sp, row_sp, inplane = float(assume[0]), float(assume[1]), "assume_spacing"
+    else:
         raise ImageReadError(
-            headers[i + 1][0], f"lies at the same position along the slice normal ({offsets[i]:.3f} mm) as "
-            f"{os.path.basename(headers[i][0])}: a folder must hold one volume, not several echoes, phases or copies"
+            where, "has no PixelSpacing: the size of its voxels is unknown, and a volume resampled at a guessed "
+            f"1 mm would show its anatomy at the wrong size; add PixelSpacing to the files or {how}"
         )
-    mean = float(gaps.mean())
-    if float(np.abs(gaps - mean).max()) > 0.01 * mean:
+    for key in ("iop", "ipp"):
+        has = [p for p in planes if getattr(p, key) is not None]
+        if has and len(has) < len(planes):
+            lacks = next(p for p in planes if getattr(p, key) is None)
+            name = "ImageOrientationPatient" if key == "iop" else "ImagePositionPatient"
+            raise ImageReadError(lacks.path, f"{lacks.label} has no {name} but {has[0].label} has: the slices' "
+                                             "geometry is inconsistent")
+    first = planes[0]
+    for other in planes[1:]:
+        if first.iop is not None and not np.allclose(other.iop, first.iop, atol=1e-4):
+            raise ImageReadError(
+                other.path, f"ImageOrientationPatient {other.iop.tolist()} of {other.label} differs from "
+                f"{first.iop.tolist()} of {first.label}: slices of different orientations (a localizer?) cannot "
+                "be stacked into one volume"
+            )
+    if first.ipp is not None and first.iop is None:
+        raise ImageReadError(first.path, f"{first.label} has ImagePositionPatient but no ImageOrientationPatient")
+    n = len(planes)
+    if first.ipp is None:  # no positions: InstanceNumber (or stored frame) order, spacing from the header or user
+        if any(p.instance is None for p in planes):
+            lacks = next(p for p in planes if p.instance is None)
+            raise ImageReadError(lacks.path, f"{lacks.label} has neither ImagePositionPatient nor InstanceNumber: "
+                                             "the slices' order is unknown")
+        order = sorted(range(n), key=lambda i: planes[i].instance)
+        numbers = [planes[i].instance for i in order]
+        steps = np.diff(numbers)
+        common = float(np.median(steps)) if n > 1 else 1.0
+        for i in np.flatnonzero(steps != common):
+            a, b = planes[order[i]], planes[order[i + 1]]
+            raise ImageReadError(
+                b.path, f"InstanceNumber jumps from {a.instance} to {b.instance} between {_pair(a, b)} where the "
+                f"other slices step by {common:g}: slices are missing (there is no ImagePositionPatient to tell "
+                "their spacing)"
+            )
+        if between is not None:
+            z, along = between, "SpacingBetweenSlices"
+        elif assume is not None:
+            z, along = float(assume[2]), "assume_spacing"
+        elif n == 1:
+            z, along = 1.0, "default"
+        else:
+            raise ImageReadError(
+                where, "has no ImagePositionPatient and no SpacingBetweenSlices: the distance between its slices is "
+                f"unknown (SliceThickness is not a spacing: slices may overlap or leave gaps); {how}"
+            )
+        if first.iop is None:
+            return order, np.diag([col_sp, row_sp, z, 1.0]), (col_sp, row_sp, z), f"{inplane}/{along}"
+        row_dir, col_dir = first.iop[:3], first.iop[3:]
+        step, origin = np.cross(row_dir, col_dir) * z, np.zeros(3)
+    else:
+        row_dir, col_dir = first.iop[:3], first.iop[3:]
+        normal = np.cross(row_dir, col_dir)
+        offsets = np.array([float(normal @ p.ipp) for p in planes])
+        order = sorted(range(n), key=lambda i: offsets[i])
+        gaps = np.diff(offsets[order])
+        for i in np.flatnonzero(gaps < _SAME_POSITION_MM):
+            a, b = planes[order[i]], planes[order[i + 1]]
+            raise ImageReadError(
+                b.path, f"{_pair(a, b)} lie at the same position along the slice normal ({offsets[order[i]]:.4g} mm)"
+                f"{_instances(a, b)}: one volume cannot hold several echoes, phases, stacks or copies of a slice"
+            )
+        if n > 1:
+            typical = float(np.median(gaps))
+            tolerance = 0.1 * typical + 0.05
+            for i in np.flatnonzero(np.abs(gaps - typical) > tolerance):
+                a, b = planes[order[i]], planes[order[i + 1]]
+                ratio = gaps[i] / typical
+                missing = int(round(ratio)) - 1
+                what = (f"{missing} slice{'s' if missing > 1 else ''} missing" if missing >= 1 and
+                        abs(ratio - round(ratio)) * typical <= tolerance else "irregular slice spacing")
+                raise ImageReadError(
+                    b.path, f"{_pair(a, b)} are {gaps[i]:.4g} mm apart along the slice normal where the others are "
+                    f"{typical:.4g} mm apart: {what}{_instances(a, b)}. One affine cannot place such slices"
+                )
+            start, end = planes[order[0]].ipp, planes[order[-1]].ipp
+            step = (end - start) / (n - 1)
+            for k, i in enumerate(order):
+                off = float(np.linalg.norm(planes[i].ipp - (start + k * step)))
+                if off > tolerance:
+                    raise ImageReadError(
+                        planes[i].path, f"ImagePositionPatient of {planes[i].label} lies {off:.4g} mm off the line "
+                        f"from {planes[order[0]].label} to {planes[order[-1]].label} that the other slices follow: "
+                        "one affine cannot place it"
+                    )
+            _check_instance_order([planes[i] for i in order], where)
+            along = "ImagePositionPatient"
+        else:
+            between_or = between if between is not None else (float(assume[2]) if assume is not None else 1.0)
+            step = normal * between_or
+            along = "SpacingBetweenSlices" if between is not None else "assume_spacing" if assume else "default"
+        origin = planes[order[0]].ipp
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * col_sp, col_dir * row_sp, step, origin
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    return order, ras, (col_sp, row_sp, float(np.linalg.norm(step))), f"{inplane}/{along}"
+
+
+def _check_instance_order(planes: Sequence[_Plane], where: str) -> None:
+    """Cross-checks InstanceNumber against the slices' order along the normal: a jump or a reversal while the
+    positions are regular is logged (numbering is not bound to position by the standard)."""
+    numbers = [p.instance for p in planes]
+    if len(numbers) < 3 or any(v is None for v in numbers) or planes[0].label.startswith("frame "):
+        return
+    steps = np.diff(numbers)
+    if not (np.all(steps > 0) or np.all(steps < 0)):
+        logger.warning("DICOM series in %s: InstanceNumber does not follow the slices' positions", where)
+    elif len(set(np.abs(steps).tolist())) > 1:
+        i = int(np.flatnonzero(np.abs(steps) != np.min(np.abs(steps)))[0])
         logger.warning(
-            "DICOM series in %s: slice spacing varies from %.4g to %.4g mm (missing slices?); the affine uses the "
-            "mean, %.4g mm", os.path.dirname(headers[0][0]), float(gaps.min()), float(gaps.max()), mean,
+            "DICOM series in %s: InstanceNumber jumps from %s to %s between %s although the slice positions are "
+            "regular", where, numbers[i], numbers[i + 1], _pair(planes[i], planes[i + 1]),
         )
+
+
+# Attributes every slice of a series must share (compared as text; SliceThickness as a number), and why.
+_SERIES_SAME = (
+    ("SOPClassUID", "images of different kinds (SOP classes)"),
+    ("StudyInstanceUID", "images of different studies"),
+    ("Rows", "slices of different sizes"),
+    ("Columns", "slices of different sizes"),
+    ("SamplesPerPixel", "grey and colour slices"),
+    ("PhotometricInterpretation", "slices of different photometric interpretations"),
+    ("PresentationLUTShape", "slices of different presentation LUT shapes"),
+    ("Modality", "images of different modalities"),
+    ("FrameOfReferenceUID", "slices in different patient coordinate systems"),
+    ("SliceThickness", "slices of different thicknesses"),
+    ("EchoNumbers", "images of different echoes"),
+    ("TemporalPositionIdentifier", "images of different time points"),
+    ("NumberOfSlices", "slices of different PET/NM series"),
+)
+
+
+def _check_series_headers(headers: Sequence[tuple[str, Any]]) -> None:
+    """Refuses the files of one series folder that cannot be one volume, naming both files involved: a
+    SOPInstanceUID or InstanceNumber found twice, a multi-frame file, and a difference in size, samples,
+    photometric interpretation, modality, Frame of Reference (PS3.3 C.7.4.1), PixelSpacing or Rescale Type.
+    Rescale Slope and Intercept (PS3.3 C.11.1) may differ between slices, as PET and MR scale each image on
+    its own (the reader applies each slice's), except in CT, where they define Hounsfield units for the whole
+    reconstruction: there a difference means files of several series."""
+    ref_path, ref = headers[0]
+    ref_name = os.path.basename(ref_path)
+    seen_uid: dict[str, str] = {}
+    seen_number: dict[int, str] = {}
+    modality = str(ref.get("Modality", "") or "").strip().upper()
+
+    def rescale(ds: Any, path: str) -> tuple[float, float, str, bool]:
+        kind = str(ds.get("RescaleType", "") or "").strip().upper() or ("HU" if modality == "CT" else "US")
+        return (_number(ds.get("RescaleSlope"), "RescaleSlope", path, 1.0),
+                _number(ds.get("RescaleIntercept"), "RescaleIntercept", path, 0.0), kind,
+                bool(ds.get("ModalityLUTSequence")))
+
+    ref_rescale = rescale(ref, ref_path)
+    ref_spacing = _positive_pair(ref.get("PixelSpacing"))
+    varying: list[str] = []
+    for path, ds in headers:
+        frames = _number(ds.get("NumberOfFrames"), "NumberOfFrames", path, 1.0)
+        if frames > 1:
+            raise ImageReadError(path, f"is a multi-frame file ({frames:g} frames) in a series folder: a folder holds "
+                                       "single-frame slices; read a multi-frame file on its own (frame='all')")
+        uid = str(ds.get("SOPInstanceUID", "") or "")
+        if uid and uid in seen_uid:
+            raise ImageReadError(path, f"has the SOPInstanceUID of {os.path.basename(seen_uid[uid])}: the same image "
+                                       "twice (a copied file?)")
+        seen_uid[uid] = path
+        if ds.get("InstanceNumber") not in (None, ""):
+            number = int(_number(ds.get("InstanceNumber"), "InstanceNumber", path, 0.0))
+            if number in seen_number:
+                raise ImageReadError(path, f"has InstanceNumber {number}, as {os.path.basename(seen_number[number])} "
+                                           "has: two images of one number in one series (a copy, or another stack?)")
+            seen_number[number] = path
+        if path == ref_path:
+            continue
+        for keyword, why in _SERIES_SAME:
+            mine, theirs = (str(d.get(keyword, "") or "").strip() for d in (ds, ref))
+            if keyword == "SliceThickness" and mine and theirs:
+                same = math.isclose(_number(mine, keyword, path, 0.0), _number(theirs, keyword, ref_path, 0.0),
+                                    rel_tol=1e-4)
+                mine, theirs = (mine, mine) if same else (mine, theirs)
+            if mine != theirs:
+                raise ImageReadError(path, f"{keyword} {mine or '(missing)'!r} differs from {theirs or '(missing)'!r} "
+                                           f"of {ref_name}: {why} cannot be stacked into one volume")
+        localizer = ["LOCALIZER" in str(d.get("ImageType", "") or "").upper() for d in (ds, ref)]
+        if localizer[0] != localizer[1]:
+            raise ImageReadError(path, f"is {'' if localizer[0] else 'not '}a LOCALIZER (ImageType) but {ref_name} is "
+                                       f"{'not ' if localizer[0] else ''}: a scout image is not a slice of the volume")
+        spacing = _positive_pair(ds.get("PixelSpacing"))
+        if (spacing is None) != (ref_spacing is None) or spacing and not np.allclose(spacing, ref_spacing, rtol=1e-4):
+            raise ImageReadError(path, f"PixelSpacing {list(spacing) if spacing else '(missing)'} differs from "
+                                       f"{list(ref_spacing) if ref_spacing else '(missing)'} of {ref_name}: slices "
+                                       "of different pixel sizes cannot be stacked into one volume")
+        slope, intercept, kind, lut = rescale(ds, path)
+        if (kind, lut) != ref_rescale[2:]:
+            raise ImageReadError(path, f"RescaleType {kind!r}{' with a Modality LUT' if lut else ''} differs from "
+                                       f"{ref_rescale[2]!r}{' with a Modality LUT' if ref_rescale[3] else ''} of "
+                                       f"{ref_name}: slices in different units cannot be one volume")
+        for keyword, mine, theirs in (("RescaleSlope", slope, ref_rescale[0]),
+                                      ("RescaleIntercept", intercept, ref_rescale[1])):
+            if mine != theirs:
+                if modality == "CT":
+                    raise ImageReadError(
+                        path, f"{keyword} {mine:g} differs from {theirs:g} of {ref_name}: one CT reconstruction has "
+                        "one rescale to Hounsfield units, so these files come from different series or were altered"
+                    )
+                varying.append(keyword)
+    if varying:
+        logger.warning("DICOM series in %s: %s vary between slices; each slice is scaled by its own (PS3.3 C.11.1)",
+                       os.path.dirname(ref_path), " and ".join(sorted(set(varying))))
+
+
+def _check_slice_count(headers: Sequence[tuple[str, Any]], folder: str) -> None:
+    """PET and NM series state their slices per time slot, NumberOfSlices (PS3.3 C.8.9.4), and number each by
+    ImageIndex: fewer files than that (slices missing at either end too) raises ImageReadError naming the folder
+    and the missing indices."""
+    first = headers[0][1]
+    expected = first.get("NumberOfSlices")
+    if expected in (None, ""):
+        return
+    expected = int(_number(expected, "NumberOfSlices", headers[0][0], 0.0))
+    slots = int(_number(first.get("NumberOfTimeSlots"), "NumberOfTimeSlots", headers[0][0], 1.0))
+    if expected == len(headers) or slots > 1:  # several time slots repeat positions: refused before this
+        return
+    indices = {int(_number(ds.get("ImageIndex"), "ImageIndex", p, 0.0)) for p, ds in headers if ds.get("ImageIndex")}
+    missing = sorted(set(range(1, expected + 1)) - indices) if indices else []
+    which = f"; ImageIndex {', '.join(map(str, missing[:20]))} missing" if missing else ""
+    raise ImageReadError(folder, f"holds {len(headers)} slices but NumberOfSlices says {expected} per time slot "
+                                 f"(PS3.3 C.8.9.4){which}: slices are missing, or files of another series are here")
+
+
+def _modality_stack(greys: Sequence[_DicomGrey], arr: np.ndarray) -> np.ndarray:
+    """Modality values of frames ``arr`` (F, H, W), each frame through its own Modality LUT / rescale."""
+    if len(greys) == 1 or all(g.same_modality(greys[0]) for g in greys[1:]):
+        return greys[0].modality(arr)
+    out = np.empty(arr.shape, dtype=np.float32)
+    for k, grey in enumerate(greys):
+        out[k] = grey.modality(arr[k])
+    return out
+
+
+def _voi_stack(
+    greys: Sequence[_DicomGrey], values: np.ndarray, mode: str, index: int, where: str
+) -> tuple[np.ndarray, str, tuple[float, float]]:
+    """VOI of a volume's slices ``values`` (F, H, W) of modality values, each slice by its own window or VOI LUT
+    (a Frame VOI LUT, PS3.3 C.7.6.16.2.10), all mapped to one output range: the union of the slices' Modality
+    LUT output ranges (PS3.3 C.11.2.1.2). ``"full_range"`` (and ``"apply"`` where a slice has no VOI) maps the
+    volume's own minimum..maximum, not each slice's."""
+    ranges = [g.modality_range() for g in greys]
+    y_range = (min(r[0] for r in ranges), max(r[1] for r in ranges))
+    if mode == "apply":
+        keys = [g.voi_key(index) for g in greys]
+        if all(k is not None for k in keys):
+            if all(k == keys[0] for k in keys[1:]):
+                return greys[0].voi(values, mode, index, y_range)
+            out = np.empty(values.shape, dtype=np.float32)
+            applied = set()
+            for k, grey in enumerate(greys):
+                out[k], kind, out_range = grey.voi(values[k], mode, index, y_range)
+                applied.add((kind, out_range))
+            if len(applied) > 1:
+                raise ImageReadError(where, "slices carry VOIs of different kinds (windows and VOI LUTs of different "
+                                            "output ranges); read it with voi='ignore' or voi='full_range'")
+            kind, out_range = applied.pop()
+            return out, kind, out_range
+        mode = "full_range"
+    return greys[0].voi(values, mode, index, y_range)
 
 
 class _Loaded:
@@ -439,7 +1144,10 @@ class LoadXray(Transform):
         invert_monochrome1: mirror MONOCHROME1 (and Presentation LUT Shape INVERSE) images so that air is dark.
         frame: for multi-frame DICOM (and multi-page images): ``None`` rejects them with an error, an
             int selects that frame (negative counts from the end), ``"all"`` returns the frames as a 3D
-            volume ``(C, X, Y, frames)``.
+            volume ``(C, X, Y, frames)``. Either reads each frame's rescale, window, spacing and geometry
+            from the Enhanced image's functional groups (PS3.3 C.7.6.16); ``"all"`` refuses frames that are
+            no regular grid (several stacks, phases or times at one position; gaps) and, without
+            ``assume_spacing``, frames without PixelSpacing or a slice spacing.
         color: colour images (RGB, YBR, palette, ultrasound): ``"grey"`` converts them to one channel
             with the BT.601 luma weights (0.299 R + 0.587 G + 0.114 B), ``"rgb"`` keeps three channels,
             ``"reject"`` raises :class:`ImageReadError`.
@@ -469,6 +1177,22 @@ class LoadXray(Transform):
         channels: ``None`` (any), or the number of channels the image must have after ``color`` (the
             network's ``in_channels``): a 4D NIfTI holding several volumes, or a colour image kept as
             ``"rgb"``, raises :class:`ImageReadError` naming the count when it differs.
+        max_pixels: the most pixel values a file may declare: rows x columns x frames x samples per pixel
+            for DICOM (the frames decoded: one with an int ``frame``), width x height x bands for PNG/JPEG/
+            TIFF, the product of the dimensions for NIfTI. Default :data:`DEFAULT_MAX_PIXELS` (2**30, which
+            admits a 512x512x2000 CT or any mammogram, and bounds the float32 output at 4 GiB); ``None``: no
+            limit. A larger header raises :class:`ImageReadError` before anything is allocated. Independently
+            of it, a header declaring more bytes than the file can hold is refused (uncompressed DICOM,
+            NIfTI; PNG and DICOM RLE at their codecs' best ratio, 1032:1 and 64:1), and PIL formats are also
+            held to PIL's own limit, 2 x ``PIL.Image.MAX_IMAGE_PIXELS`` (about 179 million pixels).
+        assume_spacing: ``None`` (default), or the voxel size in mm, ``(X, Y, Z)`` = (between columns, between
+            rows, between slices), or one number for all three, to use for a DICOM volume (a series folder or
+            ``frame="all"``) whose files lack it: X and Y where there is no PixelSpacing (Pixel Measures), Z
+            where there is neither ImagePositionPatient nor SpacingBetweenSlices. What the files give always
+            wins; the meta's ``spacing_source`` (``"<in-plane>/<slice>"``, e.g. ``"assume_spacing/
+            ImagePositionPatient"``) says where each came from. Without it such a volume raises
+            :class:`ImageReadError`: resampled at a guessed 1 mm its anatomy would have the wrong size. A 2D
+            image without PixelSpacing or ImagerPixelSpacing keeps 1 mm (``spacing_source="default"``).
     """
 
     def __init__(
@@ -485,11 +1209,14 @@ class LoadXray(Transform):
         aspect: str = "stretch",
         spatial_dims: int | None = None,
         channels: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        assume_spacing: float | Sequence[float] | None = None,
     ) -> None:
-        for name, value in (("spatial_dims", spatial_dims), ("channels", channels)):
+        for name, value in (("spatial_dims", spatial_dims), ("channels", channels), ("max_pixels", max_pixels)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}={value!r}: accepted are None or a positive int")
-        self.spatial_dims, self.channels = spatial_dims, channels
+        self.spatial_dims, self.channels, self.max_pixels = spatial_dims, channels, max_pixels
+        self.assume_spacing = _assume_spacing(assume_spacing)
         if voi not in VOI_MODES:
             raise ValueError(f"voi={voi!r} is not one of {VOI_MODES}")
         if color not in COLOR_MODES:
@@ -631,6 +1358,7 @@ class LoadXray(Transform):
         return out.to(self.dtype), affine
 
     # -- DICOM --------------------------------------------------------------------------------
+    @_file_errors("DICOM image")
     def _read_dicom(self, path: str) -> _Loaded:
         ds = _read_dicom_dataset(path, self.dicom_tags)
         pi = str(ds.get("PhotometricInterpretation", "") or "").strip().upper()
@@ -660,12 +1388,18 @@ class LoadXray(Transform):
         except (TypeError, ValueError):
             n_frames = 1
         index, frame_meta = self._frame_index(path, n_frames)
-        arr = _decode_dicom(ds, path, index)
+        arr = _decode_dicom(ds, path, index, self.max_pixels)
         if arr.size == 0:
             raise ImageReadError(path, "DICOM pixel data is empty")
         if n_frames > 1 and index is None and arr.ndim == (2 if pi in _MONO else 3):
             arr = arr[None]  # a one-frame decode of a declared multi-frame file
-        spacing, spacing_src = _dicom_spacing(ds)
+        volume = self.frame == "all" and n_frames > 1
+        # each frame's functional groups (Enhanced images, PS3.3 C.7.6.16): rescale, window, spacing, geometry
+        if volume:
+            frames = [_frame_attributes(ds, path, k, n_frames) for k in range(arr.shape[0])]
+        else:
+            frames = [_frame_attributes(ds, path, index or 0, n_frames)]
+        spacing, spacing_src = _dicom_spacing(ds, frames[0])
         meta = {
             "format": "dicom",
             "modality": str(ds.get("Modality", "") or ""),
@@ -677,9 +1411,13 @@ class LoadXray(Transform):
         meta.update(_extra_meta(ds, self.dicom_tags))
 
         if pi in _MONO:
-            grey = _DicomGrey(ds, path)
-            values = grey.modality(arr)
-            values, applied, (y_lo, y_hi) = grey.voi(values, self.voi, self.voi_index)
+            greys = [_DicomGrey(ds, path, frame) for frame in frames]
+            if volume:
+                values = _modality_stack(greys, arr)
+                values, applied, (y_lo, y_hi) = _voi_stack(greys, values, self.voi, self.voi_index, path)
+            else:
+                values = greys[0].modality(arr)
+                values, applied, (y_lo, y_hi) = greys[0].voi(values, self.voi, self.voi_index)
             invert = self.invert_monochrome1 and (
                 pi == "MONOCHROME1" or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
             )
@@ -703,13 +1441,40 @@ class LoadXray(Transform):
                 channels = np.moveaxis(values[..., :3], -1, 0)
             top = float(np.iinfo(arr.dtype).max) if arr.dtype.kind in "ui" else float(values.max())
             meta.update(voi="none", inverted=False, output_range=(0.0, top))
-        if self.frame == "all" and n_frames >= 1 and channels.ndim == 4:
-            # (C, F, H, W) -> MONAI's 3D order (C, X=columns, Y=rows, Z=frames)
+        if volume and channels.ndim == 4:
+            # (C, F, H, W) -> MONAI's 3D order (C, X=columns, Y=rows, Z=frames), frames sorted along the normal
             channels = np.transpose(channels, (0, 3, 2, 1))
-            thickness = float(ds.get("SliceThickness", 1.0) or 1.0)
-            affine = np.diag([spacing[1], spacing[0], thickness, 1.0])
-            return _Loaded(channels, affine, (spacing[1], spacing[0], thickness), meta, arr.dtype.kind == "f")
+            order, affine, spacing3, meta["spacing_source"] = self._frames_geometry(ds, path, frames)
+            if order != sorted(order):
+                channels = channels[..., order]
+            return _Loaded(channels, affine, spacing3, meta, arr.dtype.kind == "f")
         return _Loaded(channels, _affine_2d(spacing), spacing, meta, arr.dtype.kind == "f")
+
+    def _frames_geometry(
+        self, ds: Any, path: str, frames: Sequence[Mapping[str, Any]]
+    ) -> tuple[list[int], np.ndarray, tuple[float, float, float], str]:
+        """Frame order, RAS affine, spacing and its source of a multi-frame image read as one volume, from each
+        frame's Pixel Measures, Plane Orientation and Plane Position (PS3.3 C.7.6.16.2), by
+        :func:`_stack_geometry`'s rules. Positions come from the functional groups only: a top-level
+        ImagePositionPatient places the first frame, not the others."""
+        pixel: tuple[float, float] | None = None
+        planes = []
+        for k, frame in enumerate(frames):
+            pair, source = _dicom_spacing(ds, frame, ("PixelSpacing",))
+            pair = pair if source != "default" else None
+            if k == 0:
+                pixel = pair
+            elif (pair is None) != (pixel is None) or pair and not np.allclose(pair, pixel, rtol=1e-4):
+                raise ImageReadError(
+                    path, f"frames 0 and {k} differ in PixelSpacing ({list(pixel) if pixel else '(missing)'} and "
+                    f"{list(pair) if pair else '(missing)'}): frames of different pixel sizes are not one volume"
+                )
+            iop = _orientation(frame.get("ImageOrientationPatient", ds.get("ImageOrientationPatient")), path,
+                               f"frame {k}")
+            ipp = _numbers(frame.get("ImagePositionPatient"), 3, "ImagePositionPatient", path, f"frame {k}")
+            planes.append(_Plane(path, f"frame {k}", iop, ipp, k))
+        between = _spacing_between_slices(ds, frames[0], path)
+        return _stack_geometry(planes, path, pixel, between, self.assume_spacing)
 
     def _frame_index(self, path: str, n_frames: int) -> tuple[int | None, int]:
         if self.frame == "all":
@@ -728,6 +1493,7 @@ class LoadXray(Transform):
             raise ImageReadError(path, f"frame={self.frame} is out of range for {n_frames} frames")
         return index, index
 
+    @_file_errors("DICOM series")
     def _read_dicom_series(self, folder: str) -> _Loaded:
         names = sorted(os.listdir(folder))
         headers = []
@@ -748,55 +1514,72 @@ class LoadXray(Transform):
         series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in headers}
         if len(series) > 1:
             raise ImageReadError(folder, f"folder holds {len(series)} DICOM series; put each in its own folder")
+        _check_series_headers(headers)
+        planes = []
+        for full, ds in headers:
+            name = os.path.basename(full)
+            number = ds.get("InstanceNumber")
+            planes.append(_Plane(
+                full, name, _orientation(ds.get("ImageOrientationPatient"), full, name),
+                _numbers(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", full, name),
+                None if number in (None, "") else int(_number(number, "InstanceNumber", full, 0.0)),
+            ))
         first = headers[0][1]
-        iop = [float(v) for v in first.get("ImageOrientationPatient", [1, 0, 0, 0, 1, 0])]
-        row_dir, col_dir = np.array(iop[:3]), np.array(iop[3:6])
-        normal = np.cross(row_dir, col_dir)
-
-        def position(item: tuple[str, Any]) -> float:
-            ds = item[1]
-            if "ImagePositionPatient" in ds:
-                return float(np.dot(normal, [float(v) for v in ds.ImagePositionPatient]))
-            return float(ds.get("InstanceNumber", 0) or 0)
-
-        headers.sort(key=position)
-        _check_series_geometry(headers, iop, normal)
-        slices, meta = [], None
-        single = LoadXray(voi=self.voi, voi_index=self.voi_index, invert_monochrome1=self.invert_monochrome1,
-                          frame=None, color=self.color, dicom_tags=self.dicom_tags)
+        pixel, source = _dicom_spacing(first, None, ("PixelSpacing",))
+        between = _spacing_between_slices(first, {}, headers[0][0])
+        order, ras, spacing, spacing_src = _stack_geometry(
+            planes, folder, pixel if source != "default" else None, between, self.assume_spacing
+        )
+        headers = [headers[i] for i in order]
+        _check_slice_count(headers, folder)
+        # modality values of each slice (its own rescale); the VOI and MONOCHROME1 inversion follow on the volume
+        single = LoadXray(voi="ignore", invert_monochrome1=False, frame=None, color=self.color,
+                          dicom_tags=self.dicom_tags, max_pixels=self.max_pixels)
+        slices, meta, digests = [], None, {}
         for full, _ in headers:
             loaded = single._read_dicom(full)
-            if slices and loaded.array.shape != slices[0].shape:
-                raise ImageReadError(full, f"slice shape {loaded.array.shape[1:]} differs from the series' "
-                                           f"{slices[0].shape[1:]}")
-            slices.append(loaded.array)
+            array = loaded.array
+            if slices and array.shape != slices[0].shape:
+                raise ImageReadError(full, f"slice shape {array.shape[1:]} differs from the shape "
+                                           f"{slices[0].shape[1:]} of {os.path.basename(headers[0][0])}")
+            if array.size and float(array.min()) != float(array.max()):  # uniform slices (air) may well repeat
+                digest = hashlib.blake2b(np.ascontiguousarray(array).data, digest_size=16).digest()
+                if digest in digests:
+                    raise ImageReadError(full, f"has pixel data identical to {os.path.basename(digests[digest])}: the "
+                                               "same image twice, under another position or UID")
+                digests[digest] = full
+            slices.append(array)
             meta = meta or loaded.meta
-        vol = np.stack(slices, axis=-1)  # (C, rows, cols, Z)
-        vol = np.transpose(vol, (0, 2, 1, 3))  # (C, X=cols, Y=rows, Z)
-        (row_sp, col_sp), _ = _dicom_spacing(first)
-        positions = [
-            np.array([float(v) for v in ds.ImagePositionPatient]) if "ImagePositionPatient" in ds else None
-            for _, ds in headers
-        ]
-        origin = positions[0] if positions[0] is not None else np.zeros(3)
-        if len(headers) > 1 and positions[-1] is not None and positions[0] is not None:
-            step = (positions[-1] - positions[0]) / (len(headers) - 1)
-        else:
-            step = normal * float(first.get("SliceThickness", 1.0) or 1.0)
-        lps = np.eye(4)
-        lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_dir * col_sp, col_dir * row_sp, step, origin
-        ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+        vol = np.stack(slices, axis=1)  # (C, Z, rows, cols)
         meta = dict(meta or {})
-        meta.update(format="dicom_series", frame=-1)
-        spacing = (col_sp, row_sp, float(np.linalg.norm(step)) or 1.0)
+        pi = str(first.get("PhotometricInterpretation", "") or "").strip().upper()
+        if pi in _MONO:
+            greys = [_DicomGrey(ds, full) for full, ds in headers]
+            values, applied, (y_lo, y_hi) = _voi_stack(greys, vol[0], self.voi, self.voi_index, folder)
+            invert = self.invert_monochrome1 and (
+                pi == "MONOCHROME1" or str(first.get("PresentationLUTShape", "")).upper() == "INVERSE"
+            )
+            if invert:
+                values = np.float32(y_lo + y_hi) - values
+            meta.update(voi=applied, inverted=bool(invert), output_range=(float(y_lo), float(y_hi)))
+            vol = values[None]
+        vol = np.transpose(vol, (0, 3, 2, 1))  # (C, X=cols, Y=rows, Z)
+        meta.update(format="dicom_series", frame=-1, spacing_source=spacing_src)
         return _Loaded(vol, ras, spacing, meta)
 
     # -- PIL ----------------------------------------------------------------------------------
+    @_file_errors("image")
     def _read_pil(self, path: str) -> _Loaded:
         from PIL import Image, ImageOps, UnidentifiedImageError
 
+        _check_png_size(path, self.max_pixels)
         try:
             img = Image.open(path)
+        except Image.DecompressionBombError as e:
+            raise ImageReadError(
+                path, f"declares more pixels than PIL's decompression-bomb limit ({e}); if the image is genuine, raise "
+                "PIL.Image.MAX_IMAGE_PIXELS"
+            ) from e
         except UnidentifiedImageError as e:
             raise ImageReadError(path, f"not a readable image ({e})") from e
         except OSError as e:
@@ -814,13 +1597,17 @@ class LoadXray(Transform):
                     raise ImageReadError(path, f"frame={self.frame} is out of range for {n_frames} frames")
                 img.seek(frame)
             fmt = (img.format or "image").lower()
+            width, height = img.size
+            check_declared_size(path, (height, width, len(img.getbands())), 1, self.max_pixels,
+                                axes=("rows", "columns", "bands"))
             stored_bits = _stored_colour_bits(img, path, fmt)
             try:
                 img.load()
                 # the displayed orientation, whatever the format (JPEG, TIFF, PNG's eXIf, WebP)
                 img = ImageOps.exif_transpose(img)
-            except (OSError, SyntaxError, ValueError) as e:
-                raise ImageReadError(path, f"{fmt.upper()} data is truncated or corrupt ({e})") from e
+            except Exception as e:  # OSError, SyntaxError, ValueError, zlib.error, struct.error, MemoryError, ...
+                reason = f"{type(e).__name__}: {e}"
+                raise ImageReadError(path, f"{fmt.upper()} data is truncated or corrupt ({reason})") from e
             mode = img.mode
             dpi = img.info.get("dpi")
             transparency = img.info.get("transparency") if not isinstance(img.info.get("transparency"), bytes) else None
@@ -880,16 +1667,18 @@ class LoadXray(Transform):
         return _Loaded(channels, _affine_2d(spacing), spacing, meta, arr.dtype.kind == "f")
 
     # -- NIfTI --------------------------------------------------------------------------------
+    @_file_errors("NIfTI/Analyze image")
     def _read_nifti(self, path: str) -> _Loaded:
         import nibabel as nib
 
         try:
-            img = nib.load(path)
-            arr = np.asarray(img.dataobj, dtype=np.float32)
+            # one open file for the whole read: each slab below then continues a gzip stream instead of restarting it
+            img = nib.load(path, keep_file_open=True)
         except FileNotFoundError as e:
             raise ImageReadError(path, f"file not found ({e.filename})") from e
         except Exception as e:
-            raise ImageReadError(path, f"NIfTI/Analyze image cannot be read ({type(e).__name__}: {e})") from e
+            raise ImageReadError(path, f"NIfTI/Analyze header cannot be read ({type(e).__name__}: {e})") from e
+        arr = _read_nifti_data(img, path, self.max_pixels)
         if arr.ndim == 2:
             arr = arr[..., None]
         if arr.ndim == 3:
@@ -939,11 +1728,13 @@ class LoadXrayd(MapTransform):
         allow_missing_keys: bool = False,
         spatial_dims: int | None = None,
         channels: int | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        assume_spacing: float | Sequence[float] | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.loader = LoadXray(
             voi, voi_index, invert_monochrome1, frame, color, dicom_tags, dtype, spatial_size, resize_mode, aspect,
-            spatial_dims, channels,
+            spatial_dims, channels, max_pixels=max_pixels, assume_spacing=assume_spacing,
         )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:

@@ -5,7 +5,8 @@ to be pasted into (or generated for) a bundle's ``preprocessing`` list; :func:`v
 same list into a :class:`monai.transforms.Compose` through MONAI's own ``ConfigParser``, so that the
 objects a bundle instantiates and the ones a script gets are the same. The steps::
 
-    LoadXrayd(voi="ignore")                     file or DICOM series folder -> (C, X, Y, Z), RAS affine
+    LoadXrayd(voi="ignore")                     file or DICOM series folder -> (C, X, Y, Z), RAS affine; a DICOM
+                                                volume without a voxel size is refused unless assume_spacing
     -> Orientationd(axcodes="RAS")              axes permuted/flipped to the nearest RAS grid (MONAI)
     -> Spacingd(pixdim=spacing, "bilinear")     resampled to the voxel size (MONAI; skipped if None)
     -> WindowIntensityd (CT) | PercentileRescaled (MR)   intensities to [0, 1]
@@ -175,6 +176,7 @@ def volume_transforms(
     axcodes: str = "RAS",
     crop_mode: str = "crop_or_pad",
     channels: int | str | None = None,
+    assume_spacing: float | Sequence[float] | None = None,
 ) -> list[dict[str, Any]]:
     """The CT/MR volume preprocessing as a list of MONAI bundle-config dictionaries (JSON-serialisable).
 
@@ -201,6 +203,12 @@ def volume_transforms(
         channels: ``None`` (any), or the channels every file must hold (the network's ``in_channels``). Whatever
             it is, a file that is not a volume (a 2D image, a single slice) raises :class:`ImageReadError`
             naming it, as does, with ``channels``, one with another number of volumes (a 4D NIfTI).
+        assume_spacing: ``None`` (default): a DICOM volume whose files do not give its voxel size (no
+            PixelSpacing; no ImagePositionPatient nor SpacingBetweenSlices) raises :class:`ImageReadError`
+            naming it, rather than being resampled as if its voxels were 1 mm. Or the voxel size to assume
+            for what the files lack, ``(X, Y, Z)`` in mm before orientation (between columns, between rows,
+            between slices) or one number; the loaded meta's ``spacing_source`` records where each came from
+            (:class:`hmn.transforms.LoadXray`). The step's dictionary holds it only when given.
 
     Every argument but ``keys`` and ``axcodes`` may also be a bundle-config reference (``"@spacing"``) or
     expression (``"$..."``): it is passed through unchecked, and checked by the transform when the config is
@@ -229,9 +237,15 @@ def volume_transforms(
         percentiles = list(_percentiles(percentiles))
     if not _is_ref(crop_mode) and crop_mode not in CROP_MODES:
         raise ValueError(f"crop_mode={crop_mode!r} is not one of {CROP_MODES}")
+    if assume_spacing is not None and not _is_ref(assume_spacing):
+        assume_spacing = _triple("assume_spacing", assume_spacing, float)
 
+    load = {"_target_": "hmn.transforms.LoadXrayd", "keys": names, "voi": "ignore", "spatial_dims": 3,
+            "channels": channels}
+    if assume_spacing is not None:  # absent otherwise, so that configs written before it stay the same
+        load["assume_spacing"] = assume_spacing
     steps: list[dict[str, Any]] = [
-        {"_target_": "hmn.transforms.LoadXrayd", "keys": names, "voi": "ignore", "spatial_dims": 3, "channels": channels},
+        load,
         # labels=None: axis letters from the MetaTensor's space (RAS), MONAI's announced default
         {"_target_": "monai.transforms.Orientationd", "keys": names, "axcodes": codes, "labels": None},
     ]
@@ -257,6 +271,7 @@ def volume_compose(
     axcodes: str = "RAS",
     crop_mode: str = "crop_or_pad",
     channels: int | None = None,
+    assume_spacing: float | Sequence[float] | None = None,
 ) -> Compose:
     """:func:`volume_transforms` instantiated by MONAI's ``ConfigParser`` into a ``Compose``.
 
@@ -266,5 +281,6 @@ def volume_compose(
     """
     from monai.bundle import ConfigParser
 
-    steps = volume_transforms(keys, spacing, spatial_size, intensity, window, percentiles, axcodes, crop_mode, channels)
+    steps = volume_transforms(keys, spacing, spatial_size, intensity, window, percentiles, axcodes, crop_mode, channels,
+                              assume_spacing)
     return Compose(ConfigParser({"transforms": steps}).get_parsed_content("transforms"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import warnings
 
@@ -172,13 +171,12 @@ def test_series_slices_at_one_position_or_of_two_orientations_are_refused(ct_ser
         LoadXray(voi="ignore")(str(ct_series))
 
 
-def test_series_with_a_missing_slice_warns(ct_series, caplog):
+def test_series_with_a_missing_slice_is_refused(ct_series):
     middle = sorted(ct_series.iterdir())[2]  # z = 3.7625 of -1.24 .. 8.76 mm: gaps 2.5, 5, 2.5
     middle.unlink()
-    with caplog.at_level(logging.WARNING, logger="hmn.transforms.loading"):
-        out = LoadXray(voi="ignore")(str(ct_series))
-    assert "slice spacing varies from 2.5 to 5 mm" in caplog.text
-    assert out.shape == (1, 16, 16, 4)
+    with pytest.raises(ImageReadError, match="5 mm apart along the slice normal where the others are 2.5 mm apart: "
+                                             "1 slice missing"):
+        LoadXray(voi="ignore")(str(ct_series))
 
 
 # --------------------------------------------------------------------------------------------------
