@@ -583,6 +583,54 @@ def _check_png_size(path: str, max_pixels: int | None) -> None:
     )
 
 
+# Adam7 interlacing (PNG spec 8.2): each pass's first column and row, and its steps
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def _check_png_data(path: str) -> None:
+    """Refuses a PNG whose image data (the IDAT chunks' zlib stream) ends before the rows its IHDR declares.
+
+    Pillow fills the missing rows with zeros without a word when the stream itself is complete but short, and an
+    image with its lower part black would be trained on and predicted as if it were whole. The stream is inflated
+    again here in bounded pieces, only counted, and its length compared with the filtered scanlines the header
+    declares: per row one filter byte and ceil(width x samples x bit depth / 8) bytes, over the seven Adam7 passes
+    for an interlaced image (PNG spec 7.2, 8.2)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return
+    if not data.startswith(b"\x89PNG\r\n\x1a\n") or data[12:16] != b"IHDR" or len(data) < 33:
+        return
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    samples = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}.get(colour)
+    if samples is None:
+        return
+
+    def scanlines(w: int, h: int) -> int:
+        return 0 if w == 0 or h == 0 else h * (1 + (w * samples * depth + 7) // 8)
+
+    if interlace:
+        expected = sum(scanlines(max(0, -(-(width - x0) // dx)), max(0, -(-(height - y0) // dy)))
+                       for x0, y0, dx, dy in _ADAM7)
+    else:
+        expected = scanlines(width, height)
+    inflate, got, pos = zlib.decompressobj(), 0, 8
+    while pos + 8 <= len(data) and got < expected:
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == b"IDAT":
+            piece = inflate.decompress(data[pos + 8:pos + 8 + length], 1 << 20)
+            got += len(piece)
+            while inflate.unconsumed_tail and got < expected:
+                got += len(inflate.decompress(inflate.unconsumed_tail, 1 << 20))
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if got < expected:
+        raise ImageReadError(path, f"PNG image data ends after {got} of the {expected} bytes its header declares "
+                                   f"({width}x{height}): the lower rows are missing (a truncated or damaged file)")
+
+
 _NIFTI_SLAB_BYTES = 64 * 2**20
 
 
@@ -1266,10 +1314,13 @@ class LoadXray(Transform):
         if arr.size == 0:
             raise ImageReadError(path, f"image has no pixels (shape {tuple(arr.shape)})")
         self._check_shape(path, tuple(arr.shape))
-        if loaded.from_float and arr.dtype.kind == "f":
+        if arr.dtype.kind == "f":
             bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
             if bad:
-                raise ImageReadError(path, f"{bad} of {arr.size} pixels are NaN or infinite")
+                # integer pixels become NaN only through the header's numbers (a NaN or infinite rescale or window)
+                why = "" if loaded.from_float else (" after the header's rescale and window (RescaleSlope/Intercept, "
+                                                     "WindowCenter/Width, per frame or shared) were applied")
+                raise ImageReadError(path, f"{bad} of {arr.size} pixels are NaN or infinite{why}")
         meta = {
             "filename_or_obj": path,
             "format": "",
@@ -1608,6 +1659,8 @@ class LoadXray(Transform):
             except Exception as e:  # OSError, SyntaxError, ValueError, zlib.error, struct.error, MemoryError, ...
                 reason = f"{type(e).__name__}: {e}"
                 raise ImageReadError(path, f"{fmt.upper()} data is truncated or corrupt ({reason})") from e
+            if fmt == "png":
+                _check_png_data(path)
             mode = img.mode
             dpi = img.info.get("dpi")
             transparency = img.info.get("transparency") if not isinstance(img.info.get("transparency"), bytes) else None

@@ -339,3 +339,67 @@ def test_a_fifo_is_refused_not_waited_on(tmp_path):
         pytest.fail("sniff_format blocked on a FIFO")
     assert isinstance(outcome[0], ImageReadError) and outcome[0].path == fifo
     assert "is not a regular file" in outcome[0].reason
+
+
+def test_a_nan_window_in_the_header_is_refused_not_read_as_nan(tmp_path):
+    """Integer pixels with WindowCenter 'nan' once came out as an all-NaN image, read without a word."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from hmn.transforms import ImageReadError, LoadXray
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = "DX", 8, 8, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (np.arange(64, dtype=np.uint16) * 10).tobytes()
+    ds.WindowCenter, ds.WindowWidth = "400", "800"
+    path = tmp_path / "window.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    assert np.isfinite(LoadXray()(str(path)).numpy()).all()  # the same file with a number reads
+    ds.WindowCenter = "nan"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(ImageReadError, match=r"window\.dcm: 64 of 64 pixels are NaN or infinite after the header's"):
+        LoadXray()(str(path))
+
+
+@pytest.mark.parametrize("interlace", [0, 1])
+def test_a_png_whose_data_ends_early_is_refused_not_zero_filled(tmp_path, interlace):
+    """A complete zlib stream holding fewer rows than IHDR declares: Pillow fills the rest with zeros silently."""
+    import struct
+    import zlib
+
+    import numpy as np
+    from PIL import Image
+
+    from hmn.transforms import ImageReadError, LoadXray
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    rng = np.random.default_rng(0)
+    for w, h in ((64, 48), (13, 7)):  # odd sizes: Adam7 passes of unequal widths, some empty
+        whole = tmp_path / f"whole{w}_{interlace}.png"
+        Image.fromarray(rng.integers(1, 255, (h, w), dtype=np.uint8)).save(whole, interlace=interlace)
+        LoadXray()(str(whole))  # the file as written reads (the check counts the Adam7 passes right)
+        data = whole.read_bytes()
+        start = data.index(b"IDAT") - 4
+        length = struct.unpack(">I", data[start:start + 4])[0]
+        raw = zlib.decompress(data[start + 8:start + 8 + length])
+        short = tmp_path / f"short{w}_{interlace}.png"
+        # the longest cut PIL reads without a word (it refuses a stream cut mid-row, not one cut between rows)
+        for cut in range(len(raw) - 1, 0, -1):
+            short.write_bytes(data[:start] + chunk(b"IDAT", zlib.compress(raw[:cut])) + chunk(b"IEND", b""))
+            try:
+                silently = np.asarray(Image.open(short))
+                break
+            except OSError:
+                continue
+        assert silently.shape == (h, w) and cut < len(raw)  # zero-filled where the data ended
+        with pytest.raises(ImageReadError, match=rf"short{w}_{interlace}\.png: PNG image data ends after \d+ of the "
+                                                 rf"{len(raw)} bytes its header declares"):
+            LoadXray()(str(short))
