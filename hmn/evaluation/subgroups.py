@@ -26,6 +26,8 @@ import numpy as np
 
 from hmn.data.vocabulary import AGE_BANDS, age_band
 
+from .metrics import DEFAULT_MIN_POSITIVES, _metrics_report
+
 __all__ = ["SUBGROUP_ATTRIBUTES", "groups_from_metadata", "plot_subgroups", "subgroup_report"]
 
 SUBGROUP_ATTRIBUTES = ("sex", "age_band", "view")
@@ -89,8 +91,6 @@ def subgroup_report(
         ``auc_gap`` is null when fewer than two groups have a defined AUC with at least `min_positives` positive
         and negative patients (images without patient ids); only those groups are compared.
     """
-    from .metrics import DEFAULT_MIN_POSITIVES, compute_report
-
     p = np.asarray(probs, dtype=np.float64)
     ids = None if patient_ids is None else list(patient_ids)
     if ids is not None and len(ids) != p.shape[0]:
@@ -108,9 +108,9 @@ def subgroup_report(
         per_group: dict[str, dict[str, Any]] = {}
         for g in names:
             idx = np.array([v is not None and str(v) == g for v in values])
-            rep = compute_report(p[idx], lab[idx], class_names, thresholds=thr, n_bootstrap=n_bootstrap, ci=ci,
-                                 seed=seed, patient_ids=None if ids is None else [ids[i] for i in np.flatnonzero(idx)],
-                                 min_positives=min_positives, _sections=False, _quiet=True)
+            rep = _metrics_report(p[idx], lab[idx], class_names, thresholds=thr, n_bootstrap=n_bootstrap, ci=ci,
+                                  seed=seed, patient_ids=None if ids is None else [ids[i] for i in np.flatnonzero(idx)],
+                                  min_positives=min_positives, quiet=True)[0]
             per_group[g] = rep
             for e in rep["per_class"]:
                 rows.append({
@@ -143,16 +143,19 @@ def _subgroups_figure(subgroups: Mapping[str, Any], class_names: Sequence[str]) 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.transforms import ScaledTranslation
 
     attributes = list(subgroups["attributes"])
     k = len(class_names)
     fig = Figure(figsize=(3.6 * max(1, len(attributes)), 1.6 + 0.42 * k), dpi=120)
-    FigureCanvasAgg(fig)
+    renderer = FigureCanvasAgg(fig).get_renderer()
     cmap = colormaps["tab10"]
     for a, attribute in enumerate(attributes):
         ax = fig.add_subplot(1, max(1, len(attributes)), a + 1)
         rows = [r for r in subgroups["rows"] if r["attribute"] == attribute]
-        group_names = list(dict.fromkeys(r["group"] for r in rows))
+        # the groups with an AUC for at least one finding: the others are drawn nowhere, so they get neither a
+        # colour nor a legend entry (subgroups.csv gives their reason)
+        group_names = list(dict.fromkeys(r["group"] for r in rows if r["auc"] is not None))
         step = 0.7 / max(1, len(group_names))
         for gi, g in enumerate(group_names):
             for r in rows:
@@ -173,19 +176,24 @@ def _subgroups_figure(subgroups: Mapping[str, Any], class_names: Sequence[str]) 
         ax.tick_params(axis="x", labelsize=7)
         ax.grid(axis="x", alpha=0.3)
         if group_names:
-            # one entry per group drawn in this panel, whichever findings it has an AUC for, below the axes so that
-            # it covers no interval
+            # one entry per group drawn in this panel, whichever findings it has an AUC for, hung below the x axis's
+            # tick labels and title (measured, in inches, whatever the panel's height) so that it covers no interval
+            # and no text; tight_layout then makes room for it inside the figure
+            below = (ax.bbox.y0 - ax.xaxis.get_tightbbox(renderer).y0) / fig.dpi + 0.06
             handles = [Line2D([], [], color=cmap(gi % 10), marker="o", markersize=3, linewidth=1, label=str(g))
                        for gi, g in enumerate(group_names)]
-            ax.legend(handles=handles, fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.5 / (0.42 * k + 0.6)),
-                      ncol=min(3, len(handles)), framealpha=0.85)
+            ax.legend(handles=handles, fontsize=6, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                      bbox_transform=ax.transAxes + ScaledTranslation(0.0, -below, fig.dpi_scale_trans),
+                      ncol=min(3, len(handles)), framealpha=0.85, borderaxespad=0.0)
     fig.tight_layout()
     return fig
 
 
 def plot_subgroups(subgroups: Mapping[str, Any], class_names: Sequence[str], path: str | os.PathLike) -> str:
     """A forest plot per attribute: each finding's AUC in each group with its interval (one colour per
-    group, every group in the legend below the panel), written atomically as a PNG at `path`; returns the path."""
+    group; each group drawn has one entry in the legend, which sits below the panel's x axis; a group without an
+    AUC for any finding is drawn nowhere and left out of the legend), written atomically as a PNG at `path`;
+    returns the path. The figure itself comes from ``_subgroups_figure(subgroups, class_names)``."""
     from hmn.durable import atomic_write
 
     fig = _subgroups_figure(subgroups, class_names)
