@@ -71,7 +71,7 @@ def child(args: argparse.Namespace) -> None:
             if "cache" in record.getMessage():
                 plan.append(record.getMessage())
 
-    logging.getLogger("hmn.training").addHandler(Catch())
+    logging.getLogger("hmn.workflows.data").addHandler(Catch())
     from ignite.engine import Events
     from monai.bundle import ConfigWorkflow
 

@@ -114,7 +114,7 @@ def load(n_volumes: int | None, size: list[int], spacing: list[float]):
 def run(name: str, data: dict, classes: list[str], args) -> None:
     from sklearn.metrics import roc_auc_score
 
-    from hmn.training import cpu_bf16_supported
+    from hmn.workflows import cpu_bf16_supported
 
     torch.manual_seed(0)
     (xt, yt), (xv, yv) = data["training"], data["validation"]

@@ -36,7 +36,7 @@ def demo_datalist(bundle: str, count: int | None = None) -> str:
     ``<the default demo folder>_<count>``."""
     import json
 
-    from hmn.bundles import is_volume_bundle
+    from hmn.bundle import is_volume_bundle
     from hmn.data import make_demo3d_dataset, make_demo_dataset
     from hmn.data.cli import default_demo3d_root, default_demo_root
 

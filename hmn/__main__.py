@@ -11,9 +11,9 @@ import sys
 
 # command -> ("module:function", one-line help). The function takes argv (list[str]) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "bundles": ("hmn.bundles:main", "write (or --check) the MONAI bundles under bundles/ from the template"),
-    "pack-bundle": ("hmn.bundles:pack_main", "zip a bundle with its trained models/model.pt for sharing"),
-    "fetch-large-files": ("hmn.bundles:fetch_main",
+    "bundles": ("hmn.bundle.files:main", "write (or --check) the MONAI bundles under bundles/ from the template"),
+    "pack-bundle": ("hmn.bundle.packing:pack_main", "zip a bundle with its trained models/model.pt for sharing"),
+    "fetch-large-files": ("hmn.bundle.distribution:fetch_main",
                           "download and hash-check the files an unpacked bundle's large_files.yml links (model.pt)"),
     "datalist": ("hmn.data.cli:datalist_main", "write a datalist JSON from NIH, CheXpert, MIMIC-CXR, PadChest, VinDr-CXR, RSNA tables, class folders or a MONAI JSON"),
     "demo-data": ("hmn.data.cli:demo_main", "write (or reuse) the synthetic demo chest-radiograph dataset"),

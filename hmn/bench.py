@@ -12,7 +12,7 @@ Configurations (``--configs``, default all but the reference):
   ratio is taken against (Vision Mamba, not a timm model: its last map, average-pooled, and a linear head);
 * ``hmn:<mode>``: HybridMedNet with one attention mode (``none``, ``cbam``, ``self``, ``cross_scale``) at
   the bundles' settings (reduced context of 7x7 keys and values);
-* ``hmn:bundle``: HybridMedNet with the attention the backbone's bundle uses (:data:`hmn.bundles.BUNDLES`);
+* ``hmn:bundle``: HybridMedNet with the attention the backbone's bundle uses (:data:`hmn.bundle.BUNDLES`);
 * ``hmn:cross_scale_full``: cross-scale attention with every other scale at full resolution
   (``context_size=None``), through ``scaled_dot_product_attention``;
 * ``reference:cross_scale_naive``: the same attention with the same weights computed the straightforward
@@ -159,7 +159,7 @@ def build_config(name: str, backbone: str, size: int) -> Any:
             return timm.create_model(spec.timm_name, pretrained=False, in_chans=1, num_classes=NUM_CLASSES, **kwargs)
         return _BareHead(backbone, size)
     if name == "hmn:bundle":
-        from hmn.bundles import BUNDLES
+        from hmn.bundle.table import BUNDLES
 
         return HybridMedNet(backbone, num_classes=NUM_CLASSES, attention=list(BUNDLES[backbone].attention), img_size=size)
     if name in ("hmn:cross_scale_full", "reference:cross_scale_naive"):

@@ -20,7 +20,7 @@ What :class:`AtomicCheckpointSaver` guarantees, for every stop at any instant:
 * a full disk stops the run with :class:`hmn.durable.InsufficientDiskSpaceError` naming the folder and the
   space needed, before anything is written when the size is known, and the last complete checkpoint stays.
 
-:class:`hmn.training.ResumeFromLatest` is the other half: it resumes from the newest *readable*
+:class:`hmn.workflows.ResumeFromLatest` is the other half: it resumes from the newest *readable*
 checkpoint, sets unreadable ones aside, and settles staged best models against the epoch it resumes from.
 """
 

@@ -571,7 +571,8 @@ def load_bundle_network(bundle_root: str | os.PathLike, device: str | torch.devi
     from monai.bundle import ConfigParser
 
     from hmn import runs
-    from hmn.bundles import BUNDLES, inference_config
+    from hmn.bundle.table import BUNDLES
+    from hmn.bundle.template import inference_config
 
     root = os.fspath(bundle_root)
     ckpt_dir = os.path.join(root, "models")

@@ -36,7 +36,7 @@ from hmn.durable import PATH_ERRORS, portable_text
 from hmn.evaluation import atomic_write, compute_report, macro_auc, write_report
 from hmn.inference import rank_file, read_prediction_rows
 from hmn.run_lock import RunLock
-from hmn.training import _rank_world
+from hmn.workflows.devices import rank_world
 
 __all__ = ["EvaluationReportHandler", "HeatmapWriter", "MacroROCAUC", "PredictionCSVWriter", "ValidationThresholds",
            "stack_pred_label"]
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 def _all_gather(obj: Any) -> list[Any]:
     """Every process's `obj`, in rank order (Python objects, so shares of different sizes are fine)."""
-    parts: list[Any] = [None] * _rank_world()[1]
+    parts: list[Any] = [None] * rank_world()[1]
     torch.distributed.all_gather_object(parts, obj)
     return parts
 
@@ -157,7 +157,7 @@ class MacroROCAUC(EpochMetric):
     left out, not counted as negative), averaged over the classes with at least one positive and one
     negative label in the split; the others are left out (MONAI's ``ROCAUC(average="macro")`` averages an
     undefined class in and gives NaN for the whole epoch). NaN only when no class is defined (the bundles
-    check the validation split before training, see :func:`hmn.training.check_validation_split`).
+    check the validation split before training, see :func:`hmn.workflows.check_validation_split`).
 
     Built on ignite's ``EpochMetric``: predictions are collected over the epoch and, under torchrun, every
     process's share is gathered (as Python objects, so shares of different sizes, as
@@ -181,7 +181,7 @@ class MacroROCAUC(EpochMetric):
             raise NotComputableError("MacroROCAUC needs at least one image before it can be computed")
         pred = torch.cat(self._predictions).detach().cpu().double().numpy()
         label = torch.cat(self._targets).detach().cpu().double().numpy()
-        if _rank_world()[1] > 1:
+        if rank_world()[1] > 1:
             parts = _all_gather((pred, label))
             pred = np.concatenate([p[0] for p in parts])
             label = np.concatenate([p[1] for p in parts])
@@ -234,7 +234,9 @@ class EvaluationReportHandler:
         error_key: items with a non-empty value under this key are skipped.
         thresholds, fixed_threshold, n_bootstrap, ci, seed, min_positives: as in
             :func:`hmn.evaluation.compute_report` (the bundles give the validation split's ``models/thresholds.json``
-            when training recorded one, see :func:`hmn.evaluation.model_thresholds`).
+            when training recorded one, see :func:`hmn.evaluation.model_thresholds`). `thresholds` may also be a
+            function of no arguments returning one of those, called when the report is computed (the test report
+            that ends a training run reads the thresholds that run recorded).
         patient_key: the key of the patient id in the input items (None or missing: images are the unit).
         apply_sigmoid: the predictions are logits (True: a sigmoid is applied here) or already
             probabilities (False, e.g. after an ``Activationsd(sigmoid=True)`` postprocessing).
@@ -364,7 +366,7 @@ class EvaluationReportHandler:
             list(self._skipped),
             list(self._patients),
         )
-        rank, world = _rank_world()
+        rank, world = rank_world()
         if world == 1:
             return local
         parts = _all_gather(local)
@@ -406,7 +408,7 @@ class EvaluationReportHandler:
             return None
         from hmn.evaluation.subgroups import groups_from_metadata
 
-        thresholds = self.thresholds
+        thresholds = self.thresholds() if callable(self.thresholds) else self.thresholds
         if self.finding_match and isinstance(thresholds, (str, os.PathLike)) and os.path.isfile(thresholds):
             thresholds = _thresholds_for_findings(thresholds, self.finding_match)
         report = compute_report(
@@ -523,7 +525,7 @@ class ValidationThresholds:
         k = len(self.class_names)
         local = (np.stack(self._probs) if self._probs else np.zeros((0, k)),
                  np.stack(self._labels) if self._labels else np.zeros((0, k)), self._left_out)
-        rank, world = _rank_world()
+        rank, world = rank_world()
         if world > 1:
             parts = _all_gather(local)
             local = (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
@@ -723,7 +725,7 @@ class HeatmapWriter:
         resume: bool = False,
     ) -> None:
         from hmn.explain import GRADCAM_LEVELS, resolve_findings, resolve_thresholds
-        from hmn.training import as_bool
+        from hmn.workflows.devices import as_bool
 
         self.enabled = as_bool(enabled, "heatmaps")
         self.reader = _PredictionReader(class_names, pred_key, True, num_classes)

@@ -227,9 +227,9 @@ def shard_items(items: Sequence[Any], rank: int | None = None, world_size: int |
         ValueError: `rank` is not in ``[0, world_size)``.
     """
     if rank is None or world_size is None:
-        from hmn.training import _rank_world
+        from hmn.workflows.devices import rank_world
 
-        rank, world_size = _rank_world()
+        rank, world_size = rank_world()
     rank, world_size = int(rank), int(world_size)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank must lie in [0, world_size), got rank {rank} of world_size {world_size}")
@@ -240,9 +240,9 @@ def rank_file(output_file: str | os.PathLike, rank: int | None = None, world_siz
     """The file a process writes for `output_file`: `output_file` itself in a single process, else its
     share ``<stem>.rank<r><suffix>``. `rank` and `world_size` default to ``torch.distributed``'s."""
     if rank is None or world_size is None:
-        from hmn.training import _rank_world
+        from hmn.workflows.devices import rank_world
 
-        rank, world_size = _rank_world()
+        rank, world_size = rank_world()
     if int(world_size) == 1:
         return os.fspath(output_file)
     stem, suffix = os.path.splitext(os.fspath(output_file))
@@ -383,9 +383,9 @@ def refuse_volume_heatmaps(heatmaps: Any) -> None:
     (:class:`hmn.handlers.HeatmapWriter`) are drawn on 2D radiographs and have no volume counterpart yet.
 
     Raises:
-        ValueError: ``heatmaps`` is true (as ``hmn.training.as_bool`` reads it).
+        ValueError: ``heatmaps`` is true (as ``hmn.workflows.as_bool`` reads it).
     """
-    from hmn.training import as_bool
+    from hmn.workflows.devices import as_bool
 
     if as_bool(heatmaps, "heatmaps"):
         raise ValueError(f"heatmaps=True: {NO_VOLUME_HEATMAPS}; a 3D bundle's inference writes predictions only. "

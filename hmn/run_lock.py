@@ -11,12 +11,14 @@ with ``flock(2)`` (``fcntl.flock``). The operating system releases that lock whe
 however it ends (``SIGKILL``, out-of-memory kill, power loss on a local disk), so a lock left by a killed run is
 never mistaken for a live one: the next run takes it over and logs whose it was. The file holds the holder's
 process id, host, purpose, start time and command line (JSON), which the refusal quotes. It is removed when the
-holder releases it. On NFS, Linux implements ``flock`` with byte-range locks that the server arbitrates
-(NFSv4), so runs on two machines sharing a folder exclude each other too.
+holder releases it, and when the holder's interpreter exits (an error that ends the program included). On NFS,
+Linux implements ``flock`` with byte-range locks that the server arbitrates (NFSv4), so runs on two machines
+sharing a folder exclude each other too.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -33,6 +35,19 @@ LOCK_NAME = ".hmn.lock"
 # the locks this process holds, by lock file: a new RunLock in the same process (a run driven again from Python
 # after one that raised) takes the lock over from the earlier object instead of refusing its own process
 _HELD: dict[str, RunLock] = {}
+
+
+def _release_held() -> None:
+    """At interpreter exit (a normal end, or an exception that ends the program) every lock this process still
+    holds is released and its file removed, so a run that stopped with an error leaves no lock file behind."""
+    for lock in list(_HELD.values()):
+        try:
+            lock.release()
+        except Exception:  # noqa: BLE001 - the OS releases the flock when the process ends anyway
+            pass
+
+
+atexit.register(_release_held)
 
 
 class RunInUseError(RuntimeError):

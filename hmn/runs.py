@@ -54,7 +54,7 @@ VOLUME_SETTINGS = ("spacing", "intensity", "window", "percentiles")
 SCHEDULE_SETTINGS = ("datalist", "max_epochs", "batch_size", "learning_rate", "weight_decay", "warmup_epochs",
                      "accumulation_steps", "seed", "pretrained")
 # the settings that decide what the network's input is (preprocessing): a resume that changes one of them
-# restarts the best-model choice (hmn.training.ResumeFromLatest), as scores on other input do not compare
+# restarts the best-model choice (hmn.workflows.ResumeFromLatest), as scores on other input do not compare
 INPUT_SETTINGS = ("image_size", "voi", "aspect") + VOLUME_SETTINGS
 # settings whose change makes the weights mean something else or not fit: refused, never honoured
 REFUSED = ("class_names", "in_channels", "backbone", "backbone_options", "attention", "fpn_channels",
@@ -106,7 +106,7 @@ def trained(ckpt_dir: str | os.PathLike, key: str, default: Any, use: Any = True
     `default`. The bundles' configs give their defaults through this, so evaluation, inference, a resume and
     a packed bundle rebuild the trained model (an explicit override replaces the whole expression; then
     :func:`check_run_record` compares)."""
-    from hmn.training import as_bool
+    from hmn.workflows.devices import as_bool
 
     if not as_bool(use, "use_run_record"):
         return default
@@ -125,9 +125,9 @@ def write_run_record(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any], r
     """
     from hmn import __version__
     from hmn.durable import atomic_write
-    from hmn.training import _rank_world, as_bool
+    from hmn.workflows.devices import as_bool, rank_world
 
-    if _rank_world()[0] != 0:
+    if rank_world()[0] != 0:
         return None
     resume = as_bool(resume, "resume")
     settings = _plain(dict(settings))
@@ -164,7 +164,7 @@ def check_run_record(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any], u
         RunRecordMismatchError: a :data:`REFUSED` setting differs; the message names every such setting with
             both values and the record's path.
     """
-    from hmn.training import as_bool
+    from hmn.workflows.devices import as_bool
 
     if not as_bool(use, "use_run_record"):
         return {}
@@ -198,7 +198,7 @@ def input_changes(ckpt_dir: str | os.PathLike, settings: Mapping[str, Any], use:
     """The :data:`INPUT_SETTINGS` in which `settings` differ from the run record in `ckpt_dir`, as
     ``{key: [recorded, used]}``; empty when `use` is false (a new run), without a record, or when none differs.
     Read before this run's start is recorded (the bundles' ``train#resume`` is built first)."""
-    from hmn.training import as_bool
+    from hmn.workflows.devices import as_bool
 
     if not as_bool(use, "use_run_record"):
         return {}

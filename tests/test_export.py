@@ -6,7 +6,7 @@ backbone table says so) gives the eager network's logits at other batch sizes (a
 sizes where the backbone allows) after a save and load; the ONNX file written the way
 ``configs/export_onnx.json`` says (MONAI's ``convert_to_onnx``, which ``onnx_export`` calls) runs in
 onnxruntime at batch 1 and 4, and at another image size where its spatial axes are dynamic, within
-:data:`hmn.bundles.ONNX_ATOL` of the eager logits. The export commands themselves run end to end on a
+:data:`hmn.bundle.ONNX_ATOL` of the eager logits. The export commands themselves run end to end on a
 trained bundle in tests/bundles/test_bundles.py (test_export_commands_of_the_docs_match_eager).
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from hmn.bundles import BUNDLES, EXPORT_ARGS, ONNX_ATOL, export_args
+from hmn.bundle import BUNDLES, EXPORT_ARGS, ONNX_ATOL, export_args
 from hmn.networks import HybridMedNet, get_backbone_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -53,6 +53,14 @@ def test_a_second_process_is_refused_naming_the_holder_until_it_ends(tmp_path):
     assert not (folder / LOCK_NAME).exists() and not lock.held
 
 
+def test_a_run_that_ends_with_an_error_leaves_no_lock_file(tmp_path):
+    folder = tmp_path / "models"
+    code = "import sys; from hmn.run_lock import RunLock; RunLock(sys.argv[1]).acquire(); raise SystemExit('stopped')"
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "stopped" in out.stderr
+    assert folder.is_dir() and not any(folder.iterdir())
+
+
 def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path, caplog):
     folder = tmp_path / "models"
     proc = _holder(folder)

@@ -56,7 +56,8 @@ def test_evaluation_refuses_a_datalist_with_other_classes():
 
 
 def test_packed_configs_describe_the_recorded_model():
-    from hmn.bundles import inference_config, metadata, packed_inference_config, packed_metadata
+    from hmn.bundle import inference_config, packed_inference_config, packed_metadata
+    from hmn.bundle.metadata import metadata
 
     record = {"settings": {"class_names": ["Pleural effusion", "Enlarged heart"], "image_size": 48, "in_channels": 1,
                            "backbone_options": {}, "attention": ["self"], "hierarchical": False}}
@@ -77,7 +78,7 @@ def test_packed_configs_build_the_recorded_model_without_the_record(tmp_path):
     types, the recorded settings are the defaults, even class names MONAI would read as references."""
     from monai.bundle import ConfigParser
 
-    from hmn.bundles import inference_config, packed_config, packed_inference_config, train_config
+    from hmn.bundle import inference_config, packed_config, packed_inference_config, train_config
 
     classes = ["Effusion (L@R)", "Heart #2"]
     record = {"settings": {"class_names": classes, "image_size": 48, "backbone": "resnet50", "backbone_options": {},
@@ -112,7 +113,7 @@ def test_a_packed_bundle_refuses_other_weights(tmp_path):
 def test_inference_builds_a_hierarchical_head_from_the_record(tmp_path):
     from monai.bundle import ConfigParser
 
-    from hmn.bundles import inference_config
+    from hmn.bundle import inference_config
 
     classes = ["Atelectasis", "Effusion", "Edema"]
     (tmp_path / "models").mkdir()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hmn.losses import MultiLabelBCELoss
-from hmn.training import (
+from hmn.workflows import (
     CPUAutocastInferer,
     amp_kwargs,
     as_bool,
@@ -126,7 +126,7 @@ def _run_segment(ckpt_dir, scores, max_epochs, resume, patience=10, atomic=True,
     from monai.handlers import CheckpointSaver, EarlyStopHandler
 
     from hmn.checkpoints import AtomicCheckpointSaver
-    from hmn.training import BestModelRecord, EarlyStopRecord, ResumeFromLatest
+    from hmn.workflows import BestModelRecord, EarlyStopRecord, ResumeFromLatest
 
     net = torch.nn.Linear(1, 1, bias=False)
 
@@ -316,7 +316,7 @@ def test_full_disk_stops_the_run_naming_the_folder_and_keeps_the_last_checkpoint
 def test_best_model_record_needs_a_key_metric_saver(tmp_path):
     from monai.handlers import CheckpointSaver
 
-    from hmn.training import BestModelRecord
+    from hmn.workflows import BestModelRecord
 
     with pytest.raises(ValueError, match="save_key_metric=True"):
         BestModelRecord(CheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, save_interval=1))
@@ -330,7 +330,7 @@ def test_best_model_record_restores_the_evaluators_best_metric(tmp_path):
 
     from monai.handlers import CheckpointSaver
 
-    from hmn.training import BestModelRecord
+    from hmn.workflows import BestModelRecord
 
     def record():
         saver = CheckpointSaver(str(tmp_path), {"model": torch.nn.Linear(1, 1)}, save_key_metric=True,
@@ -357,11 +357,11 @@ def test_best_model_record_restores_the_evaluators_best_metric(tmp_path):
 def test_metric_history_drops_rows_of_epochs_trained_again_and_continues_the_elapsed_time(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    import hmn.training
-    from hmn.training import MetricHistory
+    import hmn.workflows.history
+    from hmn.workflows import MetricHistory
 
-    # a stopped clock for hmn.training: the elapsed time below is exact, however slow or loaded the machine is
-    monkeypatch.setattr(hmn.training, "time", SimpleNamespace(time=lambda: 1000.0))
+    # a stopped clock for the history module: the elapsed time below is exact, however slow or loaded the machine is
+    monkeypatch.setattr(hmn.workflows.history, "time", SimpleNamespace(time=lambda: 1000.0))
     path = tmp_path / "history.csv"
     # a stopped run: epochs 1-3 validated, but only epoch 1's checkpoint was complete; the last row was cut off
     path.write_text("epoch,elapsed_s,val_auc\n1,10.0,0.61\n2,20.0,0.72\n3,30.0,0.7\n4,40")
@@ -380,7 +380,7 @@ def test_metric_history_drops_rows_of_epochs_trained_again_and_continues_the_ela
 def test_metric_history_records_the_epoch_mean_training_loss_and_draws_the_curve(tmp_path):
     from types import SimpleNamespace
 
-    from hmn.training import EpochLoss, MetricHistory
+    from hmn.workflows import EpochLoss, MetricHistory
 
     loss = EpochLoss()
     history = MetricHistory(str(tmp_path / "history.csv"), loss=loss)
@@ -396,7 +396,7 @@ def test_metric_history_records_the_epoch_mean_training_loss_and_draws_the_curve
 
 
 def test_check_validation_split_names_left_out_classes_once_and_refuses_an_undefined_split(caplog):
-    from hmn.training import check_validation_split
+    from hmn.workflows import check_validation_split
 
     names = ["Effusion", "Mass", "Hernia"]
     items = [{"image": f"i{i}.png", "label": [i % 2, (i + 1) % 2, 0]} for i in range(6)]
@@ -430,7 +430,7 @@ def _lr_segment(ckpt_dir, max_epochs, resume, epoch_length=4):
     from monai.optimizers import WarmupCosineSchedule
 
     from hmn.checkpoints import AtomicCheckpointSaver
-    from hmn.training import ResumeFromLatest
+    from hmn.workflows import ResumeFromLatest
 
     net = torch.nn.Linear(1, 1)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -467,7 +467,7 @@ def test_resume_with_a_larger_max_epochs_stretches_the_schedule_to_the_new_end(t
 def test_run_time_estimate_for_the_whole_run():
     from ignite.engine import Engine, Events
 
-    from hmn.training import RunTimeEstimate
+    from hmn.workflows import RunTimeEstimate
 
     now = [1000.0]
     durations = {1: 50.0, 2: 70.0, 3: 60.0, 4: 100.0, 5: 30.0}  # seconds per epoch, validation included
@@ -504,7 +504,7 @@ def test_resume_trims_history_rows_of_epochs_without_a_checkpoint_at_once(tmp_pa
     from ignite.engine import Engine
 
     from hmn.durable import partial_path
-    from hmn.training import ResumeFromLatest
+    from hmn.workflows import ResumeFromLatest
 
     ckpt = tmp_path / "models"
     _run_segment(ckpt, [0.6, 0.9], max_epochs=1, resume=False)
@@ -521,7 +521,7 @@ def test_resume_trims_history_rows_of_epochs_without_a_checkpoint_at_once(tmp_pa
 def test_run_time_estimate_of_a_resumed_run_counts_its_own_iterations():
     from ignite.engine import Engine, Events
 
-    from hmn.training import RunTimeEstimate
+    from hmn.workflows import RunTimeEstimate
 
     now = [0.0]
 
@@ -551,7 +551,7 @@ class TestCachePlan:
 
     @pytest.fixture(autouse=True)
     def _fresh(self, monkeypatch):
-        import hmn.training as t
+        import hmn.workflows.data as t
 
         monkeypatch.setattr(t, "_CACHE_RESERVED", [])
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
@@ -560,7 +560,7 @@ class TestCachePlan:
         import shutil
         from collections import namedtuple
 
-        import hmn.training as t
+        import hmn.workflows.data as t
 
         monkeypatch.setattr(t, "available_memory", lambda: int(avail_gb * self.GB))
         usage = namedtuple("usage", "total used free")
@@ -579,7 +579,7 @@ class TestCachePlan:
         assert self._plan(monkeypatch, 20, 78468, disk_gb=10) == "none"  # neither memory nor disk has room
 
     def test_the_plan_counts_the_measured_resident_size_not_the_float32_size(self, monkeypatch):
-        import hmn.training as t
+        import hmn.workflows.data as t
 
         n = 10_000  # 2.0 GB of float32 images, 4.0 GB resident
         assert t.CACHE_RESIDENT_FACTOR == 2.0
@@ -587,7 +587,7 @@ class TestCachePlan:
         assert self._plan(monkeypatch, 9, n) == "memory"  # 4.0 GB <= 4.5 GB
 
     def test_a_small_split_stays_in_memory_and_reserves_its_share(self, monkeypatch):
-        import hmn.training as t
+        import hmn.workflows.data as t
 
         n = 10_000  # 4.0 GB resident at 224x224
         assert self._plan(monkeypatch, 20, n) == "memory"
@@ -600,7 +600,7 @@ class TestCachePlan:
 
     def test_processes_of_a_torchrun_node_share_the_memory(self, monkeypatch):
         assert self._plan(monkeypatch, 20, 21_000) == "memory"
-        import hmn.training as t
+        import hmn.workflows.data as t
 
         t._CACHE_RESERVED.clear()
         monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 5 GB each, half of it 2.5 GB
@@ -649,7 +649,7 @@ def test_channels_last_network_computes_the_same_and_saves_a_loadable_state():
 
 
 def test_default_num_workers_none_on_the_cpu_shared_among_processes_with_cuda(monkeypatch):
-    from hmn.training import default_num_workers
+    from hmn.workflows import default_num_workers
 
     assert default_num_workers(cuda=False, cpus=64) == 0
     assert default_num_workers(cuda=True, cpus=16, local_processes=1) == 8  # capped

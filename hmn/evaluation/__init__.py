@@ -35,7 +35,6 @@ from .compare import (
 from .metrics import (
     DEFAULT_MIN_POSITIVES,
     THRESHOLD_METHODS,
-    compute_report,
     fit_operating_thresholds,
     load_operating_thresholds,
     load_thresholds,
@@ -46,7 +45,7 @@ from .metrics import (
     select_thresholds,
     weighted_auc_ap,
 )
-from .report import METRICS_COLUMNS, REPORT_FILES, atomic_write, plot_roc, write_report
+from .report import METRICS_COLUMNS, REPORT_FILES, atomic_write, compute_report, plot_roc, write_report
 
 __all__ = [
     "COMPARISON_COLUMNS",

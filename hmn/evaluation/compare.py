@@ -107,8 +107,8 @@ from scipy.stats import norm, rankdata
 
 from hmn.durable import atomic_write
 
+from ._tables import _num, _table
 from .metrics import DEFAULT_MIN_POSITIVES, _BLOCK_ELEMENTS, _absent_reason, _interval, _RankedLabels, patient_units
-from .report import _num, _table
 
 __all__ = [
     "COMPARISON_COLUMNS",

@@ -1,7 +1,7 @@
 """Per-class and averaged metrics of a multi-label classifier, with percentile bootstrap confidence intervals
 that resample patients.
 
-:func:`compute_report` turns predicted probabilities and 0/1 labels (``N x K``: images x classes) into
+:func:`hmn.evaluation.compute_report` turns predicted probabilities and 0/1 labels (``N x K``: images x classes) into
 a JSON-ready dict (the layout is described in :mod:`hmn.evaluation.report`); :func:`select_thresholds`
 and :func:`fit_operating_thresholds` pick operating thresholds on one split (validation) to be applied on
 another (test).
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-__all__ = ["DEFAULT_MIN_POSITIVES", "THRESHOLD_METHODS", "compute_report", "fit_operating_thresholds",
+__all__ = ["DEFAULT_MIN_POSITIVES", "THRESHOLD_METHODS", "fit_operating_thresholds",
            "load_operating_thresholds", "load_thresholds", "macro_auc", "model_thresholds", "operating_points", "patient_units",
            "select_thresholds", "weighted_auc_ap"]
 
@@ -129,7 +129,7 @@ def _absent_reason(n: int, positives: int) -> str | None:
 
 def _defined_class_aucs(p: np.ndarray, valid: np.ndarray, pos: np.ndarray) -> dict[int, float]:
     """Per-class ROC AUC over the known labels, for the classes with both label values (the only ones
-    where it is defined); the one definition behind :func:`macro_auc` and :func:`compute_report`."""
+    where it is defined); the one definition behind :func:`macro_auc` and :func:`hmn.evaluation.compute_report`."""
     out = {}
     for c in range(p.shape[1]):
         v = valid[:, c]
@@ -228,7 +228,7 @@ def operating_points(
     data, so the figures are optimistic for new data in the way a Youden threshold is.
 
     Args:
-        probs, labels: ``N x K``, as for :func:`compute_report`.
+        probs, labels: ``N x K``, as for :func:`hmn.evaluation.compute_report`.
         class_names: the ``K`` names.
         specificities, sensitivities: targets in (0, 1].
 
@@ -272,7 +272,7 @@ def fit_operating_thresholds(
     """Every threshold the report uses, fitted on these data (the validation split) for use on other data.
 
     Args:
-        probs, labels: ``N x K``, as for :func:`compute_report`.
+        probs, labels: ``N x K``, as for :func:`hmn.evaluation.compute_report`.
         class_names: the ``K`` names.
         specificities, sensitivities: the operating-point targets (:func:`operating_points`).
 
@@ -334,7 +334,7 @@ def _load_per_class(
 
 
 def model_thresholds(ckpt_dir: str | os.PathLike, thresholds: Any = "validation") -> Any:
-    """The bundles' ``thresholds`` setting resolved for :func:`compute_report`.
+    """The bundles' ``thresholds`` setting resolved for :func:`hmn.evaluation.compute_report`.
 
     Args:
         ckpt_dir: the model's folder (``models/``), where training records ``thresholds.json`` beside ``model.pt``
@@ -344,7 +344,7 @@ def model_thresholds(ckpt_dir: str | os.PathLike, thresholds: Any = "validation"
             the path of a ``metrics.json`` / ``thresholds.json`` fitted on other data.
 
     Returns:
-        What :func:`compute_report` takes as ``thresholds``.
+        What :func:`hmn.evaluation.compute_report` takes as ``thresholds``.
 
     Raises:
         FileNotFoundError: a path that does not exist.
@@ -675,7 +675,7 @@ _RATE_NAMES = ("sensitivity", "specificity", "ppv", "npv")
 # the report
 
 
-def compute_report(
+def _metrics_report(
     probs: Any,
     labels: Any,
     class_names: Sequence[str],
@@ -684,60 +684,14 @@ def compute_report(
     n_bootstrap: int = 1000,
     ci: float = 0.95,
     seed: int = 0,
-    groups: Mapping[str, Sequence[Any]] | None = None,
-    calibration_bins: int = 10,
-    temperatures: Any = None,
-    temperatures_from: str | None = None,
-    uncalibrated: Any = None,
-    target_specificities: Sequence[float] = (0.90, 0.95),
-    target_sensitivities: Sequence[float] = (0.90, 0.95),
     patient_ids: Sequence[Any] | None = None,
     min_positives: int = DEFAULT_MIN_POSITIVES,
-    _sections: bool = True,
-    _quiet: bool = False,
-) -> dict[str, Any]:
-    """Per-class, macro and micro ROC AUC / average precision with bootstrap intervals over patients, and the
-    sensitivity, specificity, PPV and NPV (with intervals) at an operating threshold per class; with the
-    operating points, calibration and (given `groups`) subgroup sections.
-
-    Args:
-        probs: ``N x K`` predicted probabilities (images x classes).
-        labels: ``N x K`` labels, 0 or 1; entries < 0 or NaN are unknown and excluded for that class.
-        class_names: the ``K`` class names.
-        thresholds: where the operating thresholds come from: ``"fixed"`` (`fixed_threshold` for every class;
-            the default, as no thresholds from other data are known here), one threshold per class
-            (array-like, NaN for none), a ``{class name: threshold}`` mapping, a thresholds record (the
-            contents of such a file, ``{"per_class", "operating_points", "path"}``), the path of a ``metrics.json``
-            or ``thresholds.json`` fitted on other data (the validation split: its per-class thresholds and
-            its operating points' thresholds are used), or ``"youden"``: Youden's J fitted on these data
-            (optimistic: the report then marks every number at those thresholds as fitted on the evaluated data).
-        fixed_threshold: the threshold of ``thresholds="fixed"``, in [0, 1].
-        n_bootstrap: bootstrap resamples (0: no intervals).
-        ci: confidence level of the intervals, in (0, 1).
-        seed: seed of the resampling (the same inputs and seed give the same intervals).
-        groups: ``{attribute: one group value per image}`` (None: unknown) for the ``subgroups`` section
-            (:func:`hmn.evaluation.subgroups.subgroup_report`); None leaves it out.
-        calibration_bins: bins of the expected calibration error (:mod:`hmn.evaluation.calibration`).
-        temperatures: the ``K`` temperatures already applied to `probs` (recorded in ``calibration``), or None.
-        temperatures_from: the file they came from, for the record.
-        uncalibrated: the probabilities before `temperatures`, whose ECE is reported beside.
-        target_specificities, target_sensitivities: the ``operating_points`` targets (:func:`operating_points`).
-        patient_ids: ``N`` patient ids (empty or None where unknown): the bootstrap then resamples patients
-            (see the module docstring). None: images are the unit, and ``settings.ci_unit`` says so.
-        min_positives: the fewest positive and negative units (patients, or images without patient ids) a
-            finding needs for intervals and for the macro means; >= 1.
-
-    Returns:
-        A JSON-ready dict (floats or None, never NaN): ``settings``, ``n_images``, ``n_patients``,
-        ``class_names``, ``per_class`` (one dict per class), ``macro`` and ``micro``; see
-        :mod:`hmn.evaluation.report`. A class without both a positive and a negative label gets ``auc: None``
-        and a ``reason``; one with too few positive or negative units its point estimates, no interval, and a
-        ``reason``.
-
-    Raises:
-        ValueError: shapes differ, a score is not finite, a known label is not 0 or 1, a setting is out of
-            range, or the thresholds are not understood (the accepted forms are named).
-    """
+    quiet: bool = False,
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray, Any]:
+    """:func:`hmn.evaluation.report.compute_report` without its operating points, calibration and subgroup
+    sections (the arguments and errors are those of that function; `quiet` logs nothing). Returns the report, the
+    checked ``N x K`` probabilities and labels, and the operating points' thresholds given with `thresholds`: what
+    those sections are computed from. The subgroup section calls it once per group."""
     class_names = [str(c) for c in class_names]
     p, lab = _as_arrays(probs, labels, class_names)
     if not 0 < float(ci) < 1:
@@ -841,7 +795,7 @@ def compute_report(
                 auc_ci=_interval(boot["auc"][:, c], ci), ap_ci=_interval(boot["ap"][:, c], ci), bootstrap_used=used,
                 **{f"{r}_ci": _interval(boot[r][:, c], ci) for r in _RATE_NAMES},
             )
-            if used < 0.9 * n_bootstrap and not _quiet:
+            if used < 0.9 * n_bootstrap and not quiet:
                 logger.warning(
                     "class %s: only %d of %d bootstrap resamples had both label values (%d positives, %d negatives); "
                     "its interval is unreliable",
@@ -857,7 +811,7 @@ def compute_report(
             ap_ci=_interval(boot["micro_ap"], ci),
             bootstrap_used=int(np.isfinite(boot["micro_auc"]).sum()),
         )
-    if not _quiet:
+    if not quiet:
         if excluded:
             logger.warning("classes left out of the macro average: %s", excluded)
         if n_bootstrap:
@@ -898,24 +852,4 @@ def compute_report(
         "macro": macro,
         "micro": micro,
     }
-    if _sections:
-        from .calibration import calibration_report
-        from .subgroups import subgroup_report
-
-        if fitted_here:
-            ops = operating_points(p, lab, class_names, target_specificities, target_sensitivities)
-            ops_source = where
-        else:
-            ops = _given_operating_points(p, lab, class_names, given_ops, target_specificities, target_sensitivities)
-            ops_source = where if given_ops else "none (no operating-point thresholds from other data)"
-        for r in ops:
-            r["threshold_source"] = ops_source
-        report["operating_points"] = ops
-        settings["operating_points_source"] = ops_source
-        report["calibration"] = calibration_report(p, lab, class_names, calibration_bins, applied=temperatures,
-                                                   applied_from=temperatures_from, uncalibrated=uncalibrated)
-        if groups:
-            report["subgroups"] = subgroup_report(p, lab, class_names, groups, [e["threshold"] for e in per_class],
-                                                  n_bootstrap=n_bootstrap, ci=ci, seed=seed, patient_ids=patient_ids,
-                                                  min_positives=min_positives, threshold_source=where)
-    return report
+    return report, p, lab, given_ops

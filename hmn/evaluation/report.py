@@ -125,10 +125,21 @@ from sklearn.metrics import roc_curve
 
 from hmn.durable import atomic_write
 
-from .metrics import _as_arrays, _masks
+from ._tables import _num, _table
+from .calibration import calibration_report
+from .metrics import (
+    DEFAULT_MIN_POSITIVES,
+    _as_arrays,
+    _given_operating_points,
+    _masks,
+    _metrics_report,
+    operating_points,
+)
+from .subgroups import subgroup_report
 
 __all__ = ["CALIBRATION_COLUMNS", "METRICS_COLUMNS", "OPERATING_POINTS_COLUMNS", "REPORT_FILES", "SUBGROUPS_COLUMNS",
-           "SUBGROUP_FILES", "SUBGROUP_GAPS_COLUMNS", "atomic_write", "plot_roc", "report_main", "write_report"]
+           "SUBGROUP_FILES", "SUBGROUP_GAPS_COLUMNS", "atomic_write", "compute_report", "plot_roc", "report_main",
+           "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,13 +166,97 @@ SUBGROUP_GAPS_COLUMNS = ("attribute", "class", "auc_gap", "highest_group", "high
 PREDICTION_METADATA_COLUMNS = ("age", "sex", "view")
 
 
-def _num(x: Any) -> str:
-    if x is None:
-        return ""
-    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
-        return str(int(x))
-    x = float(x)
-    return repr(x) if np.isfinite(x) else ""
+# ----------------------------------------------------------------------------------------------
+# the report: the metrics (metrics.py) with the operating points, calibration and subgroup sections
+
+
+def compute_report(
+    probs: Any,
+    labels: Any,
+    class_names: Sequence[str],
+    thresholds: str | Sequence[float] | Mapping[str, float] | np.ndarray | os.PathLike = "fixed",
+    fixed_threshold: float = 0.5,
+    n_bootstrap: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+    groups: Mapping[str, Sequence[Any]] | None = None,
+    calibration_bins: int = 10,
+    temperatures: Any = None,
+    temperatures_from: str | None = None,
+    uncalibrated: Any = None,
+    target_specificities: Sequence[float] = (0.90, 0.95),
+    target_sensitivities: Sequence[float] = (0.90, 0.95),
+    patient_ids: Sequence[Any] | None = None,
+    min_positives: int = DEFAULT_MIN_POSITIVES,
+    _sections: bool = True,
+    _quiet: bool = False,
+) -> dict[str, Any]:
+    """Per-class, macro and micro ROC AUC / average precision with bootstrap intervals over patients, and the
+    sensitivity, specificity, PPV and NPV (with intervals) at an operating threshold per class; with the
+    operating points, calibration and (given `groups`) subgroup sections.
+
+    Args:
+        probs: ``N x K`` predicted probabilities (images x classes).
+        labels: ``N x K`` labels, 0 or 1; entries < 0 or NaN are unknown and excluded for that class.
+        class_names: the ``K`` class names.
+        thresholds: where the operating thresholds come from: ``"fixed"`` (`fixed_threshold` for every class;
+            the default, as no thresholds from other data are known here), one threshold per class
+            (array-like, NaN for none), a ``{class name: threshold}`` mapping, a thresholds record (the
+            contents of such a file, ``{"per_class", "operating_points", "path"}``), the path of a ``metrics.json``
+            or ``thresholds.json`` fitted on other data (the validation split: its per-class thresholds and
+            its operating points' thresholds are used), or ``"youden"``: Youden's J fitted on these data
+            (optimistic: the report then marks every number at those thresholds as fitted on the evaluated data).
+        fixed_threshold: the threshold of ``thresholds="fixed"``, in [0, 1].
+        n_bootstrap: bootstrap resamples (0: no intervals).
+        ci: confidence level of the intervals, in (0, 1).
+        seed: seed of the resampling (the same inputs and seed give the same intervals).
+        groups: ``{attribute: one group value per image}`` (None: unknown) for the ``subgroups`` section
+            (:func:`hmn.evaluation.subgroups.subgroup_report`); None leaves it out.
+        calibration_bins: bins of the expected calibration error (:mod:`hmn.evaluation.calibration`).
+        temperatures: the ``K`` temperatures already applied to `probs` (recorded in ``calibration``), or None.
+        temperatures_from: the file they came from, for the record.
+        uncalibrated: the probabilities before `temperatures`, whose ECE is reported beside.
+        target_specificities, target_sensitivities: the ``operating_points`` targets (:func:`operating_points`).
+        patient_ids: ``N`` patient ids (empty or None where unknown): the bootstrap then resamples patients
+            (see :mod:`hmn.evaluation.metrics`). None: images are the unit, and ``settings.ci_unit`` says so.
+        min_positives: the fewest positive and negative units (patients, or images without patient ids) a
+            finding needs for intervals and for the macro means; >= 1.
+
+    Returns:
+        A JSON-ready dict (floats or None, never NaN): ``settings``, ``n_images``, ``n_patients``,
+        ``class_names``, ``per_class`` (one dict per class), ``macro`` and ``micro``; see
+        :mod:`hmn.evaluation.report`. A class without both a positive and a negative label gets ``auc: None``
+        and a ``reason``; one with too few positive or negative units its point estimates, no interval, and a
+        ``reason``.
+
+    Raises:
+        ValueError: shapes differ, a score is not finite, a known label is not 0 or 1, a setting is out of
+            range, or the thresholds are not understood (the accepted forms are named).
+    """
+    report, p, lab, given_ops = _metrics_report(probs, labels, class_names, thresholds, fixed_threshold, n_bootstrap,
+                                                ci, seed, patient_ids, min_positives, quiet=_quiet)
+    if _sections:
+        settings = report["settings"]
+        class_names, where = report["class_names"], settings["threshold_source"]
+        if settings["thresholds_fitted_on_evaluated_data"]:
+            ops = operating_points(p, lab, class_names, target_specificities, target_sensitivities)
+            ops_source = where
+        else:
+            ops = _given_operating_points(p, lab, class_names, given_ops, target_specificities, target_sensitivities)
+            ops_source = where if given_ops else "none (no operating-point thresholds from other data)"
+        for r in ops:
+            r["threshold_source"] = ops_source
+        report["operating_points"] = ops
+        settings["operating_points_source"] = ops_source
+        report["calibration"] = calibration_report(p, lab, class_names, calibration_bins, applied=temperatures,
+                                                   applied_from=temperatures_from, uncalibrated=uncalibrated)
+        if groups:
+            report["subgroups"] = subgroup_report(p, lab, class_names, groups,
+                                                  [e["threshold"] for e in report["per_class"]],
+                                                  n_bootstrap=settings["n_bootstrap"], ci=settings["ci"],
+                                                  seed=settings["seed"], patient_ids=patient_ids,
+                                                  min_positives=settings["min_positives"], threshold_source=where)
+    return report
 
 
 def _ci(entry: Mapping[str, Any], key: str) -> tuple[str, str]:
@@ -241,16 +336,6 @@ def plot_roc(
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return atomic_write(path, lambda f: f.write(buf.getvalue()), binary=True)
-
-
-def _table(path: str, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    """Writes one CSV file (header `columns`, then `rows`) atomically, as every table of the report is written."""
-    def write(f: Any) -> None:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(columns)
-        w.writerows(rows)
-
-    atomic_write(path, write)
 
 
 def _cell(v: Any) -> str:
@@ -430,7 +515,6 @@ def report_main(argv: list[str]) -> int:
 
     from .calibration import apply_temperature, load_temperatures
     from .compare import read_predictions
-    from .metrics import compute_report
     from .subgroups import SUBGROUP_ATTRIBUTES, groups_from_metadata
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

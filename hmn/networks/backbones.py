@@ -70,7 +70,7 @@ class BackboneSpec:
             (``torch.jit.script``, what the MONAI model zoo's CI runs; the module keeps its control flow and
             takes any input size the network takes) or ``"trace"`` (``torch.jit.trace`` at one input shape),
             for a backbone whose code TorchScript cannot compile. The bundles' ``configs/export_torchscript.json``
-            is written from it (:mod:`hmn.bundles`).
+            is written from it (:mod:`hmn.bundle`).
         spatial_dims: 2 for a backbone of images (``N, C, H, W``), 3 for one of volumes (``N, C, D, H, W``).
     """
 

@@ -16,7 +16,7 @@ SPACING_3D = [3.0, 3.0, 6.0]  # the demo volumes' 96 mm field of view at SIZE_3D
 
 
 def is_3d(name: str) -> bool:
-    from hmn.bundles import is_volume_bundle
+    from hmn.bundle import is_volume_bundle
 
     return is_volume_bundle(name)
 

@@ -26,12 +26,12 @@ import numpy as np
 import pytest
 import torch
 
-from hmn.bundles import BUNDLES, VOLUME_BUNDLES, check_bundles, download_bundle, pack_bundle
+from hmn.bundle import BUNDLES, VOLUME_BUNDLES, check_bundles, download_bundle, pack_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 64
 SMALL = ["--image_size", str(SIZE), "--batch_size", "8", "--num_workers", "0"]
-# what the ConvNeXt bundles build when trained from scratch (hmn/bundles.py), written out here independently
+# what the ConvNeXt bundles build when trained from scratch (hmn/bundle/table.py), written out here independently
 SCRATCH = {"norm": "batch", "ls_init_value": 1.0, "stem": "conv"}
 
 
@@ -97,7 +97,7 @@ def test_bundle_is_valid_for_monai_tooling(name, datalist_for, size_for):
 
 
 def test_overrides_that_name_no_key_are_reported_with_the_closest_key(caplog):
-    from hmn.bundles import check_overrides
+    from hmn.bundle import check_overrides
 
     train = "bundles/convnext_tiny/configs/train.json"
     both = f"['{train}','bundles/convnext_tiny/configs/evaluate.json']"
@@ -173,7 +173,7 @@ def test_a_misspelt_setting_ends_the_output_with_one_readable_line(demo_datalist
 
 
 def test_error_summary_picks_the_projects_own_sentence():
-    from hmn.bundles import error_summary
+    from hmn.bundle import error_summary
     from hmn.networks.backbones import get_backbone_spec
 
     try:
@@ -189,7 +189,7 @@ def test_error_summary_picks_the_projects_own_sentence():
 def test_cpu_bf16_switch_reaches_the_training_inferer_only():
     from monai.bundle import ConfigParser
 
-    from hmn.training import CPUAutocastInferer, cpu_bf16_supported
+    from hmn.workflows import CPUAutocastInferer, cpu_bf16_supported
 
     for override, expected in ((None, cpu_bf16_supported()), ("False", False), ("True", True)):
         parser = ConfigParser()
@@ -203,7 +203,7 @@ def test_cpu_bf16_switch_reaches_the_training_inferer_only():
 
 def test_readme_command_trains_and_records_the_curve(trained):
     models = sorted(p.name for p in (trained / "models").iterdir())
-    assert models == ["checkpoint_epoch=2.pt", "model.pt", "run.json", "thresholds.json"]
+    assert models == ["checkpoint_epoch=2.pt", "model.pt", "model_final.pt", "run.json", "thresholds.json"]
     history = _read_csv(trained / "runs" / "history.csv")
     assert [int(r["epoch"]) for r in history] == [1, 2]
     assert all(0.0 <= float(r["val_auc"]) <= 1.0 for r in history)
@@ -213,6 +213,11 @@ def test_readme_command_trains_and_records_the_curve(trained):
     assert set(state) == {"model", "optimizer", "lr_scheduler", "trainer", "best_model", "early_stop"}
     assert state["trainer"]["epoch_length"] > 0
     assert state["trainer"]["iteration"] == 2 * state["trainer"]["epoch_length"]
+    # model_final.pt: the network's weights at the end of training (MONAI FL's FINAL_MODEL), those of the last
+    # epoch's checkpoint, not the best model (which the test report loaded into the same network afterwards)
+    final = torch.load(trained / "models" / "model_final.pt", weights_only=True)
+    assert final.keys() == state["model"].keys()
+    assert all(torch.equal(final[k], state["model"][k]) for k in final)
 
 
 # the 3D bundles' counterpart is test_bundles3d.py's test_every_other_volume_bundle_trains
@@ -671,7 +676,7 @@ def test_export_commands_of_the_docs_match_eager(trained, tmp_path):
     itself at batch 1 (224x224, the metadata's shape) and here at batch 1 and 4 (64x64) in onnxruntime."""
     import onnxruntime as ort
 
-    from hmn.bundles import ONNX_ATOL
+    from hmn.bundle import ONNX_ATOL
     from hmn.networks import HybridMedNet
 
     folder = tmp_path / "convnext_tiny"

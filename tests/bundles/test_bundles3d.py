@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from hmn.bundles import VOLUME_BUNDLES
+from hmn.bundle import VOLUME_BUNDLES
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = [32, 32, 16]
@@ -204,7 +204,7 @@ def test_a_last_batch_of_one_volume_does_not_stop_training(demo3d, tmp_path):
     from monai.bundle import run
 
     from hmn.data import load_datalist
-    from hmn.training import drop_last_batch
+    from hmn.workflows import drop_last_batch
 
     data = load_datalist(demo3d)
     nine = {"class_names": data["class_names"], "training": data["training"][:9], "validation": data["validation"],

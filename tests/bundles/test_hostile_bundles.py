@@ -1,6 +1,6 @@
 """Hostile and odd bundle downloads (issue 27): a zip that writes outside ``<name>/``, escapes with ``..`` or an
 absolute path, carries links, devices or duplicate names, or expands absurdly is refused by
-``hmn.bundles.download_bundle`` before anything is written; a damaged zip leaves no half-written bundle; and
+``hmn.bundle.download_bundle`` before anything is written; a damaged zip leaves no half-written bundle; and
 ``fetch_large_files`` refuses to write through a symbolic link that leads out of the bundle.
 
 Every hostile file is built here, in tmp_path, and served over HTTP on loopback (one also by
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from hmn.bundles import download_bundle, fetch_main, fetch_large_files
+from hmn.bundle import download_bundle, fetch_large_files, fetch_main
 
 NAME = "convnext_tiny"
 GOOD = {f"{NAME}/configs/metadata.json": b'{"version": "0.1.0"}\n', f"{NAME}/configs/inference.json": b"{}\n",
@@ -227,10 +227,10 @@ def test_a_name_that_is_not_one_folder_is_refused(scene, name):
 def test_a_download_without_hash_warns_that_the_hash_is_the_trust_anchor(scene, caplog):
     zip_path = _zip(scene.path / "served" / f"{NAME}.zip")
     url = f"{scene.url}/{NAME}.zip"
-    with caplog.at_level(logging.WARNING, logger="hmn.bundles"):
+    with caplog.at_level(logging.WARNING, logger="hmn.bundle.distribution"):
         download_bundle(url, scene.path / "with_hash", NAME, hash_val=_md5(zip_path))
     assert not [r for r in caplog.records if "trust anchor" in r.getMessage()]
-    with caplog.at_level(logging.WARNING, logger="hmn.bundles"):
+    with caplog.at_level(logging.WARNING, logger="hmn.bundle.distribution"):
         download_bundle(url, scene.path / "no_hash", NAME)
     (warned,) = [r for r in caplog.records if "trust anchor" in r.getMessage()]
     assert url in warned.getMessage() and "without hash_val" in warned.getMessage()

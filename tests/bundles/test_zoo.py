@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hmn.bundles import BUNDLES, PLACEHOLDER_URL, REQUIRED_PACKAGES, TESTED_WITH, download_bundle, fetch_large_files, pack_bundle
+from hmn.bundle import BUNDLES, PLACEHOLDER_URL, REQUIRED_PACKAGES, TESTED_WITH, download_bundle, fetch_large_files, pack_bundle
 from hmn.networks.backbones import get_backbone_spec
 
 HERE = Path(__file__).resolve().parent

@@ -110,7 +110,7 @@ def test_find_read_error_walks_the_chain():
 def test_leave_out_mode_counts_each_image_once_and_names_the_bad_ones(tmp_path, caplog):
     """Validation and test: an unreadable file becomes a placeholder marked with its error (every label unknown),
     never the next image again; each readable image appears exactly once, in order."""
-    from hmn.training import label_tensor
+    from hmn.workflows import label_tensor
 
     items = _data(tmp_path)
     pipeline = Compose([LoadXrayd(keys="image"), Resized(keys="image", spatial_size=(8, 8)), label_tensor])

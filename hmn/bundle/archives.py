@@ -190,7 +190,7 @@ def extract_bundle_zip(zip_path: str | os.PathLike, dest_dir: str | os.PathLike,
         zip_path: the zip file (PKWARE APPNOTE format; stored, deflated, bzip2 or LZMA entries).
         dest_dir: the folder to extract into (created).
         name: the bundle's folder name, which every entry must lie under.
-        archive: how to name the archive in errors (default: `zip_path`); :func:`hmn.bundles.download_bundle`
+        archive: how to name the archive in errors (default: `zip_path`); :func:`hmn.bundle.download_bundle`
             gives the URL.
         max_bytes, max_ratio, max_entries: the limits of :func:`check_zip_entries`.
 
