@@ -8,7 +8,7 @@ and returns what the run produced, read from the objects that produced it::
     import hmn.api
 
     report = hmn.api.evaluate("bundles/convnext_tiny", datalist="data/datalist.json", bundle_root="runs/site1")
-    report["macro_auc"], report["per_class"][0]["auc"]          # as runs/eval/metrics.json holds them
+    report["macro"]["auc"], report["per_class"][0]["auc"]       # as runs/eval/metrics.json holds them
 
     rows = hmn.api.predict("bundles/convnext_tiny", input="new_images/", bundle_root="runs/site1")
     rows[0]["image"], rows[0]["Effusion"]                       # as the predictions CSV holds them
@@ -131,7 +131,7 @@ def evaluate(bundle: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
     ``bundle_root``, ``thresholds``, ``n_bootstrap``, ...).
 
     Returns:
-        The report: the dict ``<eval_dir>/metrics.json`` holds (``macro_auc``, ``per_class`` with ROC AUC,
+        The report: the dict ``<eval_dir>/metrics.json`` holds (``macro``, ``micro``, ``per_class`` with ROC AUC,
         bootstrap intervals and thresholds, ``settings``, ...), also written there with the predictions and plots.
 
     Raises:

@@ -34,6 +34,7 @@ from scipy.special import expit
 
 from hmn.durable import PATH_ERRORS, portable_text
 from hmn.evaluation import atomic_write, compute_report, macro_auc, write_report
+from hmn.evaluation.metrics import class_aucs
 from hmn.inference import rank_file, read_prediction_rows
 from hmn.run_lock import RunLock
 from hmn.workflows.devices import rank_world
@@ -168,6 +169,8 @@ class MacroROCAUC(EpochMetric):
 
     def __init__(self, output_transform: Callable[[Any], Any] = stack_pred_label, device: str | torch.device = "cpu") -> None:
         super().__init__(self._compute, output_transform=output_transform, check_compute_fn=False, device=device)
+        # the last computation's per-class AUCs, {class index: AUC} (hmn.workflows.tracking.PerFindingAUC logs them)
+        self.per_class: dict[int, float] = {}
 
     @staticmethod
     def _compute(pred: Any, label: Any) -> float:
@@ -185,7 +188,8 @@ class MacroROCAUC(EpochMetric):
             parts = _all_gather((pred, label))
             pred = np.concatenate([p[0] for p in parts])
             label = np.concatenate([p[1] for p in parts])
-        return self._compute(pred, label)
+        self.per_class = class_aucs(pred, label)
+        return float(np.mean(list(self.per_class.values()))) if self.per_class else float("nan")
 
 
 def _thresholds_for_findings(path: str | os.PathLike, finding_match: Mapping[str, Any]) -> dict[str, Any]:

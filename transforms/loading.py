@@ -1228,11 +1228,13 @@ class LoadXray(Transform):
         max_pixels: the most pixel values a file may declare: rows x columns x frames x samples per pixel
             for DICOM (the frames decoded: one with an int ``frame``), width x height x bands for PNG/JPEG/
             TIFF, the product of the dimensions for NIfTI. Default :data:`DEFAULT_MAX_PIXELS` (2**30, which
-            admits a 512x512x2000 CT or any mammogram, and bounds the float32 output at 4 GiB); ``None``: no
-            limit. A larger header raises :class:`ImageReadError` before anything is allocated. Independently
-            of it, a header declaring more bytes than the file can hold is refused (uncompressed DICOM,
-            NIfTI; PNG and DICOM RLE at their codecs' best ratio, 1032:1 and 64:1), and PIL formats are also
-            held to PIL's own limit, 2 x ``PIL.Image.MAX_IMAGE_PIXELS`` (about 179 million pixels).
+            admits a 512x512x2000 CT or any mammogram, and bounds the float32 output at 4 GiB, with a peak of
+            about twice that while a ``.nii.gz`` is converted); ``None``: no limit. A larger header raises
+            :class:`ImageReadError` before anything is allocated. Independently of it, a header declaring
+            more bytes than the file can hold is refused (uncompressed DICOM, NIfTI; PNG and DICOM RLE at
+            their codecs' best ratio, 1032:1 and 64:1), and PIL formats are also held to PIL's own limit,
+            2 x ``PIL.Image.MAX_IMAGE_PIXELS`` (about 179 million pixels), within which a plain JPEG file is
+            decoded at its declared size (its decoder fills missing data with grey).
         assume_spacing: ``None`` (default), or the voxel size in mm, ``(X, Y, Z)`` = (between columns, between
             rows, between slices), or one number for all three, to use for a DICOM volume (a series folder or
             ``frame="all"``) whose files lack it: X and Y where there is no PixelSpacing (Pixel Measures), Z

@@ -35,7 +35,11 @@ _DIST_INFER_RUN = [*_INFER_RUN,
 # A training run's behaviour (lock, checks, resume, run record, checkpoints, best model, final model, the test
 # report) is attached to the trainer by hmn.workflows.TrainingRun (train#handlers#0), so that any driver calling
 # train#trainer.run() (MONAI FL, create_workflow, a user's Python) gets all of it: the step list only starts it.
-_TRAIN_RUN = ["$@train#trainer.run()"]
+# The models folder is locked (hmn.run_lock) first, before the trainer and its handlers are built (they create
+# runs/): a second run on the folder stops there, naming the first. Not in "initialize": MONAI FL's MonaiAlgo
+# initializes the workflow once before it sets bundle_root. TrainingRun takes the same lock when the trainer
+# starts, for a driver that calls train#trainer.run() itself.
+_TRAIN_RUN = ["$@train#run_lock.acquire()", "$@train#trainer.run()"]
 
 
 def _load_transforms() -> list[dict]:
@@ -374,6 +378,10 @@ def train_config(name: str) -> dict:
                  "early_stop": "@validate#early_stop", "resume": "@train#resume", "checkpoint": "@train#checkpoint",
                  "test_evaluator": "@test#evaluator", "evaluate_after_training": "@evaluate_after_training"},
                 {"_target_": "hmn.workflows.EpochLoss"},
+                # the epoch's mean training loss and learning rate as epoch metrics (console, TensorBoard, MLflow)
+                {"_target_": "hmn.workflows.tracking.EpochScalars", "epoch_loss": "@train#epoch_loss"},
+                # with --tracking mlflow: the run record as params, the test metrics and the run's files (after train#run)
+                {"_target_": "hmn.workflows.tracking.TrackTraining", "ckpt_dir": "@ckpt_dir", "output_dir": "@output_dir"},
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "epoch_level": False, "print_lr": False},
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True, "interval": "@val_interval"},
                 {"_target_": "hmn.data.SkippedFilesReport", "dataset": "@train#dataset"},
@@ -460,6 +468,9 @@ def train_config(name: str) -> dict:
             },
             "handlers": [
                 "@validate#early_stop",
+                # each finding's validation AUC as val_auc/<finding> (console, TensorBoard, MLflow; not history.csv)
+                {"_target_": "hmn.workflows.tracking.PerFindingAUC", "metric": "@validate#key_metric#val_auc",
+                 "class_names": "@class_names"},
                 # with each new best model, the validation split's operating thresholds (models/thresholds.json)
                 {"_target_": "hmn.handlers.ValidationThresholds", "ckpt_dir": "@ckpt_dir", "class_names": "@class_names"},
                 # rank 0 only from here on
@@ -489,9 +500,7 @@ def train_config(name: str) -> dict:
                 "amp": "@amp",
             },
         },
-        # the models folder is locked (hmn.run_lock) before anything is built or written: a second run on it stops
-        # here, naming the first (a driver that skips "initialize" still gets the lock from train#run at the start)
-        "initialize": ["$hmn.bundle.install_error_summary()", "$hmn.bundle.check_overrides()", "$@train#run_lock.acquire()",
+        "initialize": ["$hmn.bundle.install_error_summary()", "$hmn.bundle.check_overrides()",
                        "$monai.utils.set_determinism(seed=@seed)"],
         "run": _TRAIN_RUN,
         "training": _TRAIN_RUN,
@@ -547,11 +556,16 @@ def evaluate_config(name: str) -> dict:
                 "temperature": "@temperature",
                 "finding_match": "@finding_match",
             },
+            # with --tracking mlflow: the report's metrics and files, and the MLflow run closed
+            {"_target_": "hmn.workflows.tracking.TrackEvaluation", "report_dir": "@eval_dir"},
         ],
         # the properties MONAI's "eval" workflow type names (create_workflow(workflow_type="eval").check_properties())
         "dataset": "@validate#dataset",
         "evaluator": "@validate#evaluator",
         "inferer": "@validate#inferer",
+        # where MONAI's --tracking appends its "evaluator" handler (it needs a list when "evaluator" exists); the
+        # evaluation runs validate#handlers, which get MONAI's "validator" handler
+        "handlers": [],
         "initialize": ["$hmn.bundle.install_error_summary()", "$hmn.bundle.check_overrides()",
                        "$monai.utils.set_determinism(seed=@seed)"],
         "run": _EVAL_RUN,
@@ -696,7 +710,7 @@ def multi_gpu_config(name: str) -> dict:
         "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset", "even_divisible": False, "shuffle": False},
         "validate#dataloader#sampler": "@validate#sampler",
         "validate#evaluator#val_handlers": f"$@validate#handlers[: -{_RANK0_VAL_HANDLERS} if dist.get_rank() > 0 else None]",
-        "initialize": [*_DIST_INIT, "$@train#run_lock.acquire()", "$monai.utils.set_determinism(seed=@seed)"],
+        "initialize": [*_DIST_INIT, "$monai.utils.set_determinism(seed=@seed)"],
         # under torchrun the test split is evaluated by evaluate.json afterwards, not by the trainer
         "train#handlers#0#evaluate_after_training": False,
         "run": _TRAIN_RUN,

@@ -155,10 +155,16 @@ def macro_auc(probs: Any, labels: Any) -> tuple[float | None, list[int]]:
     Raises:
         ValueError: shapes differ, a score is not finite, or a known label is not 0 or 1.
     """
+    aucs = class_aucs(probs, labels)
+    return (float(np.mean(list(aucs.values()))) if aucs else None), sorted(aucs)
+
+
+def class_aucs(probs: Any, labels: Any) -> dict[int, float]:
+    """Each class's ROC AUC over its known labels, for the classes :func:`macro_auc` averages (at least one
+    positive and one negative known label): ``{class index: AUC}``. Same arguments and errors as :func:`macro_auc`."""
     p, lab = _as_arrays(probs, labels)
     valid, pos = _masks(lab)
-    aucs = _defined_class_aucs(p, valid, pos)
-    return (float(np.mean(list(aucs.values()))) if aucs else None), sorted(aucs)
+    return {int(k): float(v) for k, v in _defined_class_aucs(p, valid, pos).items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -131,7 +131,8 @@ class MetricHistory:
         if self.loss is not None and self.loss.mean() is not None:
             row[loss_col] = self.loss.mean()
         for k, v in engine.state.metrics.items():
-            if isinstance(v, (int, float)):
+            # per-finding entries ("val_auc/<finding>", hmn.workflows.tracking.PerFindingAUC) go to the trackers only
+            if isinstance(v, (int, float)) and "/" not in k:
                 row[k] = v
         self._rows.append(row)
         _write_history(self.filename, self._rows)

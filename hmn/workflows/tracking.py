@@ -28,10 +28,11 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["EpochScalars", "PerFindingAUC", "TrackEvaluation", "TrackTraining", "flat_params", "mlflow_handlers",
+__all__ = ["EpochScalars", "PerFindingAUC", "TrackEvaluation", "TrackTraining", "flat_params", "mlflow_handlers", "mlflow_name",
            "report_metrics"]
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,11 @@ def mlflow_handlers(engine: Any) -> list[Any]:
     return found
 
 
+def mlflow_name(name: Any) -> str:
+    """`name` as a valid MLflow metric name: characters other than letters, digits, ``_-. :/`` become ``_``."""
+    return re.sub(r"[^\w.\- :/]", "_", str(name))
+
+
 def flat_params(settings: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """`settings` as MLflow params: nested mappings flattened with ``.`` (``backbone_options.norm``), lists and
     other values as their JSON text (MLflow keeps params as text, at most 6000 characters each)."""
@@ -70,7 +76,8 @@ def report_metrics(report: Mapping[str, Any], prefix: str = "test_") -> dict[str
     """The numbers of an evaluation report (``metrics.json``) worth a metric: ``<prefix>macro_auc``,
     ``<prefix>micro_auc``, the macro AP, sensitivity and specificity, and per finding ``<prefix>auc/<finding>``,
     ``<prefix>average_precision/<finding>``, ``<prefix>sensitivity/<finding>``, ``<prefix>specificity/<finding>``.
-    Values that are null (undefined for the split) are left out."""
+    Values that are null (undefined for the split) are left out; finding names are made valid MLflow names
+    (characters other than letters, digits, ``_-. :/`` become ``_``)."""
     out: dict[str, float] = {}
 
     def put(name: str, value: Any) -> None:
@@ -83,7 +90,7 @@ def report_metrics(report: Mapping[str, Any], prefix: str = "test_") -> dict[str
             put(f"{scope}_{key}", section.get(key))
     for row in report.get("per_class") or []:
         for key in ("auc", "average_precision", "sensitivity", "specificity"):
-            put(f"{key}/{row.get('class')}", row.get(key))
+            put(f"{key}/{mlflow_name(row.get('class'))}", row.get(key))
     return out
 
 
@@ -151,7 +158,9 @@ class PerFindingAUC:
     """
 
     def __init__(self, metric: Any, class_names: Sequence[str], prefix: str = "val_auc") -> None:
-        self.metric, self.class_names, self.prefix = metric, [str(c) for c in class_names], prefix
+        self.metric, self.prefix = metric, prefix
+        # MLflow accepts letters, digits, "_", "-", ".", " ", ":" and "/" in a metric's name: others become "_"
+        self.class_names = [mlflow_name(c) for c in class_names]
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
