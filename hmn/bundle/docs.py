@@ -97,6 +97,28 @@ _HISTORY_COLUMN_NOTES = {
 }
 
 
+def drivers_section(name: str) -> str:
+    """The bundle docs' section on running the bundle from other tools (Python, MONAI FL, MLflow)."""
+    return f"""## From Python, federated learning and tracking
+
+A training run's behaviour (the lock on its models folder, the run-record and validation checks, resuming,
+`run.json`, checkpoints, best-model promotion, early stopping, `model_final.pt` and the test report) is
+attached to the trainer (`hmn.workflows.TrainingRun`, the first of `train#handlers`): whatever calls
+`train#trainer.run()` gets all of it.
+
+- Python: `hmn.api.train("bundles/{name}", datalist=..., bundle_root=...)`, `hmn.api.evaluate(...)` (returns
+  the dict `metrics.json` holds) and `hmn.api.predict(..., input=...)` (returns the CSV's rows); or MONAI's
+  `create_workflow(config_file=..., workflow_type="train" | "eval" | "infer")`.
+- Federated learning: `monai.fl.client.MonaiAlgo(bundle_root=<a copy of this folder>, ...)` trains, returns
+  weights or weight differences, and serves `ModelType.BEST_MODEL` (`models/model.pt`) and
+  `ModelType.FINAL_MODEL` (`models/model_final.pt`); the repository's `examples/nvflare/` runs it in NVFlare.
+- Tracking: `--tracking mlflow` (the `tracking` extra) records the run's settings, the epoch's loss and
+  learning rate, `val_auc` and `val_auc/<finding>`, the test metrics and the model and report files; the
+  same scalars go to TensorBoard in `runs/`.
+
+"""
+
+
 def history_columns(train: dict) -> list[str]:
     """The columns of the bundle's ``runs/history.csv``, in the file's order: the leading columns
     :class:`hmn.workflows.MetricHistory` writes (:data:`hmn.workflows.history.HISTORY_COLUMNS`), then the
@@ -321,7 +343,7 @@ command line: `python -m hmn explain IMAGE --bundle-root {root} [--findings Mass
 `cross_scale` attention; CBAM moves nothing between positions and has none).
 
 {export_section(name)}
-## Sharing and the MONAI model zoo
+{drivers_section(name)}## Sharing and the MONAI model zoo
 
 Share a trained bundle: `python -m hmn pack-bundle {name} {name}.zip` zips the configs, docs, `LICENSE`,
 `models/model.pt` and `models/run.json` under one folder `{name}/` (the layout of the MONAI model zoo's
@@ -375,7 +397,8 @@ and the schedule's settings, `starts` with one entry per start or resume: `time`
 `{{setting: [recorded, used]}}`), `models/model.pt` (state dict of the best validation macro ROC AUC),
 `models/thresholds.json` (the validation split's operating thresholds for that model: Youden's J and the
 operating points, with the epoch they belong to), `models/checkpoint_epoch=N.pt`
-(full state of the last finished epoch),
+(full state of the last finished epoch), `models/model_final.pt` (state dict of the network when training
+ended),
 {history},
 TensorBoard event files in `runs/`.
 `val_auc`, which picks `model.pt` and drives early stopping, is the evaluation report's macro ROC AUC
@@ -534,7 +557,7 @@ row per study by `sliding_window_aggregate`: `max` (default; a finding in one pl
 are classified one at a time. Heatmaps (`--heatmaps True`) are for radiographs only and are refused here.
 
 {export_section(name)}
-## Sharing and the MONAI model zoo
+{drivers_section(name)}## Sharing and the MONAI model zoo
 
 `python -m hmn pack-bundle {name} {name}.zip` packs the trained bundle as for the 2D bundles (with
 `--link-weights` / `--weights-url` for the MONAI model zoo's `large_files.yml`), and
