@@ -59,8 +59,9 @@ def test_two_sites_two_rounds_of_fedavg_with_monai_algo(name, request, tmp_path)
         algo.initialize(extra={ExtraItems.CLIENT_NAME: f"site{site}"})
         sites.append((root, algo))
 
-    # MonaiAlgo builds each workflow once before it sets bundle_root: nothing may be taken or written then
-    assert not (ROOT / "bundles" / name / "models").exists()
+    # MonaiAlgo builds each workflow once before it sets bundle_root, with the repository's bundle folder as the
+    # root: no lock may be taken there (it would hold that folder against a real training for the process's life)
+    assert not (ROOT / "bundles" / name / "models" / ".hmn.lock").exists()
     global_weights = {k: v.detach().clone() for k, v in sites[0][1].trainer.network.state_dict().items()}
     float_keys = [k for k, v in global_weights.items() if v.is_floating_point()]
     for round_ in (1, 2):

@@ -86,6 +86,17 @@ def test_training_and_evaluation_are_recorded_in_mlflow(demo_datalist, tmp_path)
     assert {"models/model.pt", "models/run.json", "models/thresholds.json", "models/model_final.pt",
             "runs/history.csv", "runs/eval/metrics.json", "runs/eval/predictions.csv"} <= artifacts
 
+    # TensorBoard (runs/) gets the same per-epoch scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (root / "runs").glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    expected = {"train_loss_epoch", "learning_rate", "val_auc"} | {f"val_auc/{c}" for c, v in per_finding.items() if v}
+    assert expected <= tags, expected - tags
+
     evaluation = runs["eval_run"]
     eval_report = json.loads((root / "runs" / "eval" / "metrics.json").read_text())  # rewritten by the evaluation
     assert evaluation.data.metrics["eval_macro_auc"] == pytest.approx(eval_report["macro"]["auc"], abs=1e-9)
