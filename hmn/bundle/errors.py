@@ -16,6 +16,16 @@ _RUN_ARGS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "loggi
              "workflow_type", "properties_path"}
 
 
+def _tracking_keys() -> set[str]:
+    """The settings MONAI's ``--tracking`` adds to the config (``tracking_uri``, ``experiment_name``, ``run_name``,
+    ...): overrides of them are read, though the bundle's own configs do not name them."""
+    try:
+        from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+    except ImportError:
+        return set()
+    return {key for settings in DEFAULT_EXP_MGMT_SETTINGS.values() for key in settings.get("configs", {})}
+
+
 def _raised_by_project(exc: BaseException) -> bool:
     tb, last = exc.__traceback__, None
     while tb is not None:
@@ -126,7 +136,7 @@ def check_overrides(argv: list[str] | None = None) -> list[str]:
         by_name.setdefault(cid.rsplit("#", 1)[-1], []).append(cid)
     warnings = []
     for key in pairs:
-        if key in _RUN_ARGS or key in ids:
+        if key in _RUN_ARGS or key in ids or ("tracking" in pairs and key in _tracking_keys()):
             continue
         parent = key.rsplit("#", 1)[0] if "#" in key else None
         if parent is not None and isinstance(ids.get(parent), dict) and "_target_" in ids[parent]:

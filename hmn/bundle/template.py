@@ -381,7 +381,8 @@ def train_config(name: str) -> dict:
                 # the epoch's mean training loss and learning rate as epoch metrics (console, TensorBoard, MLflow)
                 {"_target_": "hmn.workflows.tracking.EpochScalars", "epoch_loss": "@train#epoch_loss"},
                 # with --tracking mlflow: the run record as params, the test metrics and the run's files (after train#run)
-                {"_target_": "hmn.workflows.tracking.TrackTraining", "ckpt_dir": "@ckpt_dir", "output_dir": "@output_dir"},
+                {"_target_": "hmn.workflows.tracking.TrackTraining", "ckpt_dir": "@ckpt_dir", "output_dir": "@output_dir",
+                 "validator": "@validate#evaluator"},
                 {"_target_": "LrScheduleHandler", "lr_scheduler": "@lr_scheduler", "epoch_level": False, "print_lr": False},
                 {"_target_": "ValidationHandler", "validator": "@validate#evaluator", "epoch_level": True, "interval": "@val_interval"},
                 {"_target_": "hmn.data.SkippedFilesReport", "dataset": "@train#dataset"},
@@ -542,12 +543,14 @@ def evaluate_config(name: str) -> dict:
         },
         "validate#handlers": [
             {"_target_": "hmn.checkpoints.CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')", "load_dict": {"model": "@network"}, "map_location": "@device"},
-            {"_target_": "StatsHandler", "iteration_log": False},
             {
                 "_target_": "hmn.handlers.EvaluationReportHandler",
                 "output_dir": "@eval_dir",
                 "class_names": "@class_names",
-                "thresholds": "$hmn.evaluation.model_thresholds(@ckpt_dir, @thresholds)",
+                # "validation": models/thresholds.json read when the report is computed (under MONAI FL the evaluator
+                # is built before training records it); any other value is checked now
+                "thresholds": "$(lambda: hmn.evaluation.model_thresholds(@ckpt_dir)) if @thresholds == 'validation' "
+                              "else hmn.evaluation.model_thresholds(@ckpt_dir, @thresholds)",
                 "fixed_threshold": "@fixed_threshold",
                 "n_bootstrap": "@n_bootstrap",
                 "min_positives": "@min_positives",
@@ -556,6 +559,8 @@ def evaluate_config(name: str) -> dict:
                 "temperature": "@temperature",
                 "finding_match": "@finding_match",
             },
+            # after the report, so that the log line shows this evaluation's metrics (micro AUC, ...)
+            {"_target_": "StatsHandler", "iteration_log": False},
             # with --tracking mlflow: the report's metrics and files, and the MLflow run closed
             {"_target_": "hmn.workflows.tracking.TrackEvaluation", "report_dir": "@eval_dir"},
         ],

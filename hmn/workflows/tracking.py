@@ -29,11 +29,12 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["EpochScalars", "PerFindingAUC", "TrackEvaluation", "TrackTraining", "flat_params", "mlflow_handlers", "mlflow_name",
-           "report_metrics"]
+__all__ = ["EpochScalars", "PerFindingAUC", "TrackEvaluation", "TrackTraining", "close_failed", "flat_params",
+           "mlflow_handlers", "mlflow_name", "open_new_run", "report_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +93,40 @@ def report_metrics(report: Mapping[str, Any], prefix: str = "test_") -> dict[str
         for key in ("auc", "average_precision", "sensitivity", "specificity"):
             put(f"{key}/{mlflow_name(row.get('class'))}", row.get(key))
     return out
+
+
+def open_new_run(handlers: Sequence[Any]) -> None:
+    """Gives MONAI's MLflow handlers of one workflow (trainer and validator) one new MLflow run, unless they have
+    one already. Alone, MONAI's handler continues the newest unfinished run of the same ``run_name`` (or, without
+    a name, any unfinished run of the experiment): a run that stopped with an error would get the next run's
+    metrics mixed into its own."""
+    open_ = [h for h in handlers if h.cur_run is not None]
+    if open_:
+        run = open_[0].cur_run
+    else:
+        first = handlers[0]
+        first._set_experiment()
+        if not first.experiment:
+            return  # MONAI's start raises, naming the experiment
+        name = first.run_name or f"run_{time.strftime('%Y%m%d_%H%M%S')}"
+        run = first.client.create_run(experiment_id=first.experiment.experiment_id, run_name=name)
+    for handler in handlers:
+        if handler.cur_run is None:
+            handler.cur_run = run
+
+
+def close_failed(handlers: Sequence[Any]) -> None:
+    """Ends the MLflow runs of `handlers` with the status ``FAILED`` (a run stopped by an error)."""
+    done = set()
+    for handler in handlers:
+        run = handler.cur_run
+        if run is not None and run.info.run_id not in done:
+            done.add(run.info.run_id)
+            try:
+                handler.client.set_terminated(run.info.run_id, status="FAILED")
+            except Exception as e:  # noqa: BLE001 - the run's own error is what the user must see
+                logger.warning("could not mark MLflow run %s as failed: %s", run.info.run_id, e)
+        handler.cur_run = None
 
 
 def _log_metrics(handler: Any, metrics: Mapping[str, float], step: int) -> None:
@@ -179,28 +214,45 @@ class TrackTraining:
     writes the run record and evaluates the test split when training ends (:class:`hmn.workflows.lifecycle.TrainingRun`),
     and before MONAI's ``MLFlowHandler`` (which ``--tracking`` appends at the end of the list).
 
+    Each start of the trainer gets a new MLflow run, shared with the validator's handler (see
+    :func:`open_new_run`); an error that stops the run ends it with the status ``FAILED`` (and is raised on).
+
     Args:
         ckpt_dir: the models folder (``run.json``, ``model.pt``, ``thresholds.json``, ``model_final.pt``).
         output_dir: the run's folder (``history.csv``, ``history.png``, ``eval/`` with the test report).
         report_dir: the test report's folder (default ``<output_dir>/eval``).
+        validator: the validation evaluator, whose MLflow handler records into the same run.
     """
 
-    def __init__(self, ckpt_dir: str, output_dir: str, report_dir: str | None = None) -> None:
+    def __init__(self, ckpt_dir: str, output_dir: str, report_dir: str | None = None, validator: Any = None) -> None:
         self.ckpt_dir, self.output_dir = os.fspath(ckpt_dir), os.fspath(output_dir)
         self.report_dir = os.fspath(report_dir) if report_dir else os.path.join(self.output_dir, "eval")
+        self.validator = validator
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
 
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.COMPLETED, self.completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.failed)
+
+    def _handlers(self, engine: Any) -> list[Any]:
+        return mlflow_handlers(engine) + (mlflow_handlers(self.validator) if self.validator is not None else [])
+
+    def failed(self, engine: Any, e: BaseException) -> None:
+        """Ends the MLflow run as ``FAILED``, then raises `e` on (ignite passes an engine's exception to this event's
+        handlers instead of raising it)."""
+        close_failed(self._handlers(engine))
+        raise e
 
     def started(self, engine: Any) -> None:
-        """Hands the run record's settings to MONAI's handler as its ``experiment_param`` (it logs them as params
-        when it starts, right after this)."""
+        """Opens a new MLflow run for the trainer's and the validator's handlers, and hands the run record's
+        settings to MONAI's handler as its ``experiment_param`` (it logs them as params when it starts, right
+        after this)."""
         handlers = mlflow_handlers(engine)
         if not handlers:
             return
+        open_new_run(self._handlers(engine))
         from hmn.runs import read_run_record
 
         record = read_run_record(self.ckpt_dir) or {}
@@ -246,7 +298,20 @@ class TrackEvaluation:
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
 
+        engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.COMPLETED, self)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self.failed)
+
+    def started(self, engine: Any) -> None:
+        """A new MLflow run for each evaluation (see :func:`open_new_run`)."""
+        handlers = mlflow_handlers(engine)
+        if handlers:
+            open_new_run(handlers)
+
+    def failed(self, engine: Any, e: BaseException) -> None:
+        """Ends the MLflow run as ``FAILED``, then raises `e` on."""
+        close_failed(mlflow_handlers(engine))
+        raise e
 
     def __call__(self, engine: Any) -> None:
         handlers = mlflow_handlers(engine)

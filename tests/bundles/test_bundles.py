@@ -113,6 +113,11 @@ def test_overrides_that_name_no_key_are_reported_with_the_closest_key(caplog):
     # keys that only the second config file defines are keys too
     assert check_overrides(["run", "evaluating", "--config_file", both, "--eval_split", "validation"]) == []
     assert check_overrides(["run", "evaluating", "--config_file", train, "--eval_split", "validation"])[0].startswith("--eval_split")
+    # the settings MONAI's --tracking adds are read (they were warned about as unknown); without --tracking they are not
+    tracking = ["--tracking_uri", "sqlite:///m.db", "--experiment_name", "x", "--run_name", "y"]
+    assert check_overrides(["run", "training", "--config_file", train, "--tracking", "mlflow", *tracking]) == []
+    assert [w.split(" ")[0] for w in check_overrides(["run", "training", "--config_file", train, *tracking])] == [
+        "--tracking_uri", "--experiment_name", "--run_name"]
     # run from a Python program (not `python -m monai.bundle`): its command line is not the bundle's
     assert check_overrides() == []
 

@@ -101,3 +101,36 @@ def test_training_and_evaluation_are_recorded_in_mlflow(demo_datalist, tmp_path)
     eval_report = json.loads((root / "runs" / "eval" / "metrics.json").read_text())  # rewritten by the evaluation
     assert evaluation.data.metrics["eval_macro_auc"] == pytest.approx(eval_report["macro"]["auc"], abs=1e-9)
     assert "eval/metrics.json" in {a.path for a in client.list_artifacts(evaluation.info.run_id, "eval")}
+
+
+def test_a_run_stopped_by_an_error_is_failed_and_not_continued_by_the_next(tmp_path):
+    """MONAI's handler continues the newest unfinished MLflow run of the same name: a run stopped by an error was
+    left RUNNING and the next attempt's metrics went into it."""
+    from ignite.engine import Engine
+    from mlflow import MlflowClient
+    from monai.handlers import MLFlowHandler
+
+    from hmn.workflows.tracking import TrackTraining
+
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+
+    def attempt(fail: bool) -> None:
+        def step(engine, batch):
+            if fail and engine.state.iteration == 2:
+                raise RuntimeError("disk full")
+            return {"loss": 1.0}
+
+        trainer, validator = Engine(step), Engine(lambda e, b: None)
+        TrackTraining(str(tmp_path / "models"), str(tmp_path / "runs"), validator=validator).attach(trainer)
+        MLFlowHandler(tracking_uri=store, experiment_name="e", run_name="same", tag_name="loss",
+                      output_transform=lambda out: out["loss"], close_on_complete=True).attach(trainer)
+        MLFlowHandler(tracking_uri=store, experiment_name="e", run_name="same", iteration_log=False).attach(validator)
+        trainer.run(range(3), max_epochs=1)
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        attempt(fail=True)
+    attempt(fail=False)
+    client = MlflowClient(tracking_uri=store)
+    runs = client.search_runs([client.get_experiment_by_name("e").experiment_id], order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+    assert [len(client.get_metric_history(r.info.run_id, "loss")) for r in runs] == [1, 3]
