@@ -78,6 +78,9 @@ def train(bundle: str | os.PathLike, **overrides: Any) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: `bundle` has no ``configs/train.json``.
+        hmn.workflows.TrainingStopped: Ctrl-C or SIGTERM stopped the training gracefully (a ``SystemExit`` with
+            status 130 or 143; its ``checkpoint`` and ``command`` say what is saved and how to continue: call this
+            again with ``resume=True``).
         Whatever the run raises (the bundle's own errors name the file or setting at fault).
     """
     from hmn.handlers import EvaluationReportHandler

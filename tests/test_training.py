@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -484,12 +485,41 @@ def test_run_time_estimate_for_the_whole_run():
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: messages.append(estimate.last_message))
     trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: messages.append(estimate.last_message))
     trainer.run(list(range(10)), max_epochs=5)
-    first = next(m for m in messages if m)
-    assert first.startswith("1.00 s per training iteration: the remaining 46 iterations take about 46 s")
+    first_at = next(i for i, m in enumerate(messages) if m)
+    assert first_at == 3  # after the 4th iteration
+    assert re.fullmatch(r"first estimate after 4 iteration\(s\): 1\.00 s per training iteration; the remaining 46 "
+                        r"iterations take about 46 s \(around \d\d:\d\d; validation not included\)", messages[first_at])
     # after epoch 3: the last two epochs took 70 and 60 s, two epochs left: 130 s, about 2 min
     after_three = messages[messages.index(next(m for m in messages if m and m.startswith("epoch 3/5")))]
     assert "65 s per epoch with validation; 2 epoch(s) left, about 2 min" in after_three
     assert "epoch 4/5: 80 s per epoch with validation; 1 epoch(s) left, about 80 s" in estimate.last_message
+
+
+def test_run_time_estimate_comes_after_two_minutes_when_iterations_are_slow_and_is_refined():
+    """Issue 28: at 121 s per iteration the first estimate waited 20 iterations (40 min); it now comes at the end
+    of the iteration running when 2 minutes have passed, and once more, refined, later."""
+    from ignite.engine import Engine, Events
+
+    from hmn.workflows import RunTimeEstimate
+
+    now = [0.0]
+    per_iteration = iter([121.0] + [60.0] * 100)  # the first iteration is the slowest (warm-up)
+
+    def step(engine, batch):
+        now[0] += next(per_iteration)
+
+    trainer = Engine(step)
+    estimate = RunTimeEstimate(clock=lambda: now[0])  # the bundles' defaults
+    estimate.attach(trainer)
+    seen = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(estimate.last_message))
+    trainer.run(list(range(40)), max_epochs=2)
+    assert seen[0].startswith("first estimate after 1 iteration(s): 121.00 s per training iteration; the remaining 79 "
+                              "iterations take about 2.7 h")  # 79 x 121 s
+    estimates = [i for i, m in enumerate(seen) if m and m != seen[i - 1] and "iteration(s):" in m]
+    assert estimates == [0, 29]  # refined after 3 x 10 iterations (the epoch's own estimate follows at its end)
+    expected = (121.0 + 29 * 60.0) / 30  # the mean so far
+    assert seen[29].startswith(f"estimate after 30 iteration(s): {expected:.2f} s per training iteration; the remaining 50 ")
 
 
 def test_a_new_run_refuses_a_folder_holding_an_earlier_run(tmp_path):
@@ -540,7 +570,8 @@ def test_run_time_estimate_of_a_resumed_run_counts_its_own_iterations():
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(estimate.last_message))
     trainer.run(list(range(5)), max_epochs=4)
     assert seen[:2] == [None, None]  # three iterations of this process, not 13
-    assert seen[2] == "2.00 s per training iteration: the remaining 7 iterations take about 14 s (validation not included)"
+    assert seen[2].startswith("first estimate after 3 iteration(s): 2.00 s per training iteration; the remaining 7 "
+                              "iterations take about 14 s (around ")
     assert estimate.last_message.startswith("epoch 3/4: 10 s per epoch with validation; 1 epoch(s) left")
 
 
@@ -658,3 +689,62 @@ def test_default_num_workers_none_on_the_cpu_shared_among_processes_with_cuda(mo
     assert default_num_workers(cuda=True, cpus=4, local_processes=8) == 1  # never 0 with CUDA
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     assert default_num_workers(cuda=True, cpus=10) == 4
+
+
+def test_resumable_sampler_orders_each_epoch_by_seed_and_epoch_and_skips_into_it():
+    """Issue 28: a run stopped mid-epoch continues with the rest of that epoch's order. Each epoch's order is torch's
+    DistributedSampler's documented one (randperm from a generator seeded seed + epoch), computed here directly."""
+    from hmn.workflows import ResumableSampler
+
+    data = list(range(23))
+    sampler = ResumableSampler(data, shuffle=True, seed=7)
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        expected = torch.randperm(23, generator=torch.Generator().manual_seed(7 + epoch)).tolist()
+        assert list(sampler) == expected and len(sampler) == 23
+        sampler.skip(3 * 4)  # three batches of four done
+        assert list(sampler) == expected[12:]
+        assert list(sampler) == expected  # the skip applies to the next pass only
+    assert list(sampler) != list(range(23))
+    with pytest.raises(ValueError, match="cannot skip 24 items of an epoch of 23"):
+        sampler.skip(24)
+    # batches from a DataLoader over it: the rest of the epoch's batches, the same batches
+    loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=sampler)
+    sampler.set_epoch(3)
+    whole = [b.tolist() for b in loader]
+    sampler.skip(2 * 4)
+    assert [b.tolist() for b in loader] == whole[2:] and len(loader) == 6
+
+
+def test_mid_epoch_checkpoints_take_their_place_among_the_epoch_checkpoints(tmp_path):
+    from hmn.workflows import full_state_checkpoints, mid_epoch_checkpoints
+
+    for name in ("checkpoint_epoch=2.pt", "checkpoint_iteration=25.pt", "checkpoint_iteration=9.pt",
+                 "checkpoint_epoch=1.pt", "checkpoint_iteration=x.pt", "model.pt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [os.path.basename(p) for _, p in mid_epoch_checkpoints(str(tmp_path))] == [
+        "checkpoint_iteration=25.pt", "checkpoint_iteration=9.pt"]
+    # 10 iterations per epoch: epoch 2 ends at iteration 20, so iteration 25 (epoch 3, half done) is the newest
+    assert [(i, os.path.basename(p)) for i, p in full_state_checkpoints(str(tmp_path), 10)] == [
+        (25, "checkpoint_iteration=25.pt"), (20, "checkpoint_epoch=2.pt"), (10, "checkpoint_epoch=1.pt"),
+        (9, "checkpoint_iteration=9.pt")]
+    # 20 iterations per epoch: epoch 2 ends at 40, after iteration 25
+    assert [os.path.basename(p) for _, p in full_state_checkpoints(str(tmp_path), 20)][:2] == [
+        "checkpoint_epoch=2.pt", "checkpoint_iteration=25.pt"]
+
+
+def test_a_mid_epoch_checkpoint_of_another_epoch_length_is_refused_naming_it(tmp_path):
+    from ignite.engine import Engine
+
+    from hmn.durable import atomic_torch_save
+    from hmn.workflows import ResumeFromLatest
+
+    net = torch.nn.Linear(1, 1, bias=False)
+    path = tmp_path / "checkpoint_iteration=13.pt"
+    atomic_torch_save({"model": net.state_dict(), "trainer": {"iteration": 13, "epoch_length": 10, "max_epochs": 3}}, path)
+    trainer = Engine(lambda e, b: None)
+    resume = ResumeFromLatest(str(tmp_path), {"model": net, "trainer": trainer}, enabled=True)
+    resume.attach(trainer)
+    with pytest.raises(ValueError, match=r"checkpoint_iteration=13\.pt stopped in the middle of epoch 2 of a run with 10 "
+                                         r"iterations per epoch, and this run has 7"):
+        trainer.run(list(range(7)), max_epochs=3)

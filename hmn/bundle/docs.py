@@ -240,16 +240,28 @@ a warning for the image size, VOI and (on a resume) the schedule, and refused fo
 architecture; a resume or evaluation on a datalist whose classes differ from the model's is refused. `python -m hmn pack-bundle` packs it with `model.pt` and bakes it into the
 packed `inference.json` and `metadata.json`.
 
-Resume a run that was stopped (it continues after the last finished epoch, from
-`models/checkpoint_epoch=N.pt`, which holds the network, optimizer, scheduler and trainer state, the best
-validation score so far, so that `model.pt` is only replaced by a better model, and the early-stopping
-count; the resumed run's first checkpoint replaces the one it started from):
+Resume a run that was stopped (it continues from its newest complete checkpoint: `models/checkpoint_epoch=N.pt`
+after the last finished epoch, or `models/checkpoint_iteration=I.pt` in the middle of an epoch; each holds the
+network, optimizer, scheduler and trainer state, the best validation score so far, so that `model.pt` is only
+replaced by a better model, and the early-stopping count; the resumed run's first checkpoint replaces the one it
+started from):
 
     python -m monai.bundle run training --config_file {cfg}/train.json --resume True
 
-What a stop cannot break (`hmn.checkpoints`): a run stopped at any moment (Ctrl-C, `kill -9`, an
-out-of-memory kill, a preempted job, a power cut) resumes after its last epoch whose checkpoint was
-complete, with nothing of the finished epochs lost. Every file of the run (`checkpoint_epoch=N.pt`,
+Stopping on purpose: Ctrl-C (SIGINT) or SIGTERM (a cluster preempting the job) during training is acknowledged
+at once in the log; the run finishes the current iteration (with `accumulation_steps` > 1, the optimizer step),
+writes `models/checkpoint_iteration=I.pt`, prints one line saying where it stopped, what is saved and the exact
+command that continues it, and exits with status 130 (SIGINT) or 143 (SIGTERM). A signal during an epoch's
+validation stops after that epoch's own checkpoint. The continued run trains the rest of that epoch (each
+epoch's order of images is drawn from `seed` and the epoch, `hmn.workflows.ResumableSampler`), so it ends with
+the optimizer steps of an uninterrupted run; the random augmentations of those batches are drawn anew. A second
+Ctrl-C exits at once, keeping the checkpoints already complete. `--checkpoint_every N` also writes the mid-epoch
+checkpoint every N iterations (for clusters that kill without a signal); `--graceful_stop False` leaves the
+signals to Python (a KeyboardInterrupt).
+
+What a stop cannot break (`hmn.checkpoints`): a run stopped at any moment (`kill -9`, an out-of-memory kill,
+a power cut, a second Ctrl-C) resumes from its last complete checkpoint, with nothing of the finished epochs
+lost. Every file of the run (`checkpoint_epoch=N.pt`,
 `model.pt`, `history.csv`, the evaluation report) is written to a temporary `.NAME.partial` beside it,
 synced to disk and renamed into place, so it is complete or absent, never cut off. The previous
 checkpoint is removed only once the next one is complete. A new best model is staged as
@@ -534,7 +546,8 @@ Common overrides: `--max_epochs 10`, `--image_size "[96, 96, 48]"`, `--spacing "
 bundles (see `bundles/convnext_tiny/docs/README.md`); the run record also holds `spacing`, `intensity`,
 `window` and `percentiles`.
 
-Resume a stopped run (after its last complete epoch): add `--resume True`. Several GPUs:
+Resume a stopped run (from its newest complete checkpoint; Ctrl-C or SIGTERM stops with a mid-epoch checkpoint,
+as in the 2D bundles): add `--resume True`. Several GPUs:
 
     torchrun --nproc_per_node=2 -m monai.bundle run training \\
         --config_file "['{cfg}/train.json','{cfg}/multi_gpu_train.json']"

@@ -39,7 +39,7 @@ _DIST_INFER_RUN = [*_INFER_RUN,
 # runs/): a second run on the folder stops there, naming the first. Not in "initialize": MONAI FL's MonaiAlgo
 # initializes the workflow once before it sets bundle_root. TrainingRun takes the same lock when the trainer
 # starts, for a driver that calls train#trainer.run() itself.
-_TRAIN_RUN = ["$@train#run_lock.acquire()", "$@train#trainer.run()"]
+_TRAIN_RUN = ["$@train#run_lock.acquire()", "$@train#trainer.run()", "$@train#run.exit_if_stopped()"]
 
 
 def _load_transforms() -> list[dict]:
@@ -275,6 +275,10 @@ def train_config(name: str) -> dict:
         "compile": False,
         "use_pos_weight": True,
         "resume": False,
+        # Ctrl-C / SIGTERM: stop at the end of the iteration with a mid-epoch checkpoint (hmn.workflows.TrainingRun);
+        # checkpoint_every N > 0 also writes one every N iterations (for clusters that preempt without a signal)
+        "graceful_stop": True,
+        "checkpoint_every": 0,
         "pretrained": False,
         "backbone_options": _trained("backbone_options", _scratch_default(row)),
         "hierarchical": _trained("hierarchical", "False"),
@@ -336,12 +340,18 @@ def train_config(name: str) -> dict:
                 ],
             },
             "dataset": _dataset("training", "@train#preprocessing"),
+            # each epoch's order from the seed and the epoch alone, so that a run stopped mid-epoch continues it
+            "sampler": {"_target_": "hmn.workflows.ResumableSampler", "dataset": "@train#dataset", "shuffle": True,
+                        "seed": "$int(@seed)"},
             "dataloader": {
                 "_target_": "DataLoader",
                 "dataset": "@train#dataset",
                 "batch_size": "@batch_size",
-                "shuffle": True,
+                "sampler": "@train#sampler",
+                "shuffle": False,
                 "num_workers": "@num_workers",
+                # loader workers leave Ctrl-C and SIGTERM to the training process (hmn.workflows.TrainingRun)
+                "worker_init_fn": "$hmn.workflows.worker_ignores_stop_signals",
                 # a last batch of one item would stop BatchNorm in training mode: it waits for another epoch
                 "drop_last": "$hmn.workflows.drop_last_batch(len(@train#dataset), @batch_size)",
             },
@@ -376,7 +386,8 @@ def train_config(name: str) -> dict:
                  "use_run_record": "@use_run_record", "datalist": "@datalist", "class_names": "@class_names",
                  "validation_data": "@validate#dataset#data", "run_lock": "@train#run_lock",
                  "early_stop": "@validate#early_stop", "resume": "@train#resume", "checkpoint": "@train#checkpoint",
-                 "test_evaluator": "@test#evaluator", "evaluate_after_training": "@evaluate_after_training"},
+                 "test_evaluator": "@test#evaluator", "evaluate_after_training": "@evaluate_after_training",
+                 "epoch_loss": "@train#epoch_loss", "graceful_stop": "@graceful_stop", "checkpoint_every": "@checkpoint_every"},
                 {"_target_": "hmn.workflows.EpochLoss"},
                 # the epoch's mean training loss and learning rate as epoch metrics (console, TensorBoard, MLflow)
                 {"_target_": "hmn.workflows.tracking.EpochScalars", "epoch_loss": "@train#epoch_loss"},
@@ -435,6 +446,8 @@ def train_config(name: str) -> dict:
                 "val_handlers": [
                     {"_target_": "hmn.checkpoints.CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')",
                      "load_dict": {"model": "@network"}, "map_location": "@device"},
+                    {"_target_": "hmn.workflows.ProgressLog", "what": "evaluation of the best model on the test split",
+                     "unit": _unit(name)},
                     # thresholds: the validation split's, recorded with model.pt (models/thresholds.json), read when the report is computed
                     {"_target_": "hmn.handlers.EvaluationReportHandler", "output_dir": "$os.path.join(@output_dir, 'eval')",
                      "class_names": "@class_names", "num_classes": "@num_classes",
@@ -456,6 +469,7 @@ def train_config(name: str) -> dict:
                 "batch_size": "@batch_size",
                 "shuffle": False,
                 "num_workers": "@num_workers",
+                "worker_init_fn": "$hmn.workflows.worker_ignores_stop_signals",
             },
             "inferer": {"_target_": "SimpleInferer"},
             "postprocessing": _val_postprocessing(),
@@ -511,6 +525,11 @@ def train_config(name: str) -> dict:
     return _volume_train_config(config) if is_volume_bundle(name) else config
 
 
+def _unit(name: str) -> str:
+    """What a bundle's evaluators count in their progress lines (hmn.workflows.ProgressLog)."""
+    return "volumes" if is_volume_bundle(name) else "images"
+
+
 def evaluate_config(name: str) -> dict:
     """``configs/evaluate.json``: overrides ``train.json`` to evaluate ``models/model.pt`` on the test split."""
     return {
@@ -543,6 +562,8 @@ def evaluate_config(name: str) -> dict:
         },
         "validate#handlers": [
             {"_target_": "hmn.checkpoints.CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')", "load_dict": {"model": "@network"}, "map_location": "@device"},
+            # progress with counts and the time left, in the log
+            {"_target_": "hmn.workflows.ProgressLog", "what": "$'evaluation of the ' + @eval_split + ' split'", "unit": _unit(name)},
             {
                 "_target_": "hmn.handlers.EvaluationReportHandler",
                 "output_dir": "@eval_dir",
@@ -651,6 +672,9 @@ def inference_config(name: str) -> dict:
                 "num_classes": "@num_classes",
                 "resume": "$hmn.workflows.as_bool(@resume)",
             },
+            # progress with counts and the time left, in the log
+            {"_target_": "hmn.workflows.ProgressLog", "what": "$'inference' + (' with heatmaps' if hmn.workflows.as_bool(@heatmaps) else '')",
+             "unit": _unit(name)},
         ],
         "evaluator": {
             "_target_": "SupervisedEvaluator",
@@ -708,9 +732,8 @@ def multi_gpu_config(name: str) -> dict:
             "module": "$hmn.workflows.to_device(@network_def, @device, @channels_last)",
             "device_ids": "$[@device] if torch.cuda.is_available() else None",
         },
-        "train#sampler": {"_target_": "DistributedSampler", "dataset": "@train#dataset", "even_divisible": True, "shuffle": True},
-        "train#dataloader#sampler": "@train#sampler",
-        "train#dataloader#shuffle": False,
+        "train#sampler": {"_target_": "hmn.workflows.ResumableSampler", "dataset": "@train#dataset", "even_divisible": True,
+                          "shuffle": True, "seed": "$int(@seed)"},
         "train#trainer#train_handlers": f"$@train#handlers[: -{_RANK0_TRAIN_HANDLERS} if dist.get_rank() > 0 else None]",
         "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset", "even_divisible": False, "shuffle": False},
         "validate#dataloader#sampler": "@validate#sampler",

@@ -43,7 +43,6 @@ import csv
 import hashlib
 import json
 import logging
-import time
 import os
 import re
 from collections.abc import Sequence
@@ -558,19 +557,20 @@ def render_demo_image(
 
 
 def _with_progress(results, counts: list[int], root: str, what: str = "synthetic demo images") -> list:
-    """Collects the patients' results, logging how many images (``what``) are written every ~10 % and at the end
-    (writing the default set takes a minute or two on a small machine: the user sees it move)."""
+    """Collects the patients' results, logging how many images (``what``) are written, with the time left, every
+    ~10 % or 30 s and at the end (:class:`hmn.workflows.ProgressReport`; writing the default set takes a minute or
+    two on a small machine: the user sees it move)."""
+    from hmn.workflows.estimate import ProgressReport
+
     total, done, out = sum(counts), 0, []
-    start, next_mark = time.time(), 0.1
     logger.info("writing %d %s to %s ...", total, what, root)
+    unit = what.split()[-1]
+    progress = ProgressReport("writing the demo set", total, unit, fractions=[k / 10 for k in range(1, 10)])
     for count, r in zip(counts, results):
         out.append(r)
         done += count
-        if done >= next_mark * total and done < total:
-            elapsed = time.time() - start
-            logger.info("%s: %d / %d (%.0f s, about %.0f s left)", what, done, total, elapsed,
-                        elapsed * (total - done) / done)
-            next_mark = (int(10 * done / total) + 1) / 10
+        progress.update(done)
+    progress.finish()
     return out
 
 

@@ -12,6 +12,7 @@ Everything here is referenced from the bundle configs (``bundles/<name>/configs/
 * :mod:`hmn.workflows.estimate` -> the logged estimate of how long the whole run takes.
 * :mod:`hmn.workflows.report` -> the test-split evaluation that ends a training run.
 * :mod:`hmn.workflows.lifecycle` -> :class:`TrainingRun`, a training run's start and end attached to its trainer.
+* :mod:`hmn.workflows.stop` -> SIGINT/SIGTERM caught for a graceful stop, and the command that continues the run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .data import (
     check_validation_split,
     class_names,
     label_tensor,
+    ResumableSampler,
     make_dataset,
     pos_weight,
     resolve_datalist,
@@ -40,12 +42,22 @@ from .devices import (
     pretrained_given,
     rank_world,
     to_device,
+    worker_ignores_stop_signals,
 )
-from .estimate import RunTimeEstimate
+from .estimate import ProgressLog, ProgressReport, RunTimeEstimate
 from .history import EpochLoss, MetricHistory, plot_history, trim_history
 from .lifecycle import FINAL_MODEL_NAME, TrainingRun, unwrapped_state_dict
 from .report import evaluate_after_training
-from .resume import ResumeFromLatest, checkpoints_by_epoch, latest_checkpoint, set_aside
+from .resume import (
+    MID_EPOCH_PREFIX,
+    ResumeFromLatest,
+    checkpoints_by_epoch,
+    full_state_checkpoints,
+    latest_checkpoint,
+    mid_epoch_checkpoints,
+    set_aside,
+)
+from .stop import TrainingStopped
 from .selection import BestModelRecord, EarlyStopRecord
 
 __all__ = [
@@ -58,10 +70,15 @@ __all__ = [
     "EarlyStopRecord",
     "EpochLoss",
     "FINAL_MODEL_NAME",
+    "MID_EPOCH_PREFIX",
     "MetricHistory",
+    "ProgressLog",
+    "ProgressReport",
+    "ResumableSampler",
     "ResumeFromLatest",
     "RunTimeEstimate",
     "TrainingRun",
+    "TrainingStopped",
     "amp_kwargs",
     "as_bool",
     "available_memory",
@@ -73,9 +90,11 @@ __all__ = [
     "default_num_workers",
     "drop_last_batch",
     "evaluate_after_training",
+    "full_state_checkpoints",
     "label_tensor",
     "latest_checkpoint",
     "make_dataset",
+    "mid_epoch_checkpoints",
     "plot_history",
     "pos_weight",
     "pretrained_given",
@@ -85,4 +104,5 @@ __all__ = [
     "to_device",
     "trim_history",
     "unwrapped_state_dict",
+    "worker_ignores_stop_signals",
 ]

@@ -11,9 +11,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from monai.data import DistributedSampler
 
 __all__ = ["AUTO_CACHE_SHARE", "CACHE_MODES", "CACHE_RESIDENT_FACTOR", "available_memory", "cache_plan",
-           "check_validation_split", "class_names", "label_tensor", "make_dataset", "pos_weight", "resolve_datalist"]
+           "ResumableSampler", "check_validation_split", "class_names", "label_tensor", "make_dataset", "pos_weight",
+           "resolve_datalist"]
 
 logger = logging.getLogger(__name__)
 
@@ -280,3 +282,49 @@ def label_tensor(item: dict) -> dict:
         out["label_mask"] = mask
     out["label"] = label
     return out
+
+
+class ResumableSampler(DistributedSampler):
+    """The training split's sampler: each epoch's order is a function of the seed and the epoch alone, so a run
+    stopped in the middle of an epoch continues with the rest of that epoch's order (:meth:`skip`).
+
+    It is MONAI's ``DistributedSampler`` (torch's, with ``even_divisible``): epoch ``e`` shuffles with
+    ``torch.randperm`` drawn from a generator seeded with ``seed + e``; MONAI's workflows call ``set_epoch`` when
+    each epoch starts. Outside ``torch.distributed`` it is one replica (``num_replicas=1, rank=0``) holding every
+    item; under ``torchrun`` each rank gets its share.
+
+    Args:
+        dataset: the training dataset (a sized map-style dataset).
+        shuffle: shuffle each epoch (False: the datalist's order).
+        seed: the shuffling seed (the bundle's ``seed``).
+        even_divisible: under ``torchrun``, pad the shares to equal length (MONAI's meaning).
+        num_replicas, rank: as torch's ``DistributedSampler``; None: from ``torch.distributed``, or 1 and 0 outside it.
+
+    :meth:`skip` ``(n)`` makes the next iteration over the sampler start ``n`` items into the epoch's order (the
+    position a mid-epoch checkpoint holds: the epoch's iterations done times the batch size); the length stays the
+    epoch's, so ignite's count of the epoch's iterations is unchanged.
+    """
+
+    def __init__(self, dataset: Any, shuffle: bool = True, seed: int = 0, even_divisible: bool = True,
+                 num_replicas: int | None = None, rank: int | None = None) -> None:
+        if num_replicas is None and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            num_replicas, rank = 1, 0
+        super().__init__(dataset, even_divisible=even_divisible, num_replicas=num_replicas, rank=rank,
+                         shuffle=bool(shuffle), seed=int(seed))
+        self._skip = 0
+
+    def skip(self, n: int) -> None:
+        """The next ``iter()`` starts `n` items into this epoch's order (0 <= n <= the epoch's items).
+
+        Raises:
+            ValueError: `n` outside that range.
+        """
+        n = int(n)
+        if not 0 <= n <= self.num_samples:
+            raise ValueError(f"cannot skip {n} items of an epoch of {self.num_samples}")
+        self._skip = n
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        indices = list(super().__iter__())
+        return iter(indices[skip:])

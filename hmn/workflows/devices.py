@@ -12,7 +12,7 @@ import torch
 from monai.inferers import Inferer
 
 __all__ = ["AMP_DTYPES", "CPUAutocastInferer", "amp_kwargs", "as_bool", "cpu_bf16_supported", "default_num_workers",
-           "drop_last_batch", "pretrained_given", "rank_world", "to_device"]
+           "drop_last_batch", "pretrained_given", "rank_world", "to_device", "worker_ignores_stop_signals"]
 
 
 def as_bool(value: Any, name: str = "value") -> bool:
@@ -172,3 +172,17 @@ def rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
+
+
+def worker_ignores_stop_signals(worker_id: int) -> None:
+    """A ``DataLoader`` ``worker_init_fn``: MONAI's (:func:`monai.data.utils.worker_init_fn`, which seeds the
+    worker's random transforms), then SIGINT and SIGTERM ignored in the worker, so that a Ctrl-C sent to the whole
+    process group (a terminal) or a SIGTERM sent to every process of a job (a cluster) reaches only the training
+    process, which stops gracefully (:class:`hmn.workflows.TrainingRun`) and shuts its workers down itself."""
+    import signal
+
+    from monai.data.utils import worker_init_fn
+
+    worker_init_fn(worker_id)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -8,7 +8,7 @@ import csv
 import logging
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -150,6 +150,7 @@ class EpochLoss:
 
     def __init__(self) -> None:
         self._sum, self._count = 0.0, 0
+        self._restored = False
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -158,7 +159,19 @@ class EpochLoss:
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
 
     def reset(self, engine: Any = None) -> None:
+        if self._restored:  # the epoch a mid-epoch checkpoint continues keeps the loss of its iterations done
+            self._restored = False
+            return
         self._sum, self._count = 0.0, 0
+
+    def state_dict(self) -> dict[str, float]:
+        """The epoch's loss so far (a mid-epoch checkpoint holds it, so the epoch's mean covers all its iterations)."""
+        return {"sum": self._sum, "count": self._count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores :meth:`state_dict`; the next epoch start (the continued epoch's) keeps it."""
+        self._sum, self._count = float(state["sum"]), int(state["count"])
+        self._restored = True
 
     def update(self, engine: Any) -> None:
         from monai.handlers import from_engine

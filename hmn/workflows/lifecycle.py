@@ -19,6 +19,8 @@ from hmn.workflows.devices import as_bool, rank_world
 
 __all__ = ["FINAL_MODEL_NAME", "TrainingRun", "unwrapped_state_dict"]
 
+_PHASE_TRAINING, _PHASE_EPOCH_END = "training", "epoch end"
+
 logger = logging.getLogger(__name__)
 
 # the network's weights when training ends (MONAI FL's ``ModelType.FINAL_MODEL`` default path is models/<this>)
@@ -60,6 +62,19 @@ class TrainingRun:
     `test_evaluator` (:func:`hmn.workflows.evaluate_after_training`, not under ``torchrun``), after which the
     network gets its final weights back (the test evaluator loads ``model.pt`` into the same network).
 
+    A graceful stop (`graceful_stop`, on by default): while the trainer runs (in the main thread), the first SIGINT
+    (Ctrl-C) or SIGTERM (a cluster's preemption) is acknowledged at once in the log, and the run stops at the end of
+    the current iteration (with gradient accumulation, the iteration that ends the optimizer step): on rank 0 the
+    full state is written to ``<ckpt_dir>/checkpoint_iteration=<I>.pt`` (crash-safe, as every checkpoint; it holds
+    the trainer's iteration, so ``--resume True`` continues that epoch with its remaining batches in the same order,
+    :class:`hmn.workflows.ResumableSampler`), one line says where it stopped, what is saved and the command that
+    continues it, the trainer terminates (no end-of-training report), and the bundle's step list then exits with
+    status 128 + the signal (:meth:`exit_if_stopped`). A signal during an epoch's validation stops after the epoch's
+    own checkpoint instead. A second signal exits at once (:class:`hmn.workflows.stop.StopSignals`); the checkpoints
+    already complete stay so. Under ``torchrun`` the ranks agree on the iteration to stop at (one all-reduce per
+    iteration). With `checkpoint_every` N > 0 the same mid-epoch checkpoint is also written every N iterations (for
+    clusters that kill without warning); each replaces the previous one, and an epoch's checkpoint replaces them all.
+
     Args:
         ckpt_dir: the models folder (``model.pt``, ``run.json``, checkpoints).
         run_settings: the settings the run record holds (:func:`hmn.runs.run_settings`).
@@ -70,6 +85,9 @@ class TrainingRun:
         run_lock, early_stop, resume, checkpoint, test_evaluator: the objects above (each optional).
         evaluate_after_training: bool-like (``"yes"``/``"no"`` accepted).
         final_model: the file name of the final weights in `ckpt_dir`; None or "" writes none.
+        epoch_loss: the run's :class:`hmn.workflows.EpochLoss`: its epoch so far is kept in mid-epoch checkpoints.
+        graceful_stop: bool-like; catch SIGINT and SIGTERM as above.
+        checkpoint_every: write a mid-epoch checkpoint every this many iterations (0: only at a stop).
     """
 
     def __init__(
@@ -77,7 +95,8 @@ class TrainingRun:
         datalist: str | None = None, class_names: Sequence[str] | None = None,
         validation_data: Sequence[Mapping[str, Any]] | None = None, run_lock: Any = None, early_stop: Any = None,
         resume: Any = None, checkpoint: Any = None, test_evaluator: Any = None, evaluate_after_training: Any = True,
-        final_model: str | None = FINAL_MODEL_NAME,
+        final_model: str | None = FINAL_MODEL_NAME, epoch_loss: Any = None, graceful_stop: Any = True,
+        checkpoint_every: Any = 0,
     ) -> None:
         self.ckpt_dir = os.fspath(ckpt_dir)
         self.run_settings = dict(run_settings or {})
@@ -91,6 +110,18 @@ class TrainingRun:
         self.started = False
         self.final_model_path: str | None = None
         self.evaluated = False
+        self.epoch_loss = epoch_loss
+        self.graceful_stop = as_bool(graceful_stop, "graceful_stop")
+        self.checkpoint_every = int(checkpoint_every or 0)
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be 0 (only at a stop) or a number of iterations, got {checkpoint_every!r}")
+        from hmn.workflows.stop import StopSignals
+
+        self.signals = StopSignals(self._first_signal, self._second_signal)
+        self.stopped: Any = None  # the TrainingStopped to raise after a graceful stop
+        self._engine: Any = None
+        self._phase = _PHASE_TRAINING
+        self._last_mid_epoch: int | None = None
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -99,6 +130,24 @@ class TrainingRun:
             engine.add_event_handler(Events.STARTED, self.start)
         if not engine.has_event_handler(self.complete, Events.COMPLETED):
             engine.add_event_handler(Events.COMPLETED, self.complete)
+        if not engine.has_event_handler(self._epoch_started, Events.EPOCH_STARTED):
+            engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_ending)
+            engine.add_event_handler(Events.TERMINATE, self._terminated)
+        if self.graceful_stop and not getattr(engine.run, "_hmn_catches_stop_signals", False):
+            # the signals are caught for exactly the span of trainer.run(), whoever calls it (and however it ends)
+            run = engine.run
+
+            def run_catching_stop_signals(*args: Any, **kwargs: Any) -> Any:
+                self._engine, self.stopped, self._phase = engine, None, _PHASE_TRAINING
+                self.signals.install()
+                try:
+                    return run(*args, **kwargs)
+                finally:
+                    self.signals.uninstall()
+
+            run_catching_stop_signals._hmn_catches_stop_signals = True  # type: ignore[attr-defined]
+            engine.run = run_catching_stop_signals
 
     def start(self, engine: Any) -> None:
         """The start of the run (see the class docstring); later starts of the same trainer do nothing."""
@@ -121,16 +170,25 @@ class TrainingRun:
         writer = rank_world()[0] == 0
         if self.resume is not None:
             self.resume.load_dict.setdefault("trainer", engine)
+            if self.epoch_loss is not None and hasattr(self.resume, "optional_load_dict"):
+                self.resume.optional_load_dict.setdefault("epoch_loss", self.epoch_loss)
             self.resume.start(engine)
         if self.run_settings:
             runs.write_run_record(self.ckpt_dir, self.run_settings, self.resume.enabled if self.resume is not None else False)
         if self.checkpoint is not None and writer:
             self.checkpoint.save_dict.setdefault("trainer", engine)
             self.checkpoint.attach(engine)
+        # after every other handler: the iteration's scheduler step is done before a mid-epoch checkpoint is written,
+        # and the epoch's own checkpoint before the mid-epoch ones are removed
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch_completed)
         self.started = True
 
     def complete(self, engine: Any) -> None:
         """The end of the run (see the class docstring)."""
+        self.signals.uninstall()  # training is over: a Ctrl-C during the test evaluation interrupts it as usual
         if rank_world()[0] != 0:
             return
         network = getattr(engine, "network", None)
@@ -160,3 +218,160 @@ class TrainingRun:
             while isinstance(getattr(target, "module", None) or getattr(target, "_orig_mod", None), torch.nn.Module):
                 target = getattr(target, "module", None) or getattr(target, "_orig_mod")
             target.load_state_dict(final, strict=True)
+
+    # ---- graceful stop -------------------------------------------------------------------------------------------
+
+    def exit_if_stopped(self) -> None:
+        """Raises :class:`hmn.workflows.stop.TrainingStopped` (exit status 128 + signal) when the last
+        ``trainer.run()`` ended in a graceful stop; the last step of the bundles' ``training`` step list."""
+        if self.stopped is not None:
+            raise self.stopped
+
+    def _epoch_started(self, engine: Any) -> None:
+        self._phase = _PHASE_TRAINING
+        if self._last_mid_epoch is None or self._last_mid_epoch > engine.state.iteration:
+            self._last_mid_epoch = engine.state.iteration  # checkpoint_every counts from here (a resume's position)
+
+    def _epoch_ending(self, engine: Any) -> None:
+        self._phase = _PHASE_EPOCH_END  # before the validation and the epoch's checkpoint
+
+    def _terminated(self, engine: Any) -> None:
+        self.signals.uninstall()
+
+    def _resumable(self, engine: Any) -> bool:
+        loader = getattr(engine, "data_loader", None)
+        return hasattr(getattr(loader, "sampler", None), "skip") and bool(getattr(loader, "batch_size", None))
+
+    def _position(self, engine: Any) -> str:
+        state = engine.state
+        length = state.epoch_length or 0
+        done = (state.iteration - 1) % length + 1 if length and state.iteration else 0
+        return f"epoch {state.epoch}/{state.max_epochs}, iteration {done}/{length}"
+
+    def _last_complete_checkpoint(self) -> str | None:
+        from hmn.workflows.resume import full_state_checkpoints
+
+        engine = self._engine
+        found = full_state_checkpoints(self.ckpt_dir, getattr(getattr(engine, "state", None), "epoch_length", None))
+        return found[0][1] if found else None
+
+    def _first_signal(self, signum: int) -> None:
+        import signal as _signal
+
+        name = _signal.Signals(signum).name
+        engine = self._engine
+        if engine is None:
+            return
+        if self._phase == _PHASE_EPOCH_END:
+            where = f"after epoch {engine.state.epoch}'s validation and checkpoint"
+        else:
+            acc = int(getattr(engine, "accumulation_steps", 1) or 1)
+            where = f"at the end of the current iteration ({self._position(engine)})"
+            if acc > 1:
+                where = f"at the end of the current optimizer step (every {acc} iterations; {self._position(engine)})"
+        logger.warning("%s received: the run stops %s and saves its state; %s again exits at once without saving",
+                       name, where, "Ctrl-C" if signum == _signal.SIGINT else name)
+
+    def _second_signal(self, signum: int) -> None:
+        import signal as _signal
+
+        last = self._last_complete_checkpoint()
+        logger.warning("second %s: exiting now. %s", _signal.Signals(signum).name,
+                       f"The last complete checkpoint is {last}; resume with --resume True" if last
+                       else "No checkpoint was completed yet")
+
+    def _stop_requested(self, engine: Any) -> int | None:
+        """The signal to stop for, agreed by every rank under torch.distributed (one all-reduce, max)."""
+        requested = self.signals.requested if self.signals.installed else None
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            network = getattr(engine, "network", None)
+            device = next(network.parameters()).device if isinstance(network, torch.nn.Module) else torch.device("cpu")
+            flag = torch.tensor([requested or 0], dtype=torch.int64, device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            requested = int(flag.item()) or None
+        return requested
+
+    def _iteration_completed(self, engine: Any) -> None:
+        if not (self.graceful_stop or self.checkpoint_every):
+            return
+        requested = self._stop_requested(engine) if self.graceful_stop else None
+        length = engine.state.epoch_length
+        done = (engine.state.iteration - 1) % length + 1
+        if done == length:
+            return  # the epoch's end: its validation and checkpoint come first (_epoch_completed)
+        acc = int(getattr(engine, "accumulation_steps", 1) or 1)
+        if done % acc:
+            return  # within an optimizer step: the accumulated gradients are not in any checkpoint
+        if requested:
+            self._stop(engine, requested, self._save_mid_epoch(engine))
+        elif self.checkpoint_every and engine.state.iteration - (self._last_mid_epoch or 0) >= self.checkpoint_every:
+            self._save_mid_epoch(engine)
+
+    def _epoch_completed(self, engine: Any) -> None:
+        from hmn.workflows.resume import mid_epoch_checkpoints
+
+        self._last_mid_epoch = engine.state.iteration
+        if rank_world()[0] == 0 and self.checkpoint is not None:
+            epoch_file = os.path.join(self.ckpt_dir, f"checkpoint_epoch={engine.state.epoch}.pt")
+            if os.path.isfile(epoch_file):  # complete: the mid-epoch checkpoints before it are superseded
+                for iteration, path in mid_epoch_checkpoints(self.ckpt_dir):
+                    if iteration <= engine.state.iteration:
+                        _remove(path)
+        requested = self._stop_requested(engine) if self.graceful_stop else None
+        if requested and engine.state.epoch < (engine.state.max_epochs or 0) and not engine.should_terminate:
+            self._stop(engine, requested, None)
+
+    def _save_mid_epoch(self, engine: Any) -> str | None:
+        """Writes ``checkpoint_iteration=<I>.pt`` (rank 0; the bundle's checkpoint objects, and the epoch's loss so
+        far) and removes the older mid-epoch ones; its path, or None where none can be written."""
+        from hmn.durable import atomic_torch_save
+        from hmn.workflows.resume import MID_EPOCH_PREFIX, mid_epoch_checkpoints
+
+        self._last_mid_epoch = engine.state.iteration
+        if self.checkpoint is None or not self._resumable(engine):
+            if self.checkpoint is not None:
+                logger.warning("this trainer's data loader cannot continue an epoch part-way (its sampler is not "
+                               "hmn.workflows.ResumableSampler, as in bundles made before it): no mid-epoch checkpoint")
+            return None
+        if rank_world()[0] != 0:
+            return None
+        state = {}
+        for key, obj in self.checkpoint.save_dict.items():
+            state[key] = unwrapped_state_dict(obj) if isinstance(obj, torch.nn.Module) else obj.state_dict()
+        if self.epoch_loss is not None:
+            state["epoch_loss"] = self.epoch_loss.state_dict()
+        path = os.path.join(self.ckpt_dir, f"{MID_EPOCH_PREFIX}{engine.state.iteration}.pt")
+        atomic_torch_save(state, path)
+        for iteration, older in mid_epoch_checkpoints(self.ckpt_dir):
+            if iteration < engine.state.iteration:
+                _remove(older)
+        logger.info("%s: mid-epoch checkpoint %s", self._position(engine), path)
+        return path
+
+    def _stop(self, engine: Any, signum: int, mid_epoch: str | None) -> None:
+        import signal as _signal
+
+        from hmn.workflows.stop import TrainingStopped, continue_command
+
+        name = _signal.Signals(signum).name
+        kept = mid_epoch or self._last_complete_checkpoint()
+        command = continue_command()
+        if mid_epoch:
+            what = f"the run's state in the middle of epoch {engine.state.epoch} is saved in {mid_epoch}"
+        elif kept:
+            what = f"the last complete checkpoint is {kept}"
+        else:
+            what = "no checkpoint was completed yet (a resume starts from scratch)"
+        how = f"continue with: {command}" if command else "continue with the same command and --resume True"
+        if rank_world()[0] == 0:
+            logger.warning("stopped by %s at %s: %s; %s", name, self._position(engine), what, how)
+        self.stopped = TrainingStopped(signum, kept, command)
+        self.signals.uninstall()
+        engine.terminate(skip_completed=True)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

@@ -115,17 +115,18 @@ def open_new_run(handlers: Sequence[Any]) -> None:
             handler.cur_run = run
 
 
-def close_failed(handlers: Sequence[Any]) -> None:
-    """Ends the MLflow runs of `handlers` with the status ``FAILED`` (a run stopped by an error)."""
+def close_failed(handlers: Sequence[Any], status: str = "FAILED") -> None:
+    """Ends the MLflow runs of `handlers` with `status`: ``FAILED`` (a run stopped by an error) or ``KILLED``
+    (a graceful stop by Ctrl-C or SIGTERM)."""
     done = set()
     for handler in handlers:
         run = handler.cur_run
         if run is not None and run.info.run_id not in done:
             done.add(run.info.run_id)
             try:
-                handler.client.set_terminated(run.info.run_id, status="FAILED")
+                handler.client.set_terminated(run.info.run_id, status=status)
             except Exception as e:  # noqa: BLE001 - the run's own error is what the user must see
-                logger.warning("could not mark MLflow run %s as failed: %s", run.info.run_id, e)
+                logger.warning("could not mark MLflow run %s as %s: %s", run.info.run_id, status, e)
         handler.cur_run = None
 
 
@@ -215,7 +216,8 @@ class TrackTraining:
     and before MONAI's ``MLFlowHandler`` (which ``--tracking`` appends at the end of the list).
 
     Each start of the trainer gets a new MLflow run, shared with the validator's handler (see
-    :func:`open_new_run`); an error that stops the run ends it with the status ``FAILED`` (and is raised on).
+    :func:`open_new_run`); an error that stops the run ends it with the status ``FAILED`` (and is raised on), a
+    graceful stop (Ctrl-C, SIGTERM) with ``KILLED``.
 
     Args:
         ckpt_dir: the models folder (``run.json``, ``model.pt``, ``thresholds.json``, ``model_final.pt``).
@@ -235,9 +237,16 @@ class TrackTraining:
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.COMPLETED, self.completed)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self.failed)
+        engine.add_event_handler(Events.TERMINATE, self.terminated)
 
     def _handlers(self, engine: Any) -> list[Any]:
         return mlflow_handlers(engine) + (mlflow_handlers(self.validator) if self.validator is not None else [])
+
+    def terminated(self, engine: Any) -> None:
+        """A graceful stop (Ctrl-C or SIGTERM: the trainer terminated without its end, ``skip_completed``) ends the
+        MLflow run as ``KILLED``; the resumed run gets a new one. Early stopping ends the run normally."""
+        if engine.should_terminate == "skip_completed":
+            close_failed(self._handlers(engine), status="KILLED")
 
     def failed(self, engine: Any, e: BaseException) -> None:
         """Ends the MLflow run as ``FAILED``, then raises `e` on (ignite passes an engine's exception to this event's

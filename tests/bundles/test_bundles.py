@@ -14,6 +14,7 @@ import http.server
 import json
 import math
 import os
+import re
 import select
 import shutil
 import signal
@@ -229,7 +230,12 @@ def test_readme_command_trains_and_records_the_curve(trained):
 RADIOGRAPH_BUNDLES = [n for n in BUNDLES if n not in VOLUME_BUNDLES]
 
 
-@pytest.mark.parametrize("name", [n for n in RADIOGRAPH_BUNDLES if n != "convnext_tiny"])
+# the largest variant of each family is left to the slow run (10-19 s each); its smaller siblings share its code
+LARGEST = {"convnext_large", "efficientnetv2_l", "vim_base"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGEST else n
+                                  for n in RADIOGRAPH_BUNDLES if n != "convnext_tiny"])
 def test_every_other_bundle_trains(name, tiny_datalist, tmp_path):
     from monai.bundle import run
 
@@ -495,8 +501,14 @@ def test_evaluation_report_files(trained, demo_datalist):
 
     # --min_positives 1: the 16-image test split has fewer than 10 positives of every finding, and this test
     # checks each number the report computes
-    _run(_bundle_cmd("evaluating", _configs("convnext_tiny", "train", "evaluate"), "--datalist", demo_datalist,
-                     "--bundle_root", str(trained), "--n_bootstrap", "200", "--min_positives", "1", *SMALL))
+    ran = _run(_bundle_cmd("evaluating", _configs("convnext_tiny", "train", "evaluate"), "--datalist", demo_datalist,
+                           "--bundle_root", str(trained), "--n_bootstrap", "200", "--min_positives", "1", *SMALL))
+    # progress in the log (issue 28): after the first of the split's batches of 8, its count and the time left
+    n_test = len(load_datalist(demo_datalist, "test"))
+    log = ran.stdout + ran.stderr
+    assert re.search(rf"evaluation of the test split: 8/{n_test} images \(\d+%\), \d+ s so far, about \d+ s left "
+                     r"\(around \d\d:\d\d\)", log), log[-3000:]
+    assert re.search(rf"evaluation of the test split: {n_test} images in \d+ s \([\d.]+ images/s\)", log)
     out = trained / "runs" / "eval"
     assert sorted(p.name for p in out.iterdir()) == [
         "calibration.csv", "metrics.csv", "metrics.json", "operating_points.csv", "predictions.csv", "reliability.png",
@@ -816,6 +828,23 @@ def test_reuse_rehearsal_packed_bundle_rebuilds_the_trained_model(demo_datalist,
     for e, p in zip(test, expected):
         np.testing.assert_allclose([float(rows[e["image"]][c]) for c in picks], p, rtol=0, atol=1e-5)
         np.testing.assert_allclose([float(report[e["image"]][f"{c}_prob"]) for c in picks], p, rtol=0, atol=1e-5)
+
+
+def test_inference_logs_progress_with_the_time_left(trained, demo_datalist, tmp_path):
+    """Issue 28: inference over a folder was silent for minutes; the log (not only a terminal) now shows counts and
+    an estimate at 10, 25, 50 and 75 % and the total at the end."""
+    folder = os.path.dirname(demo_datalist)
+    ran = _run(_bundle_cmd("inference", _configs("convnext_tiny", "inference"), "--input", folder,
+                           "--output_file", str(tmp_path / "pred.csv"), "--bundle_root", str(trained), *SMALL))
+    n = len(_read_csv(tmp_path / "pred.csv"))
+    log = ran.stdout + ran.stderr
+    found = [(int(d), int(t)) for d, t in re.findall(r"inference: (\d+)/(\d+) images \(\d+%\), \d+ s so far, about "
+                                                     r"\d+ s left \(around \d\d:\d\d\)", log)]
+    # after each batch of 8 the images done; a line at the first of them at or past each share (none at the end)
+    done = [min(n, 8 * k) for k in range(1, -(-n // 8) + 1)]
+    expected = sorted({next(d for d in done if d / n >= f) for f in (0.1, 0.25, 0.5, 0.75)} - {n})
+    assert found == [(d, n) for d in expected], log[-3000:]
+    assert re.search(rf"inference: {n} images in \d+ s \([\d.]+ images/s\)", log)
 
 
 def test_inference_heatmaps_on_demo_dicoms(trained, demo_datalist, tmp_path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -120,11 +121,18 @@ def test_inference_over_a_folder_of_nifti_files_and_dicom_series(trained3d, demo
     series = [v for v in volumes if os.path.isdir(v)]
     assert series and len(volumes) == 40  # every study once: a DICOM series is one item, not one per slice
     out = tmp_path / "pred.csv"
-    _run(_bundle("inference", _configs("convnext3d_tiny", "inference"), "--bundle_root", str(trained3d),
-                 "--input", folder, "--output_file", str(out)))
+    ran = _run(_bundle("inference", _configs("convnext3d_tiny", "inference"), "--bundle_root", str(trained3d),
+                       "--input", folder, "--output_file", str(out), "--batch_size", "5"))
     rows = _read_csv(out)
     assert sorted(r["image"] for r in rows) == sorted(volumes)
     assert all(r["error"] == "" for r in rows)
+    # progress in the log (issue 28): counts and the time left at 10, 25, 50 and 75 % (the first batch of 5 at or past
+    # each), then the total
+    log = ran.stdout + ran.stderr
+    shares = [int(d) for d in re.findall(r"inference: (\d+)/40 volumes \(\d+%\), \d+ s so far, about \d+ (?:s|min) left "
+                                         r"\(around \d\d:\d\d\)", log)]
+    assert shares == [5, 10, 20, 30], log[-3000:]
+    assert re.search(r"inference: 40 volumes in \d+ (?:s|min) \([\d.]+ volumes/s\)", log)
     bad = subprocess.run(_bundle("inference", _configs("convnext3d_tiny", "inference"), "--bundle_root", str(trained3d),
                                  "--input", folder, "--output_file", str(tmp_path / "h.csv"), "--heatmaps", "True"),
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -155,6 +163,7 @@ def test_inference_gives_files_that_are_not_volumes_an_error_row(trained3d, demo
     assert sum(r["error"] == "" for r in rows.values()) == 2
 
 
+@pytest.mark.slow  # about a minute; the 2D bundle's gloo training and torchrun inference run by default
 def test_multi_process_training_and_inference_on_gloo(trained3d, demo3d, tmp_path):
     """The 3D bundle's multi_gpu_train.json and multi_gpu_inference.json under torchrun, two gloo processes on
     the CPU: the training saves an unwrapped model and one history; the inference's merged CSV equals a single
@@ -232,6 +241,7 @@ def test_every_other_volume_bundle_trains(name, demo3d, tmp_path):
     assert [r["epoch"] for r in _read_csv(tmp_path / "runs" / "history.csv")] == ["1"]
 
 
+@pytest.mark.slow  # half a minute; the 2D bundle's reuse rehearsal runs by default
 def test_reuse_rehearsal_packed_volume_bundle_rebuilds_the_trained_model(demo3d, tmp_path):
     """A user's run (two classes named otherwise than the demo's, in another order, their own size and spacing,
     MR-style percentile normalisation) is trained, packed, loaded with monai.bundle.load, and run for inference

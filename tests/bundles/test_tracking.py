@@ -114,10 +114,12 @@ def test_a_run_stopped_by_an_error_is_failed_and_not_continued_by_the_next(tmp_p
 
     store = f"sqlite:///{tmp_path / 'mlruns.db'}"
 
-    def attempt(fail: bool) -> None:
+    def attempt(fail: bool, stop: bool = False) -> None:
         def step(engine, batch):
             if fail and engine.state.iteration == 2:
                 raise RuntimeError("disk full")
+            if stop and engine.state.iteration == 2:
+                engine.terminate(skip_completed=True)  # what a graceful stop (Ctrl-C, SIGTERM) does
             return {"loss": 1.0}
 
         trainer, validator = Engine(step), Engine(lambda e, b: None)
@@ -129,8 +131,9 @@ def test_a_run_stopped_by_an_error_is_failed_and_not_continued_by_the_next(tmp_p
 
     with pytest.raises(RuntimeError, match="disk full"):
         attempt(fail=True)
+    attempt(fail=False, stop=True)  # issue 28: a graceful stop's run is KILLED, and not continued either
     attempt(fail=False)
     client = MlflowClient(tracking_uri=store)
     runs = client.search_runs([client.get_experiment_by_name("e").experiment_id], order_by=["attributes.start_time ASC"])
-    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
-    assert [len(client.get_metric_history(r.info.run_id, "loss")) for r in runs] == [1, 3]
+    assert [r.info.status for r in runs] == ["FAILED", "KILLED", "FINISHED"]
+    assert [len(client.get_metric_history(r.info.run_id, "loss")) for r in runs] == [1, 2, 3]
