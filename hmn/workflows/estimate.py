@@ -31,7 +31,8 @@ class RunTimeEstimate:
     times as many iterations. These are training-only estimates (iterations left times the mean time per iteration
     so far; validation not included). After each epoch it logs the mean wall time of the epochs this process
     finished (training and validation together, over the last ``window``) times the epochs left, and the clock time
-    it points to. A resumed run counts from where it resumed; a run stopped early (early stopping) ends sooner.
+    it points to. A resumed run counts from where it resumed (the rest of an epoch a mid-epoch checkpoint continues is not
+    taken as an epoch's time); a run stopped early (early stopping) ends sooner.
 
     Args:
         after_iterations: iterations before the first estimate (at most; see `after_seconds`).
@@ -52,6 +53,7 @@ class RunTimeEstimate:
         self._epoch_start: float | None = None
         self._epoch_times: list[float] = []
         self._estimates = 0
+        self._partial_epoch = False
         self.last_message: str | None = None
 
     def attach(self, engine: Any) -> None:
@@ -68,8 +70,11 @@ class RunTimeEstimate:
 
     def _epoch_started(self, engine: Any) -> None:
         self._epoch_start = self.clock()
+        self._partial_epoch = False
         if self._run_start is None:
             self._run_start, self._start_iteration = self._epoch_start, engine.state.iteration
+            # a resume from a mid-epoch checkpoint trains part of this epoch: its time is not an epoch's
+            self._partial_epoch = bool(engine.state.epoch_length and engine.state.iteration % engine.state.epoch_length)
 
     def _say(self, message: str) -> None:
         self.last_message = message
@@ -99,7 +104,7 @@ class RunTimeEstimate:
 
     def _epoch_completed(self, engine: Any) -> None:
         # runs after the handlers attached before it (validation and checkpoint are attached earlier)
-        if self._epoch_start is None:
+        if self._epoch_start is None or self._partial_epoch:
             return
         self._epoch_times.append(self.clock() - self._epoch_start)
         recent = self._epoch_times[-self.window :]

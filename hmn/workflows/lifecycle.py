@@ -19,7 +19,7 @@ from hmn.workflows.devices import as_bool, rank_world
 
 __all__ = ["FINAL_MODEL_NAME", "TrainingRun", "unwrapped_state_dict"]
 
-_PHASE_TRAINING, _PHASE_EPOCH_END = "training", "epoch end"
+_PHASE_TRAINING, _PHASE_EPOCH_END, _PHASE_COMPLETING = "training", "epoch end", "completing"
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,16 @@ class TrainingRun:
 
     def complete(self, engine: Any) -> None:
         """The end of the run (see the class docstring)."""
-        self.signals.uninstall()  # training is over: a Ctrl-C during the test evaluation interrupts it as usual
+        self._phase = _PHASE_COMPLETING
+        try:
+            self._complete(engine)
+        finally:
+            requested = self.signals.requested if self.signals.installed else None
+            self.signals.uninstall()
+        if requested and self.stopped is None:
+            self._stopped_while_completing(engine, requested)
+
+    def _complete(self, engine: Any) -> None:
         if rank_world()[0] != 0:
             return
         network = getattr(engine, "network", None)
@@ -206,7 +215,11 @@ class TrainingRun:
         final = None
         if isinstance(network, torch.nn.Module) and self.final_model_path is None:
             final = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped_state_dict(network).items()}
+        if self.signals.requested:
+            return  # a stop asked for before the test evaluation: it is not started
         self.evaluated = evaluate_after_training(self.test_evaluator, self.ckpt_dir, True)
+        if self.evaluated and self.signals.requested and self.test_evaluator.should_terminate == "skip_completed":
+            self.evaluated = False  # stopped part-way: no report was written
         if self.evaluated and isinstance(network, torch.nn.Module):
             # the test evaluator loaded model.pt into this network: give it its final weights back, so that a driver
             # that goes on with the trainer (the next federated round, get_weights) has the weights it trained
@@ -261,6 +274,15 @@ class TrainingRun:
         name = _signal.Signals(signum).name
         engine = self._engine
         if engine is None:
+            return
+        if self._phase == _PHASE_COMPLETING:
+            # training is complete and saved: the test evaluation stops without its report (a report of part of the
+            # split would be a wrong number); ignite checks the flag after each of its events
+            evaluator = self.test_evaluator
+            if evaluator is not None:
+                evaluator.should_terminate = "skip_completed"
+            logger.warning("%s received: training is complete; the end-of-training test evaluation stops without its "
+                           "report; %s again exits at once", name, "Ctrl-C" if signum == _signal.SIGINT else name)
             return
         if self._phase == _PHASE_EPOCH_END:
             where = f"after epoch {engine.state.epoch}'s validation and checkpoint"
@@ -318,7 +340,7 @@ class TrainingRun:
                     if iteration <= engine.state.iteration:
                         _remove(path)
         requested = self._stop_requested(engine) if self.graceful_stop else None
-        if requested and engine.state.epoch < (engine.state.max_epochs or 0) and not engine.should_terminate:
+        if requested and not engine.should_terminate:  # (early stopping ends the run its own way)
             self._stop(engine, requested, None)
 
     def _save_mid_epoch(self, engine: Any) -> str | None:
@@ -356,18 +378,47 @@ class TrainingRun:
         name = _signal.Signals(signum).name
         kept = mid_epoch or self._last_complete_checkpoint()
         command = continue_command()
+        last_epoch = engine.state.epoch >= (engine.state.max_epochs or 0) and not mid_epoch
         if mid_epoch:
             what = f"the run's state in the middle of epoch {engine.state.epoch} is saved in {mid_epoch}"
+        elif kept and last_epoch:
+            final = self.final_model or "the final weights"
+            what = (f"every epoch is trained and saved in {kept}; the end-of-training steps ({final} and the test "
+                    "report) are left, and the command below does them")
         elif kept:
             what = f"the last complete checkpoint is {kept}"
         else:
             what = "no checkpoint was completed yet (a resume starts from scratch)"
-        how = f"continue with: {command}" if command else "continue with the same command and --resume True"
+        if command:
+            how = f"continue with: {command}"
+        elif "LOCAL_RANK" in os.environ:
+            how = "continue with the same torchrun command and --resume True"
+        else:  # a driver of its own (Python, MONAI FL)
+            how = "continue with resume=True (--resume True on the command line)"
         if rank_world()[0] == 0:
             logger.warning("stopped by %s at %s: %s; %s", name, self._position(engine), what, how)
         self.stopped = TrainingStopped(signum, kept, command)
         self.signals.uninstall()
-        engine.terminate(skip_completed=True)
+        quiet = engine.logger.level  # ignite's "Engine will stop after current iteration": the iteration is done
+        engine.logger.setLevel(logging.WARNING)
+        try:
+            engine.terminate(skip_completed=True)
+        finally:
+            engine.logger.setLevel(quiet)
+
+    def _stopped_while_completing(self, engine: Any, signum: int) -> None:
+        import signal as _signal
+
+        from hmn.workflows.stop import TrainingStopped
+
+        name = _signal.Signals(signum).name
+        if rank_world()[0] == 0:
+            final = f", {self.final_model_path}" if self.final_model_path else ""
+            report = ("the test report is written" if self.evaluated else
+                      "the test report is not written: evaluate model.pt with the bundle's evaluate.json")
+            logger.warning("stopped by %s after training: every epoch is complete (%s%s); %s", name,
+                           self._last_complete_checkpoint(), final, report)
+        self.stopped = TrainingStopped(signum, self._last_complete_checkpoint(), None)
 
 
 def _remove(path: str) -> None:

@@ -292,7 +292,7 @@ class ResumeFromLatest:
             if changed:
                 logger.info("%s settings follow this run: %s", key,
                             ", ".join(f"{n} {old} -> {new}" for n, (old, new) in changed.items()))
-        logger.info("restored network, optimizer, scheduler and trainer state from %s (epoch %s, iteration %s)",
+        logger.info("restored network, optimizer, scheduler and trainer state from %s (%s complete epoch(s), iteration %s)",
                     self.loaded_from, engine.state.epoch, engine.state.iteration)
         if self.input_changes:
             records = [o for o in self.load_dict.values() if isinstance(o, (BestModelRecord, EarlyStopRecord))]

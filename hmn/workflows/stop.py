@@ -24,6 +24,32 @@ __all__ = ["STOP_SIGNALS", "StopSignals", "TrainingStopped", "continue_command"]
 logger = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_INSTALLED: list["StopSignals"] = []  # this process's installed catchers (a forked child gives them up)
+
+
+def _after_fork_in_child() -> None:
+    # A forked child (a DataLoader worker) inherits the handlers and the wakeup fd but not the watcher thread: a
+    # signal reaching it would be written into the parent's pipe and read there as one more Ctrl-C. The child gets
+    # the handlers that were there before, and no wakeup fd.
+    for catcher in _INSTALLED:
+        catcher.installed = False
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum, handler in catcher._previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        except ValueError:  # pragma: no cover - forked from a thread other than the main one
+            pass
+        if catcher._write_fd is not None:  # the parent's watcher ends when the parent closes its own end
+            try:
+                os.close(catcher._write_fd)
+            except OSError:
+                pass
+            catcher._write_fd = None
+    _INSTALLED.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class TrainingStopped(SystemExit):
@@ -109,6 +135,7 @@ class StopSignals:
         self._write_fd = write_fd
         self._previous = {s: signal.signal(s, self._python_handler) for s in STOP_SIGNALS}
         self.installed = True
+        _INSTALLED.append(self)
         threading.Thread(target=self._watch, args=(read_fd,), name="hmn-stop-signals", daemon=True).start()
         return True
 
@@ -117,6 +144,8 @@ class StopSignals:
         if not self.installed or threading.current_thread() is not threading.main_thread():
             return
         self.installed = False
+        if self in _INSTALLED:
+            _INSTALLED.remove(self)
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         signal.set_wakeup_fd(self._old_wakeup_fd)

@@ -124,24 +124,40 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_the_printed_command_trains_exac
     assert float(rows[1].split(",")[2]) == pytest.approx(sum(losses.values()) / per_epoch, abs=1e-4)
 
 
-def test_sigterm_mid_epoch_saves_a_complete_checkpoint_and_exits_143(tmp_path, demo_datalist):
+def test_sigterm_in_the_last_epoch_stops_after_its_checkpoint_and_the_resume_does_the_end_of_training(tmp_path, demo_datalist):
+    """A preemption (SIGTERM) during the last epoch's last iteration: the run stops after that epoch's validation
+    and checkpoint (exit 143) without the end-of-training steps, and the continued run trains nothing and does them."""
     root = tmp_path / "run"
-    out, rc, took = _train_until(_cmd(root, demo_datalist), signal.SIGTERM, r"Epoch: 1/1, Iter: 2/")
+    per_epoch = _iterations_per_epoch(demo_datalist)
+    out, rc, took = _train_until(_cmd(root, demo_datalist), signal.SIGTERM, rf"Epoch: 1/1, Iter: {per_epoch}/")
     assert rc == 128 + signal.SIGTERM, out[-4000:]
     assert took < STOP_BOUND_S
     line = _stop_line(out, "SIGTERM")
-    m = re.search(r"saved in (\S+checkpoint_iteration=(\d+)\.pt)", line)
+    m = re.search(r"every epoch is trained and saved in (\S+checkpoint_epoch=1\.pt); the end-of-training steps "
+                  r"\(model_final\.pt and the test report\) are left.*continue with: (.+)$", line)
     assert m, line
-    state = torch.load(m[1], weights_only=True)
-    assert state["trainer"]["iteration"] == int(m[2])
-    assert not list((root / "models").glob(".*.partial"))
+    models = root / "models"
+    assert {"checkpoint_epoch=1.pt", "model.pt"} <= {p.name for p in models.iterdir()}
+    assert not (models / "model_final.pt").exists() and not (root / "runs" / "eval" / "metrics.json").exists()
+    assert not list(models.glob(".*.partial"))
+    resumed = subprocess.run([sys.executable, *shlex.split(m[2])[1:]], cwd=ROOT, env=_env(), capture_output=True,
+                             text=True, timeout=600)
+    log = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, log[-4000:]
+    assert not re.search(r"Epoch: \d/1, Iter:", log)  # nothing trained again
+    assert (models / "model_final.pt").is_file() and (root / "runs" / "eval" / "metrics.json").is_file()
 
 
 _SECOND_SIGNAL = r"""
 import sys, time
 from hmn.workflows.stop import StopSignals
+import os, signal
 signals = StopSignals(lambda s: print("first", s, flush=True), lambda s: print("second", s, flush=True))
 assert signals.install()
+child = os.fork()  # a forked child (a loader worker) gets the old handlers and no wakeup fd
+if child == 0:
+    os._exit(0 if signal.getsignal(signal.SIGINT) is signal.default_int_handler and signal.set_wakeup_fd(-1) == -1 else 1)
+assert os.waitpid(child, 0)[1] == 0
 print("ready", flush=True)
 time.sleep(300)  # the main thread inside a long call; a first signal alone must not end it
 """
