@@ -732,8 +732,7 @@ def multi_gpu_config(name: str) -> dict:
             "module": "$hmn.workflows.to_device(@network_def, @device, @channels_last)",
             "device_ids": "$[@device] if torch.cuda.is_available() else None",
         },
-        "train#sampler": {"_target_": "hmn.workflows.ResumableSampler", "dataset": "@train#dataset", "even_divisible": True,
-                          "shuffle": True, "seed": "$int(@seed)"},
+        # train#sampler (hmn.workflows.ResumableSampler) gives each rank its share under torchrun by itself
         "train#trainer#train_handlers": f"$@train#handlers[: -{_RANK0_TRAIN_HANDLERS} if dist.get_rank() > 0 else None]",
         "validate#sampler": {"_target_": "DistributedSampler", "dataset": "@validate#dataset", "even_divisible": False, "shuffle": False},
         "validate#dataloader#sampler": "@validate#sampler",

@@ -27,14 +27,25 @@ logger = logging.getLogger(__name__)
 FINAL_MODEL_NAME = "model_final.pt"
 
 
-def unwrapped_state_dict(network: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The network's ``state_dict`` without a ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``
-    wrapper's key prefix, so that it loads into the plain network."""
+def _unwrapped(network: torch.nn.Module) -> torch.nn.Module:
+    """The plain network inside ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile`` wrappers."""
     while True:
         inner = getattr(network, "module", None) or getattr(network, "_orig_mod", None)
         if not isinstance(inner, torch.nn.Module):
-            return network.state_dict()
+            return network
         network = inner
+
+
+def unwrapped_state_dict(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The network's ``state_dict`` without a ``DistributedDataParallel`` / ``DataParallel`` / ``torch.compile``
+    wrapper's key prefix, so that it loads into the plain network."""
+    return _unwrapped(network).state_dict()
+
+
+def _done_in_epoch(state: Any) -> int:
+    """The iterations of the current epoch done (ignite counts ``state.iteration`` from the run's start)."""
+    length = state.epoch_length or 0
+    return (state.iteration - 1) % length + 1 if length and state.iteration else 0
 
 
 class TrainingRun:
@@ -227,10 +238,7 @@ class TrainingRun:
                 from hmn.checkpoints import load_checkpoint
 
                 final = load_checkpoint(self.final_model_path, map_location="cpu")
-            target = network
-            while isinstance(getattr(target, "module", None) or getattr(target, "_orig_mod", None), torch.nn.Module):
-                target = getattr(target, "module", None) or getattr(target, "_orig_mod")
-            target.load_state_dict(final, strict=True)
+            _unwrapped(network).load_state_dict(final, strict=True)
 
     # ---- graceful stop -------------------------------------------------------------------------------------------
 
@@ -257,9 +265,7 @@ class TrainingRun:
 
     def _position(self, engine: Any) -> str:
         state = engine.state
-        length = state.epoch_length or 0
-        done = (state.iteration - 1) % length + 1 if length and state.iteration else 0
-        return f"epoch {state.epoch}/{state.max_epochs}, iteration {done}/{length}"
+        return f"epoch {state.epoch}/{state.max_epochs}, iteration {_done_in_epoch(state)}/{state.epoch_length or 0}"
 
     def _last_complete_checkpoint(self) -> str | None:
         from hmn.workflows.resume import full_state_checkpoints
@@ -317,9 +323,8 @@ class TrainingRun:
         if not (self.graceful_stop or self.checkpoint_every):
             return
         requested = self._stop_requested(engine) if self.graceful_stop else None
-        length = engine.state.epoch_length
-        done = (engine.state.iteration - 1) % length + 1
-        if done == length:
+        done = _done_in_epoch(engine.state)
+        if done == engine.state.epoch_length:
             return  # the epoch's end: its validation and checkpoint come first (_epoch_completed)
         acc = int(getattr(engine, "accumulation_steps", 1) or 1)
         if done % acc:
