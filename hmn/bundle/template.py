@@ -435,7 +435,8 @@ def train_config(name: str) -> dict:
                 "item_shape": "$[@network_def#in_channels, @image_size, @image_size]",
             },
             "dataloader": {"_target_": "DataLoader", "dataset": "@test#dataset", "batch_size": "@batch_size",
-                           "shuffle": False, "num_workers": "@num_workers"},
+                           "shuffle": False, "num_workers": "@num_workers",
+                           "worker_init_fn": "$hmn.workflows.worker_ignores_stop_signals"},
             "evaluator": {
                 "_target_": "SupervisedEvaluator",
                 "device": "@device",

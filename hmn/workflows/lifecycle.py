@@ -228,10 +228,10 @@ class TrainingRun:
             final = {k: v.detach().to("cpu", copy=True) for k, v in unwrapped_state_dict(network).items()}
         if self.signals.requested:
             return  # a stop asked for before the test evaluation: it is not started
-        self.evaluated = evaluate_after_training(self.test_evaluator, self.ckpt_dir, True)
-        if self.evaluated and self.signals.requested and self.test_evaluator.should_terminate == "skip_completed":
-            self.evaluated = False  # stopped part-way: no report was written
-        if self.evaluated and isinstance(network, torch.nn.Module):
+        ran = evaluate_after_training(self.test_evaluator, self.ckpt_dir, True)
+        # stopped part-way (a graceful stop): no report was written
+        self.evaluated = ran and not (self.signals.requested and self.test_evaluator.should_terminate == "skip_completed")
+        if ran and isinstance(network, torch.nn.Module):
             # the test evaluator loaded model.pt into this network: give it its final weights back, so that a driver
             # that goes on with the trainer (the next federated round, get_weights) has the weights it trained
             if final is None:

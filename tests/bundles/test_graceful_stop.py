@@ -206,3 +206,14 @@ def test_the_continue_command_replaces_resume_and_keeps_every_other_argument(mon
     assert continue_command(["script.py", "--x"]) is None  # not the bundle command line: none is made up
     monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun: its own options are not visible here
     assert continue_command(argv) is None
+
+
+def test_every_loader_a_training_run_iterates_leaves_the_signals_to_the_trainer():
+    """Loader workers ignore SIGINT/SIGTERM (a terminal's Ctrl-C reaches the whole process group): a worker that
+    took it would end and fail the iteration the graceful stop is finishing; the test split's loader runs inside
+    the trainer's run too (the end-of-training evaluation, which a stop also ends)."""
+    for config in sorted(ROOT.glob("bundles/*/configs/train.json")):
+        data = json.loads(config.read_text())
+        for split in ("train", "validate", "test"):
+            assert data[split]["dataloader"].get("worker_init_fn") == "$hmn.workflows.worker_ignores_stop_signals", (
+                config, split)
