@@ -38,7 +38,10 @@ def _base(name: str) -> tuple[int, ...]:
 def _other(name: str) -> tuple[int, ...]:
     return OTHER_3D if get_backbone_spec(name).spatial_dims == 3 else OTHER
 # the largest backbones take tens of seconds each to build, script and export on 2 cores
-SLOW = {"convnext_large", "swin_base", "efficientnetv2_l", "vim_small", "vim_base"}
+# the larger members of each family: the smaller ones (convnext_tiny/small, swin_tiny, efficientnetv2_s, vim_tiny,
+# resnet50 and the 3D bundles) export the same code by default
+SLOW = {"convnext_base", "convnext_large", "swin_small", "swin_base", "efficientnetv2_m", "efficientnetv2_l",
+        "vim_small", "vim_base"}
 
 
 def _args(name: str, fmt: str) -> dict:
