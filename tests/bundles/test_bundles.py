@@ -939,6 +939,7 @@ def _same_predictions(got, want, demo_datalist):
             assert (g[c] == w[c] == "") or float(g[c]) == pytest.approx(float(w[c]), abs=1e-5)
 
 
+@pytest.mark.slow  # 35 s; torchrun itself runs by default in test_multi_process_training_on_gloo
 def test_inference_under_torchrun_writes_one_merged_csv_and_resumes(trained, demo_datalist, tmp_path):
     """Two gloo processes: each predicts its share, and the run ends with the one CSV (and heatmap index) a
     single process writes, sorted by path, with no per-rank file left. A single-process run cut off after two
