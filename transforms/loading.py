@@ -1164,6 +1164,8 @@ class _Loaded:
         self.from_float = from_float  # integer sources cannot hold NaN/inf: no need to scan them
 
 
+# meta keys that LoadXray._finish computes from the array and affine (not carried over from an in-memory image)
+_RECOMPUTED_META = ("filename_or_obj", "affine", "original_affine", "spatial_shape", "original_channel_dim", "space")
 _RESIZE_MODES = ("area", "bilinear", "trilinear", "bicubic", "nearest")
 ASPECT_MODES = ("stretch", "pad", "crop")
 
@@ -1202,6 +1204,8 @@ class LoadXray(Transform):
         dicom_tags: DICOM keywords whose values (as strings, ``""`` when absent or not DICOM) go into the
             meta. Nothing else from the DICOM header does, so patient-identifying attributes
             (PatientName, PatientID, PatientBirthDate, AccessionNumber, ...) appear only if listed here.
+            A series folder gives its first file's values, except ``SOPInstanceUID`` (``""``: the volume is
+            many instances).
         dtype: output dtype (float32 by default).
         spatial_size: resize the image to this size as it is loaded (an int for every spatial axis, or one
             per axis), with ``resize_mode``; ``None`` keeps the file's size. The pixels and the affine equal
@@ -1295,9 +1299,20 @@ class LoadXray(Transform):
         self.spatial_size, self.resize_mode, self.aspect = spatial_size, resize_mode, aspect
 
     # -- public -------------------------------------------------------------------------------
-    def __call__(self, path: str | os.PathLike) -> MetaTensor:
+    def __call__(self, path: str | os.PathLike | np.ndarray | torch.Tensor) -> MetaTensor:
+        """Loads `path` (a file, or a folder holding one DICOM series), or takes an image already in memory
+        (:meth:`from_memory`: a numpy array, tensor or MetaTensor, as MONAI Deploy's bundle operator hands it
+        over).
+
+        Raises:
+            ImageReadError: the file (or in-memory image) cannot be read or breaks a limit set here.
+            TypeError: `path` is none of the accepted types.
+        """
+        if isinstance(path, (np.ndarray, torch.Tensor)):
+            return self.from_memory(path)
         if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"LoadXray expects a file path, got {type(path).__name__}")
+            raise TypeError(f"LoadXray expects a file path or an in-memory image (numpy array, torch tensor or "
+                            f"MetaTensor), got {type(path).__name__}")
         path = os.fspath(path)
         kind = sniff_format(path)
         if kind == "dicom":
@@ -1309,6 +1324,93 @@ class LoadXray(Transform):
         else:
             loaded = self._read_pil(path)
         return self._finish(path, loaded)
+
+    def from_memory(self, image: np.ndarray | torch.Tensor) -> MetaTensor:
+        """An image already in memory, as the file path would give it where the pixels allow.
+
+        Two layouts are accepted, told apart by the meta of a MetaTensor:
+
+        * an image this class loaded (its meta has ``voi``, ``spacing_source`` and ``original_channel_dim`` 0,
+          e.g. :class:`hmn.deploy.app.XraySeriesOperator`'s output read without ``spatial_size``): its pixels,
+          photometrics and meta are kept and only ``spatial_size``/``aspect`` and the shape checks are applied,
+          so the result equals the file path's exactly, MONOCHROME1 and VOI included;
+        * any other array (MONAI's ``LoadImage`` layout, which MONAI Deploy's ``DICOMSeriesToVolumeOperator``
+          and ``MonaiBundleInferenceOperator`` give): spatial axes ``(X, Y[, Z])`` = (columns, rows[, slices]),
+          the channel axis where ``meta["original_channel_dim"]`` says (``"no_channel"``, the default, for
+          none). A 2D pipeline (``spatial_dims`` 2, or an image whose last axis is 1) gets ``(C, rows,
+          columns)`` as from a file; ``meta["spacing"]`` (X, Y[, Z]) in mm gives the spacing (1 mm without).
+          The values are taken as they are (modality values, when the producer applied the Modality LUT as
+          the SDK does): no VOI window can be applied (the header is not at hand; ``meta["voi"]`` is
+          ``"none"``), and MONOCHROME1 is mirrored about the image's own range only where
+          ``meta["photometric_interpretation"]`` (or ``PhotometricInterpretation``) says MONOCHROME1. After
+          the bundles' percentile normalization a MONOCHROME2 image without a VOI window gives the same
+          network input as its file; one whose window clips values, or a MONOCHROME1 image whose meta does
+          not say so, does not (:mod:`hmn.deploy` reads the files itself for that reason).
+
+        Raises:
+            ImageReadError: no pixels, more than ``max_pixels`` values, NaN/inf values, or a shape that breaks
+                ``spatial_dims``/``channels``; the message names ``meta["filename_or_obj"]`` where there is one.
+        """
+        meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
+        name = meta.get("filename_or_obj")
+        name = str(name) if isinstance(name, (str, os.PathLike)) and str(name) else "<in-memory image>"
+        if isinstance(image, MetaTensor):
+            arr = image.as_tensor().detach().cpu().numpy()
+        elif isinstance(image, torch.Tensor):
+            arr = image.detach().cpu().numpy()
+        else:
+            arr = np.asarray(image)
+        if arr.dtype.kind not in "biuf":
+            raise ImageReadError(name, f"in-memory image of dtype {arr.dtype}: accepted are numbers")
+        if self.max_pixels is not None and arr.size > self.max_pixels:
+            raise ImageReadError(name, f"in-memory image of {arr.size} values (shape {arr.shape}) is over "
+                                       f"max_pixels={self.max_pixels}")
+        arr = arr.astype(np.float32, copy=False) if arr.dtype.kind != "f" else arr
+        ours = meta.get("original_channel_dim") == 0 and "voi" in meta and "spacing_source" in meta
+        if ours:
+            if arr.ndim < 3:
+                raise ImageReadError(name, f"in-memory image of shape {arr.shape} has no channel axis first")
+            affine = np.asarray(image.affine if isinstance(image, MetaTensor) else _affine_2d(meta["spacing"]))
+            kept = {k: v for k, v in meta.items() if k not in _RECOMPUTED_META}
+            return self._finish(name, _Loaded(arr, affine, meta["spacing"], kept))
+        channel = meta.get("original_channel_dim", "no_channel")
+        if channel is None or channel == "no_channel" or (isinstance(channel, float) and math.isnan(channel)):
+            arr = arr[None]
+        else:
+            try:
+                arr = np.moveaxis(arr, int(channel), 0)
+            except (TypeError, ValueError, np.exceptions.AxisError) as e:
+                raise ImageReadError(name, f"original_channel_dim={channel!r} does not fit shape {arr.shape}") from e
+        spacing = [float(v) for v in np.asarray(meta.get("spacing", []), dtype=float).reshape(-1)]
+        if arr.ndim == 4 and arr.shape[-1] == 1 and self.spatial_dims != 3:
+            arr = arr[..., 0]  # one slice (a radiograph as a one-image series)
+        if arr.ndim == 3:  # (C, X, Y) -> (C, rows, columns)
+            arr = np.swapaxes(arr, 1, 2)
+            xy = spacing[:2] if len(spacing) >= 2 and all(v > 0 for v in spacing[:2]) else [1.0, 1.0]
+            spacing, source = [xy[1], xy[0]], "meta" if len(spacing) >= 2 else "default"
+            affine = _affine_2d(spacing)
+        elif arr.ndim == 4:
+            if isinstance(image, MetaTensor):
+                affine = np.asarray(image.affine, dtype=np.float64)
+            else:
+                affine = np.diag([*(spacing[:3] if len(spacing) >= 3 else [1.0] * 3), 1.0])
+            spacing = [float(np.linalg.norm(affine[:3, k])) for k in range(3)]
+            source = "meta"
+        else:
+            raise ImageReadError(name, f"in-memory image of shape {tuple(np.shape(image))} (channel "
+                                       f"{channel!r}): accepted are 2D or 3D images with at most one channel axis")
+        pi = str(meta.get("photometric_interpretation", meta.get("PhotometricInterpretation", "")) or "").upper()
+        out_meta: dict[str, Any] = {"format": "in_memory", "voi": "none", "spacing_source": source,
+                                    "photometric_interpretation": pi}
+        if pi == "MONOCHROME1" and self.invert_monochrome1:
+            lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
+            arr = np.float32(lo + hi) - arr
+            out_meta["inverted"] = True
+        for key in ("modality", "Modality"):
+            if meta.get(key):
+                out_meta["modality"] = str(meta[key])
+        out_meta.update({k: str(meta[k]) for k in self.dicom_tags if meta.get(k) not in (None, "")})
+        return self._finish(name, _Loaded(np.ascontiguousarray(arr), affine, spacing, out_meta))
 
     # -- finishing ----------------------------------------------------------------------------
     def _finish(self, path: str, loaded: _Loaded) -> MetaTensor:
@@ -1618,6 +1720,9 @@ class LoadXray(Transform):
             vol = values[None]
         vol = np.transpose(vol, (0, 3, 2, 1))  # (C, X=cols, Y=rows, Z)
         meta.update(format="dicom_series", frame=-1, spacing_source=spacing_src)
+        # dicom_tags come from the first file; an instance's own UID does not stand for the series
+        if "SOPInstanceUID" in self.dicom_tags:
+            meta["SOPInstanceUID"] = ""
         return _Loaded(vol, ras, spacing, meta)
 
     # -- PIL ----------------------------------------------------------------------------------
@@ -1755,14 +1860,15 @@ class LoadXray(Transform):
 
 
 class LoadXrayd(MapTransform):
-    """Dictionary wrapper of :class:`LoadXray`: replaces each path under `keys` by the loaded MetaTensor.
+    """Dictionary wrapper of :class:`LoadXray`: replaces each path (or in-memory image, see
+    :meth:`LoadXray.from_memory`) under `keys` by the loaded MetaTensor.
 
     Usable from a bundle config::
 
         {"_target_": "hmn.transforms.LoadXrayd", "keys": ["image"], "voi": "apply", "color": "grey"}
 
     Args:
-        keys: keys of the items holding file paths.
+        keys: keys of the items holding file paths (or in-memory images).
         allow_missing_keys: do not raise when a key is missing.
         All other arguments are :class:`LoadXray`'s.
     """
