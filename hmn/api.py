@@ -158,13 +158,14 @@ def predict(bundle: str | os.PathLike, input: str | os.PathLike, **overrides: An
 
     Returns:
         The rows of the predictions CSV (``output_file``), in its order: ``{"image": path, "error": "" or why the
-        image was left out, <class name>: probability (float, None for an error row), ...}``.
+        image was left out, "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID": the DICOM UIDs ("" for
+        other files), <class name>: probability (float, None for an error row), ...}``.
 
     Raises:
         FileNotFoundError: `bundle` has no ``configs/inference.json``, or the model file is missing.
         Whatever the run raises (the bundle's own errors name the file or setting at fault).
     """
-    from hmn.inference import read_prediction_rows
+    from hmn.inference import class_columns, read_prediction_rows
 
     workflow = _run(_config_files(bundle, "inference"), "infer", {**overrides, "input": os.fspath(input)})
     output_file = workflow.parser.get_parsed_content("output_file")
@@ -174,7 +175,7 @@ def predict(bundle: str | os.PathLike, input: str | os.PathLike, **overrides: An
     out = []
     for row in rows:
         record: dict[str, Any] = dict(zip(header or [], row))
-        for name in (header or [])[2:]:
+        for name in class_columns(header or []):
             record[name] = float(record[name]) if record[name] != "" else None
         out.append(record)
     return out

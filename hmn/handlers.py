@@ -10,6 +10,7 @@ of per-image input dicts, whose ``"image"`` MetaTensor carries the source path i
   the run completes, writes the report of :func:`hmn.evaluation.write_report`.
 * :class:`PredictionCSVWriter` (inference.json) appends one row per image after every iteration.
 * :class:`HeatmapWriter` (inference.json, ``heatmaps``) writes Grad-CAM overlays and maps per image and finding.
+* :class:`StructuredReportWriter` (inference.json, ``dicom_sr``) writes one DICOM Structured Report per study.
 
 Under ``torchrun`` the report handler gathers every rank's predictions and rank 0 writes the report
 (use a sampler that does not pad, e.g. ``monai.data.DistributedSampler(even_divisible=False)``, or
@@ -35,12 +36,12 @@ from scipy.special import expit
 from hmn.durable import PATH_ERRORS, portable_text
 from hmn.evaluation import atomic_write, compute_report, macro_auc, write_report
 from hmn.evaluation.metrics import class_aucs
-from hmn.inference import rank_file, read_prediction_rows
+from hmn.inference import DICOM_UID_COLUMNS, rank_file, read_prediction_rows
 from hmn.run_lock import RunLock
 from hmn.workflows.devices import rank_world
 
-__all__ = ["EvaluationReportHandler", "HeatmapWriter", "MacroROCAUC", "PredictionCSVWriter", "ValidationThresholds",
-           "stack_pred_label"]
+__all__ = ["EvaluationReportHandler", "HeatmapWriter", "MacroROCAUC", "PredictionCSVWriter", "StructuredReportWriter",
+           "ValidationThresholds", "stack_pred_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,20 @@ def _image_path(items: Sequence[Mapping | None], key: str, fallback: str) -> str
         elif isinstance(value, (str, os.PathLike)):
             return os.fspath(value)
     return fallback
+
+
+def _image_meta(items: Sequence[Mapping | None], key: str, names: Sequence[str]) -> list[str]:
+    """The values of meta keys `names` of the image under `key` (``""`` where absent), e.g. the DICOM UIDs."""
+    for item in items:
+        value = item.get(key) if item is not None else None
+        if isinstance(value, MetaTensor):
+            out = []
+            for name in names:
+                v = value.meta.get(name, "")
+                v = v[0] if isinstance(v, (list, tuple)) and len(v) == 1 else v
+                out.append("" if v is None else str(v))
+            return out
+    return [""] * len(names)
 
 
 def _text(items: Sequence[Mapping | None], key: str) -> str:
@@ -558,8 +573,10 @@ class PredictionCSVWriter:
     nothing already written (each iteration's rows are flushed and fsync'ed).
 
     Columns: ``image`` (the source path), ``error`` (empty, or the one-line reason the file could not be
-    used, from :class:`hmn.inference.InferenceDataset`), then one column per class name holding the
-    predicted probability (empty on an error row). Rows follow the order of the data loader.
+    used, from :class:`hmn.inference.InferenceDataset`), ``StudyInstanceUID``, ``SeriesInstanceUID``,
+    ``SOPInstanceUID`` (:data:`hmn.inference.DICOM_UID_COLUMNS`, from the image's meta as ``LoadXrayd(dicom_tags=...)``
+    reads them: empty for a file that is not DICOM, SOPInstanceUID empty for a series folder), then one column per
+    class name holding the predicted probability (empty on an error row). Rows follow the order of the data loader.
 
     When the run starts, an existing file is rewritten from scratch (header only), unless `resume`:
     then its complete error-free rows are kept (a row cut off by a crash and error rows are dropped,
@@ -597,7 +614,7 @@ class PredictionCSVWriter:
         self.class_names = self.reader.class_names
         self.output_file = os.fspath(output_file)
         self.image_key, self.error_key, self.resume = image_key, error_key, bool(resume)
-        self.header = ["image", "error", *self.class_names]
+        self.header = ["image", "error", *DICOM_UID_COLUMNS, *self.class_names]
         self.path: str | None = None
         self.lock = RunLock(self.output_file, "inference", file=True, all_ranks=True)
         self.rows_written = 0
@@ -624,8 +641,8 @@ class PredictionCSVWriter:
             header, rows = read_prediction_rows(path)
             if header is not None and header != self.header:
                 raise ValueError(
-                    f"{path} has columns {header}, not {self.header}: it was written for other classes; "
-                    "remove it or write to another file"
+                    f"{path} has columns {header}, not {self.header}: it was written for other classes (or by a "
+                    "version without the DICOM UID columns); remove it or write to another file"
                 )
             kept = [r for r in rows if r[1] == ""]
             logger.info("resuming %s: %d predictions kept, %d rows dropped (errors or cut off, tried again)",
@@ -661,11 +678,12 @@ class PredictionCSVWriter:
             if self.resume and image in self._done:
                 continue
             error = portable_text(_text(items, self.error_key))
+            uids = _image_meta(items, self.image_key, DICOM_UID_COLUMNS)
             if error:
-                rows.append([image, " ".join(error.split())] + [""] * len(self.class_names))
+                rows.append([image, " ".join(error.split()), *uids] + [""] * len(self.class_names))
                 self.errors += 1
             else:
-                rows.append([image, ""] + [repr(float(p)) for p in self.reader.probabilities(output_item, image)])
+                rows.append([image, "", *uids] + [repr(float(p)) for p in self.reader.probabilities(output_item, image)])
             if self.resume:
                 self._done.add(image)
         if not rows:
@@ -684,13 +702,115 @@ class PredictionCSVWriter:
         self.lock.release()
 
 
+class StructuredReportWriter:
+    """Writes one DICOM Structured Report (TID 1500 Measurement Report, :mod:`hmn.deploy.sr`) per study of the
+    DICOM images in a predictions CSV when an inference run completes: the run's own rows and those of an
+    earlier run that ``--resume`` kept, so that a study's report covers every image of it that was predicted.
+
+    Reads :class:`PredictionCSVWriter`'s file (under torchrun every rank's share, after a barrier; rank 0 writes),
+    and each DICOM image's header again (patient and study attributes go into the SR, never into a log). Rows
+    with an error and files that are not DICOM (an empty ``SOPInstanceUID``: PNG/JPEG, a 3D series folder) get no
+    report; the log says how many.
+
+    Args:
+        output_dir: the folder of the SRs (created); ``""``/None: nothing is attached (the bundles' default).
+        predictions_file: the CSV :class:`PredictionCSVWriter` writes (its ``output_file``).
+        class_names: the class names, the CSV's class columns.
+        algorithm_name, algorithm_version: the model's identification in the SR (the bundle's metadata.json
+            ``name`` and ``version``).
+
+    Raises:
+        ImportError: `output_dir` is given and highdicom is not installed (``pip install -e ".[deploy]"``);
+            raised when the handler is built, before anything is predicted.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike | None,
+        predictions_file: str | os.PathLike,
+        class_names: Sequence[str],
+        algorithm_name: str,
+        algorithm_version: str,
+    ) -> None:
+        self.output_dir = os.fspath(output_dir) if output_dir else ""
+        self.predictions_file = os.fspath(predictions_file)
+        self.class_names = [str(c) for c in class_names]
+        self.algorithm_name, self.algorithm_version = str(algorithm_name), str(algorithm_version)
+        self.written: list[str] = []
+        if self.output_dir:
+            try:
+                import highdicom  # noqa: F401
+            except ImportError as e:
+                raise ImportError(f"dicom_sr={self.output_dir!r} needs highdicom: pip install -e \".[deploy]\" "
+                                  "(or pip install highdicom)") from e
+
+    def attach(self, engine: Any) -> None:
+        """Registers :meth:`write` on COMPLETED (nothing when there is no `output_dir`)."""
+        from ignite.engine import Events
+
+        if self.output_dir:
+            engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def rows(self) -> list[tuple[str, list[float]]]:
+        """(DICOM path, probabilities) of every error-free row with a SOPInstanceUID in the predictions file(s)."""
+        from hmn.inference import run_outputs
+
+        items: dict[str, list[float]] = {}
+        for path in run_outputs(self.predictions_file):
+            if not os.path.exists(path):
+                continue
+            header, rows = read_prediction_rows(path)
+            if not header:
+                continue
+            missing = [c for c in ("image", "error", "SOPInstanceUID", *self.class_names) if c not in header]
+            if missing:
+                raise ValueError(f"{path}: no {missing} column(s) in its header {header}; it was not written by this "
+                                 "inference (PredictionCSVWriter with these classes)")
+            i_img, i_err, i_sop = header.index("image"), header.index("error"), header.index("SOPInstanceUID")
+            cols = [header.index(c) for c in self.class_names]
+            for r in rows:
+                if r[i_err] == "" and r[i_sop] != "":
+                    items[r[i_img]] = [float(r[k]) for k in cols]
+        return list(items.items())
+
+    def write(self, engine: Any = None) -> list[str]:
+        """Writes the SRs (rank 0, after every rank's rows are on disk); returns their paths."""
+        rank, world = rank_world()
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            return []
+        from hmn.deploy.sr import write_study_reports
+
+        items = self.rows()
+        self.written = write_study_reports(items, self.output_dir, self.class_names,
+                                           algorithm_name=self.algorithm_name,
+                                           algorithm_version=self.algorithm_version)
+        logger.info("%d DICOM Structured Report(s) of %d DICOM image(s) written to %s", len(self.written), len(items),
+                    self.output_dir)
+        return self.written
+
+
 class HeatmapWriter:
     """Writes Grad-CAM heatmaps during an inference run (:mod:`hmn.explain`): for every readable image, one
     overlay PNG and one ``.npy`` per chosen finding whose probability is at or above its threshold, under
     ``output_dir/<id>/<finding>.png|.npy`` with ``<id>`` a hash of the image's path (no DICOM attribute, and
     nothing readable from the path, goes into a name or a picture), and one row per file pair in
-    ``output_dir/heatmaps.csv`` (columns :data:`hmn.explain.HEATMAP_INDEX_COLUMNS`), appended and synced
-    after each iteration.
+    ``output_dir/heatmaps.csv`` (columns :data:`hmn.explain.HEATMAP_INDEX_COLUMNS`: the image's path and id, its
+    DICOM ``StudyInstanceUID``, ``SeriesInstanceUID`` and ``SOPInstanceUID`` from the image's meta as
+    ``LoadXrayd(dicom_tags=...)`` reads them, empty for a file that is not DICOM, then the finding, its probability
+    and threshold, the geometry and the two files), appended and synced after each iteration.
+
+    Geometry: ``"input"`` (default) writes the maps and overlays at the network input's size, as the network saw
+    the image after the loader's resize (with ``aspect`` ``stretch``, ``pad`` or ``crop``). ``"source"`` takes
+    each map back to the source file's own rows x columns (:class:`hmn.explain.SourceGeometry`,
+    :func:`hmn.explain.maps_to_source`: the file is read again at its own size with the preprocessing's loader,
+    and the resize and pad or crop are undone as the loader's affines record them), so that ``map[r, c]`` refers
+    to pixel ``(r, c)`` of the DICOM/PNG file: a pad's border is left out, and with ``crop`` the margins the
+    network never saw are **NaN** (not 0, which would say "no evidence" where there was no view). The overlay is
+    then drawn on the source image at its own size (one pixel per pixel, its unseen margins uncoloured inside a
+    dashed frame). Source maps are float32 at the file's size (about 36 MB per finding for a 3000 x 3000
+    radiograph), and each explained file is read a second time.
 
     Attach it before :class:`PredictionCSVWriter`: an iteration's heatmaps are then on disk before its CSV
     rows, so a run stopped in between leaves those images without rows, and a resumed run (which skips
@@ -710,6 +830,17 @@ class HeatmapWriter:
         batch_size: (image, finding) pairs per Grad-CAM pass.
         resume: keep the index of an earlier run (pair with ``PredictionCSVWriter(resume=True)``); by default
             the index starts afresh (heatmap files already there stay until overwritten).
+        apply_sigmoid: the evaluator's ``pred`` are logits (True: a sigmoid gives the probabilities compared
+            with the thresholds) or already probabilities (False: the bundles' inference postprocessing).
+        geometry: ``"input"`` or ``"source"`` (:data:`hmn.explain.HEATMAP_GEOMETRIES`; above).
+        loader: for ``"source"``, the preprocessing that made the network's input (a MONAI ``Compose`` holding an
+            :class:`hmn.transforms.LoadXrayd`, the ``LoadXrayd`` or its ``LoadXray``); None takes the
+            transform of the engine's dataset when the run starts.
+
+    Raises:
+        ValueError: an unknown `levels` or `geometry`, finding or threshold; when the run starts, a `loader` (or
+            dataset transform) without a ``LoadXray`` for ``"source"``, or with `resume` an index of an older
+            version (without the DICOM UID and geometry columns, :func:`hmn.explain.check_index`).
     """
 
     def __init__(
@@ -727,12 +858,15 @@ class HeatmapWriter:
         num_classes: int | None = None,
         batch_size: int = 8,
         resume: bool = False,
+        apply_sigmoid: bool = True,
+        geometry: str = "input",
+        loader: Any = None,
     ) -> None:
-        from hmn.explain import GRADCAM_LEVELS, resolve_findings, resolve_thresholds
+        from hmn.explain import GRADCAM_LEVELS, HEATMAP_GEOMETRIES, resolve_findings, resolve_thresholds
         from hmn.workflows.devices import as_bool
 
         self.enabled = as_bool(enabled, "heatmaps")
-        self.reader = _PredictionReader(class_names, pred_key, True, num_classes)
+        self.reader = _PredictionReader(class_names, pred_key, apply_sigmoid, num_classes)
         self.class_names = self.reader.class_names
         self.output_dir = os.fspath(output_dir)
         self.network = getattr(network, "module", network)
@@ -742,6 +876,10 @@ class HeatmapWriter:
         self.levels, self.batch_size, self.resume = levels, int(batch_size), as_bool(resume, "resume")
         self.findings = resolve_findings(findings, self.class_names)
         self.thresholds = resolve_thresholds(thresholds, self.class_names)
+        if geometry not in HEATMAP_GEOMETRIES:
+            raise ValueError(f"heatmap geometry must be one of {HEATMAP_GEOMETRIES}, got {geometry!r}")
+        self.geometry, self.loader = geometry, loader
+        self.source = None  # the hmn.explain.SourceGeometry of "source", built when the run starts
         self.files_written = 0
         self._seen = 0
 
@@ -761,21 +899,43 @@ class HeatmapWriter:
         engine.add_event_handler(Events.COMPLETED, self.finish)
 
     def start(self, engine: Any = None) -> None:
-        """Starts the index afresh unless `resume` (the files of an earlier run stay until overwritten)."""
+        """Starts the index afresh unless `resume` (the files of an earlier run stay until overwritten); with
+        `resume`, first refuses an index of an older version (this rank's and the merged one of a torchrun run,
+        which the end of the run merges into), before anything is computed. For ``"source"``, finds the loader."""
+        from hmn.explain import check_index
+        from hmn.inference import run_outputs
+
+        if self.geometry == "source":
+            self._source_geometry(engine)
+        if self.resume:
+            merged = os.path.join(self.output_dir, "heatmaps.csv")
+            for path in dict.fromkeys([self.index_file, merged, *run_outputs(merged)[1:]]):
+                check_index(path)
         os.makedirs(self.output_dir, exist_ok=True)
         if not self.resume and os.path.exists(self.index_file):
             os.remove(self.index_file)
         self.files_written, self._seen = 0, 0
-        logger.info("heatmaps of %s at or above %s into %s",
+        logger.info("heatmaps of %s at or above %s into %s (%s geometry)",
                     ", ".join(self.class_names[k] for k in self.findings),
-                    ", ".join(f"{self.thresholds[k]:.3g}" for k in self.findings), self.output_dir)
+                    ", ".join(f"{self.thresholds[k]:.3g}" for k in self.findings), self.output_dir, self.geometry)
+
+    def _source_geometry(self, engine: Any) -> Any:
+        """The :class:`hmn.explain.SourceGeometry` of `loader`, or of the engine's dataset's transform."""
+        from hmn.explain import SourceGeometry
+
+        if self.source is None:
+            loader = self.loader
+            if loader is None:
+                loader = getattr(getattr(getattr(engine, "data_loader", None), "dataset", None), "transform", None)
+            self.source = SourceGeometry(loader)
+        return self.source
 
     def write(self, engine: Any) -> None:
         """Computes and writes the current iteration's heatmaps, then appends their index rows."""
-        from hmn.explain import append_index, gradcam_pairs, write_heatmaps
+        from hmn.explain import append_index, gradcam_pairs, maps_to_source, write_heatmaps
 
         device = next(self.network.parameters()).device
-        images, paths, probs, pairs = [], [], [], []
+        images, paths, probs, pairs, uids = [], [], [], [], []
         for batch_item, output_item in _iteration_items(engine):
             items = (batch_item, output_item)
             path = _image_path(items, self.image_key, f"item_{self._seen}")
@@ -793,17 +953,25 @@ class HeatmapWriter:
             images.append(x.detach().to(device, torch.float32))
             paths.append(path)
             probs.append(p)
+            uids.append(_image_meta(items, self.image_key, DICOM_UID_COLUMNS))
         if not pairs:
             return
         x = torch.stack(images)
         maps = gradcam_pairs(self.network, x, [i for i, _ in pairs], [k for _, k in pairs], self.levels,
                              self.batch_size).cpu()
+        source = self._source_geometry(engine) if self.geometry == "source" else None
         rows = []
         for i, path in enumerate(paths):
             sel = [j for j, (img, _) in enumerate(pairs) if img == i]
             ks = [pairs[j][1] for j in sel]
-            rows += write_heatmaps(self.output_dir, path, x[i].cpu(), maps[sel], [self.class_names[k] for k in ks],
-                                   probs[i][ks], self.thresholds[ks])
+            picture, image_maps = x[i].cpu().numpy(), maps[sel].numpy()
+            if self.geometry == "source":
+                # the file read again at its own size; a file gone since it was predicted stops the run here,
+                # before its CSV row, so a resumed run tries it again
+                picture, scale, offset = source.load(path, x.shape[2:])
+                image_maps = maps_to_source(image_maps, picture.shape[1:], scale, offset)
+            rows += write_heatmaps(self.output_dir, path, picture, image_maps, [self.class_names[k] for k in ks],
+                                   probs[i][ks], self.thresholds[ks], uids=uids[i], geometry=self.geometry)
         append_index(self.index_file, rows)
         self.files_written += 2 * len(rows)
 

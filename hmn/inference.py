@@ -44,6 +44,7 @@ from hmn.data.datalist import IMAGE_EXTENSIONS, find_images, find_volumes, load_
 from hmn.durable import atomic_write, portable_text
 
 __all__ = [
+    "DICOM_UID_COLUMNS",
     "InferenceDataset",
     "completed_images",
     "error_message",
@@ -95,8 +96,9 @@ class InferenceDataset(Dataset):
         error_key: the key of the error message (``""`` for good items).
         placeholder_shape: the shape of the zero image of a failed item; it must be the shape the
             preprocessing gives good items (e.g. ``(1, 224, 224)``) so that a batch can be stacked.
-        keep_meta: the image meta keys every item keeps (placeholders have no others, and MONAI's collate
-            needs the same keys in a batch); ``None`` keeps the transform's meta untouched.
+        keep_meta: the image meta keys every item keeps (``""`` where the transform set none, and in
+            placeholders; MONAI's collate needs the same keys in a batch); ``None`` keeps the transform's meta
+            untouched.
         catch_all: also turn other exceptions of the transform into error items. By default only file
             read errors (an :class:`hmn.transforms.ImageReadError` anywhere in the exception chain) are,
             and anything else, being a bug or a configuration error, propagates.
@@ -127,7 +129,9 @@ class InferenceDataset(Dataset):
 
     def _reduce_meta(self, image: Any) -> Any:
         if self.keep_meta is not None and isinstance(image, MetaTensor):
-            image.meta = {k: image.meta[k] for k in self.keep_meta if k in image.meta}
+            # a key the transform did not set is "" (a placeholder's meta, a file without the DICOM tag), so that
+            # every item of a batch has the same keys
+            image.meta = {k: image.meta.get(k, "") for k in self.keep_meta}
         return image
 
     def placeholder(self, item: dict, message: str) -> dict:
@@ -372,6 +376,18 @@ def completed_images(csv_path: str | os.PathLike, image_column: str = "image", e
     i_img = header.index(image_column)
     i_err = header.index(error_column) if error_column in header else None
     return {row[i_img] for row in rows if i_err is None or row[i_err] == ""}
+
+
+# the DICOM attributes that tie a prediction to its source: columns of predictions.csv and heatmaps.csv after "error"
+# (empty for a file that is not DICOM, and SOPInstanceUID for a series folder), read by LoadXrayd's dicom_tags
+DICOM_UID_COLUMNS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+
+
+def class_columns(header: Sequence[str]) -> list[str]:
+    """The class names of a predictions CSV header (:class:`hmn.handlers.PredictionCSVWriter`): the columns
+    after ``image``, ``error`` and :data:`DICOM_UID_COLUMNS` (a file written before the UID columns existed has
+    none of them)."""
+    return [c for c in header if c not in ("image", "error", *DICOM_UID_COLUMNS)]
 
 
 # why a 3D (volume) bundle gets no heatmaps, from inference (--heatmaps) and from `hmn explain`

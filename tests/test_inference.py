@@ -85,10 +85,12 @@ def test_folder_with_a_broken_file(tmp_path):
     assert rows_seen == [2, 3]  # on disk after each iteration, before the run completes
 
     header, rows = _read(out)
-    assert header == ["image", "error", "Effusion", "Mass"]
+    # PNG files: the DICOM UID columns are there, empty
+    assert header == ["image", "error", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "Effusion", "Mass"]
     assert [r[0] for r in rows] == paths
+    assert all(r[2:5] == ["", "", ""] for r in rows)
     bad = rows[1]
-    assert bad[0] == paths[1] and bad[2:] == ["", ""]
+    assert bad[0] == paths[1] and bad[5:] == ["", ""]
     assert bad[1].startswith(paths[1] + ": ") and "\n" not in bad[1]
     # independent: preprocess the good files directly and run the network on them, in the evaluator's batches
     # (batch_size=2: a.png beside b.png's zero placeholder, then c.png alone). A float32 logit moves by an ulp or so
@@ -102,7 +104,7 @@ def test_folder_with_a_broken_file(tmp_path):
         expected = torch.sigmoid(logit.double()).numpy()
         assert row[1] == ""
         assert 0.01 < expected.min() and expected.max() < 0.99  # logits in a range that tells them apart
-        np.testing.assert_allclose([float(v) for v in row[2:]], expected, rtol=1e-6)
+        np.testing.assert_allclose([float(v) for v in row[5:]], expected, rtol=1e-6)
     assert writer.errors == 1 and writer.rows_written == 3
 
 
@@ -111,7 +113,7 @@ def test_resume_keeps_finished_rows_and_retries_errors(tmp_path, caplog):
     paths = [str(root / "a.png"), str(root / "b.png"), str(root / "sub" / "c.png")]
     out = tmp_path / "predictions.csv"
     # an interrupted run: a.png done, b.png failed, c.png cut off mid-row
-    out.write_text(f"image,error,Effusion,Mass\n{paths[0]},,0.25,0.5\n{paths[1]},{paths[1]}: bad,,\n{paths[2]},,0.3")
+    out.write_text(f"image,error,StudyInstanceUID,SeriesInstanceUID,SOPInstanceUID,Effusion,Mass\n{paths[0]},,,,,0.25,0.5\n{paths[1]},{paths[1]}: bad,,,,,\n{paths[2]},,,,,0.3")
     assert completed_images(out) == {paths[0]}
 
     items = inference_items(root, skip_done=out)
@@ -119,8 +121,8 @@ def test_resume_keeps_finished_rows_and_retries_errors(tmp_path, caplog):
     _evaluate(items, PredictionCSVWriter(out, CLASSES, resume=True), _network())
     _, rows = _read(out)
     assert [r[0] for r in rows] == [paths[0], paths[1], paths[2]]
-    assert rows[0] == [paths[0], "", "0.25", "0.5"]  # kept as it was
-    assert rows[1][1] != "" and rows[2][1] == "" and rows[2][2] != "0.3"
+    assert rows[0] == [paths[0], "", "", "", "", "0.25", "0.5"]  # kept as it was
+    assert rows[1][1] != "" and rows[2][1] == "" and rows[2][5] != "0.3"
 
     # the writer alone (all items given again) does not duplicate rows it already has
     _evaluate(inference_items(root), PredictionCSVWriter(out, CLASSES, resume=True), _network())
@@ -132,10 +134,14 @@ def test_resume_keeps_finished_rows_and_retries_errors(tmp_path, caplog):
         _evaluate([{"image": paths[0]}], PredictionCSVWriter(out, CLASSES), _network(), batch_size=1)
     assert f"overwriting {out} and its 3 rows from an earlier run (--resume True would keep" in caplog.text
     _, fresh = _read(out)
-    assert [r[0] for r in fresh] == [paths[0]] and fresh[0][2] != "0.25"
+    assert [r[0] for r in fresh] == [paths[0]] and fresh[0][5] != "0.25"
 
     with pytest.raises(ValueError, match="written for other classes"):
         PredictionCSVWriter(out, ["Effusion", "Nodule"], resume=True).start()
+    # a file of a version before the DICOM UID columns is refused on resume, not appended to with other columns
+    out.write_text(f"image,error,Effusion,Mass\n{paths[0]},,0.25,0.5\n")
+    with pytest.raises(ValueError, match="without the DICOM UID columns"):
+        PredictionCSVWriter(out, CLASSES, resume=True).start()
 
 
 def test_dataset_only_catches_file_errors_unless_asked(tmp_path):
@@ -266,8 +272,8 @@ def test_two_processes_write_the_single_process_csv_and_resume(tmp_path):
 
     # a stopped run: two images done (merged earlier), one rank's share written part-way, a row cut off
     rows = want[1]
-    out.write_text("image,error,Effusion,Mass\n" + "".join(",".join(r) + "\n" for r in rows[:2]))
-    (tmp_path / "pred.rank1.csv").write_text("image,error,Effusion,Mass\n" + ",".join(rows[3]) + "\n" + rows[4][0] + ",,0.")
+    out.write_text("image,error,StudyInstanceUID,SeriesInstanceUID,SOPInstanceUID,Effusion,Mass\n" + "".join(",".join(r) + "\n" for r in rows[:2]))
+    (tmp_path / "pred.rank1.csv").write_text("image,error,StudyInstanceUID,SeriesInstanceUID,SOPInstanceUID,Effusion,Mass\n" + ",".join(rows[3]) + "\n" + rows[4][0] + ",,,,,0.")
     done = {r[0] for r in (rows[0], rows[1], rows[3]) if r[1] == ""}  # an error row (b.png) is tried again
     assert len(done) == 2 and {i["image"] for i in inference_items(root, skip_done=run_outputs(out))} == {
         r[0] for r in rows} - done
@@ -325,7 +331,7 @@ def test_file_names_that_are_not_utf8_get_rows_and_resume(tmp_path, caplog):
         rows = list(csv.reader(f))[1:]
     shown = {"a.png": str(root / "a.png"), "bad": str(root) + "/bad\\xff.png", "cafe": str(root) + "/caf\\xe9.png"}
     assert [r[0] for r in rows] == [shown["a.png"], shown["bad"], shown["cafe"]]
-    assert rows[1][1].startswith(shown["bad"] + ": ") and rows[2][1] == "" and rows[2][2] != ""
+    assert rows[1][1].startswith(shown["bad"] + ": ") and rows[2][1] == "" and rows[2][5] != ""
     assert f"not UTF-8, written with its other bytes as \\xNN: {shown['cafe']}" in caplog.text
     # resume: the Latin-1 file's row is found (not predicted again, not repeated); the broken one is retried
     items = inference_items(root, skip_done=out)
