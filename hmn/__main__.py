@@ -12,9 +12,9 @@ import sys
 # command -> ("module:function", one-line help). The function takes argv (list[str]) and returns an exit code.
 COMMANDS: dict[str, tuple[str, str]] = {
     "bundles": ("hmn.bundle.files:main", "write (or --check) the MONAI bundles under bundles/ from the template"),
-    "pack-bundle": ("hmn.bundle.packing:pack_main", "zip a bundle with its trained models/model.pt for sharing"),
+    "pack-bundle": ("hmn.bundle.packing:pack_main", "zip a bundle with its trained models/model.pt and its TorchScript export for sharing"),
     "fetch-large-files": ("hmn.bundle.distribution:fetch_main",
-                          "download and hash-check the files an unpacked bundle's large_files.yml links (model.pt)"),
+                          "download and hash-check the files an unpacked bundle's large_files.yml links (model.pt, model.ts)"),
     "datalist": ("hmn.data.cli:datalist_main", "write a datalist JSON from NIH, CheXpert, MIMIC-CXR, PadChest, VinDr-CXR, RSNA tables, class folders or a MONAI JSON"),
     "demo-data": ("hmn.data.cli:demo_main", "write (or reuse) the synthetic demo chest-radiograph dataset"),
     "demo3d-data": ("hmn.data.cli:demo3d_main", "write (or reuse) the synthetic 3D demo dataset (CT-like volumes, NIfTI and DICOM)"),

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from hmn.bundle.packing import file_hash
-from hmn.bundle.table import HASH_TYPES, PLACEHOLDER_URL
+from hmn.bundle.table import HASH_TYPES, PLACEHOLDER_URL, TS_PLACEHOLDER_URL
 
 __all__ = ["download_bundle", "fetch_large_files", "fetch_main", "read_large_files"]
 
@@ -105,9 +105,9 @@ def fetch_large_files(bundle: str | os.PathLike) -> list[str]:
     Raises:
         FileNotFoundError: `bundle` is not a folder.
         ValueError: the list is malformed; an entry's target or a folder on its way is a symbolic link (see above)
-            or not a file/folder; or an entry's ``url`` is :data:`PLACEHOLDER_URL` (or any text that is no
-            http(s), ftp or file URL) while its file is absent: the message names the file and says what to
-            fill in.
+            or not a file/folder; or an entry's ``url`` is :data:`PLACEHOLDER_URL` or :data:`TS_PLACEHOLDER_URL`
+            (or any text that is no http(s), ftp or file URL) while its file is absent: the message names the file
+            and says what to fill in.
         RuntimeError: a download failed, or a file's digest differs from ``hash_val`` (the message names both).
     """
     import logging
@@ -128,10 +128,11 @@ def fetch_large_files(bundle: str | os.PathLike) -> list[str]:
         target = _large_file_target(bundle, root, e["path"], listed)
         hash_val, hash_type = e.get("hash_val") or None, e.get("hash_type") or "md5"
         if not target.is_file() and urlparse(e["url"]).scheme not in ("http", "https", "ftp", "file"):
-            what = "the placeholder" if e["url"] == PLACEHOLDER_URL else "not a URL:"
+            what = "the placeholder" if e["url"] in (PLACEHOLDER_URL, TS_PLACEHOLDER_URL) else "not a URL:"
+            option = "--ts-url" if e["path"] == "models/model.ts" else "--weights-url"
             raise ValueError(
                 f"{listed}: the url of {e['path']} is {what} {e['url']!r}, so {target} cannot be downloaded. Put the "
-                f"file's download address in 'url' (the packer: python -m hmn pack-bundle ... --weights-url URL), or "
+                f"file's download address in 'url' (the packer: python -m hmn pack-bundle ... {option} URL), or "
                 f"copy the file to {target}" + (f" ({hash_type} {hash_val})" if hash_val else "")
             )
         if hash_val is None:
@@ -169,7 +170,8 @@ def fetch_large_files(bundle: str | os.PathLike) -> list[str]:
 def fetch_main(argv: list[str] | None = None) -> int:
     """``python -m hmn fetch-large-files BUNDLE_FOLDER``: :func:`fetch_large_files`."""
     p = argparse.ArgumentParser(prog="python -m hmn fetch-large-files",
-                                description="Download and check the files a bundle's large_files.yml links (model.pt).")
+                                description="Download and check the files a bundle's large_files.yml links "
+                                "(model.pt, model.ts).")
     p.add_argument("bundle", help="the unpacked bundle's folder (the one holding large_files.yml and configs/)")
     args = p.parse_args(argv)
     try:
@@ -185,8 +187,8 @@ def fetch_main(argv: list[str] | None = None) -> int:
 def download_bundle(url: str, bundle_dir: str | os.PathLike, name: str, hash_val: str | None = None,
                     hash_type: str = "md5", large_files: bool = True, max_bytes: int | None = None) -> str:
     """Fetches a packed bundle zip from ``url`` into ``bundle_dir/<name>``, checking its hash when given, then
-    (`large_files`) the files its ``large_files.yml`` links (:func:`fetch_large_files`: ``model.pt`` of a
-    bundle packed with ``--link-weights``), each checked against its own hash.
+    (`large_files`) the files its ``large_files.yml`` links (:func:`fetch_large_files`: ``model.pt`` and ``model.ts``
+    of a bundle packed with ``--link-weights``), each checked against its own hash.
 
     The hash is the trust anchor: a bundle's configs are code (MONAI evaluates their ``$`` expressions when it
     parses them), so loading a downloaded bundle runs whatever its author wrote, as unpickling does. Give the MD5

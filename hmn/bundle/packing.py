@@ -1,5 +1,6 @@
 """Packing a trained bundle for sharing (``python -m hmn pack-bundle``): the configs and metadata of the
-trained model, its weights (or a ``large_files.yml`` linking them), its run record and thresholds, in one zip.
+trained model, its weights and their TorchScript export ``models/model.ts`` (or a ``large_files.yml`` linking
+both), its run record and thresholds, in one zip.
 """
 
 from __future__ import annotations
@@ -13,11 +14,19 @@ from pathlib import Path
 from typing import Any
 
 from hmn.bundle.files import bundle_files
-from hmn.bundle.table import BUNDLES, HASH_TYPES, PLACEHOLDER_URL, TESTED_WITH, _VERSION_KEYS
+from hmn.bundle.table import (
+    BUNDLES,
+    EXPORT_ARGS,
+    HASH_TYPES,
+    PLACEHOLDER_URL,
+    TESTED_WITH,
+    TS_PLACEHOLDER_URL,
+    _VERSION_KEYS,
+)
 from hmn.bundle.template import _trained
 
 __all__ = ["LARGE_FILES", "ZOO_FILE_LIMIT", "file_hash", "installed_versions", "large_files_text", "pack_bundle",
-           "pack_main", "packed_config", "packed_inference_config", "packed_metadata"]
+           "pack_main", "packed_config", "packed_inference_config", "packed_metadata", "ts_url_beside"]
 
 
 def installed_versions(packages: tuple[str, ...] | None = None) -> dict[str, str]:
@@ -146,17 +155,40 @@ def large_files_text(entries: list[dict[str, str]]) -> str:
         "# Files of this bundle that are linked rather than included (the MONAI model zoo's large_files.yml).\n"
         "# Each is downloaded to `path` (relative to the bundle folder) and checked against `hash_val` by\n"
         "# `python -m hmn fetch-large-files BUNDLE_FOLDER`, hmn.bundle.download_bundle and the zoo's CI.\n"
-        f"# A url of {PLACEHOLDER_URL!r} is a placeholder: upload the file and put its download URL there.\n"
+        f"# A url of {PLACEHOLDER_URL!r} (or {TS_PLACEHOLDER_URL!r}) is a placeholder: upload the file and put\n"
+        "# its download URL there.\n"
     )
     return head + yaml.safe_dump({"large_files": entries}, sort_keys=False, default_flow_style=False, width=1000)
 
 
+def ts_url_beside(weights_url: str | None) -> str | None:
+    """Where ``model.ts`` is taken to be downloaded from when only the weights' URL is given: beside ``model.pt``
+    (`weights_url` with its last path segment ``model.pt`` replaced by ``model.ts``); None when `weights_url` is
+    None, does not end in ``/model.pt``, or has a query or fragment (a file host's share link says nothing about
+    where another file will be)."""
+    from urllib.parse import urlparse, urlunparse
+
+    if not weights_url:
+        return None
+    parts = urlparse(weights_url)
+    if parts.query or parts.fragment or parts.params or not parts.path.endswith("/model.pt"):
+        return None
+    return urlunparse(parts._replace(path=parts.path[: -len("model.pt")] + "model.ts"))
+
+
+def _check_url(url: str, what: str) -> None:
+    from urllib.parse import urlparse
+
+    if urlparse(url).scheme not in ("http", "https", "ftp", "file"):
+        raise ValueError(f"{what} URL {url!r} is not an http(s), ftp or file URL")
+
+
 def pack_bundle(name: str, zip_path: str | os.PathLike, models_dir: str | os.PathLike | None = None,
                 bundles_dir: str | os.PathLike = "bundles", link_weights: bool = False, weights_url: str | None = None,
-                hash_type: str = "sha256") -> str:
-    """Zips bundle ``name`` (configs, docs, LICENSE) with the trained ``models/model.pt``, its run record
-    ``models/run.json`` and, where training recorded them, the validation split's operating thresholds
-    ``models/thresholds.json``, for sharing.
+                hash_type: str = "sha256", ts_url: str | None = None, *, torchscript: bool = True) -> str:
+    """Zips bundle ``name`` (configs, docs, LICENSE) with the trained ``models/model.pt``, its TorchScript export
+    ``models/model.ts``, its run record ``models/run.json`` and, where training recorded them, the validation
+    split's operating thresholds ``models/thresholds.json``, for sharing.
 
     The archive holds one top-level folder ``<name>/``, the layout ``monai.bundle.download`` extracts and the
     MONAI model zoo's ``models/<name>/``: ``configs/metadata.json``, ``configs/inference.json``, ``LICENSE``
@@ -168,36 +200,55 @@ def pack_bundle(name: str, zip_path: str | os.PathLike, models_dir: str | os.Pat
     :func:`installed_versions`), and ``configs/inference.json`` carries the recorded settings itself
     (:func:`packed_inference_config`).
 
+    ``models/model.ts`` is exported on the CPU by MONAI's ``ckpt_export`` with the bundle's
+    ``configs/export_torchscript.json`` from exactly the packed ``inference.json`` and ``metadata.json`` (which it
+    embeds as its extra files of those names), and checked before anything is written: loaded back, it gives
+    those two configs and the logits of the PyTorch network built from them with ``model.pt``
+    (:func:`hmn.bundle.torchscript.export_packed_torchscript`). MONAI Deploy's ``MonaiBundleInferenceOperator``
+    loads it first, with ``torch.jit.load``. It is stored uncompressed (a TorchScript file is itself a zip of
+    raw tensors: deflating it saves a few percent and costs seconds).
+
     Args:
         name: a bundle of :data:`BUNDLES`.
         zip_path: the archive to write (its folder is created).
         models_dir: the folder of ``model.pt`` and ``run.json``.
         bundles_dir: the folder of the generated bundles.
-        link_weights: leave ``models/model.pt`` out of the archive and write ``large_files.yml`` at the
-            bundle's root instead (the zoo links files over 25 MB): ``path`` ``models/model.pt``, ``url``
-            `weights_url` or :data:`PLACEHOLDER_URL`, and ``hash_val`` / ``hash_type`` computed here.
-            The file to upload is ``models_dir/model.pt`` itself.
+        link_weights: leave ``models/model.pt`` and ``models/model.ts`` out of the archive and write
+            ``large_files.yml`` at the bundle's root instead (the zoo links files over 25 MB, and links both, as
+            its own bundles do): one entry per file with ``path``, ``url`` and ``hash_val`` / ``hash_type``
+            computed here; ``url`` is `weights_url` or :data:`PLACEHOLDER_URL` for ``model.pt``, and `ts_url`,
+            else :func:`ts_url_beside` `weights_url`, else :data:`TS_PLACEHOLDER_URL` for ``model.ts``. The files
+            to upload are ``models_dir/model.pt`` itself and ``models_dir/model.ts``, written there (replacing
+            any earlier one) once checked.
         weights_url: where ``model.pt`` will be downloaded from; giving it implies `link_weights`.
         hash_type: the digest written to ``large_files.yml``: one of :data:`HASH_TYPES` (the zoo's own
             files use md5).
+        ts_url: where ``model.ts`` will be downloaded from; giving it implies `link_weights`.
+        torchscript: False leaves ``models/model.ts`` out (and out of ``large_files.yml``), so that MONAI
+            Deploy can only run the bundle through ``model.pt`` and the ``hmn`` package; for callers whose
+            export is checked elsewhere (the repository's tests of every bundle). The command line always exports.
 
     Raises:
         FileNotFoundError: no bundle `name`, no ``model.pt``, or no ``run.json`` beside it (without the
             record a packed bundle could not know the model's classes and image size).
-        ValueError: `hash_type` is not one of :data:`HASH_TYPES`, or `weights_url` is empty or not an
-            http(s), ftp or file URL.
+        ValueError: `hash_type` is not one of :data:`HASH_TYPES`, or `weights_url` or `ts_url` is empty or not
+            an http(s), ftp or file URL.
+        hmn.bundle.torchscript.TorchScriptExportError: the export of ``model.ts`` failed or its check did; the
+            message names the bundle (nothing is written).
+        hmn.checkpoints.CheckpointReadError: ``model.pt`` cannot be read.
     """
+    import tempfile
     import zipfile
-    from urllib.parse import urlparse
 
+    from hmn.bundle.torchscript import export_packed_torchscript
     from hmn.runs import RUN_RECORD, read_run_record
 
     if hash_type not in HASH_TYPES:
         raise ValueError(f"hash type {hash_type!r} is not supported; accepted: {', '.join(HASH_TYPES)}")
-    if weights_url is not None:
-        if urlparse(weights_url).scheme not in ("http", "https", "ftp", "file"):
-            raise ValueError(f"weights URL {weights_url!r} is not an http(s), ftp or file URL")
-        link_weights = True
+    for url, what in ((weights_url, "weights"), (ts_url, "model.ts")):
+        if url is not None:
+            _check_url(url, what)
+            link_weights = True
     src = Path(bundles_dir) / name
     if not (src / "configs" / "train.json").is_file():
         raise FileNotFoundError(f"{src} is not a bundle (no configs/train.json); known bundles: {', '.join(BUNDLES)}")
@@ -213,67 +264,97 @@ def pack_bundle(name: str, zip_path: str | os.PathLike, models_dir: str | os.Pat
             "with hmn.runs.write_run_record)"
         )
     sha = file_hash(model, "sha256")
+    # the packed configs, as text: model.ts embeds exactly what the zip holds
+    packed: dict[str, str] = {}
+    for rel, pack in (("configs/metadata.json", lambda c: packed_metadata(c, record, installed_versions())),
+                      ("configs/inference.json", lambda c: packed_inference_config(c, record, sha)),
+                      ("configs/train.json", lambda c: packed_config(c, record, sha))):
+        packed[rel] = json.dumps(pack(json.loads((src / rel).read_text())), indent=4) + "\n"
     zip_path = Path(zip_path)
-    zip_path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for rel in bundle_files(name):
-            if rel == "configs/metadata.json":
-                meta = json.loads((src / rel).read_text())
-                zf.writestr(f"{name}/{rel}", json.dumps(packed_metadata(meta, record, installed_versions()), indent=4) + "\n")
-            elif rel == "configs/inference.json":
-                config = json.loads((src / rel).read_text())
-                zf.writestr(f"{name}/{rel}", json.dumps(packed_inference_config(config, record, sha), indent=4) + "\n")
-            elif rel == "configs/train.json":
-                config = json.loads((src / rel).read_text())
-                zf.writestr(f"{name}/{rel}", json.dumps(packed_config(config, record, sha), indent=4) + "\n")
+    with tempfile.TemporaryDirectory(prefix=f"hmn-pack-{name}-") as tmp:
+        ts = None
+        if torchscript:
+            # linked: written beside model.pt, the two files to upload; packed: kept here until zipped
+            ts = export_packed_torchscript(name, packed["configs/inference.json"], packed["configs/metadata.json"],
+                                           src / EXPORT_ARGS["torchscript"], model,
+                                           models / "model.ts" if link_weights else Path(tmp) / "model.ts")
+        zip_path.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for rel in bundle_files(name):
+                if rel in packed:
+                    zf.writestr(f"{name}/{rel}", packed[rel])
+                else:
+                    zf.write(src / rel, f"{name}/{rel}")
+            if link_weights:
+                entries = [{"path": "models/model.pt", "url": weights_url or PLACEHOLDER_URL,
+                            "hash_val": sha if hash_type == "sha256" else file_hash(model, hash_type),
+                            "hash_type": hash_type}]
+                if ts is not None:
+                    entries.append({"path": "models/model.ts",
+                                    "url": ts_url or ts_url_beside(weights_url) or TS_PLACEHOLDER_URL,
+                                    "hash_val": file_hash(ts, hash_type), "hash_type": hash_type})
+                zf.writestr(f"{name}/{LARGE_FILES}", large_files_text(entries))
             else:
-                zf.write(src / rel, f"{name}/{rel}")
-        if link_weights:
-            entry = {"path": "models/model.pt", "url": weights_url or PLACEHOLDER_URL,
-                     "hash_val": sha if hash_type == "sha256" else file_hash(model, hash_type), "hash_type": hash_type}
-            zf.writestr(f"{name}/{LARGE_FILES}", large_files_text([entry]))
-        else:
-            zf.write(model, f"{name}/models/model.pt")
-        # the recipient has their own data: the local datalist path stays here
-        shared = {**record, "settings": {k: v for k, v in record["settings"].items() if k != "datalist"}}
-        zf.writestr(f"{name}/models/{RUN_RECORD}", json.dumps(shared, indent=1) + "\n")
-        # the validation split's operating thresholds travel with the model they were fitted for
-        if (models / "thresholds.json").is_file():
-            zf.write(models / "thresholds.json", f"{name}/models/thresholds.json")
+                zf.write(model, f"{name}/models/model.pt")
+                if ts is not None:
+                    zf.write(ts, f"{name}/models/model.ts", compress_type=zipfile.ZIP_STORED)
+            # the recipient has their own data: the local datalist path stays here
+            shared = {**record, "settings": {k: v for k, v in record["settings"].items() if k != "datalist"}}
+            zf.writestr(f"{name}/models/{RUN_RECORD}", json.dumps(shared, indent=1) + "\n")
+            # the validation split's operating thresholds travel with the model they were fitted for
+            if (models / "thresholds.json").is_file():
+                zf.write(models / "thresholds.json", f"{name}/models/thresholds.json")
     return str(zip_path)
 
 
 def pack_main(argv: list[str] | None = None) -> int:
-    """``python -m hmn pack-bundle NAME ZIP [--models-dir DIR] [--link-weights] [--weights-url URL] [--hash-type T]``."""
+    """``python -m hmn pack-bundle NAME ZIP [--models-dir DIR] [--link-weights] [--weights-url URL] [--ts-url URL]
+    [--hash-type T]``."""
+    from hmn.bundle.torchscript import TorchScriptExportError
+    from hmn.checkpoints import CheckpointReadError
+
     p = argparse.ArgumentParser(prog="python -m hmn pack-bundle",
-                                description="Zip a bundle with its trained model.pt and run record.")
+                                description="Zip a bundle with its trained model.pt, its TorchScript export model.ts "
+                                "(exported and checked here, on the CPU) and its run record.")
     p.add_argument("name", choices=list(BUNDLES))
     p.add_argument("zip", help="output .zip")
     p.add_argument("--models-dir", default=None, help="folder holding model.pt and run.json (default: bundles/NAME/models)")
     p.add_argument("--bundles-dir", default="bundles")
     p.add_argument("--link-weights", action="store_true",
-                   help="leave models/model.pt out of the zip and write large_files.yml (its URL, hash and hash type) "
-                   "instead, as the MONAI model zoo wants for files over 25 MB")
+                   help="leave models/model.pt and models/model.ts out of the zip and write large_files.yml (their "
+                   "URLs, hashes and hash type) instead, as the MONAI model zoo wants for files over 25 MB; model.ts "
+                   "is written beside model.pt in the models folder, for upload")
     p.add_argument("--weights-url", default=None,
                    help="where model.pt will be downloaded from (implies --link-weights; without it large_files.yml "
                    "holds a placeholder that the loaders refuse until it is filled in)")
+    p.add_argument("--ts-url", default=None,
+                   help="where model.ts will be downloaded from (implies --link-weights; default: beside model.pt, the "
+                   "--weights-url with its last segment model.pt replaced by model.ts, where it ends so; else a "
+                   "placeholder)")
     p.add_argument("--hash-type", default="sha256", choices=HASH_TYPES,
-                   help="digest of model.pt in large_files.yml (default: %(default)s; the zoo's own files use md5)")
+                   help="digest of model.pt and model.ts in large_files.yml (default: %(default)s; the zoo's own files "
+                   "use md5)")
     args = p.parse_args(argv)
     try:
         path = pack_bundle(args.name, args.zip, args.models_dir, args.bundles_dir, link_weights=args.link_weights,
-                           weights_url=args.weights_url, hash_type=args.hash_type)
-    except (FileNotFoundError, ValueError) as e:
+                           weights_url=args.weights_url, hash_type=args.hash_type, ts_url=args.ts_url)
+    except (OSError, ValueError, TorchScriptExportError, CheckpointReadError) as e:  # OSError: FileNotFoundError too
         print(f"error: {e}", file=sys.stderr)
         return 1
     md5 = file_hash(path, "md5")
     model = Path(args.models_dir or Path(args.bundles_dir) / args.name / "models") / "model.pt"
-    print(f"wrote {path}")
+    print(f"wrote {path} (models/model.ts exported and checked against the PyTorch network)")
     print(f"md5 {md5}: give it to the download, hmn.bundle.download_bundle(url, bundle_dir, {args.name!r}, hash_val={md5!r})")
-    if args.link_weights or args.weights_url:
-        where = args.weights_url or f"an address of your choice, then replace the placeholder url in {args.name}/{LARGE_FILES}"
-        print(f"models/model.pt is linked, not included: upload {model} ({args.hash_type} in {LARGE_FILES}) to {where}")
-    elif model.stat().st_size > ZOO_FILE_LIMIT:
-        print(f"note: {model} is {model.stat().st_size / 1e6:.0f} MB; the MONAI model zoo takes files up to 25 MB: "
-              "pack with --link-weights --weights-url URL for a zoo submission")
+    if args.link_weights or args.weights_url or args.ts_url:
+        placeholder = f"an address of your choice, then replace the placeholder url in {args.name}/{LARGE_FILES}"
+        print(f"models/model.pt is linked, not included: upload {model} ({args.hash_type} in {LARGE_FILES}) to "
+              f"{args.weights_url or placeholder}")
+        ts_url = args.ts_url or ts_url_beside(args.weights_url)
+        print(f"models/model.ts is linked, not included: upload {model.with_name('model.ts')} ({args.hash_type} in "
+              f"{LARGE_FILES}) to {ts_url or placeholder}")
+    else:
+        size = model.stat().st_size
+        if size > ZOO_FILE_LIMIT:
+            print(f"note: {model} is {size / 1e6:.0f} MB (and models/model.ts about as large); the MONAI model zoo "
+                  "takes files up to 25 MB: pack with --link-weights --weights-url URL for a zoo submission")
     return 0

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from hmn.networks.backbones import get_backbone_spec
 
 __all__ = ["BUNDLES", "BundleRow", "EXPORT_ARGS", "HASH_TYPES", "ONNX_ATOL", "ONNX_OPSET", "PLACEHOLDER_URL",
-           "REQUIRED_PACKAGES", "SELF_CROSS", "TESTED_WITH", "VOLUME_BUNDLES", "VOLUME_DEFAULTS", "is_volume_bundle"]
+           "REQUIRED_PACKAGES", "SELF_CROSS", "TESTED_WITH", "TS_PLACEHOLDER_URL", "VOLUME_BUNDLES", "VOLUME_DEFAULTS",
+           "is_volume_bundle"]
 
 SELF_CROSS = ["self", "cross_scale"]
 
@@ -118,4 +119,5 @@ ONNX_OPSET = 17
 
 # what a packed bundle's large_files.yml says while the packer has given no URL; fetch_large_files refuses it
 PLACEHOLDER_URL = "<upload models/model.pt and put its download URL here>"
+TS_PLACEHOLDER_URL = "<upload models/model.ts and put its download URL here>"
 HASH_TYPES = ("md5", "sha1", "sha256", "sha512")  # what MONAI's download_url (and so the zoo's CI) checks

@@ -8,6 +8,12 @@ convnext_tiny is the bundle trained for real (the session's ``trained`` fixture)
 state dict of its untrained network built from its own train.json, with the run record its training would
 write (``hmn.runs.write_run_record`` of the config's ``run_settings``), as the zoo's CI makes fake weights:
 packing, the packed configs and every check read the same files either way. Runs at 64 px.
+
+The packed TorchScript file ``models/model.ts`` (linked from ``large_files.yml`` beside ``model.pt``) is checked
+in test_placeholder_url_is_refused_and_downloads_are_hash_checked (the command line, linked) and in
+tests/bundles/test_torchscript.py (the trained convnext_tiny packed by default, every bundle in the slow run); the
+fixture here packs without it (``torchscript=False``), since the zoo's own export below scripts each bundle again
+and a second export would double that time.
 """
 
 from __future__ import annotations
@@ -28,7 +34,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from hmn.bundle import BUNDLES, PLACEHOLDER_URL, REQUIRED_PACKAGES, TESTED_WITH, download_bundle, fetch_large_files, pack_bundle
+from hmn.bundle import (
+    BUNDLES,
+    PLACEHOLDER_URL,
+    REQUIRED_PACKAGES,
+    TESTED_WITH,
+    TS_PLACEHOLDER_URL,
+    download_bundle,
+    fetch_large_files,
+    pack_bundle,
+    pack_main,
+)
 from hmn.networks.backbones import get_backbone_spec
 
 HERE = Path(__file__).resolve().parent
@@ -102,7 +118,8 @@ def zoo_bundle(request, datalist_for, size_for, tmp_path_factory):
             models = work / "run" / "models"
             _untrained_models(name, models, datalist_for(name), size_for(name))
             url, hash_type = (models / "model.pt").as_uri(), "sha256"
-        packed = Path(pack_bundle(name, work / f"{name}.zip", models, ROOT / "bundles", weights_url=url, hash_type=hash_type))
+        packed = Path(pack_bundle(name, work / f"{name}.zip", models, ROOT / "bundles", weights_url=url, hash_type=hash_type,
+                                  torchscript=False))
         with zipfile.ZipFile(packed) as zf:
             names = zf.namelist()
             zf.extractall(work / "models")
@@ -174,8 +191,6 @@ def test_train_evaluate_and_infer_workflow_properties(zoo_bundle, datalist_for):
 def test_torchscript_export_as_the_zoo_runs_it(zoo_bundle, request):
     """The zoo's step 5 scripts the network (ckpt_export without use_trace): the file it writes is a scripted
     module, and it gives the eager network's logits (weights from the fetched model.pt) at two batch sizes."""
-    from monai.bundle import ConfigParser
-
     if get_backbone_spec(zoo_bundle["name"]).torchscript == "trace":
         # a known limitation, kept visible: MONAI's 3D Swin blocks (einops, NumPy) do not compile with
         # TorchScript, so the zoo's scripted export fails for the swin3d bundles (their own export traces)
@@ -184,13 +199,7 @@ def test_torchscript_export_as_the_zoo_runs_it(zoo_bundle, request):
     out = zoo.check_torchscript_export(b)
     scripted = torch.jit.load(out)
     assert isinstance(scripted, torch.jit.RecursiveScriptModule) and "forward" in scripted.code
-    parser = ConfigParser()
-    parser.read_config(str(b / "configs" / "inference.json"))
-    parser.update({"bundle_root": str(b)})
-    eager = parser.get_parsed_content("network_def")
-    state = torch.load(b / "models" / "model.pt", map_location="cpu", weights_only=True)
-    eager.load_state_dict(state.get("model", state))  # a bare state dict, or a checkpoint holding one
-    eager.eval()
+    eager = _eager_network(b)
     shape = json.loads((b / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"]
     torch.manual_seed(0)
     for batch in (1, 3):
@@ -199,6 +208,19 @@ def test_torchscript_export_as_the_zoo_runs_it(zoo_bundle, request):
             want, got = eager(x), scripted(x)
         assert got.shape == want.shape == (batch, len(json.loads((b / "models" / "run.json").read_text())["settings"]["class_names"]))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def _eager_network(bundle: Path) -> torch.nn.Module:
+    """``network_def`` of the bundle's inference config with its ``models/model.pt``, eval mode."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.update({"bundle_root": str(bundle)})
+    eager = parser.get_parsed_content("network_def")
+    state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    eager.load_state_dict(state.get("model", state))  # a bare state dict, or a checkpoint holding one
+    return eager.eval()
 
 
 def test_template_metadata_pins_the_tested_versions_and_validates():
@@ -229,40 +251,69 @@ def test_the_checks_catch_what_the_zoo_refuses(tmp_path):
         zoo.read_large_files(bundle)
 
 
-def test_placeholder_url_is_refused_and_downloads_are_hash_checked(trained, tmp_path):
-    """Packed with --link-weights and no URL: large_files.yml holds the placeholder with the file's own digest;
-    the project's loaders refuse it, naming the file and what to fill in; a copied-in file is checked, a
-    file that differs is refused, and a download whose bytes differ from the hash is refused."""
+def test_placeholder_url_is_refused_and_downloads_are_hash_checked(trained, tmp_path, capsys):
+    """Packed with --link-weights and no URL: large_files.yml holds the placeholders of model.pt and model.ts with
+    the files' own digests, and model.ts (exported and checked by the packing) is written beside model.pt for the
+    upload, not zipped; the project's loaders refuse a placeholder, naming the file and the option that fills it
+    in; copied-in files are checked (the linked model.ts holds the packed configs and gives the eager network's
+    logits), a file that differs is refused, and a download whose bytes differ from the hash is refused."""
     from hmn.runs import check_model_file
 
-    models = trained / "models"
+    # a models folder of its own: linked, model.ts is written beside model.pt (the trained fixture's stays as it is)
+    models = tmp_path / "models"
+    models.mkdir()
+    for f in ("model.pt", "run.json", "thresholds.json"):
+        if (trained / "models" / f).is_file():
+            (models / f).symlink_to(trained / "models" / f)
     zip_path = tmp_path / "out" / "convnext_tiny.zip"
-    out = subprocess.run([sys.executable, "-m", "hmn", "pack-bundle", "convnext_tiny", str(zip_path), "--models-dir",
-                          str(models), "--link-weights", "--hash-type", "md5"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "models/model.pt is linked, not included" in out.stdout and "replace the placeholder url" in out.stdout
+    # the command's own function, in this process (the start of a fresh interpreter would cost as much as the export;
+    # `python -m hmn pack-bundle` runs as a command in tests/bundles/test_deploy.py and the reuse rehearsals)
+    code = pack_main(["convnext_tiny", str(zip_path), "--models-dir", str(models), "--bundles-dir", str(ROOT / "bundles"),
+                      "--link-weights", "--hash-type", "md5"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "models/model.pt is linked, not included" in out.out and "replace the placeholder url" in out.out
+    assert f"models/model.ts is linked, not included: upload {models / 'model.ts'} (md5 in" in out.out
     with zipfile.ZipFile(zip_path) as zf:
+        names = zf.namelist()
         zf.extractall(tmp_path / "unpacked")
+    assert not {"convnext_tiny/models/model.pt", "convnext_tiny/models/model.ts"} & set(names)
     bundle = tmp_path / "unpacked" / "convnext_tiny"
-    md5 = _digest(models / "model.pt", "md5")
-    assert zoo.read_large_files(bundle) == [{"path": "models/model.pt", "url": PLACEHOLDER_URL, "hash_val": md5,
-                                             "hash_type": "md5"}]
+    md5, ts_md5 = _digest(models / "model.pt", "md5"), _digest(models / "model.ts", "md5")
+    assert zoo.read_large_files(bundle) == [
+        {"path": "models/model.pt", "url": PLACEHOLDER_URL, "hash_val": md5, "hash_type": "md5"},
+        {"path": "models/model.ts", "url": TS_PLACEHOLDER_URL, "hash_val": ts_md5, "hash_type": "md5"},
+    ]
     yml = bundle / "large_files.yml"
     with pytest.raises(ValueError, match=rf"{yml}: the url of models/model.pt is the placeholder .*--weights-url URL"):
         fetch_large_files(bundle)
     cli = subprocess.run([sys.executable, "-m", "hmn", "fetch-large-files", str(bundle)], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
-    assert cli.returncode == 1 and cli.stderr.startswith(f"error: {yml}: the url of models/model.pt is the placeholder")
+    # (the error's line; with the [deploy] extra installed, `import monai` prints Holoscan's stack-size warning first)
+    errors = [ln for ln in cli.stderr.splitlines() if ln.startswith("error: ")]
+    assert cli.returncode == 1 and errors and errors[0].startswith(f"error: {yml}: the url of models/model.pt is the placeholder")
     sha = json.loads((bundle / "configs" / "inference.json").read_text())["model_sha256"]
     with pytest.raises(FileNotFoundError, match=f"links it in {yml}.*python -m hmn fetch-large-files"):
         check_model_file(bundle / "models", sha)
     with pytest.raises(Exception):  # the zoo's CI cannot fetch it either
         zoo.download_large_files(bundle)
 
-    # the file copied in by hand is accepted once its digest matches; another file is refused
+    # the files copied in by hand are accepted once their digests match (model.ts' placeholder is refused until
+    # then, naming its own option); another file is refused
     shutil.copy(models / "model.pt", bundle / "models" / "model.pt")
-    assert fetch_large_files(bundle) == [str(bundle / "models" / "model.pt")]
+    with pytest.raises(ValueError, match=rf"{yml}: the url of models/model.ts is the placeholder .*--ts-url URL"):
+        fetch_large_files(bundle)
+    shutil.copy(models / "model.ts", bundle / "models" / "model.ts")
+    assert fetch_large_files(bundle) == [str(bundle / "models" / "model.pt"), str(bundle / "models" / "model.ts")]
+    # the linked model.ts: the packed configs inside, and the logits of network_def built from them and model.pt
+    # (scripted, it runs the same kernels on the same input: equal but for summation order, hmn.bundle.TORCHSCRIPT_RTOL)
+    extra = {"metadata.json": "", "inference.json": ""}
+    scripted = torch.jit.load(str(bundle / "models" / "model.ts"), map_location="cpu", _extra_files=extra)
+    for key in extra:
+        assert json.loads(extra[key]) == json.loads((bundle / "configs" / key).read_text()), key
+    x = torch.rand(3, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), _eager_network(bundle)(x), rtol=1e-4, atol=1e-5)
     (bundle / "models" / "model.pt").write_bytes(b"not the model")
     with pytest.raises(RuntimeError, match=f"{yml}: .*model.pt is there but its md5 is [0-9a-f]{{32}}, not the {md5} listed"):
         fetch_large_files(bundle)
@@ -274,7 +325,9 @@ def test_placeholder_url_is_refused_and_downloads_are_hash_checked(trained, tmp_
     server = _serve(served)
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        pack_bundle("convnext_tiny", served / "convnext_tiny.zip", models, ROOT / "bundles", weights_url=f"{base}/model.pt")
+        # model.pt alone (its model.ts link was checked above: the download is the same code for every entry)
+        pack_bundle("convnext_tiny", served / "convnext_tiny.zip", models, ROOT / "bundles", weights_url=f"{base}/model.pt",
+                    torchscript=False)
         with pytest.raises(RuntimeError, match="model.pt .*sha256 (hash )?check of downloaded file failed"):
             download_bundle(f"{base}/convnext_tiny.zip", tmp_path / "dl_bad", "convnext_tiny")
         shutil.copy(models / "model.pt", served / "model.pt")
