@@ -22,7 +22,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHIMS = {"hmn.training": "hmn.workflows", "hmn.bundles": "hmn.bundle"}
 # names the bundles' configs use that came after the split (no bundle packed before it can name them)
-NAMED_SINCE_THE_SPLIT = {"TrainingRun", "tracking", "ProgressLog", "ResumableSampler", "worker_ignores_stop_signals"}
+NAMED_SINCE_THE_SPLIT = {"TrainingRun", "tracking", "ProgressLog", "ResumableSampler", "worker_ignores_stop_signals",
+                         "bundle_name", "bundle_version"}
 
 
 def _modules(root: Path) -> dict[str, Path]:

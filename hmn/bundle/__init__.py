@@ -8,6 +8,7 @@ sharing and downloading them (formerly ``hmn.bundles``, ``hmn.bundle_docs`` and 
 * :mod:`hmn.bundle.files` -> writes or checks ``bundles/<name>/`` (``python -m hmn bundles [--check]``).
 * :mod:`hmn.bundle.errors` -> a bundle run's one-line error summary and its check of command-line overrides.
 * :mod:`hmn.bundle.packing` -> zips a trained bundle for sharing (``python -m hmn pack-bundle``).
+* :mod:`hmn.bundle.torchscript` -> a packed bundle's ``models/model.ts`` (MONAI's ``ckpt_export``, checked).
 * :mod:`hmn.bundle.distribution` -> downloads a packed bundle and its linked large files, hash-checked.
 * :mod:`hmn.bundle.archives` -> the checked extraction of a bundle zip (no path outside ``<name>/``, no links).
 
@@ -30,7 +31,7 @@ from .distribution import download_bundle, fetch_large_files, fetch_main, read_l
 from .docs import bundle_readme, export_section, license_text, volume_bundle_readme
 from .errors import check_overrides, error_summary, install_error_summary
 from .files import LOGGING_CONF, bundle_files, check_bundles, main, write_bundles
-from .metadata import INSTALL_NOTE, SCHEMA_URL
+from .metadata import INSTALL_NOTE, SCHEMA_URL, bundle_name, bundle_version
 from .packing import (
     LARGE_FILES,
     ZOO_FILE_LIMIT,
@@ -42,6 +43,7 @@ from .packing import (
     packed_config,
     packed_inference_config,
     packed_metadata,
+    ts_url_beside,
 )
 from .table import (
     BUNDLES,
@@ -53,6 +55,7 @@ from .table import (
     REQUIRED_PACKAGES,
     SELF_CROSS,
     TESTED_WITH,
+    TS_PLACEHOLDER_URL,
     VOLUME_BUNDLES,
     VOLUME_DEFAULTS,
     BundleRow,
@@ -65,6 +68,13 @@ from .template import (
     multi_gpu_config,
     multi_gpu_inference_config,
     train_config,
+)
+from .torchscript import (
+    TORCHSCRIPT_ATOL,
+    TORCHSCRIPT_RTOL,
+    TS_EXTRA_FILES,
+    TorchScriptExportError,
+    export_packed_torchscript,
 )
 
 __all__ = [
@@ -86,10 +96,17 @@ __all__ = [
     "SCHEMA_URL",
     "SELF_CROSS",
     "TESTED_WITH",
+    "TORCHSCRIPT_ATOL",
+    "TORCHSCRIPT_RTOL",
+    "TS_EXTRA_FILES",
+    "TS_PLACEHOLDER_URL",
+    "TorchScriptExportError",
     "VOLUME_BUNDLES",
     "VOLUME_DEFAULTS",
     "ZOO_FILE_LIMIT",
     "bundle_files",
+    "bundle_name",
+    "bundle_version",
     "bundle_readme",
     "check_bundle_name",
     "check_bundles",
@@ -99,6 +116,7 @@ __all__ = [
     "error_summary",
     "evaluate_config",
     "export_args",
+    "export_packed_torchscript",
     "export_section",
     "extract_bundle_zip",
     "fetch_large_files",
@@ -120,6 +138,7 @@ __all__ = [
     "packed_metadata",
     "read_large_files",
     "train_config",
+    "ts_url_beside",
     "volume_bundle_readme",
     "write_bundles",
 ]

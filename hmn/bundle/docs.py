@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from hmn.bundle.table import EXPORT_ARGS, ONNX_ATOL, ONNX_OPSET, VOLUME_DEFAULTS
+from hmn.bundle.torchscript import TORCHSCRIPT_ATOL, TORCHSCRIPT_RTOL
 from hmn.networks.backbones import get_backbone_spec
 
 __all__ = ["bundle_readme", "export_section", "history_columns", "license_text", "volume_bundle_readme"]
@@ -28,6 +29,11 @@ def license_text() -> str:
     )
 
 
+def _sci(x: float) -> str:
+    """A tolerance as the docs write it: ``1e-5``, not Python's ``1e-05``."""
+    return f"{x:.0e}".replace("e-0", "e-")
+
+
 def export_section(name: str) -> str:
     """The bundle docs' section on TorchScript and ONNX export, from the backbone table's row for ``name``
     (``torchscript``, ``fixed_size``, ``family``) and the argument files of :func:`hmn.bundle.export_args`."""
@@ -42,7 +48,10 @@ def export_section(name: str) -> str:
                    else " and image size"))
     else:
         how = ("The TorchScript module is traced (`torch.jit.trace`; TorchScript cannot compile this backbone's "
-               "code) at the metadata's input shape, whose image size it keeps")
+               "code) at the metadata's input shape, whose image size it keeps. Add `--use_trace True` to the "
+               "`ckpt_export` command: MONAI 1.6 takes the trace's example input from the metadata only when "
+               "`use_trace` is given on the command line, and with the argument file alone stops with \"Missing "
+               "input data for tracing convert\" (`pack-bundle` passes it)")
     sides = "the three spatial axes" if spec.spatial_dims == 3 else "height and width"
     if spec.fixed_size:
         axes = (f"a dynamic batch axis; {sides} stay those it was exported at, since {family} is built "
@@ -59,7 +68,9 @@ def export_section(name: str) -> str:
         "load `models/model.pt` and write `models/model.ts` or `models/model.onnx`; for a model kept elsewhere add "
         "`--bundle_root DIR --ckpt_file DIR/models/model.pt --filepath OUT`. The network's output is one logit per "
         f"class (`N, classes`; sigmoid for probabilities). {how}. It embeds `configs/metadata.json` and the config "
-        "(this template's metadata describes the demo model, a packed bundle's the trained one).",
+        "(this template's metadata describes the demo model, a packed bundle's the trained one). A packed bundle "
+        "already holds `models/model.ts`: `pack-bundle` runs this TorchScript export from the packed configs and "
+        "checks it (see \"Sharing and the MONAI model zoo\").",
         "ONNX (needs `pip install onnx onnxruntime`, or the project's `export` extra): traced by PyTorch's "
         f"TorchScript-based exporter, opset {ONNX_OPSET}, input `image`, output `pred`, with {axes}. It is traced at "
         f"the metadata's input shape, {shape} in this template (a packed bundle's metadata has the "
@@ -349,44 +360,66 @@ finding at or above its threshold. `--heatmap_findings` is `all` or a list (`"['
 `--heatmap_thresholds` a probability for every finding (default 0.5) or an evaluation `metrics.json`, whose
 per-finding thresholds are then used; `--heatmap_levels` `finest` (the stride-8 pyramid level after
 attention, the default) or `all` (every level, about three times the cost); `--heatmap_dir` the folder
-(default `runs/heatmaps`). Grad-CAM needs a backward pass per image and finding. One image from the
-command line: `python -m hmn explain IMAGE --bundle-root {root} [--findings Mass Nodule] [--out DIR]
-[--thresholds metrics.json] [--rollout]` (`--rollout`: the attention rollout, for models with `self` or
-`cross_scale` attention; CBAM moves nothing between positions and has none).
+(default `runs/heatmaps`); `--heatmap_geometry` `input` (the default: maps and overlays at the network input's
+size, as the network saw the image after the loader's resize, pad or crop) or `source` (each map taken back to
+the file's own rows x columns, the resize and the `aspect` pad or crop undone, so that `map[r, c]` is about pixel
+`(r, c)` of the DICOM or PNG, and the overlay drawn on the file's image at its own size; with `--aspect crop` the
+margins the network never saw are NaN, not 0, and left uncoloured inside a dashed frame; each explained file is
+read a second time, and a map is float32 at the file's size, about 36 MB for 3000 x 3000). Grad-CAM needs a
+backward pass per image and finding. One image from the command line: `python -m hmn explain IMAGE --bundle-root
+{root} [--findings Mass Nodule] [--out DIR] [--thresholds metrics.json] [--geometry source] [--rollout]`
+(`--rollout`: the attention rollout, for models with `self` or `cross_scale` attention; CBAM moves nothing between
+positions and has none).
 
 {export_section(name)}
 {drivers_section(name)}## Sharing and the MONAI model zoo
 
 Share a trained bundle: `python -m hmn pack-bundle {name} {name}.zip` zips the configs, docs, `LICENSE`,
-`models/model.pt` and `models/run.json` under one folder `{name}/` (the layout of the MONAI model zoo's
-`models/{name}/`), with the recorded settings written into the packed configs and `metadata.json`, and
-prints the MD5; `hmn.bundle.download_bundle(url, bundle_dir, "{name}", hash_val=MD5)` fetches and checks
+`models/model.pt`, `models/model.ts` and `models/run.json` under one folder `{name}/` (the layout of the MONAI
+model zoo's `models/{name}/`), with the recorded settings written into the packed configs and `metadata.json`,
+and prints the MD5; `hmn.bundle.download_bundle(url, bundle_dir, "{name}", hash_val=MD5)` fetches and checks
 it, and `monai.bundle.load("{name}", bundle_dir=bundle_dir, workflow_type="inference")` returns the trained
 network (the inference config needs no datalist). A packed bundle's `bundle_root` is `.`: run its workflows
 from its folder or pass `--bundle_root`; its evaluation and inference refuse any `model.pt` but the one
 packed (its SHA-256 is in the packed configs' `model_sha256`).
+
+`models/model.ts` is the trained network in TorchScript, for runtimes that load a bundle without building
+its network: MONAI Deploy's `MonaiBundleInferenceOperator` loads it first (`torch.jit.load`), and falls back to
+`model.pt` and `network_def` only without it. `pack-bundle` writes it with MONAI's `ckpt_export` and
+`{EXPORT_ARGS['torchscript']}` (see "Export"), on the CPU, from exactly the packed `inference.json` and
+`metadata.json`, which it embeds (`torch.jit.load(path, _extra_files={{"metadata.json": "", "inference.json":
+""}})` gives them back). Before anything is written, the file is loaded back and its logits on a fixed input
+(batch 2 at the metadata's input shape) are compared with those of the PyTorch network built from the packed
+configs and `model.pt`: a logit differing by more than {_sci(TORCHSCRIPT_ATOL)} + {_sci(TORCHSCRIPT_RTOL)} x |logit|, or configs that do not come
+back unchanged, stop the packing with an error naming the bundle. Like `network_def`, it gives logits; the
+configs' `postprocessing` turns them into probabilities.
 
 A bundle's configs are code: MONAI evaluates their `$` expressions when it parses them, so load bundles only
 from people you trust, and take the zip's digest from its author by another channel: the hash is the trust
 anchor (a download without one warns). `download_bundle` extracts only entries under `{name}/` and refuses
 links, devices, `..` and absolute paths before writing anything (see the repository's README).
 
-Linked weights: the model zoo keeps files over 25 MB out of its repository (every bundle's `model.pt` is
-larger) and links them from `large_files.yml` at the bundle's root. `--link-weights` leaves `model.pt` out
-of the zip and writes that file: one entry with `path` (`models/model.pt`), `url`, `hash_val` and
-`hash_type` (`sha256` by default, `--hash-type md5` as the zoo's own bundles use), the digest computed from
-the file. Upload `model.pt` itself and give its address as `--weights-url URL` (which implies
-`--link-weights`); without it the `url` is the placeholder `<upload models/model.pt and put its download
+Linked weights: the model zoo keeps files over 25 MB out of its repository (every bundle's `model.pt` and
+`model.ts` are larger) and links them from `large_files.yml` at the bundle's root, as its own bundles link
+both. `--link-weights` leaves `model.pt` and `model.ts` out of the zip and writes that file: one entry per
+file with `path` (`models/model.pt`, `models/model.ts`), `url`, `hash_val` and `hash_type` (`sha256` by
+default, `--hash-type md5` as the zoo's own bundles use), the digest computed from the file. `model.ts` is
+exported and checked as above and written beside `model.pt` in the models folder (replacing any earlier
+`model.ts` there): upload both files and give their addresses as `--weights-url URL` and `--ts-url URL`
+(either implies `--link-weights`). Without `--ts-url`, `model.ts` is taken to lie beside `model.pt`: a
+`--weights-url` ending in `/model.pt` with `model.ts` in its place. A `url` not given is a placeholder,
+`<upload models/model.pt and put its download URL here>` or `<upload models/model.ts and put its download
 URL here>`, to be replaced before sharing:
 
-    python -m hmn pack-bundle {name} {name}.zip --models-dir {root}/models \
+    python -m hmn pack-bundle {name} {name}.zip --models-dir {root}/models \\
         --weights-url https://example.org/{name}/model.pt --hash-type md5
 
-`download_bundle` then downloads `model.pt` from the `url` after the zip and checks its digest, and
+`download_bundle` then downloads `model.pt` and `model.ts` from their `url` after the zip and checks their
+digests, and
 `python -m hmn fetch-large-files BUNDLE_FOLDER` does the same for a bundle unpacked otherwise (e.g. by
-`monai.bundle.download`, which fetches no large files). Both refuse the placeholder, naming the file and
-what to fill in, and refuse a file whose digest differs; a `model.pt` copied in by hand is checked
-against the listed digest, and a missing one makes evaluation and inference say to fetch it.
+`monai.bundle.download`, which fetches no large files). Both refuse a placeholder, naming the file and
+what to fill in, and refuse a file whose digest differs; a file copied in by hand is checked against the
+listed digest, and a missing `model.pt` makes evaluation and inference say to fetch it.
 
 Requirements: `metadata.json` names exact versions (`monai_version`, `pytorch_version`, `numpy_version` and
 `required_packages_version`: `pydicom`, `timm`, `pytorch-ignite`), because the zoo's CI writes each entry as
@@ -395,12 +428,14 @@ names those installed where it was packed. The `hybridmednet` package that the c
 need is not listed there: no package index has it, and a line pip cannot satisfy would stop the whole
 install. Install it from the project's source first (`pip install PATH_OR_GIT_URL_OF_HYBRIDMEDNET`, or
 `pip install -e .` in a clone; for the zoo's CI, an install script as its `ci/install_scripts/` hold for
-such packages), then the bundle's pinned packages if you want the exact tested set.
+such packages), then the bundle's pinned packages if you want the exact tested set. (`model.ts` alone runs
+the network without `hmn`; the configs' preprocessing and postprocessing still name `hmn.*` transforms.)
 
 The repository's tests (`tests/bundles/test_zoo.py`) run the zoo's checks on every bundle, packed: the
 linked weights fetched and hash-checked, the required files (`configs/metadata.json`, `LICENSE`,
 `models/model.pt`, `configs/inference.json`), `version` in `changelog`, the metadata against MONAI's schema,
-valid pip lines, `verify_net_in_out`, and the train+evaluate and inference workflows' properties.
+valid pip lines, `verify_net_in_out`, the train+evaluate and inference workflows' properties, and the zoo's
+own TorchScript export beside the packed `model.ts`.
 
 ## Output files
 
@@ -458,13 +493,16 @@ Evaluation, in `runs/eval/`:
 Inference: one CSV (`--output_file`), one row per image: `image, error, <class>...` (probabilities).
 Rows are written as the run goes, so a stopped run keeps what it wrote; an unreadable file gets a row
 with its error message and empty probabilities, and the run continues.
-With `--heatmaps True`, in `heatmap_dir`: `<id>/<finding>.png` and `<id>/<finding>.npy` (float32, the
-network input's height and width, values in [0, 1], each map divided by its maximum) per image and finding
-at or above its threshold, where `<id>` is the first 16 hex digits of the SHA-256 of the image's path: no
-DICOM attribute and nothing readable from the path goes into a file name or a picture, and the PNGs carry
-no text chunks. `heatmaps.csv` lists them, one row per finding: `image, id, finding, probability, threshold,
-png, npy`. An iteration's heatmaps are written (each file atomically) before its CSV rows, so a stopped run
-never has a predictions row whose heatmaps are missing.
+With `--heatmaps True`, in `heatmap_dir`: `<id>/<finding>.png` and `<id>/<finding>.npy` (float32, values in
+[0, 1], each map divided by its maximum at the network's resolution; the network input's height and width, or
+with `--heatmap_geometry source` the file's rows and columns, NaN where a crop hid the file from the network) per
+image and finding at or above its threshold, where `<id>` is the first 16 hex digits of the SHA-256 of the image's
+path: no DICOM attribute and nothing readable from the path goes into a file name or a picture, and the PNGs carry
+no text chunks. `heatmaps.csv` lists them, one row per finding: `image, id, StudyInstanceUID, SeriesInstanceUID,
+SOPInstanceUID, finding, probability, threshold, geometry, png, npy` (the UIDs empty for a file that is not DICOM;
+`geometry` `input` or `source`). An index written before the UID columns existed is refused by `--resume True`
+(move it away: its heatmap files stay valid). An iteration's heatmaps are written (each file atomically) before its
+CSV rows, so a stopped run never has a predictions row whose heatmaps are missing.
 
 ## Figures
 
@@ -572,8 +610,10 @@ are classified one at a time. Heatmaps (`--heatmaps True`) are for radiographs o
 {export_section(name)}
 {drivers_section(name)}## Sharing and the MONAI model zoo
 
-`python -m hmn pack-bundle {name} {name}.zip` packs the trained bundle as for the 2D bundles (with
-`--link-weights` / `--weights-url` for the MONAI model zoo's `large_files.yml`), and
+`python -m hmn pack-bundle {name} {name}.zip` packs the trained bundle as for the 2D bundles, its
+TorchScript export `models/model.ts` included (exported by `ckpt_export` as "Export" says, from the packed
+configs, and checked against the PyTorch network; with `--link-weights` / `--weights-url` / `--ts-url` both
+`model.pt` and `model.ts` are linked from the MONAI model zoo's `large_files.yml`), and
 `monai.bundle.load("{name}", bundle_dir=..., workflow_type="inference")` returns the trained network.
 A bundle's configs are code (MONAI evaluates their `$` expressions when it parses them): fetch it with
 `hmn.bundle.download_bundle(..., hash_val=...)`, whose hash is the trust anchor and whose extraction stays

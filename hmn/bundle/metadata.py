@@ -7,7 +7,7 @@ from hmn.bundle.table import BUNDLES, REQUIRED_PACKAGES, TESTED_WITH, VOLUME_DEF
 from hmn.data.demo import DEMO_CLASSES
 from hmn.networks.backbones import get_backbone_spec
 
-__all__ = ["INSTALL_NOTE", "SCHEMA_URL", "metadata"]
+__all__ = ["INSTALL_NOTE", "SCHEMA_URL", "bundle_name", "bundle_version", "metadata"]
 
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
 """The MONAI bundle metadata schema that ``metadata.json`` names (the MONAI model zoo's CI downloads it and
@@ -47,7 +47,8 @@ def metadata(name: str) -> dict:
         "data_type": "dicom, png",
         "image_classes": "one channel, intensity rescaled to [0, 1] (0.5-99.5 percentiles), resized to image_size",
         "label_classes": "multi-hot vector, one entry per class in the datalist's class_names",
-        "pred_classes": "one logit per class (sigmoid for probabilities)",
+        "pred_classes": "one probability per class in [0, 1], after the inference config's postprocessing (a sigmoid "
+                        "of the network's logits; a hierarchical head's trailing coarse-group logits are dropped by it)",
         "intended_use": "Research only. Not a medical device; not for diagnosis or treatment decisions.",
         "references": [
             "Liu Z. et al., A ConvNet for the 2020s, CVPR 2022",
@@ -74,13 +75,17 @@ def metadata(name: str) -> dict:
             },
             "outputs": {
                 "pred": {
-                    # one logit per class, not probabilities (the schema's "tabular": one row of values per image)
+                    # "pred" as the inference config's postprocessing leaves it, which is what MONAI Deploy's bundle
+                    # operator hands on: one probability per class (the network itself gives logits, and a
+                    # hierarchical head's coarse groups after the classes: num_channels and channel_def count those,
+                    # as MONAI's verify_net_in_out checks the network). "tabular" (one row of values per image), not
+                    # the SDK's "probabilities" type, which turns a multi-label row into single-label class names.
                     "type": "tabular",
-                    "format": "classes",
+                    "format": "probabilities",
                     "num_channels": len(DEMO_CLASSES),
                     "spatial_shape": [1],
                     "dtype": "float32",
-                    "value_range": [],
+                    "value_range": [0, 1],
                     "is_onehot": False,
                     "channel_def": {str(i): c for i, c in enumerate(DEMO_CLASSES)},
                 }
@@ -115,3 +120,33 @@ def _volume_metadata(meta: dict) -> dict:
     pred["num_channels"] = len(DEMO3D_CLASSES)
     pred["channel_def"] = {str(i): c for i, c in enumerate(DEMO3D_CLASSES)}
     return meta
+
+
+def _bundle_metadata(bundle_root: str) -> dict:
+    import json
+    import os
+
+    path = os.path.join(os.fspath(bundle_root), "configs", "metadata.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot be read as JSON ({e})") from e
+    return data if isinstance(data, dict) else {}
+
+
+def bundle_name(bundle_root: str) -> str:
+    """The bundle's ``name`` in its ``configs/metadata.json`` (e.g. ``"HybridMedNet convnext_tiny"``), or the
+    folder's name where the file or the key is missing: the algorithm name of the Structured Reports."""
+    import os
+
+    name = _bundle_metadata(bundle_root).get("name")
+    return str(name) if name else os.path.basename(os.path.abspath(os.fspath(bundle_root)))
+
+
+def bundle_version(bundle_root: str) -> str:
+    """The bundle's ``version`` in its ``configs/metadata.json`` (``"0"`` where missing): the algorithm version of
+    the Structured Reports."""
+    return str(_bundle_metadata(bundle_root).get("version") or "0")

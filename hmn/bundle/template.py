@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from hmn.bundle.table import BUNDLES, EXPORT_ARGS, ONNX_ATOL, ONNX_OPSET, VOLUME_DEFAULTS, BundleRow, is_volume_bundle
 from hmn.data.demo import DEMO_CLASSES
+from hmn.inference import DICOM_UID_COLUMNS
 from hmn.networks.backbones import get_backbone_spec
 from hmn.runs import MODEL_SETTINGS, SCHEDULE_SETTINGS, VOLUME_SETTINGS
 
@@ -56,6 +57,15 @@ def _load_transforms() -> list[dict]:
     ]
 
 
+def _with_uids(transforms: list[dict]) -> list[dict]:
+    """`transforms` with the loader (the first) reading the DICOM UIDs (:data:`hmn.inference.DICOM_UID_COLUMNS`)
+    into the image's meta."""
+    first = dict(transforms[0])
+    assert first["_target_"] == "hmn.transforms.LoadXrayd", first
+    first["dicom_tags"] = list(DICOM_UID_COLUMNS)
+    return [first, *transforms[1:]]
+
+
 def _label_transform() -> dict:
     return {"_target_": "Lambda", "func": "$hmn.workflows.label_tensor"}
 
@@ -83,7 +93,7 @@ def _val_postprocessing() -> dict:
     return {
         "_target_": "Compose",
         "transforms": [
-            {"_target_": "Lambdad", "keys": "pred", "func": "$lambda x: x[: @num_classes]"},
+            {"_target_": "Lambdad", "keys": "pred", "func": "$lambda x: x[..., : @num_classes]"},
             {"_target_": "Activationsd", "keys": "pred", "sigmoid": True},
         ],
     }
@@ -621,6 +631,10 @@ def inference_config(name: str) -> dict:
         "heatmap_findings": "all",
         "heatmap_thresholds": 0.5,
         "heatmap_levels": "finest",
+        # "input": maps and overlays at the network's input size; "source": at each file's own rows x columns
+        "heatmap_geometry": "input",
+        # a folder: one DICOM Structured Report per study of the DICOM inputs (needs highdicom, the [deploy] extra)
+        "dicom_sr": "",
         # the model is rebuilt from its run record (models/run.json); the demo's classes without one
         "use_run_record": True,
         "model_sha256": "",
@@ -641,16 +655,20 @@ def inference_config(name: str) -> dict:
         "network_def": train["network_def"],
         "model_settings": dict(_MODEL_SETTINGS),
         "network": "$@network_def.to(@device)",
-        "preprocessing": {"_target_": "Compose", "transforms": _load_transforms()},
+        # the DICOM UIDs go into the image's meta, and from there into predictions.csv, heatmaps.csv and the SRs
+        "preprocessing": {"_target_": "Compose", "transforms": _with_uids(_load_transforms())},
         "dataset": {
             "_target_": "hmn.inference.InferenceDataset",
             "data": "$hmn.inference.inference_items(@input, skip_done=@output_file if hmn.workflows.as_bool(@resume) else None)",
             "transform": "@preprocessing",
             "placeholder_shape": [1, "@image_size", "@image_size"],
+            "keep_meta": ["filename_or_obj", *DICOM_UID_COLUMNS],
         },
         "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": "@batch_size", "shuffle": False, "num_workers": "@num_workers"},
         "inferer": {"_target_": "SimpleInferer"},
-        "postprocessing": {"_target_": "Compose", "transforms": []},
+        # "pred" leaves as probabilities, one per class (a hierarchical head's coarse logits dropped), for every
+        # consumer: the writers below and any other driver of this config (MONAI Deploy's bundle operator)
+        "postprocessing": _val_postprocessing(),
         "handlers": [
             {"_target_": "hmn.checkpoints.CheckpointLoader", "load_path": "$os.path.join(@ckpt_dir, 'model.pt')", "load_dict": {"model": "@network"}, "map_location": "@device"},
             # before the CSV writer: an iteration's heatmaps are on disk before its rows (see HeatmapWriter)
@@ -665,6 +683,9 @@ def inference_config(name: str) -> dict:
                 "thresholds": "@heatmap_thresholds",
                 "levels": "@heatmap_levels",
                 "resume": "$hmn.workflows.as_bool(@resume)",
+                "apply_sigmoid": False,
+                "geometry": "@heatmap_geometry",
+                "loader": "@preprocessing",
             },
             {
                 "_target_": "hmn.handlers.PredictionCSVWriter",
@@ -672,6 +693,17 @@ def inference_config(name: str) -> dict:
                 "class_names": "@class_names",
                 "num_classes": "@num_classes",
                 "resume": "$hmn.workflows.as_bool(@resume)",
+                "apply_sigmoid": False,
+            },
+            # --dicom_sr DIR: one DICOM Structured Report (TID 1500) per study of the DICOM inputs, from the rows of
+            # output_file (those of an earlier run kept by --resume included) when the run completes
+            {
+                "_target_": "hmn.handlers.StructuredReportWriter",
+                "output_dir": "@dicom_sr",
+                "predictions_file": "@output_file",
+                "class_names": "@class_names",
+                "algorithm_name": "$hmn.bundle.bundle_name(@bundle_root)",
+                "algorithm_version": "$hmn.bundle.bundle_version(@bundle_root)",
             },
             # progress with counts and the time left, in the log
             {"_target_": "hmn.workflows.ProgressLog", "what": "$'inference' + (' with heatmaps' if hmn.workflows.as_bool(@heatmaps) else '')",
@@ -699,7 +731,7 @@ def _volume_inference_config(config: dict) -> dict:
 
     config = _volume_common(config)
     config["class_names"] = _trained("class_names", repr(list(DEMO3D_CLASSES)))
-    config["preprocessing"]["transforms"] = _volume_load_transforms()
+    config["preprocessing"]["transforms"] = _with_uids(_volume_load_transforms())
     dataset = config["dataset"]
     # a folder is searched for NIfTI files and DICOM series folders (one study each), not for single files
     dataset["data"] = dataset["data"].replace("hmn.inference.inference_items(@input, ", "hmn.inference.inference_items(@input, volumes=True, ")
