@@ -59,6 +59,7 @@ def test_bench_writes_one_json_line_per_measurement(capsys, tmp_path):
         assert r["time_ratio_to_bare"] == pytest.approx(r["step_s"] / bare[r["mode"]])
 
 
+@pytest.mark.slow  # 9 s: a child process per measurement
 def test_cpu_memory_is_measured_in_a_child_process(capsys):
     assert bench_main(["--backbones", "convnext_tiny", "--size", "32", "--batch", "2", "--rounds", "1", "--warmup", "1",
                        "--configs", "bare", "--modes", "train", "--precision", "bf16"]) == 0

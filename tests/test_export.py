@@ -41,7 +41,9 @@ def _other(name: str) -> tuple[int, ...]:
 # the larger members of each family: the smaller ones (convnext_tiny/small, swin_tiny, efficientnetv2_s, vim_tiny,
 # resnet50 and the 3D bundles) export the same code by default
 SLOW = {"convnext_base", "convnext_large", "swin_small", "swin_base", "efficientnetv2_m", "efficientnetv2_l",
-        "vim_small", "vim_base"}
+        "vim_small", "vim_base",
+        # 16 s for both formats; convnext3d_tiny exports a 3D network by default
+        "swin3d_small"}
 
 
 def _args(name: str, fmt: str) -> dict:

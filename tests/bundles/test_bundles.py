@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,7 @@ def test_pretrained_alone_builds_the_published_architecture(demo_datalist, pretr
     assert parser.get_parsed_content("backbone_options") == expected
 
 
+@pytest.mark.slow  # 39 s; resuming a run is checked by default in tests/bundles/test_graceful_stop.py
 def test_resume_continues_the_recorded_run_at_its_image_size(demo_datalist, tmp_path):
     """Trained at 48 px for 1 epoch, resumed with only --max_epochs 2: the resumed run uses the recorded 48 px
     (the bundle's default is 224), and the record names what changed."""
@@ -687,6 +689,7 @@ def test_inference_csv_rows_and_bad_file(trained, demo_datalist, tmp_path):
         np.testing.assert_allclose([float(r[c]) for c in classes], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow  # 21 s; the same exports run by default in tests/test_export.py and pack-bundle's model.ts check
 def test_export_commands_of_the_docs_match_eager(trained, tmp_path):
     """The two export commands of the bundle docs, run as written from a bundle folder holding the trained
     convnext_tiny (configs, models/model.pt, models/run.json): TorchScript scripted, as its export_torchscript.json
@@ -732,11 +735,14 @@ def _serve(folder: Path):
 
 
 @pytest.mark.numerics
+@pytest.mark.slow  # 41 s (and ran again in both numerics reruns); a packed bundle's inference runs in test_deploy.py
 def test_reuse_rehearsal_packed_bundle_rebuilds_the_trained_model(demo_datalist, tmp_path):
     """A user's run (two classes named otherwise than the demo's, in another order, 48 px) is trained, packed,
     served over loopback HTTP, downloaded with the hash check, loaded with monai.bundle.load, and run
     for evaluation and inference from the downloaded bundle with no setting overridden: every prediction
-    equals the trained model's own, computed here independently from model.pt."""
+    equals the trained model's own, computed here independently from model.pt. The packed models/model.ts
+    (TorchScript, for MONAI Deploy) gives the logits of the network monai.bundle.load builds from the packed
+    configs and model.pt, and of the one built here, and holds the packed inference.json and metadata.json."""
     from monai.bundle import download, load
     from scipy.special import expit
 
@@ -767,6 +773,9 @@ def test_reuse_rehearsal_packed_bundle_rebuilds_the_trained_model(demo_datalist,
     zip_path = served / "convnext_tiny.zip"
     md5 = hashlib.md5(zip_path.read_bytes()).hexdigest()
     assert f"md5 {md5}" in out.stdout
+    with zipfile.ZipFile(zip_path) as zf:  # model.ts packed, not linked, and stored as it is (itself a zip)
+        assert zf.getinfo("convnext_tiny/models/model.ts").compress_type == zipfile.ZIP_STORED
+        assert "convnext_tiny/large_files.yml" not in zf.namelist()
     server = _serve(served)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/convnext_tiny.zip"
@@ -829,6 +838,22 @@ def test_reuse_rehearsal_packed_bundle_rebuilds_the_trained_model(demo_datalist,
     for e, p in zip(test, expected):
         np.testing.assert_allclose([float(rows[e["image"]][c]) for c in picks], p, rtol=0, atol=1e-5)
         np.testing.assert_allclose([float(report[e["image"]][f"{c}_prob"]) for c in picks], p, rtol=0, atol=1e-5)
+
+    # models/model.ts: what MONAI Deploy's bundle operator loads first. Its extra files are the packed configs
+    # (those of the downloaded zip), and its logits on the test images are those of the eager network that
+    # monai.bundle.load built above from the same configs and model.pt, and of `ref`. Scripted, it runs the same
+    # kernels on the same input, in the same process: equal but for summation order (hmn.bundle.TORCHSCRIPT_RTOL),
+    # far below what a lost block, a layer in training mode or other weights would move.
+    extra = {"metadata.json": "", "inference.json": ""}
+    scripted = torch.jit.load(str(bundle / "models" / "model.ts"), map_location="cpu", _extra_files=extra)
+    assert json.loads(extra["inference.json"]) == json.load(open(bundle / "configs" / "inference.json"))
+    assert json.loads(extra["metadata.json"]) == json.load(open(bundle / "configs" / "metadata.json"))
+    sha = hashlib.sha256((run / "models" / "model.pt").read_bytes()).hexdigest()
+    assert json.loads(extra["inference.json"])["model_sha256"] == sha  # the config of these weights
+    with torch.no_grad():
+        got = scripted(images)
+        torch.testing.assert_close(got, net.eval()(images), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got, ref(images), rtol=1e-4, atol=1e-5)
 
 
 def test_inference_logs_progress_with_the_time_left(trained, demo_datalist, tmp_path):
@@ -997,7 +1022,7 @@ def test_a_training_on_a_models_folder_in_use_stops_before_writing(demo_datalist
     assert not models.joinpath(".hmn.lock").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "code"])
+@pytest.mark.parametrize("damage", ["truncated", pytest.param("code", marks=pytest.mark.slow)])  # 15 s each
 def test_an_unreadable_model_is_refused_naming_its_path(damage, trained, demo_datalist, tmp_path):
     """A damaged model.pt once stopped evaluation and inference with torch's own message, naming no file; a
     pickle that would run code is refused by weights_only loading, and named the same way."""

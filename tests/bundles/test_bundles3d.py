@@ -79,6 +79,7 @@ def test_training_records_the_volume_settings_and_the_curve(trained3d, demo3d):
     assert (trained3d / "runs" / "eval" / "metrics.json").is_file()
 
 
+@pytest.mark.slow  # 14 s; the 2D bundles' run-record checks run by default
 def test_resume_with_a_changed_setting_warns_and_records_it(trained3d, demo3d, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained3d, run)
@@ -230,7 +231,8 @@ def test_a_last_batch_of_one_volume_does_not_stop_training(demo3d, tmp_path):
     assert [drop_last_batch(n, 4, world_size=2) for n in (9, 10, 6, 8)] == [True, True, False, False]
 
 
-@pytest.mark.parametrize("name", [n for n in VOLUME_BUNDLES if n != "convnext3d_tiny"])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "swin3d_small" else n
+                                  for n in VOLUME_BUNDLES if n != "convnext3d_tiny"])  # swin3d_small: 10 s
 def test_every_other_volume_bundle_trains(name, demo3d, tmp_path):
     from monai.bundle import run
 
@@ -246,7 +248,7 @@ def test_reuse_rehearsal_packed_volume_bundle_rebuilds_the_trained_model(demo3d,
     """A user's run (two classes named otherwise than the demo's, in another order, their own size and spacing,
     MR-style percentile normalisation) is trained, packed, loaded with monai.bundle.load, and run for inference
     from the unpacked bundle with no setting given: every prediction equals the trained model's own, computed
-    here from model.pt and the settings written out in this test."""
+    here from model.pt and the settings written out in this test; so do the logits of the packed models/model.ts."""
     import zipfile
 
     from monai.bundle import load
@@ -307,3 +309,15 @@ def test_reuse_rehearsal_packed_volume_bundle_rebuilds_the_trained_model(demo3d,
     # 170 float32 ulps at p = 0.5, far below what a wrong size, spacing, intensity setting or weight would move.
     for path, p in zip(test, expected):
         np.testing.assert_allclose([float(rows[path][c]) for c in picks], p, rtol=0, atol=1e-5)
+
+    # models/model.ts (scripted, for MONAI Deploy): the packed configs inside, and the logits of the network
+    # monai.bundle.load built from them and model.pt, and of `ref`, on the same test volumes in this process (the
+    # same kernels: equal but for summation order, hmn.bundle.TORCHSCRIPT_RTOL, far below a wrong export's effect)
+    extra = {"metadata.json": "", "inference.json": ""}
+    scripted = torch.jit.load(str(bundle / "models" / "model.ts"), map_location="cpu", _extra_files=extra)
+    for key in extra:
+        assert json.loads(extra[key]) == json.load(open(bundle / "configs" / key)), key
+    with torch.no_grad():
+        got = scripted(images)
+        torch.testing.assert_close(got, net.eval()(images), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got, ref(images), rtol=1e-4, atol=1e-5)
