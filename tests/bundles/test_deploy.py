@@ -86,10 +86,12 @@ def _run(cmd, cwd=ROOT, timeout=600):
 
 @pytest.fixture(scope="module")
 def packed(trained, tmp_path_factory):
-    """The session's trained convnext_tiny packed with ``python -m hmn pack-bundle``, and extracted."""
+    """The session's trained convnext_tiny packed as ``python -m hmn pack-bundle`` packs it (in this process), and
+    extracted."""
+    from hmn.bundle import pack_bundle
+
     work = tmp_path_factory.mktemp("packed")
-    zip_path = work / "convnext_tiny.zip"
-    _run([sys.executable, "-m", "hmn", "pack-bundle", "convnext_tiny", zip_path, "--models-dir", Path(trained) / "models"])
+    zip_path = Path(pack_bundle("convnext_tiny", work / "convnext_tiny.zip", Path(trained) / "models", ROOT / "bundles"))
     with zipfile.ZipFile(zip_path) as z:
         z.extractall(work)
     return zip_path, work / "convnext_tiny"

@@ -97,8 +97,10 @@ def _digest(path: Path, kind: str) -> str:
     return h.hexdigest()
 
 
-# the bundles whose backbone has over 50M parameters build for seconds each time: labelled slow
-PARAMS = [pytest.param(n, marks=pytest.mark.slow) if (get_backbone_spec(n).params_m or 0) > 50 else n for n in BUNDLES]
+# the bundles whose backbone has over 50M parameters build for seconds each time: labelled slow; so are the middle
+# sizes of Swin and Vim (CI's time budget), whose tiny siblings run the same checks by default
+PARAMS = [pytest.param(n, marks=pytest.mark.slow)
+          if (get_backbone_spec(n).params_m or 0) > 50 or n in ("swin_small", "vim_small") else n for n in BUNDLES]
 
 
 @pytest.fixture(scope="module", params=PARAMS)

@@ -76,7 +76,10 @@ def _training_step_checks(model):
     _round_trip(model, x)
 
 
-@pytest.mark.parametrize("backbone", ALL_NAMES)
+# the largest of each family in the slow run (12 s of the default run): their smaller siblings build the same code
+@pytest.mark.parametrize("backbone", [pytest.param(n, marks=pytest.mark.slow)
+                                      if n in ("convnext_large", "efficientnetv2_l", "vim_base", "swin_base") else n
+                                      for n in ALL_NAMES])
 def test_every_backbone_with_every_mode_and_head(backbone, shared_backbones):
     """Builds and runs each (attention mode, head) over the backbone, then one full training-step check
     (gradients, state_dict round trip) with the mode and head varying along the table; the mode and
