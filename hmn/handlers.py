@@ -785,7 +785,7 @@ class StructuredReportWriter:
         items = self.rows()
         self.written = write_study_reports(items, self.output_dir, self.class_names,
                                            algorithm_name=self.algorithm_name,
-                                           algorithm_version=self.algorithm_version)
+                                           algorithm_version=self.algorithm_version, skip_bad_studies=True)
         logger.info("%d DICOM Structured Report(s) of %d DICOM image(s) written to %s", len(self.written), len(items),
                     self.output_dir)
         return self.written

@@ -1331,7 +1331,7 @@ class LoadXray(Transform):
         Two layouts are accepted, told apart by the meta of a MetaTensor:
 
         * an image this class loaded (its meta has ``voi``, ``spacing_source`` and ``original_channel_dim`` 0,
-          e.g. :class:`hmn.deploy.app.XraySeriesOperator`'s output read without ``spatial_size``): its pixels,
+          e.g. what :class:`hmn.deploy.app.XrayInferenceOperator` hands the bundle operator: ``LoadXray()`` without ``spatial_size``): its pixels,
           photometrics and meta are kept and only ``spatial_size``/``aspect`` and the shape checks are applied,
           so the result equals the file path's exactly, MONOCHROME1 and VOI included;
         * any other array (MONAI's ``LoadImage`` layout, which MONAI Deploy's ``DICOMSeriesToVolumeOperator``

@@ -230,7 +230,7 @@ class StructuredReportOperator(Operator):
         items = [(p["path"], p["probabilities"]) for p in result["predictions"]]
         self.written = write_study_reports(items, self.output_folder, self.class_names,
                                            algorithm_name=self.algorithm_name,
-                                           algorithm_version=self.algorithm_version)
+                                           algorithm_version=self.algorithm_version, skip_bad_studies=True)
         logger.info("%d DICOM Structured Report(s) written to %s", len(self.written), self.output_folder)
 
 

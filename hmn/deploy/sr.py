@@ -618,6 +618,7 @@ def write_study_reports(
     *,
     algorithm_name: str,
     algorithm_version: str,
+    skip_bad_studies: bool = False,
 ) -> list[str]:
     """Writes one DICOM SR per study (:func:`structured_report`) of the predictions of DICOM images.
 
@@ -631,6 +632,10 @@ def write_study_reports(
         items: ``(path of a DICOM image, its probabilities in class_names order)`` pairs.
         output_dir: the folder to write to; created if missing.
         class_names, algorithm_name, algorithm_version: as in :func:`structured_report`.
+        skip_bad_studies: a study whose report cannot be built (its images disagree on PatientID, a source
+            lacks a UID, ...) is logged as an error naming its files and left without a report, and the other
+            studies' reports are written (what a batch over a PACS folder needs: ``python -m hmn.deploy`` and
+            ``inference --dicom_sr``); by default (False) it raises before anything is written.
 
     Returns:
         the paths written, one per study, in the order the studies first appear in `items`.
@@ -656,11 +661,16 @@ def write_study_reports(
             sources, rows = studies.setdefault(study, ([], []))
             sources.append(ds)
             rows.append(probs)
-        reports = [
-            (study, _build_report(sources, rows, class_names, algorithm_name=algorithm_name,
-                                  algorithm_version=algorithm_version))
-            for study, (sources, rows) in studies.items()
-        ]
+        reports = []
+        for study, (sources, rows) in studies.items():
+            try:
+                reports.append((study, _build_report(sources, rows, class_names, algorithm_name=algorithm_name,
+                                                     algorithm_version=algorithm_version)))
+            except ValueError as e:
+                if not skip_bad_studies:
+                    raise
+                logger.error("no structured report for the study of %s: %s",
+                             ", ".join(str(getattr(d, "filename", "?")) for d in sources), e)
     output_dir = os.fspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     written = []

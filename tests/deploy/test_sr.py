@@ -31,7 +31,7 @@ from pydicom.uid import (  # noqa: E402
 
 from hmn.data.demo import DEMO_CLASSES, make_demo_dataset  # noqa: E402
 from hmn.data.vocabulary import CANONICAL_FINDINGS  # noqa: E402
-from hmn.deploy.sr import finding_code, structured_report, write_study_reports  # noqa: E402
+from hmn.deploy.sr import finding_code, structured_report, study_report_name, write_study_reports  # noqa: E402
 
 ALGORITHM = {"algorithm_name": "HybridMedNet convnext_tiny", "algorithm_version": "0.1.0+test"}
 
@@ -424,6 +424,24 @@ def test_write_study_reports_groups_the_views_of_a_study(tmp_path):
     sr = pydicom.dcmread(written[0])
     assert [_group(g)["float"] for g in _groups(sr)] == [0.1, 0.3]
     assert [_group(g)["image"][1] for g in _groups(sr)] == [_header(f).SOPInstanceUID for f in files]
+
+
+def test_a_bad_study_is_skipped_by_name_when_asked_and_the_others_are_written(tmp_path, caplog):
+    """A study whose images disagree on PatientID (as real PACS exports do) gets no report; by default nothing is
+    written, with skip_bad_studies (the batch callers: hmn.deploy, inference --dicom_sr) the others are."""
+    study = generate_uid()
+    clash = [_save(_dx(study, "PA", PatientID="SYN-10"), tmp_path / "a.dcm"),
+             _save(_dx(study, "LL", PatientID="SYN-11"), tmp_path / "b.dcm")]
+    good = _save(_dx(generate_uid(), "PA", PatientID="SYN-12"), tmp_path / "good.dcm")
+    items = [(clash[0], [0.1]), (good, [0.2]), (clash[1], [0.3])]
+    with pytest.raises(ValueError, match="PatientID"):
+        write_study_reports(items, tmp_path / "strict", ["Nodule"], **ALGORITHM)
+    assert not (tmp_path / "strict").exists() or not any((tmp_path / "strict").iterdir())
+    with caplog.at_level("ERROR", logger="hmn.deploy.sr"):
+        written = write_study_reports(items, tmp_path / "batch", ["Nodule"], **ALGORITHM, skip_bad_studies=True)
+    assert [os.path.basename(w) for w in written] == [study_report_name(_header(good).StudyInstanceUID)]
+    assert [_group(g)["float"] for g in _groups(pydicom.dcmread(written[0]))] == [0.2]
+    assert "a.dcm" in caplog.text and "b.dcm" in caplog.text and "SYN-1" not in caplog.text
 
 
 def _demo_pair(demo):
