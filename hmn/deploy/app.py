@@ -65,7 +65,8 @@ def resolve_model(model: str | os.PathLike, work_dir: str | os.PathLike) -> Path
 
     Raises:
         FileNotFoundError: `model` does not exist.
-        ValueError: a folder without ``configs/inference.json``, or a file that is neither a zip nor TorchScript.
+        ValueError: a folder without ``configs/inference.json``, a file that is neither a zip nor TorchScript, or a
+            ``torch.save`` checkpoint (``model.pt``: the network cannot be rebuilt without the bundle's configs).
     """
     import zipfile
 
@@ -83,6 +84,9 @@ def resolve_model(model: str | os.PathLike, work_dir: str | os.PathLike) -> Path
         names = z.namelist()
     if any(n.endswith("/data.pkl") or n == "data.pkl" for n in names) and not any(
             n.endswith("configs/inference.json") and "/extra/" not in n for n in names):
+        if not any("/code/" in n or n.startswith("code/") for n in names):
+            raise ValueError(f"-m {path}: a PyTorch checkpoint (torch.save), not TorchScript; give the packed bundle "
+                             "zip (python -m hmn pack-bundle), its folder, or its models/model.ts")
         return path  # TorchScript (its configs are extra files)
     from hmn.bundle import extract_bundle_zip
 

@@ -244,3 +244,20 @@ def test_inference_dicom_sr(trained, dicoms, tmp_path):
             ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
         expected[r["SOPInstanceUID"]] = (r["image"], {c: r[c] for c in classes})
     _check_reports(srs, expected, list(dicoms.glob("*.dcm")))
+
+
+@needs_sdk
+def test_a_checkpoint_is_not_taken_for_a_model(tmp_path):
+    """``-m model.pt`` (a torch.save zip, like TorchScript holding data.pkl) is refused naming the file and what is
+    accepted, not handed to the SDK as TorchScript."""
+    import torch
+
+    from hmn.deploy.app import resolve_model
+
+    ckpt = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(2)}, ckpt)
+    with pytest.raises(ValueError, match=r"model\.pt: a PyTorch checkpoint .* models/model\.ts"):
+        resolve_model(ckpt, tmp_path / "work")
+    scripted = tmp_path / "model.ts"
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(scripted))
+    assert resolve_model(scripted, tmp_path / "work") == scripted.resolve()
